@@ -1,0 +1,52 @@
+"""Every NATS name kjob uses: streams, subjects, consumers, KV buckets. Nothing else spells them.
+
+Subjects are `kjob.<kind>.<tenant>...`, so a NATS account or user can be limited to one
+tenant with a wildcard (`kjob.*.acme.>`).
+"""
+
+from __future__ import annotations
+
+#: Due runs: the ticker publishes, executors consume (work queue: each message to one executor).
+RUNS_STREAM = "KJOB_RUNS"
+RUN_DUE_ALL = "kjob.run.due.>"
+
+#: Finished runs: executors publish, dispatchers consume.
+RESULTS_STREAM = "KJOB_RESULTS"
+RUN_RESULT_ALL = "kjob.run.result.>"
+
+#: Events for other services (job changed, run started/finished/dispatched). Limits retention.
+EVENTS_STREAM = "KJOB_EVENTS"
+EVENT_ALL = "kjob.event.>"
+
+#: Live agent output, one subject per run, kept a day so `kjob logs -f` can start from the top.
+LOGS_STREAM = "KJOB_LOGS"
+LOG_ALL = "kjob.log.>"
+
+EXECUTOR_CONSUMER = "kjob-executor"
+DISPATCHER_CONSUMER = "kjob-dispatcher"
+
+#: Ticker leadership lease (KV bucket).
+LEADER_BUCKET = "kjob_leader"
+LEADER_KEY = "ticker"
+
+# Headers carried by every message, so a run is one trace and its logs correlate.
+HDR_RUN_ID = "Kjob-Run-Id"
+HDR_TENANT = "Kjob-Tenant"
+HDR_LEADER_REV = "Kjob-Leader-Rev"
+
+
+def run_due(tenant: str) -> str:
+    return f"kjob.run.due.{tenant}"
+
+
+def run_result(tenant: str) -> str:
+    return f"kjob.run.result.{tenant}"
+
+
+def event(tenant: str, kind: str) -> str:
+    """kind: job_changed | run_started | run_finished | run_dispatched."""
+    return f"kjob.event.{tenant}.{kind}"
+
+
+def run_log(tenant: str, run_id: str) -> str:
+    return f"kjob.log.{tenant}.{run_id}"

@@ -1,0 +1,96 @@
+"""All configuration, in one pydantic settings object.
+
+Sources, strongest first: `KJOB_*` environment variables (nested with `__`, e.g.
+`KJOB_EXECUTOR__CONCURRENCY=8`), then the TOML file named by `KJOB_CONFIG` (default
+`$KJOB_HOME/config.toml`), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+ROLES = ("ticker", "executor", "dispatcher", "api")
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("KJOB_HOME") or Path.home() / ".local" / "share" / "kjob")
+
+
+class ExecutorSettings(BaseModel):
+    concurrency: int = Field(default=8, ge=1, description="runs in flight per node")
+    agents_file: Path | None = Field(default=None, description="TOML agent registry; built-ins when unset")
+    output_cap_bytes: int = Field(default=1_048_576, ge=1024, description="stdout+stderr kept per attempt")
+    heartbeat_s: float = Field(default=5.0, gt=0, description="claim and ack-wait renewal period")
+    claim_lease_s: float = Field(default=20.0, gt=0, description="a claim not renewed for this long is lost")
+    workdir: Path | None = Field(default=None, description="where attempt work dirs go; $KJOB_HOME/work when unset")
+
+
+class DispatcherSettings(BaseModel):
+    concurrency: int = Field(default=16, ge=1)
+    timeout_s: float = Field(default=10.0, gt=0, description="per HTTP request to Relay")
+    retry_initial_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=10.0, gt=0)
+    give_up_after_s: float = Field(default=86_400.0, gt=0, description="then the delivery is marked failed")
+
+
+class TickerSettings(BaseModel):
+    resync_s: float = Field(default=60.0, gt=0, description="full reload of enabled jobs, a safety net for lost events")
+    recover_s: float = Field(default=10.0, gt=0, description="how often unpublished or stranded runs are re-published")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KJOB_", env_nested_delimiter="__", extra="ignore")
+
+    home: Path = Field(default_factory=default_home)
+    #: Where the CLI finds the gateway. `kjob up` writes the URL it listens on beside the token.
+    api_url: str | None = None
+    token: str | None = None
+    #: External servers. Unset: `kjob up` starts embedded ones under `home`.
+    nats_url: str | None = None
+    database_url: str | None = None
+    relay_url: str | None = None
+    relay_token: str | None = None
+    #: The base of links to full logs in Relay messages; the API URL when unset.
+    public_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8742, ge=0, le=65535)
+    node_name: str | None = None
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    log_format: str = "console"
+    log_level: str = "INFO"
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
+    dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
+    ticker: TickerSettings = Field(default_factory=TickerSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = Path(os.environ.get("KJOB_CONFIG") or default_home() / "config.toml")
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+
+    @property
+    def token_file(self) -> Path:
+        return self.home / "admin.token"
+
+    @property
+    def api_url_file(self) -> Path:
+        return self.home / "api.url"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.executor.workdir or self.home / "work"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)

@@ -1,0 +1,72 @@
+"""The Sandbox port: run one attempt of an agent, somewhere isolated, and say how it ended."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from kjob.model.job import SandboxSpec
+
+#: Called with each chunk of output as it arrives ("stdout" | "stderr", text).
+OutputSink = Callable[[str, str], Awaitable[None]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Launch:
+    """Everything a sandbox needs to run one attempt."""
+
+    run_id: str
+    tenant: str
+    job_slug: str
+    attempt: int
+    argv: list[str]  #: the agent command, already rendered from its template
+    stdin: bytes | None  #: the prompt, when the agent reads it on stdin
+    env: dict[str, str]  #: the job's env plus the agent's (prompt, run id); never the host's
+    spec: SandboxSpec
+    timeout: timedelta
+    output_cap_bytes: int
+    work_root: Path  #: the executor's work area; the sandbox makes its own dir under it
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """How an attempt ended. Exactly one of: exit_code set, timed_out, start_error."""
+
+    exit_code: int | None = None
+    timed_out: bool = False
+    start_error: str | None = None  #: the sandbox or agent could not start; says why
+    reason: str | None = None  #: extra detail, e.g. "OOM killed" or "memory limit 64m"
+    output: str = ""  #: stdout+stderr interleaved, up to the cap
+    output_bytes: int = 0  #: total produced, including what the cap dropped
+    dropped_bytes: int = 0  #: produced beyond the cap: counted, never silently lost
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Sandbox(abc.ABC):
+    """One backend (process, docker). Instances are shared by all runs of an executor."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Check the backend can work here (engine reachable, bwrap present); reap leftovers.
+
+        :raises ServerError: the backend cannot run anything on this node; say what to do.
+        """
+
+    @abc.abstractmethod
+    async def run(self, launch: Launch, on_output: OutputSink) -> Outcome:
+        """Run one attempt to its end and return its Outcome. Never raises for agent faults:
+        a failure to start is `Outcome(start_error=...)`; a timeout kills everything the attempt
+        started (process group, container) before returning `Outcome(timed_out=True)`.
+        Cancelling the task must also kill everything the attempt started."""
+
+    async def close(self) -> None:
+        """Release connections. Default: nothing to release."""
+
+    def status(self) -> dict[str, str]:
+        """Facts for `kjob status` (e.g. whether bwrap isolation is active)."""
+        return {}

@@ -1,0 +1,251 @@
+"""The job: what a user writes (JobSpec) and what the store keeps (Job).
+
+Pure: no I/O. Every check of invariant 4 that needs no server lives here, so the gateway,
+the CLI and job files all refuse the same input with the same message.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+from uuid import UUID
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from kjob.errors import InvalidInput
+from kjob.model.durations import format_duration, parse_duration
+
+SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+MAX_PROMPT_BYTES = 64 * 1024
+MAX_TIMEOUT = timedelta(hours=24)
+
+
+def _to_timedelta(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except InvalidInput as e:
+            raise ValueError(e.message) from None
+    return value
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(_to_timedelta),
+    PlainSerializer(format_duration, return_type=str, when_used="json-unless-none"),
+]
+
+
+def check_timezone(name: str) -> str:
+    """Return `name` if it is an IANA zone this machine knows, else raise InvalidInput."""
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, TypeError):
+        raise InvalidInput(
+            f"unknown time zone {name!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'",
+            "timezone",
+        ) from None
+    return name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SandboxSpec(_Strict):
+    """Where the agent runs. `process` runs it on the executor's host; `docker` in a container."""
+
+    backend: Literal["process", "docker"] = "process"
+    image: str | None = None
+    network: str = "none"
+    memory: str | None = None
+    cpus: float | None = Field(default=None, gt=0)
+    pids: int | None = Field(default=None, gt=0)
+    env: dict[str, str] = Field(default_factory=dict)
+    workdir: str | None = None
+    pull: Literal["never", "if-missing"] = "never"
+
+    @model_validator(mode="after")
+    def _docker_needs_image(self) -> "SandboxSpec":
+        if self.backend == "docker" and not self.image:
+            raise ValueError("the docker backend needs an image, e.g. image = \"koder-cli:latest\"")
+        return self
+
+
+class OutputSpec(_Strict):
+    """Where the result goes: a Relay channel, `webhook:<https url>`, or `none` (stored only)."""
+
+    channel: str = "none"
+
+    @field_validator("channel")
+    @classmethod
+    def _channel_shape(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("channel cannot be empty; use 'none' to only store results")
+        if v.startswith("webhook:") and not re.match(r"^webhook:https?://[^\s/]+", v):
+            raise ValueError("a webhook channel is 'webhook:https://host/path'")
+        return v
+
+
+class RetryPolicy(_Strict):
+    """How often a failed run is tried again, and how long to wait in between."""
+
+    max: int = Field(default=0, ge=0, le=20)
+    backoff: Literal["exponential", "fixed"] = "exponential"
+    initial_delay: Duration = timedelta(seconds=10)
+    max_delay: Duration = timedelta(minutes=10)
+
+    def delay(self, attempt: int) -> timedelta:
+        """The wait before attempt `attempt + 1`, after attempt `attempt` (1-based) failed."""
+        if self.backoff == "fixed":
+            return min(self.initial_delay, self.max_delay)
+        return min(self.initial_delay * (2 ** max(attempt - 1, 0)), self.max_delay)
+
+
+class CatchupPolicy(_Strict):
+    """What runs for slots that passed while no ticker was running (after downtime).
+
+    `latest` runs the most recent missed slot if it is inside `window`; `all` runs every missed
+    slot inside the window; `none` runs none. Every slot that does not run is written to the
+    ledger as `missed` with its reason.
+    """
+
+    window: Duration = timedelta(hours=1)
+    policy: Literal["latest", "all", "none"] = "latest"
+
+
+class JobSpec(_Strict):
+    """A job as its author writes it (RFC section 5)."""
+
+    slug: str
+    prompt: str
+    agent: str
+    schedule: str
+    timezone: str = "UTC"
+    sandbox: SandboxSpec = Field(default_factory=SandboxSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    retries: RetryPolicy = Field(default_factory=RetryPolicy)
+    timeout: Duration = timedelta(minutes=30)
+    catchup: CatchupPolicy = Field(default_factory=CatchupPolicy)
+    enabled: bool = True
+    description: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("slug")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not re.match(SLUG_PATTERN, v):
+            raise ValueError(
+                f"{v!r} is not a valid slug: use 1-63 lowercase letters, digits and '-', "
+                "starting with a letter or digit"
+            )
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the prompt cannot be empty")
+        if len(v.encode()) > MAX_PROMPT_BYTES:
+            raise ValueError(f"the prompt is {len(v.encode())} bytes; the limit is 64 KiB")
+        return v
+
+    @field_validator("agent")
+    @classmethod
+    def _agent(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", v):
+            raise ValueError(f"{v!r} is not an agent name")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            return check_timezone(v)
+        except InvalidInput as e:
+            raise ValueError(e.message) from None
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v: str) -> str:
+        from kjob.model.schedule import Schedule
+
+        try:
+            return Schedule.parse(v).expr
+        except InvalidInput as e:
+            raise ValueError(e.message) from None
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, v: timedelta) -> timedelta:
+        if v <= timedelta(0):
+            raise ValueError("the timeout must be positive, e.g. '30m'")
+        if v > MAX_TIMEOUT:
+            raise ValueError("the timeout can be at most 24h")
+        return v
+
+
+class Job(JobSpec):
+    """A stored job: the spec plus what the store assigns."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: UUID
+    tenant: str
+    created_at: datetime
+    updated_at: datetime
+    #: When the job was last enabled (or created enabled): no slot before this instant runs,
+    #: so enabling a job after a pause never fires a burst of old slots (invariant 1).
+    enabled_at: datetime | None = None
+    paused_note: str | None = None
+
+    def spec(self) -> JobSpec:
+        return JobSpec.model_validate(self.model_dump(include=set(JobSpec.model_fields)))
+
+
+def validation_error(err: ValidationError) -> InvalidInput:
+    """Turn pydantic's error into one InvalidInput naming the first bad field."""
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or None
+    msg = first["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if first["type"] == "missing":
+        msg = "is required"
+    elif first["type"] == "extra_forbidden":
+        msg = "is not a job field"
+    return InvalidInput(msg, field)
+
+
+def parse_job(data: dict[str, Any]) -> JobSpec:
+    """Validate a job written as a dict (API body, TOML table). Raises InvalidInput."""
+    if not isinstance(data, dict):
+        raise InvalidInput("a job must be an object/table of fields")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err) from None
+
+
+def merge_job(spec: JobSpec, changes: dict[str, Any]) -> JobSpec:
+    """Apply a partial update (PATCH) to a spec; nested tables merge key by key."""
+    base = spec.model_dump(mode="json")
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "labels":
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return parse_job(base)

@@ -1,0 +1,127 @@
+"""Runs: their statuses, ids, retry rule and the Relay message built from them. Pure."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from kjob.model.job import RetryPolicy
+
+#: uuid5 namespace for run ids, so a slot's run id is the same on every node and every retry
+#: of the ticker: it doubles as the `Nats-Msg-Id` and the Relay `Idempotency-Key`.
+RUN_NAMESPACE = uuid.UUID("6f1d4c1e-8a3b-5b9e-9c53-2a7c0e6b4d11")
+
+#: Relay's body is capped so a chatty agent cannot flood a chat channel (RFC section 7).
+MAX_BODY_CHARS = 4000
+
+
+class RunStatus(str, enum.Enum):
+    """Where a run is. The last five are final; `missed` and `skipped` never ran."""
+
+    scheduled = "scheduled"  #: in the ledger, due message published or about to be
+    running = "running"  #: claimed by an executor, which heartbeats its claim
+    retrying = "retrying"  #: an attempt failed and another is due after the backoff
+    succeeded = "succeeded"  #: the agent exited 0
+    failed = "failed"  #: the agent exited non-zero (exit code kept)
+    timed_out = "timed_out"  #: killed at the job's timeout
+    error = "error"  #: the sandbox or agent could not start
+    lost = "lost"  #: the executor died mid-attempt; the run is retried
+    missed = "missed"  #: a slot that will not run (downtime past the catch-up rule); reason kept
+    skipped = "skipped"  #: a slot not run by policy (overlap, disabled); reason kept
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset(
+    {RunStatus.succeeded, RunStatus.failed, RunStatus.timed_out, RunStatus.error,
+     RunStatus.missed, RunStatus.skipped}
+)
+
+
+class DeliveryStatus(str, enum.Enum):
+    """Delivery of a finished run's result, kept apart from the run's own status."""
+
+    pending = "pending"  #: the run has not finished, or its result waits for the dispatcher
+    delivered = "delivered"  #: Relay (or the webhook) answered 2xx
+    failed = "failed"  #: Relay answered 4xx, or retries ran out; `delivery_error` says why
+    none = "none"  #: the job's channel is `none`: results are stored only
+
+
+class Trigger(str, enum.Enum):
+    """Why a run exists."""
+
+    schedule = "schedule"
+    catchup = "catchup"
+    manual = "manual"
+    backfill = "backfill"
+
+
+def run_id_for(job_id: uuid.UUID, slot: datetime) -> str:
+    """The run id of one slot of one job: deterministic, so every retry of publishing agrees."""
+    return str(uuid.uuid5(RUN_NAMESPACE, f"{job_id}/{to_utc(slot).isoformat()}"))
+
+
+def to_utc(moment: datetime) -> datetime:
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime: kjob only handles aware instants")
+    return moment.astimezone(timezone.utc)
+
+
+def utc_text(moment: datetime) -> str:
+    """`YYYY-MM-DDTHH:MM:SSZ` (with `.ffffff` only when there are sub-seconds)."""
+    m = to_utc(moment)
+    if m.microsecond:
+        return m.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return m.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def attempt_status(exit_code: int | None, timed_out: bool, start_error: str | None) -> RunStatus:
+    """The status of one finished attempt. Only exit code 0 is success (invariant 6)."""
+    if start_error is not None:
+        return RunStatus.error
+    if timed_out:
+        return RunStatus.timed_out
+    return RunStatus.succeeded if exit_code == 0 else RunStatus.failed
+
+
+#: A lost attempt (executor died) is retried this many times even when the job's own retry
+#: budget is spent: the agent did nothing wrong, its host did.
+MAX_LOST_RETRIES = 2
+
+
+def should_retry(status: RunStatus, attempt: int, lost_attempts: int, policy: RetryPolicy) -> bool:
+    """Whether attempt number `attempt` (1-based) ending in `status` gets another try."""
+    if status is RunStatus.succeeded:
+        return False
+    if status is RunStatus.lost:
+        return lost_attempts <= MAX_LOST_RETRIES or attempt <= policy.max
+    return (attempt - lost_attempts) <= policy.max
+
+
+RELAY_STATUS = {
+    RunStatus.succeeded: ("completed", "success"),
+    RunStatus.failed: ("failed", "failed"),
+    RunStatus.error: ("failed", "failed"),
+    RunStatus.lost: ("failed", "failed"),
+    RunStatus.timed_out: ("timeout", "timeout"),
+}
+
+
+def dispatch_payload(slug: str, channel: str, status: RunStatus, stdout: str, log_url: str) -> dict[str, Any]:
+    """The body of Relay's `POST /v1/dispatch` (RFC section 7) for a finished run."""
+    word, relay_status = RELAY_STATUS.get(status, ("failed", "failed"))
+    link = f"\n\nFull log: {log_url}"
+    room = MAX_BODY_CHARS - len(link)
+    text = stdout if len(stdout) <= room else stdout[: max(room - 1, 0)] + "…"
+    return {
+        "channel": channel,
+        "message": {
+            "title": f"[{slug}] {word}",
+            "body": text + link,
+            "status": relay_status,
+        },
+    }

@@ -1,0 +1,159 @@
+"""The PostgreSQL schema, as SQLAlchemy Core tables. Alembic migrations create exactly this.
+
+`job_runs` is the run ledger: unique on (job_id, slot), it decides exactly-once (invariant 1).
+An executor may run a row only after it *claims* it (`claimed_by`, `claim_until`), and may
+finish it only while the claim is still its own.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+TS = DateTime(timezone=True)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("tenant", String(64), nullable=False),
+    Column("slug", String(63), nullable=False),
+    #: The whole JobSpec as JSON (durations as text); the columns below are copies for queries.
+    Column("spec", JSONB, nullable=False),
+    Column("schedule", Text, nullable=False),
+    Column("timezone", String(64), nullable=False),
+    Column("agent", String(64), nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("enabled_at", TS),
+    Column("paused_note", Text),
+    Column("version", Integer, nullable=False, server_default=text("1")),
+    Column("created_at", TS, nullable=False, server_default=text("now()")),
+    Column("updated_at", TS, nullable=False, server_default=text("now()")),
+    UniqueConstraint("tenant", "slug", name="uq_jobs_tenant_slug"),
+)
+
+job_runs = Table(
+    "job_runs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("job_id", UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("tenant", String(64), nullable=False),
+    Column("slug", String(63), nullable=False),
+    Column("slot", TS, nullable=False),
+    Column("trigger", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    #: Why a slot did not run (missed/skipped), or why the last attempt ended as it did.
+    Column("reason", Text),
+    Column("attempt", Integer, nullable=False, server_default=text("0")),
+    Column("lost_attempts", Integer, nullable=False, server_default=text("0")),
+    Column("claimed_by", String(128)),
+    Column("claim_until", TS),
+    Column("next_attempt_at", TS),
+    Column("created_at", TS, nullable=False, server_default=text("now()")),
+    Column("published_at", TS),
+    Column("started_at", TS),
+    Column("finished_at", TS),
+    Column("exit_code", Integer),
+    Column("error", Text),
+    Column("output_excerpt", Text),
+    Column("output_bytes", BigInteger),
+    Column("leader_rev", BigInteger),
+    Column("delivery_status", String(16), nullable=False, server_default=text("'pending'")),
+    Column("delivery_attempts", Integer, nullable=False, server_default=text("0")),
+    Column("delivery_error", Text),
+    Column("delivered_at", TS),
+    UniqueConstraint("job_id", "slot", name="uq_job_runs_job_slot"),
+)
+Index("ix_job_runs_job_slot_desc", job_runs.c.job_id, job_runs.c.slot.desc())
+Index(
+    "ix_job_runs_open",
+    job_runs.c.status,
+    postgresql_where=text("status IN ('scheduled','running','retrying')"),
+)
+
+#: One row per attempt of a run: the history behind `job_runs.attempt`.
+run_attempts = Table(
+    "run_attempts",
+    metadata,
+    Column("run_id", String(64), ForeignKey("job_runs.id", ondelete="CASCADE"), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("executor", String(128)),
+    Column("status", String(16), nullable=False),
+    Column("started_at", TS, nullable=False),
+    Column("finished_at", TS),
+    Column("exit_code", Integer),
+    Column("reason", Text),
+    PrimaryKeyConstraint("run_id", "attempt", name="pk_run_attempts"),
+)
+
+#: Full captured output of the last attempt of a run, up to the executor's cap.
+run_logs = Table(
+    "run_logs",
+    metadata,
+    Column("run_id", String(64), ForeignKey("job_runs.id", ondelete="CASCADE"), primary_key=True),
+    Column("output", Text, nullable=False),
+    Column("output_bytes", BigInteger, nullable=False),
+    Column("dropped_bytes", BigInteger, nullable=False, server_default=text("0")),
+)
+
+#: Where each job's results go (RFC section 9), resolved when the job is saved.
+job_dispatch_targets = Table(
+    "job_dispatch_targets",
+    metadata,
+    Column("job_id", UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("channel", Text, nullable=False),
+    #: relay | webhook | none
+    Column("kind", String(16), nullable=False),
+    Column("updated_at", TS, nullable=False, server_default=text("now()")),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("at", TS, nullable=False, server_default=text("now()")),
+    Column("tenant", String(64), nullable=False),
+    Column("actor", String(256), nullable=False),
+    Column("token_id", String(64)),
+    Column("action", String(32), nullable=False),
+    Column("target", String(256), nullable=False),
+    Column("change", JSONB),
+)
+Index("ix_audit_log_tenant_at", audit_log.c.tenant, audit_log.c.at)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("tenant", String(64), nullable=False),
+    Column("role", String(16), nullable=False),
+    Column("name", String(128), nullable=False, server_default=text("''")),
+    #: sha256 of the secret; the secret itself is shown once, at creation.
+    Column("secret_hash", String(64), nullable=False, unique=True),
+    Column("created_at", TS, nullable=False, server_default=text("now()")),
+    Column("revoked_at", TS),
+)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -28,6 +28,13 @@ class ExecutorSettings(BaseModel):
     heartbeat_s: float = Field(default=5.0, gt=0, description="claim and ack-wait renewal period")
     claim_lease_s: float = Field(default=20.0, gt=0, description="a claim not renewed for this long is lost")
     workdir: Path | None = Field(default=None, description="where attempt work dirs go; $KJOB_HOME/work when unset")
+    sandboxes: list[Literal["process", "docker"]] = Field(
+        default=["process", "docker"], description="sandbox backends this node offers"
+    )
+    docker_url: str | None = Field(default=None, description="Docker endpoint; $DOCKER_HOST or the local socket when unset")
+    require_isolation: bool = Field(
+        default=False, description="refuse to start the process backend when bubblewrap cannot isolate agents"
+    )
 
 
 class DispatcherSettings(BaseModel):
@@ -61,6 +68,8 @@ class Settings(BaseSettings):
     port: int = Field(default=8742, ge=0, le=65535)
     node_name: str | None = None
     stream_replicas: int = Field(default=1, ge=1, le=5)
+    #: How long JetStream waits for an ack before redelivering; executors heartbeat well inside it.
+    ack_wait_s: float = Field(default=30.0, gt=0)
     log_format: str = "console"
     log_level: str = "INFO"
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)

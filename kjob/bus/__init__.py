@@ -1,0 +1,1 @@
+"""NATS JetStream: names (`names`), message schemas (`messages`) and setup (`setup`)."""

@@ -28,7 +28,10 @@ def parse_duration(text: str, field: str = "duration") -> timedelta:
         raise InvalidInput(
             f"{text!r} is not a duration; write e.g. '45s', '30m', '2h' or '1h30m'", field
         )
-    return timedelta(milliseconds=total_ms)
+    try:
+        return timedelta(milliseconds=total_ms)
+    except OverflowError:
+        raise InvalidInput(f"{text!r} is too long a duration; write e.g. '30m' or '2h'", field) from None
 
 
 def format_duration(value: timedelta) -> str:

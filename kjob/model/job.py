@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Mapping
 from uuid import UUID
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -19,12 +18,14 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationError,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 from kjob.errors import InvalidInput
 from kjob.model.durations import format_duration, parse_duration
+from kjob.model.schedule import Schedule, zone
+from kjob.model.sizes import parse_size
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 MAX_PROMPT_BYTES = 64 * 1024
@@ -49,13 +50,7 @@ Duration = Annotated[
 
 def check_timezone(name: str) -> str:
     """Return `name` if it is an IANA zone this machine knows, else raise InvalidInput."""
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, TypeError):
-        raise InvalidInput(
-            f"unknown time zone {name!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'",
-            "timezone",
-        ) from None
+    zone(name)
     return name
 
 
@@ -67,7 +62,7 @@ class SandboxSpec(_Strict):
     """Where the agent runs. `process` runs it on the executor's host; `docker` in a container."""
 
     backend: Literal["process", "docker"] = "process"
-    image: str | None = None
+    image: str | None = Field(default=None, validate_default=True)
     network: str = "none"
     memory: str | None = None
     cpus: float | None = Field(default=None, gt=0)
@@ -76,11 +71,23 @@ class SandboxSpec(_Strict):
     workdir: str | None = None
     pull: Literal["never", "if-missing"] = "never"
 
-    @model_validator(mode="after")
-    def _docker_needs_image(self) -> "SandboxSpec":
-        if self.backend == "docker" and not self.image:
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                parse_size(v)
+            except InvalidInput as e:
+                raise ValueError(e.message) from None
+        return v
+
+    @field_validator("image")
+    @classmethod
+    def _docker_needs_image(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # a field validator (run on the default too) so the error names `sandbox.image`
+        if info.data.get("backend") == "docker" and not v:
             raise ValueError("the docker backend needs an image, e.g. image = \"koder-cli:latest\"")
-        return self
+        return v
 
 
 class OutputSpec(_Strict):
@@ -146,7 +153,7 @@ class JobSpec(_Strict):
     @field_validator("slug")
     @classmethod
     def _slug(cls, v: str) -> str:
-        if not re.match(SLUG_PATTERN, v):
+        if not re.fullmatch(SLUG_PATTERN, v):
             raise ValueError(
                 f"{v!r} is not a valid slug: use 1-63 lowercase letters, digits and '-', "
                 "starting with a letter or digit"
@@ -165,7 +172,7 @@ class JobSpec(_Strict):
     @field_validator("agent")
     @classmethod
     def _agent(cls, v: str) -> str:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", v):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", v):
             raise ValueError(f"{v!r} is not an agent name")
         return v
 
@@ -180,8 +187,6 @@ class JobSpec(_Strict):
     @field_validator("schedule")
     @classmethod
     def _schedule(cls, v: str) -> str:
-        from kjob.model.schedule import Schedule
-
         try:
             return Schedule.parse(v).expr
         except InvalidInput as e:
@@ -217,7 +222,12 @@ class Job(JobSpec):
 
 def validation_error(err: ValidationError) -> InvalidInput:
     """Turn pydantic's error into one InvalidInput naming the first bad field."""
-    first = err.errors()[0]
+    return error_from_detail(err.errors()[0])
+
+
+def error_from_detail(first: Mapping[str, Any]) -> InvalidInput:
+    """One pydantic error entry (`ValidationError.errors()[i]`, or FastAPI's request-validation
+    entries with their `body`/`query` prefix removed) as an InvalidInput naming the field."""
     field = ".".join(str(p) for p in first["loc"]) or None
     msg = first["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):

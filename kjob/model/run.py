@@ -7,6 +7,8 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from kjob.model.job import RetryPolicy
 
 #: uuid5 namespace for run ids, so a slot's run id is the same on every node and every retry
@@ -125,3 +127,50 @@ def dispatch_payload(slug: str, channel: str, status: RunStatus, stdout: str, lo
             "status": relay_status,
         },
     }
+
+
+class Run(BaseModel):
+    """One row of the run ledger, as the API and CLI show it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    job_id: uuid.UUID
+    tenant: str
+    slug: str
+    slot: datetime
+    trigger: Trigger
+    status: RunStatus
+    reason: str | None = None
+    attempt: int = 0
+    created_at: datetime | None = None
+    published_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    output_excerpt: str | None = None
+    output_bytes: int | None = None
+    delivery_status: DeliveryStatus = DeliveryStatus.pending
+    delivery_attempts: int = 0
+    delivery_error: str | None = None
+    delivered_at: datetime | None = None
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
+
+
+class Attempt(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    attempt: int
+    executor: str | None = None
+    status: RunStatus
+    started_at: datetime
+    finished_at: datetime | None = None
+    exit_code: int | None = None
+    reason: str | None = None

@@ -1,0 +1,62 @@
+"""The messages kjob puts on NATS, as JSON. This module is their schema (see docs/bus.md).
+
+Every message also carries the run id and tenant as headers (`Kjob-Run-Id`, `Kjob-Tenant`)
+and, where a trace is active, the W3C `traceparent`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def decode(cls, data: bytes):
+        return cls.model_validate_json(data)
+
+
+class DueRun(_Message):
+    """`kjob.run.due.<tenant>`: a run the ledger says should start now. Msg-Id = run id."""
+
+    run_id: str
+    job_id: UUID
+    tenant: str
+    slug: str
+    slot: datetime
+    trigger: str
+    #: Fencing token of the ticker leader that published it (0 when not elected).
+    leader_rev: int = 0
+
+
+class RunResult(_Message):
+    """`kjob.run.result.<tenant>`: a run reached a final status; the dispatcher delivers it."""
+
+    run_id: str
+    job_id: UUID
+    tenant: str
+    slug: str
+    status: str
+    attempt: int
+    exit_code: int | None = None
+    finished_at: datetime
+
+
+class Event(_Message):
+    """`kjob.event.<tenant>.<kind>`: what happened, for other services and for the ticker."""
+
+    kind: str  #: job_changed | run_started | run_finished | run_dispatched
+    tenant: str
+    job_id: UUID | None = None
+    slug: str | None = None
+    run_id: str | None = None
+    #: job_changed: created | updated | enabled | disabled | deleted; runs: their status
+    detail: str | None = None
+    at: datetime

@@ -1,0 +1,148 @@
+"""Connect to NATS and declare kjob's streams and consumers, idempotently, at every start.
+
+Consumers are created with `add_consumer` and then bound: `pull_subscribe(durable=...)`
+silently keeps an existing consumer's old config (DESIGN.md), so a changed `ack_wait` would
+never take effect.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from kjob.bus import names
+
+log = logging.getLogger(__name__)
+
+#: Duplicate window of the runs stream. Dedup is only a first filter against a re-publish
+#: racing the original: the ledger claim is what makes a run execute once (DESIGN.md).
+DEDUP_WINDOW_S = 120.0
+
+
+@dataclass(frozen=True)
+class BusSettings:
+    replicas: int = 1
+    ack_wait_s: float = 30.0
+    max_ack_pending: int = 20_000
+
+
+def stream_configs(replicas: int) -> list[StreamConfig]:
+    common = dict(storage=StorageType.FILE, num_replicas=replicas)
+    return [
+        StreamConfig(
+            name=names.RUNS_STREAM,
+            subjects=[names.RUN_DUE_ALL],
+            retention=RetentionPolicy.WORK_QUEUE,
+            duplicate_window=DEDUP_WINDOW_S,
+            description="due runs: ticker -> executors",
+            **common,
+        ),
+        StreamConfig(
+            name=names.RESULTS_STREAM,
+            subjects=[names.RUN_RESULT_ALL],
+            retention=RetentionPolicy.WORK_QUEUE,
+            duplicate_window=DEDUP_WINDOW_S,
+            description="finished runs: executors -> dispatchers",
+            **common,
+        ),
+        StreamConfig(
+            name=names.EVENTS_STREAM,
+            subjects=[names.EVENT_ALL],
+            retention=RetentionPolicy.LIMITS,
+            max_age=7 * 86_400.0,
+            max_bytes=1 << 30,
+            discard=DiscardPolicy.OLD,
+            description="job and run events for other services",
+            **common,
+        ),
+        StreamConfig(
+            name=names.LOGS_STREAM,
+            subjects=[names.LOG_ALL],
+            retention=RetentionPolicy.LIMITS,
+            max_age=86_400.0,
+            max_bytes=2 << 30,
+            discard=DiscardPolicy.OLD,
+            description="live agent output per run",
+            **common,
+        ),
+    ]
+
+
+def consumer_config(durable: str, filter_subject: str, bus: BusSettings) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=durable,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=bus.ack_wait_s,
+        # Unlimited: a due run is naked with a delay for its retries, and a run must never be
+        # dropped by the broker (the ledger decides when it is over).
+        max_deliver=-1,
+        max_ack_pending=bus.max_ack_pending,
+        filter_subject=filter_subject,
+        num_replicas=bus.replicas,
+    )
+
+
+async def connect(url: str, name: str) -> NATS:
+    """A connection that keeps reconnecting forever: NATS restarts must not end a node."""
+    return await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        allow_reconnect=True,
+    )
+
+
+async def ensure_streams(js: JetStreamContext, replicas: int) -> None:
+    for cfg in stream_configs(replicas):
+        try:
+            await js.add_stream(cfg)
+        except BadRequestError as err:
+            # Exists with another config (e.g. replicas changed): reconcile, and say so.
+            log.warning("stream %s exists with a different config (%s); updating it", cfg.name, err.description)
+            await js.update_stream(cfg)
+
+
+async def ensure_consumer(js: JetStreamContext, stream: str, durable: str, filter_subject: str, bus: BusSettings):
+    """Create or update a durable pull consumer, then bind to it."""
+    cfg = consumer_config(durable, filter_subject, bus)
+    try:
+        # The server treats a create of an existing durable as an update of its editable fields.
+        await js.add_consumer(stream, cfg)
+    except BadRequestError as err:
+        log.warning("consumer %s on %s keeps its old config: %s", durable, stream, err.description)
+    return await js.pull_subscribe_bind(durable=durable, stream=stream)
+
+
+async def stream_info(js: JetStreamContext) -> dict[str, dict]:
+    """Messages and consumer counts per stream, for `kjob status`."""
+    out: dict[str, dict] = {}
+    for cfg in stream_configs(1):
+        try:
+            info = await js.stream_info(cfg.name)
+        except NotFoundError:
+            out[cfg.name] = {"exists": False}
+            continue
+        out[cfg.name] = {
+            "exists": True,
+            "messages": info.state.messages,
+            "consumers": info.state.consumer_count,
+            "replicas": info.config.num_replicas,
+        }
+    return out

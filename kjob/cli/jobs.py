@@ -1,0 +1,205 @@
+"""The job commands: create, apply, list, inspect, enable, disable, delete, and `next`
+(which needs no server). Each prints one line or one table, or JSON with `-o json`."""
+
+from __future__ import annotations
+
+import re
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from kjob.cli.client import ApiClient, ApiError, resolve
+from kjob.cli.output import Format, console, job_table, jobs_table, print_json, say, slots_table
+from kjob.config import Settings
+from kjob.errors import InvalidInput
+from kjob.model.job import JobSpec, parse_job
+from kjob.model.jobfile import load_jobs, load_jobs_file
+from kjob.model.preview import MAX_PREVIEW, preview
+from kjob.model.run import utc_text
+
+INSPECT_SLOTS = 5
+
+OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for programs")]
+SlugArg = Annotated[str, typer.Argument(help="the job's slug")]
+
+
+def _client() -> ApiClient:
+    return ApiClient(resolve(Settings()))
+
+
+def _fire_text(job: dict[str, Any]) -> str:
+    if not job["enabled"]:
+        return "disabled: no fire times until enabled"
+    return f"next fire {job['next_fire']}" if job.get("next_fire") else "no fire time left"
+
+
+def sandbox_spec(text: str) -> dict[str, str]:
+    """`process`, `docker` or `docker:IMAGE` (the image may hold its own `:tag`)."""
+    backend, _, image = text.partition(":")
+    if backend not in ("process", "docker") or (backend == "process" and image):
+        raise InvalidInput(f"{text!r} is not a sandbox; write 'process' or 'docker:IMAGE', e.g. 'docker:koder-cli:latest'", "sandbox")
+    return {"backend": backend, **({"image": image} if image else {})}
+
+
+def create(
+    slug: Annotated[str, typer.Option(help="the job's name: lowercase letters, digits, '-'")],
+    prompt: Annotated[str, typer.Option(help="what the agent is asked to do")],
+    schedule: Annotated[str, typer.Option(help="cron ('0 9 * * MON'), @daily, '@every 90s' or '@once 2026-05-15T10:00Z'")],
+    agent: Annotated[str, typer.Option(help="the agent that runs the prompt, e.g. kode")],
+    tz: Annotated[Optional[str], typer.Option("--tz", help="IANA time zone the schedule is read in [default: UTC]")] = None,
+    sandbox: Annotated[Optional[str], typer.Option(help="'process' or 'docker:IMAGE' [default: process]")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", help="result channel: a Relay channel, 'webhook:https://...' or 'none'")] = None,
+    retries: Annotated[Optional[int], typer.Option(help="extra attempts after a failure [default: 0]")] = None,
+    backoff: Annotated[Optional[str], typer.Option(help="exponential or fixed [default: exponential]")] = None,
+    timeout: Annotated[Optional[str], typer.Option(help="kill the run after this long, e.g. 30m, 1h30m (max 24h)")] = None,
+    disabled: Annotated[bool, typer.Option("--disabled", help="create the job paused")] = False,
+    description: Annotated[Optional[str], typer.Option(help="a note for people")] = None,
+) -> None:
+    """Create a job."""
+    data: dict[str, Any] = {"slug": slug, "prompt": prompt, "schedule": schedule, "agent": agent}
+    if tz is not None:
+        data["timezone"] = tz
+    if sandbox is not None:
+        data["sandbox"] = sandbox_spec(sandbox)
+    if output is not None:
+        data["output"] = {"channel": output}
+    policy = {k: v for k, v in (("max", retries), ("backoff", backoff)) if v is not None}
+    if policy:
+        data["retries"] = policy
+    if timeout is not None:
+        data["timeout"] = timeout
+    if disabled:
+        data["enabled"] = False
+    if description is not None:
+        data["description"] = description
+    spec = parse_job(data)  # refuse bad input before touching the network, with the API's words
+    with _client() as api:
+        job = api.create_job(spec.model_dump(mode="json"))
+    say(f"created {job['slug']}; {_fire_text(job)}")
+
+
+def _read_jobs(file: str) -> list[JobSpec]:
+    if file == "-":
+        return load_jobs(sys.stdin.read())
+    return load_jobs_file(Path(file))
+
+
+def file_field(field: str | None, count: int) -> str | None:
+    """The API names the i-th job of a batch `jobs.<i>.<field>` (from 0); say it as job file
+    errors do: `job.<field>` for a one-job file, `job[<i+1>].<field>` otherwise."""
+    m = re.match(r"^jobs\.(\d+)(.*)$", field or "")
+    if not m:
+        return field
+    return ("job" if count == 1 else f"job[{int(m[1]) + 1}]") + m[2]
+
+
+def apply(
+    file: Annotated[str, typer.Option("--file", "-f", help="a TOML job file ([job] or [[job]] tables); '-' for stdin")],
+    output: OutputOpt = Format.table,
+) -> None:
+    """Create or update the jobs of a file. Idempotent; a bad file changes nothing."""
+    specs = _read_jobs(file)  # every job is validated here, and again by the API, before any is written
+    with _client() as api:
+        try:
+            results = api.apply_jobs([s.model_dump(mode="json") for s in specs])
+        except ApiError as e:
+            e.field = file_field(e.field, len(specs))
+            raise
+    if output is Format.json:
+        print_json([{"slug": r["job"]["slug"], "action": r["action"]} for r in results])
+        return
+    for r in results:
+        say(f"{r['action']:<9} {r['job']['slug']}")
+
+
+def list_jobs(output: OutputOpt = Format.table) -> None:
+    """List the jobs of your tenant."""
+    with _client() as api:
+        jobs = api.list_jobs()
+    if output is Format.json:
+        print_json(jobs)
+    elif not jobs:
+        say("no jobs yet: create one with `kjob create` or `kjob apply -f FILE`")
+    else:
+        console().print(jobs_table(jobs))
+
+
+def inspect(slug: SlugArg, output: OutputOpt = Format.table) -> None:
+    """Show a job and its next fire times, in its zone and in UTC."""
+    with _client() as api:
+        job = api.get_job(slug)
+        fires = api.preview(job["schedule"], job["timezone"], INSPECT_SLOTS) if job["enabled"] else []
+    if output is Format.json:
+        print_json({**job, "next_fires": fires})
+        return
+    out = console()
+    out.print(job_table(job))
+    out.print()
+    if not job["enabled"]:
+        say("next fire times: none while the job is disabled (`kjob enable` resumes it from now)")
+    elif not fires:
+        say("next fire times: none: the schedule has no slot left")
+    else:
+        out.print(slots_table(fires, job["timezone"], title=f"next {len(fires)} fire times"))
+
+
+def enable(slug: SlugArg) -> None:
+    """Enable a job. Only slots after now run: no burst of missed ones."""
+    with _client() as api:
+        job = api.set_enabled(slug, True)
+    say(f"enabled {job['slug']}; {_fire_text(job)}")
+
+
+def disable(
+    slug: SlugArg,
+    note: Annotated[Optional[str], typer.Option(help="why it is paused; shown by inspect")] = None,
+) -> None:
+    """Pause a job."""
+    with _client() as api:
+        job = api.set_enabled(slug, False, note=note)
+    say(f"disabled {job['slug']}")
+
+
+def delete(
+    slug: SlugArg,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
+) -> None:
+    """Delete a job and its run history. Asks first unless --yes."""
+    with _client() as api:
+        job = api.get_job(slug)  # a missing job fails before the question, not after
+        if not yes and not typer.confirm(f"Delete job {job['slug']!r} and its run history?", default=False):
+            say(f"not deleted: {job['slug']}")
+            raise typer.Exit(1)
+        api.delete_job(slug)
+    say(f"deleted {job['slug']}")
+
+
+def next_fires(
+    expr: Annotated[str, typer.Argument(metavar="EXPR", help="a schedule: cron, @daily, '@every 90s', '@once ...'")],
+    tz: Annotated[str, typer.Option("--tz", help="IANA time zone the schedule is read in")] = "UTC",
+    after: Annotated[Optional[str], typer.Option(help="start after this ISO instant (local to --tz without an offset) [default: now]")] = None,
+    count: Annotated[int, typer.Option("-n", help=f"how many fire times (1..{MAX_PREVIEW})")] = 5,
+    output: OutputOpt = Format.table,
+) -> None:
+    """Show when a schedule fires. Needs no server."""
+    slots = [utc_text(s) for s in preview(expr, tz, after, count, now=datetime.now(timezone.utc))]
+    if output is Format.json:
+        print_json(slots)
+    elif not slots:
+        say("no fire time after that instant")
+    else:
+        console().print(slots_table(slots, tz))
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(create)
+    app.command()(apply)
+    app.command("list")(list_jobs)
+    app.command()(inspect)
+    app.command()(enable)
+    app.command()(disable)
+    app.command()(delete)
+    app.command("next")(next_fires)

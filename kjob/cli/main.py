@@ -1,0 +1,64 @@
+"""`kjob`: the command line. A client of the HTTP gateway, except `next` (pure) and the serving
+commands `up`, `server` and `db` (kjob.cli.serve).
+
+Errors are one line on stderr, `error: <field>: <message>`, never a traceback: exit code 1
+for a refused or failed action, 2 for a command line that does not parse.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from pydantic import ValidationError
+from typer.core import TyperGroup
+
+from kjob.cli import jobs, serve
+from kjob.errors import KjobError
+from kjob.model.job import validation_error
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+#: Click's UsageError as typer raises it: recent typer versions vendor their own copy of click,
+#: so the class is found through typer rather than imported from `click`.
+UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+class _OneLineErrors(TyperGroup):
+    """Turns every expected error of a command into one line and an exit code. This sits on
+    the group, so the test runner and the console script behave alike."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as e:
+            hint = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) else ""
+            message = e.format_message().replace("Value error, ", "")
+            raise fail(message + hint, EXIT_USAGE) from None
+        except KjobError as e:
+            raise fail(str(e)) from None
+        except ValidationError as e:  # settings from KJOB_* or config.toml that do not parse
+            raise fail(f"configuration: {validation_error(e)}") from None
+
+
+app = typer.Typer(
+    cls=_OneLineErrors,
+    name="kjob",
+    help="Cluster-wide, multi-tenant cron for AI agents.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+jobs.register(app)
+serve.register(app)
+
+
+def main() -> None:
+    """The `kjob` console script."""
+    app()

@@ -1,0 +1,201 @@
+"""`kjob up`, `kjob server` and `kjob db`: the commands that run kjob rather than talk to it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from kjob.config import ROLES, Settings
+from kjob.errors import KjobError
+
+err_console = Console(stderr=True)
+console = Console()
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=getattr(logging, settings.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_until_signal(main) -> None:
+    """Run `main(stop)` until it returns or SIGINT/SIGTERM sets `stop`."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())
+
+
+def register(app: typer.Typer) -> None:
+    db = typer.Typer(help="Database schema.", no_args_is_help=True)
+    app.add_typer(db, name="db")
+
+    @app.command()
+    def up(
+        home: Optional[Path] = typer.Option(None, help="Where kjob keeps its data (KJOB_HOME)."),
+        port: Optional[int] = typer.Option(None, help="API port (KJOB_PORT, default 8742; 0 = any free port)."),
+    ) -> None:
+        """Run everything in one process: API, ticker, executor, dispatcher. Starts embedded NATS and
+        PostgreSQL under the kjob home unless KJOB_NATS_URL / KJOB_DATABASE_URL point elsewhere."""
+        overrides = {}
+        if home is not None:
+            overrides["home"] = home
+            os.environ["KJOB_HOME"] = str(home)
+        if port is not None:
+            overrides["port"] = port
+        try:
+            settings = Settings(**overrides)
+        except Exception as err:
+            _fail(f"bad configuration: {err}")
+        _setup_logging(settings)
+        try:
+            _run_until_signal(lambda stop: _up(settings, stop))
+        except KjobError as err:
+            _fail(str(err))
+        console.print("kjob stopped.")
+
+    @app.command()
+    def server(
+        roles: str = typer.Option(",".join(ROLES), help="Comma-separated roles: " + ", ".join(ROLES)),
+    ) -> None:
+        """Run chosen roles against external NATS and PostgreSQL (KJOB_NATS_URL, KJOB_DATABASE_URL)."""
+        from kjob.node import Node, parse_roles
+
+        settings = Settings()
+        try:
+            chosen = parse_roles(roles)
+        except KjobError as err:
+            _fail(str(err))
+        if not settings.nats_url or not settings.database_url:
+            _fail("kjob server needs KJOB_NATS_URL and KJOB_DATABASE_URL; for a single machine, use `kjob up`")
+        _setup_logging(settings)
+        node = Node(settings=settings, roles=chosen, nats_url=settings.nats_url, database_url=settings.database_url,
+                    on_ready=lambda url: err_console.print(f"kjob node running roles {', '.join(sorted(chosen))}"
+                                                           + (f"; API at {url}" if url else "")))
+        try:
+            _run_until_signal(node.run)
+        except KjobError as err:
+            _fail(str(err))
+
+    @db.command("upgrade")
+    def db_upgrade() -> None:
+        """Apply the database migrations (KJOB_DATABASE_URL, or the embedded database of KJOB_HOME)."""
+        from kjob.store.database import migrate
+
+        settings = Settings()
+
+        async def main(stop: asyncio.Event) -> None:
+            async with _database(settings) as url:
+                revision = await migrate(url)
+                console.print(f"database at revision {revision}")
+
+        try:
+            _run_until_signal(main)
+        except KjobError as err:
+            _fail(str(err))
+
+
+@contextlib.asynccontextmanager
+async def _nats(settings: Settings):
+    if settings.nats_url:
+        yield settings.nats_url
+        return
+    from kjob.embedded.nats import EmbeddedNats
+
+    server = EmbeddedNats(settings.home / "nats", port=_saved_port(settings.home / "nats.port", 4222))
+    await asyncio.to_thread(server.start)
+    (settings.home / "nats.port").write_text(str(server.port))
+    try:
+        yield server.url
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+@contextlib.asynccontextmanager
+async def _database(settings: Settings):
+    if settings.database_url:
+        yield settings.database_url
+        return
+    from kjob.embedded.postgres import EmbeddedPostgres
+
+    server = EmbeddedPostgres(settings.home / "postgres")
+    await asyncio.to_thread(server.start)
+    try:
+        yield await asyncio.to_thread(server.ensure_database, "kjob")
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+def _saved_port(path: Path, preferred: int) -> int:
+    """The port used last time, else `preferred` if free, else any free one (0)."""
+    from kjob.embedded._process import free_port
+    import socket
+
+    if path.exists():
+        with contextlib.suppress(ValueError):
+            return int(path.read_text())
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            return free_port()
+
+
+async def _up(settings: Settings, stop: asyncio.Event) -> None:
+    from kjob.node import Node
+    from kjob.store.database import create_engine, migrate
+    from kjob.store.tokens import TokenStore, ensure_admin_token
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    async with contextlib.AsyncExitStack() as stack:
+        with err_console.status("starting NATS (JetStream)…"):
+            nats_url = await stack.enter_async_context(_nats(settings))
+        with err_console.status("starting PostgreSQL…"):
+            database_url = await stack.enter_async_context(_database(settings))
+        with err_console.status("migrating the database…"):
+            engine = create_engine(database_url)
+            try:
+                await migrate(engine)
+                await ensure_admin_token(TokenStore(engine), settings.token_file)
+            finally:
+                await engine.dispose()
+
+        def ready(url: str | None) -> None:
+            settings.api_url_file.write_text(url or "")
+            console.print(f"[bold green]kjob is up[/bold green]  API {url}", highlight=False)
+            console.print(f"  token   {settings.token_file}", highlight=False)
+            console.print(f"  data    {settings.home}", highlight=False)
+            console.print(f"  NATS    {nats_url}", highlight=False)
+            console.print("  try     kjob create --slug hello --agent shell --schedule '@every 1m' --prompt 'echo hello'",
+                          highlight=False)
+            console.print("Ctrl-C stops it.", highlight=False)
+
+        node = Node(settings=settings, roles=frozenset(ROLES), nats_url=nats_url, database_url=database_url,
+                    on_ready=ready)
+        try:
+            await node.run(stop)
+        finally:
+            with contextlib.suppress(OSError):
+                settings.api_url_file.unlink()

@@ -1,0 +1,261 @@
+"""The executor: takes due runs off JetStream and runs them in a sandbox, once each.
+
+For each message, top to bottom:
+  1. Claim the run in the ledger. The claim, not the JetStream ack, decides who runs: a
+     message delivered twice finds the run claimed or finished, and is acked unrun.
+  2. While the attempt runs, renew the claim and the message's ack deadline together; if the
+     claim is lost (someone else took it), stop the attempt and report nothing.
+  3. Record the end of the attempt while the claim is still ours. A failure with retries left
+     becomes `retrying`, and the message comes back after the backoff (`nak(delay)`).
+  4. A final run is published on `kjob.run.result.<tenant>` for the dispatcher; then ack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.errors import FetchTimeoutError
+
+from kjob.bus import names
+from kjob.bus.messages import DueRun, Event, RunResult
+from kjob.bus.setup import BusSettings, ensure_consumer
+from kjob.config import ExecutorSettings
+from kjob.executor.agents import AgentRegistry
+from kjob.executor.sandbox.base import Launch, Outcome, Sandbox
+from kjob.model.run import Run, RunStatus, attempt_status, should_retry
+from kjob.store.runs import Claimed, RunLedger
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Executor:
+    def __init__(
+        self,
+        *,
+        nc: NATS,
+        js: JetStreamContext,
+        ledger: RunLedger,
+        agents: AgentRegistry,
+        sandboxes: dict[str, Sandbox],
+        settings: ExecutorSettings,
+        bus: BusSettings,
+        work_root: Path,
+        node: str | None = None,
+    ) -> None:
+        self.nc, self.js, self.ledger, self.agents = nc, js, ledger, agents
+        self.sandboxes, self.settings, self.bus = sandboxes, settings, bus
+        self.work_root = work_root
+        self.node = node or socket.gethostname()
+        self.lease = timedelta(seconds=settings.claim_lease_s)
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._tasks: set[asyncio.Task] = set()
+        self.in_flight = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.work_root.mkdir(parents=True, exist_ok=True)
+        sub = await ensure_consumer(self.js, names.RUNS_STREAM, names.EXECUTOR_CONSUMER, names.RUN_DUE_ALL, self.bus)
+        try:
+            while not stop.is_set():
+                await self._slots.acquire()
+                free = 1 + self._free()
+                try:
+                    msgs = await sub.fetch(batch=free, timeout=1.0)
+                except (FetchTimeoutError, asyncio.TimeoutError):
+                    msgs = []
+                except Exception as err:  # NATS reconnecting
+                    log.warning("executor: fetch failed (%s); retrying", err)
+                    msgs = []
+                    await asyncio.sleep(0.5)
+                if not msgs:
+                    self._slots.release()
+                    continue
+                for i, msg in enumerate(msgs):
+                    if i > 0:
+                        await self._slots.acquire()
+                    task = asyncio.create_task(self._handle(msg))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._done)
+        finally:
+            # Stopping: attempts in flight are cancelled, which kills their sandboxes. Their
+            # claims lapse and another executor (or this one, restarted) runs them again.
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    def _free(self) -> int:
+        # Semaphore has no public counter; the private one is stable across CPython versions.
+        return max(self._slots._value, 0)  # noqa: SLF001
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("executor: run handler crashed", exc_info=task.exception())
+
+    async def _handle(self, msg) -> None:
+        try:
+            due = DueRun.decode(msg.data)
+        except ValueError:
+            log.error("executor: dropping a malformed due message on %s", msg.subject)
+            await msg.term()
+            return
+        claimed = await self.ledger.claim(due.run_id, self.node, self.lease)
+        if claimed is None:
+            await self._not_ours(due, msg)
+            return
+        self.in_flight += 1
+        try:
+            await self._attempt(claimed, msg)
+        finally:
+            self.in_flight -= 1
+
+    async def _not_ours(self, due: DueRun, msg) -> None:
+        """The run is finished, owned by another executor, or not due yet."""
+        delivery = await self.ledger.delivery(due.run_id)
+        if delivery is None:  # the job was deleted, and its runs with it
+            await msg.ack()
+            return
+        run = delivery.run
+        if run.status is RunStatus.retrying and run.next_attempt_at and run.next_attempt_at > utcnow():
+            await msg.nak(delay=(run.next_attempt_at - utcnow()).total_seconds())
+            return
+        if run.status is RunStatus.running:
+            # Someone else holds it: leave this delivery alone. An ack here would ack the
+            # message the owner is working on (a late ack still acks, DESIGN.md).
+            return
+        if run.status.final and run.delivery_status.value == "pending":
+            # We may have died between recording the end and publishing the result.
+            await self._publish_result(run)
+        await msg.ack()
+
+    async def _attempt(self, claimed: Claimed, msg) -> None:
+        run, job = claimed.run, claimed.job
+        await self._event(run, "run_started", f"attempt {run.attempt}")
+        stop_attempt = asyncio.Event()
+        keeper = asyncio.create_task(self._keep_claim(run, msg, stop_attempt))
+        try:
+            outcome = await self._run_sandbox(claimed, stop_attempt)
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+        if outcome is None:
+            log.warning("executor: lost the claim on run %s; its result is void", run.id)
+            return
+        status = attempt_status(outcome.exit_code, outcome.timed_out, outcome.start_error)
+        reason = outcome.start_error or outcome.reason
+        if status is RunStatus.timed_out and not reason:
+            reason = f"timed out after {job.timeout}"
+        if status is RunStatus.failed and not reason:
+            reason = f"exit code {outcome.exit_code}"
+        retry = should_retry(status, run.attempt, run.lost_attempts, job.retries)
+        retry_at = utcnow() + job.retries.delay(run.attempt) if retry else None
+        finished = await self.ledger.finish(
+            run.id, self.node, run.attempt,
+            status=status, exit_code=outcome.exit_code, reason=reason, output=outcome.output,
+            output_bytes=outcome.output_bytes, dropped_bytes=outcome.dropped_bytes, retry_at=retry_at,
+        )
+        await self._log_end(run)
+        if finished is None:
+            log.warning("executor: run %s was taken over before it finished here", run.id)
+            return
+        if retry_at is not None:
+            await msg.nak(delay=(retry_at - utcnow()).total_seconds())
+            return
+        await self._publish_result(finished)
+        await self._event(finished, "run_finished", finished.status.value)
+        await msg.ack()
+
+    async def _run_sandbox(self, claimed: Claimed, stop_attempt: asyncio.Event) -> Outcome | None:
+        """The attempt's Outcome, or None if the claim was lost while it ran."""
+        run, job = claimed.run, claimed.job
+        try:
+            agent = self.agents.get(job.agent)
+            argv, stdin, env = self.agents.render(
+                agent, prompt=job.prompt, run_id=run.id, slug=job.slug, tenant=job.tenant, attempt=run.attempt
+            )
+        except Exception as err:
+            return Outcome(start_error=f"agent {job.agent!r} cannot start: {err}")
+        sandbox = self.sandboxes.get(job.sandbox.backend)
+        if sandbox is None:
+            return Outcome(start_error=f"sandbox backend {job.sandbox.backend!r} is not enabled on node {self.node}")
+        launch = Launch(
+            run_id=run.id, tenant=job.tenant, job_slug=job.slug, attempt=run.attempt,
+            argv=argv, stdin=stdin, env={**job.sandbox.env, **env}, spec=job.sandbox,
+            timeout=job.timeout, output_cap_bytes=self.settings.output_cap_bytes, work_root=self.work_root,
+        )
+        log_subject = names.run_log(job.tenant, run.id)
+
+        async def on_output(stream: str, text: str) -> None:
+            with contextlib.suppress(Exception):  # live logs are best effort; the ledger keeps the output
+                await self.nc.publish(log_subject, text.encode(), headers={"Kjob-Stream": stream})
+
+        runner = asyncio.create_task(sandbox.run(launch, on_output))
+        lost = asyncio.create_task(stop_attempt.wait())
+        done, _ = await asyncio.wait({runner, lost}, return_when=asyncio.FIRST_COMPLETED)
+        if runner in done:
+            lost.cancel()
+            try:
+                return runner.result()
+            except Exception as err:  # a sandbox bug must still end the run, not hang it
+                log.exception("executor: sandbox %s failed on run %s", sandbox.name, run.id)
+                return Outcome(start_error=f"sandbox {sandbox.name} failed: {err}")
+        runner.cancel()  # cancelling kills what the attempt started
+        with contextlib.suppress(BaseException):
+            await runner
+        return None
+
+    async def _keep_claim(self, run: Run, msg, stop_attempt: asyncio.Event) -> None:
+        """Renew the claim and the ack deadline well inside both; flag a lost claim."""
+        failures = 0
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+            try:
+                if not await self.ledger.heartbeat(run.id, self.node, run.attempt, self.lease):
+                    stop_attempt.set()
+                    return
+                failures = 0
+            except Exception as err:
+                # The database is away. Keep running while the lease may still hold; past it,
+                # another executor may have taken over, so stop.
+                failures += 1
+                log.warning("executor: heartbeat for run %s failed (%s)", run.id, err)
+                if failures * self.settings.heartbeat_s >= self.settings.claim_lease_s:
+                    stop_attempt.set()
+                    return
+
+    async def _publish_result(self, run: Run) -> None:
+        result = RunResult(run_id=run.id, job_id=run.job_id, tenant=run.tenant, slug=run.slug,
+                           status=run.status.value, attempt=run.attempt, exit_code=run.exit_code,
+                           finished_at=run.finished_at or utcnow())
+        await self.js.publish(
+            names.run_result(run.tenant), result.encode(),
+            headers={"Nats-Msg-Id": f"{run.id}.result", names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant},
+        )
+
+    async def _log_end(self, run: Run) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.publish(names.run_log(run.tenant, run.id), b"",
+                                  headers={"Kjob-Stream": "end", "Kjob-Attempt": str(run.attempt)})
+
+    async def _event(self, run: Run, kind: str, detail: str) -> None:
+        event = Event(kind=kind, tenant=run.tenant, job_id=run.job_id, slug=run.slug, run_id=run.id,
+                      detail=detail, at=utcnow())
+        with contextlib.suppress(Exception):  # events are for observers; never block a run on them
+            await self.nc.publish(names.event(run.tenant, kind), event.encode(),
+                                  headers={names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant})

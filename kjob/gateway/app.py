@@ -1,0 +1,44 @@
+"""The HTTP gateway: `create_app(state)` builds the FastAPI app; whoever runs the API role
+(`kjob up`, `kjob server --roles api`) serves it with uvicorn.
+
+Routes (OpenAPI at `/openapi.json`): `/healthz` and `/readyz` without a token; everything
+under `/v1` with a bearer token (see `kjob.gateway.auth`).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import APIRouter, Depends, FastAPI
+
+from kjob.gateway import errors
+from kjob.gateway.auth import authenticate
+from kjob.gateway.limits import BodyLimit
+from kjob.gateway.routes import health, jobs, schedules
+from kjob.gateway.state import GatewayState
+
+
+def create_app(state: GatewayState) -> FastAPI:
+    app = FastAPI(
+        title="kjob",
+        summary="Cluster-wide, multi-tenant cron for AI agents",
+        version=_version(),
+        openapi_url="/openapi.json",
+    )
+    app.state.gateway = state
+    errors.install(app)
+    app.add_middleware(BodyLimit)
+    # The token dependency sits on the router, so no /v1 route can be added without it.
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
+    v1.include_router(jobs.router)
+    v1.include_router(schedules.router)
+    app.include_router(v1)
+    app.include_router(health.router)
+    return app
+
+
+def _version() -> str:
+    try:
+        return version("koder-scheduler")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"

@@ -1,0 +1,108 @@
+"""The one place where errors become HTTP answers.
+
+Every error answer has the same JSON shape, whatever raised it:
+
+    {"error": {"message": "<what is wrong and what to do>", "field": "<dotted field or null>"}}
+
+    kjob.errors.InvalidInput (incl. ScheduleError, JobFileError)   422
+    malformed JSON body                                            400 (field "body")
+    FastAPI request validation (body, query, path)                 422 (field named)
+    kjob.errors.Unauthorized                                       401 (+ WWW-Authenticate)
+    kjob.errors.Forbidden                                          403
+    kjob.errors.NotFound                                           404
+    kjob.errors.Conflict                                           409
+    body over the size limit                                       413
+    kjob.errors.ServerError (database down, ...)                   503
+    anything else                                                  500, logged, no traceback sent
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kjob.errors import Conflict, Forbidden, InvalidInput, KjobError, NotFound, ServerError, Unauthorized
+from kjob.model.job import error_from_detail
+
+log = logging.getLogger(__name__)
+
+#: Most specific first: the first matching class decides the status.
+_STATUS: tuple[tuple[type[KjobError], int], ...] = (
+    (InvalidInput, 422),
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (NotFound, 404),
+    (Conflict, 409),
+    (ServerError, 503),
+)
+
+#: Where FastAPI says a request value came from; the field name is what follows.
+_SOURCES = frozenset({"body", "query", "path", "header", "cookie"})
+
+
+def error_body(message: str, field: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "field": field}}
+
+
+def error_response(status: int, message: str, field: str | None = None) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(error_body(message, field), status_code=status, headers=headers)
+
+
+def status_for(exc: KjobError) -> int:
+    for cls, status in _STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+async def _kjob_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, KjobError)
+    status = status_for(exc)
+    if status == 500:
+        log.error("unmapped kjob error on %s %s: %r", request.method, request.url.path, exc)
+        return error_response(500, "internal error; the server log has the details")
+    if isinstance(exc, InvalidInput):
+        return error_response(status, exc.message, exc.field)
+    return error_response(status, str(exc))
+
+
+async def _request_invalid(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = dict(exc.errors()[0])
+    if first.get("type") == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "")
+        detail = f": {reason}" if reason else ""
+        return error_response(400, f"the request body is not valid JSON{detail}", "body")
+    loc = tuple(first.get("loc", ()))
+    source = loc[0] if loc and loc[0] in _SOURCES else None
+    first["loc"] = loc[1:] if source else loc
+    err = error_from_detail(first)
+    if first.get("type") == "extra_forbidden" and source != "body":
+        err = InvalidInput("is not a known parameter", err.field)
+    return error_response(422, err.message, err.field or source)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    messages = {404: f"no such endpoint: {request.url.path} (the API lives under /v1; see /openapi.json)",
+                405: f"{request.method} is not allowed on {request.url.path}"}
+    return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal error; the server log has the details")
+
+
+def install(app: FastAPI) -> None:
+    """Route every error an endpoint can raise through the table above."""
+    app.add_exception_handler(KjobError, _kjob_error)
+    app.add_exception_handler(RequestValidationError, _request_invalid)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,42 @@
+"""What the gateway needs from the rest of the node, built once by whoever runs the API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Awaitable, Callable, Literal
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from kjob.config import Settings
+from kjob.executor.agents import AgentRegistry
+from kjob.model.job import Job
+
+if TYPE_CHECKING:
+    from kjob.store.jobs import JobStore
+    from kjob.store.tokens import TokenStore
+
+#: What happened to a job. `unchanged` applies are not announced.
+ChangeKind = Literal["created", "updated", "enabled", "disabled", "deleted"]
+
+#: Called after every committed write: (job after the write or None once deleted, tenant, slug, kind).
+JobChangedHook = Callable[[Job | None, str, str, ChangeKind], Awaitable[None]]
+
+
+async def _ignore_change(job: Job | None, tenant: str, slug: str, kind: ChangeKind) -> None:
+    """The default hook: a gateway without a bus announces nothing."""
+
+
+@dataclass(kw_only=True)
+class GatewayState:
+    """The gateway's collaborators. The node wires `on_job_changed` to NATS events so the
+    ticker wakes at once; a failing hook is logged and never fails the committed request
+    (the ticker's periodic resync catches up)."""
+
+    settings: Settings
+    engine: AsyncEngine
+    jobs: "JobStore"
+    tokens: "TokenStore"
+    agents: AgentRegistry
+    #: Whether a Relay URL is configured: without it, only `none` and `webhook:` channels deliver.
+    relay_configured: bool
+    on_job_changed: JobChangedHook = field(default=_ignore_change)

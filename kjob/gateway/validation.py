@@ -1,0 +1,36 @@
+"""The checks of invariant 4 that need the node: run before every write, so a refused job
+changes nothing. (The checks that need nothing, slug, prompt, durations, cron syntax, zone,
+live in `kjob.model.job.JobSpec` and have already run when a JobSpec exists.)"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from kjob.dispatcher.relay import channel_kind
+from kjob.executor.agents import AgentRegistry
+from kjob.model.job import JobSpec
+from kjob.model.schedule import Schedule
+
+
+def check_job(
+    spec: JobSpec,
+    *,
+    agents: AgentRegistry,
+    relay_configured: bool,
+    now: datetime,
+    previous: JobSpec | None = None,
+) -> None:
+    """Raise InvalidInput (naming the field) unless this node can run and deliver `spec`.
+
+    `previous` is the stored version when this is an update. A schedule that can never fire
+    again (a `@once` in the past) is refused only when the schedule or zone is new or changed:
+    a one-shot job that already fired can still be edited, disabled or re-applied unchanged.
+
+    :raises InvalidInput: field `agent` (unknown agent), `output.channel` (a channel this node
+        cannot deliver to) or `schedule` (no future slot).
+    """
+    agents.get(spec.agent)
+    channel_kind(spec.output.channel, relay_configured)
+    timing_changed = previous is None or (previous.schedule, previous.timezone) != (spec.schedule, spec.timezone)
+    if timing_changed:
+        Schedule.parse(spec.schedule).check_future(now)

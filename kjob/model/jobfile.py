@@ -1,0 +1,166 @@
+"""Job files: TOML as in RFC section 5. Pure, except `load_jobs_file` which reads one file.
+
+A file holds one `[job]` table, or several `[[job]]` tables:
+
+    [job]
+    slug     = "weekly-stack-audit"
+    prompt   = "/k-housekeep"
+    agent    = "kode"
+    schedule = "0 9 * * MON"
+    sandbox  = { backend = "docker", image = "koder-cli:latest" }
+    retries  = { max = 3, backoff = "exponential" }
+    timeout  = "30m"
+
+Errors name the job and the field as a path into the file: `job.schedule` for a `[job]`
+file, `job[2].schedule` for the second `[[job]]` (counted from 1, as people count tables).
+The whole file is refused if any job in it is bad, so applying a file changes all or nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Iterable
+
+from kjob.errors import InvalidInput, JobFileError
+from kjob.model.job import JobSpec, parse_job
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+#: Fields written even when they hold the default, because a reader expects to see them.
+_ALWAYS_WRITTEN = frozenset({"enabled"})
+
+
+def load_jobs(text: str) -> list[JobSpec]:
+    """The jobs of a job file's text, in file order.
+
+    :raises JobFileError: the text is not TOML, holds no `job` table, has other top-level keys,
+        a job is invalid (the error's field is e.g. `job[2].schedule`), or two jobs share a slug.
+    """
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise JobFileError(f"not valid TOML: {e}") from None
+    unknown = sorted(k for k in doc if k != "job")
+    if unknown:
+        raise JobFileError(
+            f"unknown top-level key {unknown[0]!r}; a job file holds one [job] table or "
+            "several [[job]] tables", unknown[0],
+        )
+    tables = doc.get("job")
+    if isinstance(tables, dict):
+        entries = [("job", tables)]
+    elif isinstance(tables, list) and tables:
+        entries = [(f"job[{i}]", t) for i, t in enumerate(tables, start=1)]
+    elif tables is None or tables == []:
+        raise JobFileError("no job in the file; write a [job] table, or [[job]] tables for "
+                           "several jobs", "job")
+    else:
+        raise JobFileError("job must be a [job] table or [[job]] tables", "job")
+    specs: list[JobSpec] = []
+    seen: dict[str, str] = {}
+    for path, table in entries:
+        spec = _load_one(path, table)
+        if spec.slug in seen:
+            raise JobFileError(f"slug {spec.slug!r} is already used by {seen[spec.slug]}; "
+                               "each job in a file needs its own slug", f"{path}.slug")
+        seen[spec.slug] = path
+        specs.append(spec)
+    return specs
+
+
+def _load_one(path: str, table: Any) -> JobSpec:
+    if not isinstance(table, dict):
+        raise JobFileError(f"{path} must be a table of fields", path)
+    try:
+        return parse_job(table)
+    except InvalidInput as e:
+        slug = table.get("slug")
+        who = f"job {slug!r}" if isinstance(slug, str) and slug else path
+        field = f"{path}.{e.field}" if e.field else path
+        # pydantic's short messages ("is required") read as a sentence with the field in front
+        what = f"{e.field} {e.message}" if e.field and e.message.startswith("is ") else e.message
+        raise JobFileError(f"{who}: {what}", field) from None
+
+
+def load_jobs_file(path: str | Path) -> list[JobSpec]:
+    """`load_jobs` of a file; errors start with the file's name."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise JobFileError(f"cannot read {p}: {e.strerror or e}", "file") from None
+    except UnicodeDecodeError:
+        raise JobFileError(f"{p} is not UTF-8 text; save the job file as UTF-8", "file") from None
+    try:
+        return load_jobs(text)
+    except JobFileError as e:
+        raise JobFileError(f"{p}: {e.message}", e.field) from None
+
+
+def dump_job(spec: JobSpec) -> str:
+    """`spec` as a `[job]` file that `load_jobs` reads back equal. Defaults are left out."""
+    return "[job]\n" + _table_body(spec)
+
+
+def dump_jobs(specs: Iterable[JobSpec]) -> str:
+    """`specs` as `[[job]]` tables, one block per job, that `load_jobs` reads back equal."""
+    return "\n".join("[[job]]\n" + _table_body(s) for s in specs)
+
+
+def _table_body(spec: JobSpec) -> str:
+    fields = set(JobSpec.model_fields)
+    data = spec.model_dump(mode="json", include=fields, exclude_defaults=True)
+    for name in _ALWAYS_WRITTEN:
+        data.setdefault(name, getattr(spec, name))
+    order = list(JobSpec.model_fields)  # the RFC's order: slug, prompt, agent, schedule, ...
+    items = sorted(((k, v) for k, v in data.items() if v is not None), key=lambda kv: order.index(kv[0]))
+    width = max(len(k) for k, _ in items)
+    return "".join(f"{k.ljust(width)} = {_value(v, top=True)}\n" for k, v in items)
+
+
+def _key(k: str) -> str:
+    return k if _BARE_KEY.match(k) else _string(k, multiline=False)
+
+
+def _value(v: Any, top: bool = False) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        # inline tables must stay on one line, so only top-level strings may span lines
+        return _string(v, multiline=top and "\n" in v)
+    if isinstance(v, dict):
+        inner = ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items() if x is not None)
+        return f"{{ {inner} }}" if inner else "{}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\f": "\\f", "\r": "\\r"}
+
+
+def _string(s: str, multiline: bool) -> str:
+    out = []
+    for ch in s:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ch == "\n":
+            out.append("\n" if multiline else "\\n")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    if multiline:
+        # the newline after the opening quotes is dropped by TOML readers: it keeps prompts readable
+        return '"""\n' + "".join(out) + '"""'
+    return '"' + "".join(out) + '"'

@@ -1,0 +1,172 @@
+"""A kjob node: the chosen roles over one NATS connection and one database engine.
+
+`kjob up` runs every role on embedded servers; `kjob server --roles ...` runs some of them
+against external NATS and PostgreSQL. Roles share nothing but the bus and the ledger, so any
+node may run any of them (only the ticker is a singleton, by election).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Awaitable, Callable
+
+import uvicorn
+
+from kjob.bus import names
+from kjob.bus.messages import DueRun, Event
+from kjob.bus.setup import BusSettings, connect, ensure_streams
+from kjob.config import ROLES, Settings
+from kjob.errors import InvalidInput
+from kjob.executor.agents import AgentRegistry
+from kjob.model.job import Job
+from kjob.model.run import Run
+from kjob.store.database import create_engine, migrate
+from kjob.store.jobs import JobStore
+from kjob.store.runs import RunLedger
+from kjob.store.tokens import TokenStore
+
+log = logging.getLogger(__name__)
+
+
+def parse_roles(text: str) -> frozenset[str]:
+    roles = frozenset(r.strip() for r in text.split(",") if r.strip())
+    unknown = roles - set(ROLES)
+    if not roles or unknown:
+        raise InvalidInput(f"unknown role(s) {sorted(unknown) or text!r}; choose from {', '.join(ROLES)}", "roles")
+    return roles
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the node owns SIGINT/SIGTERM."""
+
+    def capture_signals(self):  # type: ignore[override]
+        return contextlib.nullcontext()
+
+
+@dataclass
+class Node:
+    settings: Settings
+    roles: frozenset[str]
+    nats_url: str
+    database_url: str
+    #: Set once the API listens (with its URL) or, without the api role, once roles started.
+    on_ready: Callable[[str | None], Awaitable[None] | None] | None = None
+    name: str = field(default_factory=socket.gethostname)
+    api_url: str | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        self.name = s.node_name or self.name
+        bus = BusSettings(replicas=s.stream_replicas, ack_wait_s=s.ack_wait_s)
+        engine = create_engine(self.database_url)
+        nc = None
+        closers: list[Callable[[], Awaitable[None]]] = []
+        try:
+            await migrate(engine)
+            nc = await connect(self.nats_url, name=f"kjob-{self.name}")
+            js = nc.jetstream()
+            await ensure_streams(js, s.stream_replicas)
+            jobs, ledger = JobStore(engine), RunLedger(engine)
+            agents = AgentRegistry.load(s.executor.agents_file)
+
+            self._js, self._ledger = js, ledger
+
+            async def job_changed(job: Job | None, tenant: str, slug: str, kind: str) -> None:
+                job_id = job.id if job is not None else None
+                event = Event(kind="job_changed", tenant=tenant, job_id=job_id, slug=slug, detail=kind,
+                              at=datetime.now(timezone.utc))
+                await js.publish(names.event(tenant, "job_changed"), event.encode())
+
+            tasks: dict[str, asyncio.Task] = {}
+            if "ticker" in self.roles:
+                from kjob.ticker.ticker import Ticker
+
+                ticker = Ticker(nc=nc, js=js, jobs=jobs, ledger=ledger, settings=s.ticker)
+                tasks["ticker"] = asyncio.create_task(ticker.run(stop))
+            if "executor" in self.roles:
+                from kjob.executor.executor import Executor
+                from kjob.executor.sandbox import make_sandboxes
+
+                sandboxes = make_sandboxes(s, node_name=self.name)
+                for sandbox in sandboxes.values():
+                    await sandbox.start()
+                    closers.append(sandbox.close)
+                executor = Executor(nc=nc, js=js, ledger=ledger, agents=agents, sandboxes=sandboxes,
+                                    settings=s.executor, bus=bus, work_root=s.work_dir, node=self.name)
+                tasks["executor"] = asyncio.create_task(executor.run(stop))
+            if "dispatcher" in self.roles:
+                from kjob.dispatcher.dispatcher import Dispatcher
+                from kjob.dispatcher.relay import RelayClient
+
+                relay = RelayClient(s.relay_url, s.relay_token, s.dispatcher.timeout_s)
+                closers.append(relay.aclose)
+                dispatcher = Dispatcher(nc=nc, js=js, ledger=ledger, relay=relay, settings=s.dispatcher,
+                                        bus=bus, log_url_base=s.public_url or self._own_api_url())
+                tasks["dispatcher"] = asyncio.create_task(dispatcher.run(stop))
+            server = None
+            if "api" in self.roles:
+                from kjob.gateway.app import create_app
+                from kjob.gateway.state import GatewayState
+
+                state = GatewayState(settings=s, engine=engine, jobs=jobs, tokens=TokenStore(engine), agents=agents,
+                                     relay_configured=bool(s.relay_url), on_job_changed=job_changed)
+                state.ledger = ledger  # type: ignore[attr-defined]
+                state.publish_due = self.publish_due  # type: ignore[attr-defined]
+                state.nc = nc  # type: ignore[attr-defined]
+                server = _Server(uvicorn.Config(create_app(state), host=s.host, port=s.port,
+                                                log_level="warning", lifespan="off"))
+                tasks["api"] = asyncio.create_task(server.serve())
+                while not server.started and not tasks["api"].done():
+                    await asyncio.sleep(0.02)
+                if tasks["api"].done():
+                    tasks["api"].result()  # raises why it could not listen
+                port = server.servers[0].sockets[0].getsockname()[1]
+                self.api_url = f"http://{_display_host(s.host)}:{port}"
+            if self.on_ready is not None:
+                result = self.on_ready(self.api_url)
+                if asyncio.iscoroutine(result):
+                    await result
+            await self._supervise(tasks, stop, server)
+        finally:
+            for close in reversed(closers):
+                with contextlib.suppress(Exception):
+                    await close()
+            if nc is not None:
+                with contextlib.suppress(Exception):
+                    await nc.drain()
+            await engine.dispose()
+
+    async def publish_due(self, run: Run) -> None:
+        """Publish a run the ledger already holds (run-now); the ticker's recovery re-publishes
+        it if this fails."""
+        msg = DueRun(run_id=run.id, job_id=run.job_id, tenant=run.tenant, slug=run.slug,
+                     slot=run.slot, trigger=run.trigger.value)
+        await self._js.publish(names.run_due(run.tenant), msg.encode(),
+                               headers={"Nats-Msg-Id": run.id, names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant})
+        await self._ledger.mark_published([run.id])
+
+    def _own_api_url(self) -> str:
+        return self.api_url or f"http://{_display_host(self.settings.host)}:{self.settings.port}"
+
+    async def _supervise(self, tasks: dict[str, asyncio.Task], stop: asyncio.Event, server) -> None:
+        """Run until `stop`, or until a role fails: a node with a dead role must not look alive."""
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({stopper, *tasks.values()}, return_when=asyncio.FIRST_COMPLETED)
+        failed = [(role, t) for role, t in tasks.items() if t in done and not t.cancelled() and t.exception()]
+        stop.set()
+        if server is not None:
+            server.should_exit = True
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        stopper.cancel()
+        if failed:
+            role, task = failed[0]
+            raise RuntimeError(f"the {role} role failed: {task.exception()}") from task.exception()
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host

@@ -1,0 +1,121 @@
+"""Connecting to PostgreSQL and migrating its schema (Alembic, run from code).
+
+The migrations live in the package (`kjob/store/migrations`), so an installed kjob migrates
+its database without an alembic.ini or a checkout: `await migrate(url)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from kjob.errors import InvalidInput
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+#: Held while migrating, so nodes that start together migrate one after the other.
+_MIGRATION_LOCK_ID = 0x6B6A6F62  # "kjob"
+
+_POSTGRES_DRIVERS = {"postgresql", "postgres", "postgresql+asyncpg"}
+
+
+def normalize_url(url: str) -> str:
+    """Return `url` with the asyncpg driver (`postgresql+asyncpg://`), or raise InvalidInput.
+
+    Accepts `postgresql://`, `postgres://` (as Heroku and others write it) and
+    `postgresql+asyncpg://`.
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise InvalidInput(
+            f"{url!r} is not a database URL; write e.g. postgresql://user:password@host:5432/kjob",
+            "database_url",
+        ) from None
+    if parsed.drivername not in _POSTGRES_DRIVERS:
+        raise InvalidInput(
+            f"kjob needs PostgreSQL, not {parsed.drivername!r}; "
+            "write the URL as postgresql://user:password@host:5432/kjob",
+            "database_url",
+        )
+    return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+
+
+def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+    """An async engine for `url` (any form `normalize_url` accepts).
+
+    Connections are checked before use (`pool_pre_ping`), so a PostgreSQL restart costs the
+    callers that were mid-query one error, not every pooled connection one error each.
+    """
+    return create_async_engine(
+        normalize_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+    )
+
+
+def alembic_config() -> Config:
+    """The Alembic configuration of kjob's migrations (no alembic.ini needed)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def head_revision() -> str:
+    """The newest migration this kjob ships."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "kjob ships no migrations"
+    return head
+
+
+async def migrate(engine_or_url: AsyncEngine | str) -> str:
+    """Upgrade the database to the newest schema; return the revision it is at.
+
+    Safe to call on every start and from several nodes at once: the upgrade runs in one
+    transaction under an advisory lock, so it is all or nothing and never runs twice.
+    """
+
+    def upgrade(conn: Connection) -> str | None:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
+        config = alembic_config()
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+        return MigrationContext.configure(conn).get_current_revision()
+
+    async with _engine(engine_or_url) as engine:
+        async with engine.begin() as conn:
+            revision = await conn.run_sync(upgrade)
+    assert revision is not None
+    return revision
+
+
+async def current_revision(engine_or_url: AsyncEngine | str) -> str | None:
+    """The revision the database is at; None if it was never migrated."""
+    async with _engine(engine_or_url) as engine:
+        async with engine.connect() as conn:
+            return await conn.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
+
+
+@asynccontextmanager
+async def _engine(engine_or_url: AsyncEngine | str) -> AsyncIterator[AsyncEngine]:
+    """Use an engine as given, or make one for a URL and dispose of it afterwards."""
+    if isinstance(engine_or_url, AsyncEngine):
+        yield engine_or_url
+        return
+    engine = create_engine(engine_or_url, pool_size=1)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()

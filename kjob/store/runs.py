@@ -1,0 +1,362 @@
+"""The run ledger: `job_runs` and `run_attempts`, the source of truth for exactly-once.
+
+The life of a run, and who moves it:
+
+    ticker      record_slots()   -> scheduled      (ON CONFLICT DO NOTHING: a slot is one row)
+                mark_published()
+    executor    claim()          -> running        (only from scheduled/retrying, or a running
+                                                    row whose claim expired: that attempt is lost)
+                heartbeat()                        (extends the claim; False = claim lost, stop)
+                finish()         -> retrying | succeeded | failed | timed_out | error
+                                                    (only while the claim is still ours)
+    dispatcher  mark_delivery()  -> delivered | failed (delivery status, apart from run status)
+
+JetStream may deliver a due run twice; the conditional UPDATEs here make the second one a no-op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Iterable, Sequence
+from uuid import UUID
+
+from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from kjob.errors import NotFound
+from kjob.model.job import Job
+from kjob.model.run import Attempt, DeliveryStatus, Run, RunStatus, Trigger
+from kjob.store.tables import job_dispatch_targets, job_runs, jobs, run_attempts, run_logs
+
+OPEN = (RunStatus.scheduled.value, RunStatus.running.value, RunStatus.retrying.value)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True, slots=True)
+class SlotRow:
+    """A slot to write into the ledger."""
+
+    run_id: str
+    job_id: UUID
+    tenant: str
+    slug: str
+    slot: datetime
+    trigger: Trigger = Trigger.schedule
+    status: RunStatus = RunStatus.scheduled
+    reason: str | None = None
+    leader_rev: int | None = None
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A run an executor now owns, with the job as it is at claim time."""
+
+    run: Run
+    job: Job
+    #: The attempt before this one was lost (its executor died): recorded as such.
+    previous_lost: bool
+
+
+@dataclass(frozen=True)
+class Delivery:
+    run: Run
+    channel: str
+
+
+def _run(row) -> Run:
+    return Run.model_validate(dict(row._mapping))
+
+
+class RunLedger:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    # -- ticker -------------------------------------------------------------------------
+
+    async def record_slots(self, rows: Sequence[SlotRow]) -> set[str]:
+        """Insert slots; returns the run ids that were new (a slot already there is skipped)."""
+        if not rows:
+            return set()
+        values = [
+            {
+                "id": r.run_id, "job_id": r.job_id, "tenant": r.tenant, "slug": r.slug,
+                "slot": r.slot, "trigger": r.trigger.value, "status": r.status.value,
+                "reason": r.reason, "leader_rev": r.leader_rev,
+                "finished_at": utcnow() if r.status.final else None,
+                "delivery_status": DeliveryStatus.none.value if r.status.final else DeliveryStatus.pending.value,
+            }
+            for r in rows
+        ]
+        stmt = insert(job_runs).values(values).on_conflict_do_nothing().returning(job_runs.c.id)
+        async with self.engine.begin() as conn:
+            result = await conn.execute(stmt)
+            return {row[0] for row in result}
+
+    async def mark_published(self, run_ids: Iterable[str]) -> None:
+        ids = list(run_ids)
+        if not ids:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(job_runs)
+                .where(job_runs.c.id.in_(ids), job_runs.c.published_at.is_(None))
+                .values(published_at=func.now())
+            )
+
+    async def last_slots(self) -> dict[UUID, datetime]:
+        """The latest scheduled slot of every job: where each job's ticker cursor resumes."""
+        stmt = (
+            select(job_runs.c.job_id, func.max(job_runs.c.slot))
+            .where(job_runs.c.trigger.in_([Trigger.schedule.value, Trigger.catchup.value]))
+            .group_by(job_runs.c.job_id)
+        )
+        async with self.engine.connect() as conn:
+            return {row[0]: row[1] for row in await conn.execute(stmt)}
+
+    async def stranded(self, older_than: timedelta, limit: int = 1000) -> list[Run]:
+        """Open runs nobody is moving: never published, claim expired, or retry overdue.
+
+        The ticker re-publishes them, so a lost message or a dead executor cannot leave a run
+        open forever; the claim keeps a re-published run from executing twice.
+        """
+        now = utcnow()
+        cutoff = now - older_than
+        stmt = (
+            select(job_runs)
+            .where(
+                or_(
+                    # Published rows wait in JetStream, which is durable: a deep backlog is
+                    # not stranded, and re-publishing it every cycle would only add load.
+                    and_(job_runs.c.status == RunStatus.scheduled.value, job_runs.c.published_at.is_(None)),
+                    and_(job_runs.c.status == RunStatus.running.value, job_runs.c.claim_until < cutoff),
+                    and_(job_runs.c.status == RunStatus.retrying.value, job_runs.c.next_attempt_at < cutoff),
+                ),
+                job_runs.c.created_at < cutoff,
+            )
+            .order_by(job_runs.c.slot)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [_run(r) for r in await conn.execute(stmt)]
+
+    async def create_manual(self, job: Job, trigger: Trigger = Trigger.manual) -> Run:
+        """A run outside the schedule (`run-now`): its own key, the request instant."""
+        from kjob.model.run import run_id_for
+
+        async with self.engine.begin() as conn:
+            for _ in range(5):
+                slot = utcnow()
+                run_id = run_id_for(job.id, slot)
+                row = (await conn.execute(
+                    insert(job_runs)
+                    .values(id=run_id, job_id=job.id, tenant=job.tenant, slug=job.slug, slot=slot,
+                            trigger=trigger.value, status=RunStatus.scheduled.value)
+                    .on_conflict_do_nothing()
+                    .returning(job_runs)
+                )).first()
+                if row is not None:
+                    return _run(row)
+        raise RuntimeError("could not allocate a run key")  # five clashes in a row: a clock bug
+
+    # -- executor -----------------------------------------------------------------------
+
+    async def claim(self, run_id: str, executor: str, lease: timedelta) -> Claimed | None:
+        """Take the run for one attempt, or None if it is not ours to run (done, owned, early)."""
+        now = utcnow()
+        claimable = or_(
+            and_(job_runs.c.status == RunStatus.scheduled.value),
+            and_(job_runs.c.status == RunStatus.retrying.value,
+                 or_(job_runs.c.next_attempt_at.is_(None), job_runs.c.next_attempt_at <= now)),
+            and_(job_runs.c.status == RunStatus.running.value, job_runs.c.claim_until < now),
+        )
+        async with self.engine.begin() as conn:
+            before = (await conn.execute(
+                select(job_runs.c.status, job_runs.c.attempt)
+                .where(job_runs.c.id == run_id, claimable)
+                .with_for_update(skip_locked=True)
+            )).first()
+            if before is None:
+                return None
+            lost = before.status == RunStatus.running.value
+            if lost:
+                await conn.execute(
+                    update(run_attempts)
+                    .where(run_attempts.c.run_id == run_id, run_attempts.c.attempt == before.attempt)
+                    .values(status=RunStatus.lost.value, finished_at=now,
+                            reason="executor stopped renewing its claim (it died or lost the database)")
+                )
+            row = (await conn.execute(
+                update(job_runs)
+                .where(job_runs.c.id == run_id)
+                .values(
+                    status=RunStatus.running.value,
+                    attempt=job_runs.c.attempt + 1,
+                    lost_attempts=job_runs.c.lost_attempts + (1 if lost else 0),
+                    claimed_by=executor,
+                    claim_until=now + lease,
+                    started_at=now,
+                    next_attempt_at=None,
+                )
+                .returning(job_runs)
+            )).first()
+            run = _run(row)
+            await conn.execute(
+                insert(run_attempts).values(
+                    run_id=run_id, attempt=run.attempt, executor=executor,
+                    status=RunStatus.running.value, started_at=now,
+                ).on_conflict_do_nothing()
+            )
+            job_row = (await conn.execute(select(jobs).where(jobs.c.id == run.job_id))).first()
+        from kjob.store.jobs import job_from_row
+
+        return Claimed(run=run, job=job_from_row(job_row), previous_lost=lost)
+
+    async def heartbeat(self, run_id: str, executor: str, attempt: int, lease: timedelta) -> bool:
+        """Extend our claim. False: the claim is no longer ours; stop the attempt."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(job_runs)
+                .where(job_runs.c.id == run_id, job_runs.c.claimed_by == executor,
+                       job_runs.c.attempt == attempt, job_runs.c.status == RunStatus.running.value)
+                .values(claim_until=utcnow() + lease)
+            )
+            return result.rowcount == 1
+
+    async def finish(
+        self,
+        run_id: str,
+        executor: str,
+        attempt: int,
+        *,
+        status: RunStatus,
+        exit_code: int | None,
+        reason: str | None,
+        output: str,
+        output_bytes: int,
+        dropped_bytes: int,
+        retry_at: datetime | None,
+        excerpt_chars: int = 4000,
+    ) -> Run | None:
+        """Record the attempt's end, if our claim still holds. None: it did not (someone else
+        owns the run now, so this attempt's result is void and must not be reported)."""
+        now = utcnow()
+        run_status = RunStatus.retrying if retry_at is not None else status
+        values = dict(
+            status=run_status.value,
+            exit_code=exit_code,
+            error=reason if status is not RunStatus.succeeded else None,
+            reason=reason,
+            output_excerpt=output[:excerpt_chars],
+            output_bytes=output_bytes,
+            claimed_by=None,
+            claim_until=None,
+            next_attempt_at=retry_at,
+        )
+        if retry_at is None:
+            # A job whose channel is `none` has nothing to deliver: say so rather than `pending`.
+            channel_kind = (
+                select(job_dispatch_targets.c.kind)
+                .where(job_dispatch_targets.c.job_id == job_runs.c.job_id)
+                .scalar_subquery()
+            )
+            values["finished_at"] = now
+            values["delivery_status"] = case(
+                (channel_kind.in_(["relay", "webhook"]), DeliveryStatus.pending.value),
+                else_=DeliveryStatus.none.value,
+            )
+        async with self.engine.begin() as conn:
+            row = (await conn.execute(
+                update(job_runs)
+                .where(job_runs.c.id == run_id, job_runs.c.claimed_by == executor,
+                       job_runs.c.attempt == attempt, job_runs.c.status == RunStatus.running.value)
+                .values(**values)
+                .returning(job_runs)
+            )).first()
+            if row is None:
+                return None
+            await conn.execute(
+                update(run_attempts)
+                .where(run_attempts.c.run_id == run_id, run_attempts.c.attempt == attempt)
+                .values(status=status.value, finished_at=now, exit_code=exit_code, reason=reason)
+            )
+            await conn.execute(
+                insert(run_logs)
+                .values(run_id=run_id, output=output, output_bytes=output_bytes, dropped_bytes=dropped_bytes)
+                .on_conflict_do_update(
+                    index_elements=[run_logs.c.run_id],
+                    set_=dict(output=output, output_bytes=output_bytes, dropped_bytes=dropped_bytes),
+                )
+            )
+            return _run(row)
+
+    # -- dispatcher ---------------------------------------------------------------------
+
+    async def delivery(self, run_id: str) -> Delivery | None:
+        stmt = (
+            select(job_runs, job_dispatch_targets.c.channel)
+            .join(job_dispatch_targets, job_dispatch_targets.c.job_id == job_runs.c.job_id, isouter=True)
+            .where(job_runs.c.id == run_id)
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(stmt)).first()
+        if row is None:
+            return None
+        mapping = dict(row._mapping)
+        channel = mapping.pop("channel") or "none"
+        return Delivery(run=Run.model_validate(mapping), channel=channel)
+
+    async def mark_delivery(self, run_id: str, status: DeliveryStatus, error: str | None = None) -> None:
+        values: dict = dict(delivery_status=status.value, delivery_error=error,
+                            delivery_attempts=job_runs.c.delivery_attempts + 1)
+        if status is DeliveryStatus.delivered:
+            values["delivered_at"] = func.now()
+        async with self.engine.begin() as conn:
+            await conn.execute(update(job_runs).where(job_runs.c.id == run_id).values(**values))
+
+    async def count_delivery_attempt(self, run_id: str, error: str) -> int:
+        async with self.engine.begin() as conn:
+            return (await conn.execute(
+                update(job_runs).where(job_runs.c.id == run_id)
+                .values(delivery_attempts=job_runs.c.delivery_attempts + 1, delivery_error=error)
+                .returning(job_runs.c.delivery_attempts)
+            )).scalar_one()
+
+    # -- readers (gateway) ----------------------------------------------------------------
+
+    async def get(self, tenant: str, run_id: str) -> Run:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(
+                select(job_runs).where(job_runs.c.id == run_id, job_runs.c.tenant == tenant)
+            )).first()
+        if row is None:
+            raise NotFound("run", run_id)
+        return _run(row)
+
+    async def list_for_job(self, job_id: UUID, limit: int = 50) -> list[Run]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(job_runs).where(job_runs.c.job_id == job_id)
+                .order_by(job_runs.c.slot.desc()).limit(limit)
+            )
+            return [_run(r) for r in rows]
+
+    async def attempts(self, run_id: str) -> list[Attempt]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(run_attempts).where(run_attempts.c.run_id == run_id).order_by(run_attempts.c.attempt)
+            )
+            return [Attempt.model_validate(dict(r._mapping)) for r in rows]
+
+    async def log(self, tenant: str, run_id: str) -> tuple[str, int, int]:
+        """(output, total bytes, dropped bytes) of the run's last attempt; empty if none yet."""
+        await self.get(tenant, run_id)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(run_logs).where(run_logs.c.run_id == run_id))).first()
+        if row is None:
+            return "", 0, 0
+        return row.output, row.output_bytes, row.dropped_bytes

@@ -1,0 +1,157 @@
+"""API tokens: bearer secrets that name a tenant and a role.
+
+A secret reads `kjob_<id>_<random>`: the id lets people tell tokens apart in lists and logs
+without the secret. Only the sha256 of the secret is stored, so the database never holds a
+usable token; the secret is shown once, when the token is created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from kjob.errors import InvalidInput, NotFound
+from kjob.store.audit import Actor, record_by
+from kjob.store.tables import api_tokens
+
+#: Each role can do what the roles before it can: viewer reads, operator enables and disables,
+#: editor creates, changes and deletes jobs, admin manages tokens.
+ROLES = ("viewer", "operator", "editor", "admin")
+
+#: The tenant of the admin token `kjob up` creates.
+DEFAULT_TENANT = "default"
+
+_PREFIX = "kjob_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a valid token speaks for."""
+
+    tenant: str
+    role: str
+    token_id: str
+
+    def allows(self, role: str) -> bool:
+        """Whether this principal's role is `role` or higher."""
+        return self.role in ROLES and ROLES.index(self.role) >= ROLES.index(role)
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A token as lists show it: never the secret."""
+
+    id: str
+    tenant: str
+    role: str
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class TokenStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def create(self, tenant: str, role: str, name: str = "", *, actor: Actor | None = None) -> tuple[str, str]:
+        """Create a token; return `(token_id, secret)`. The secret cannot be read back later.
+
+        With `actor`, the creation is written to the audit log of `tenant`.
+        """
+        if role not in ROLES:
+            raise InvalidInput(f"unknown role {role!r}; use one of {', '.join(ROLES)}", "role")
+        if len(name) > 128:
+            raise InvalidInput("a token name can be at most 128 characters", "name")
+        token_id = secrets.token_hex(6)
+        secret = f"{_PREFIX}{token_id}_{secrets.token_urlsafe(32)}"
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                api_tokens.insert().values(
+                    id=token_id, tenant=tenant, role=role, name=name,
+                    secret_hash=hash_secret(secret), created_at=datetime.now(timezone.utc),
+                )
+            )
+            if actor is not None:
+                await record_by(conn, actor, "token.create", f"token/{token_id}", {"role": role, "name": name})
+        return token_id, secret
+
+    async def verify(self, secret: str) -> Principal | None:
+        """The principal of `secret`; None if it is unknown, malformed or revoked."""
+        if not secret.startswith(_PREFIX):
+            return None
+        query = select(api_tokens.c.id, api_tokens.c.tenant, api_tokens.c.role).where(
+            api_tokens.c.secret_hash == hash_secret(secret), api_tokens.c.revoked_at.is_(None)
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            return None
+        return Principal(tenant=row.tenant, role=row.role, token_id=row.id)
+
+    async def list(self, tenant: str) -> list[TokenInfo]:
+        """The tenant's tokens, revoked ones included, oldest first."""
+        query = (
+            select(api_tokens.c.id, api_tokens.c.tenant, api_tokens.c.role, api_tokens.c.name,
+                   api_tokens.c.created_at, api_tokens.c.revoked_at)
+            .where(api_tokens.c.tenant == tenant)
+            .order_by(api_tokens.c.created_at, api_tokens.c.id)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [TokenInfo(**row._mapping) for row in rows]
+
+    async def revoke(self, tenant: str, token_id: str, *, actor: Actor | None = None) -> None:
+        """Revoke the tenant's token `token_id` (at once: the next request with it is refused).
+
+        Revoking a revoked token changes nothing. Raises NotFound for another tenant's token.
+        """
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    select(api_tokens.c.revoked_at)
+                    .where(api_tokens.c.tenant == tenant, api_tokens.c.id == token_id)
+                    .with_for_update()
+                )
+            ).first()
+            if row is None:
+                raise NotFound("token", token_id)
+            if row.revoked_at is not None:
+                return
+            await conn.execute(
+                api_tokens.update()
+                .where(api_tokens.c.id == token_id)
+                .values(revoked_at=datetime.now(timezone.utc))
+            )
+            if actor is not None:
+                await record_by(conn, actor, "token.revoke", f"token/{token_id}", None)
+
+
+async def ensure_admin_token(store: TokenStore, token_file: Path) -> str:
+    """The admin token in `token_file` if it is still valid; else a new admin token of tenant
+    `default`, written to `token_file` (mode 0600). Returns the secret."""
+    if token_file.exists():
+        secret = token_file.read_text().strip()
+        principal = await store.verify(secret)
+        if principal is not None and principal.role == "admin":
+            return secret
+    _, secret = await store.create(DEFAULT_TENANT, "admin", "admin (kjob up)")
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside it and rename: a reader never sees half a token, nor a file readable by others.
+    tmp = token_file.with_name(f".{token_file.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # O_CREAT keeps the mode of a file left by a crash
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    os.replace(tmp, token_file)
+    return secret

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs them: a Docker engine, bubblewrap and busybox-static
+# (.ci/docker.sh, via apt), then kjob with its test extras into .venv. The tests start their own
+# nats-server and PostgreSQL. Extra arguments go to pytest (e.g. `-k ticker`, `-m "not docker"`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash .ci/docker.sh
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[test]'
+exec .venv/bin/pytest "$@"

@@ -1,0 +1,148 @@
+"""The docker backend: hardening, users, OOM, images, labels and reaping, on a real engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
+import aiodocker
+import pytest
+
+from kjob.errors import ServerError
+from kjob.executor.sandbox import DockerSandbox
+from kjob.model.job import SandboxSpec
+from tests.sandbox.conftest import Sink, containers_of_run, make_launch
+from tests.support.images import AGENT_UID, BUILDER_UID, IMAGE, USER_TAG
+
+pytestmark = pytest.mark.docker
+
+SPEC = SandboxSpec(backend="docker", image=IMAGE)
+
+
+async def test_root_filesystem_is_read_only_but_work_dir_and_tmp_are_writable(
+    docker_sandbox: DockerSandbox, tmp_path: Path
+) -> None:
+    script = "echo x > /etc/kjob; echo etc=$?; echo x > /bin/kjob; echo bin=$?; echo x > here; echo work=$?; " \
+             "echo x > /tmp/t; echo tmp=$?"
+
+    outcome = await docker_sandbox.run(make_launch(["sh", "-c", script], tmp_path, SPEC), Sink())
+
+    results = outcome.output.split()
+    assert "etc=0" not in results and "bin=0" not in results, outcome.output
+    assert "work=0" in results and "tmp=0" in results, outcome.output
+    assert "Read-only file system" in outcome.output
+
+
+@pytest.mark.parametrize(("image", "uid"), [(IMAGE, AGENT_UID), (USER_TAG, BUILDER_UID)])
+async def test_runs_as_the_images_non_root_user(
+    docker_sandbox: DockerSandbox, tmp_path: Path, image: str, uid: int
+) -> None:
+    # IMAGE has no USER: its first regular user from /etc/passwd. USER_TAG says `USER builder`.
+    spec = SPEC.model_copy(update={"image": image})
+
+    outcome = await docker_sandbox.run(make_launch(["id", "-u"], tmp_path, spec), Sink())
+
+    assert outcome.output.strip() == str(uid)
+
+
+async def test_memory_hog_is_oom_killed_with_the_reason(docker_sandbox: DockerSandbox, tmp_path: Path) -> None:
+    hog = ["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"]  # a 64 MiB buffer, touched
+
+    outcome = await docker_sandbox.run(make_launch(hog, tmp_path, SPEC, spec={"memory": "16m"}), Sink())
+
+    assert outcome.exit_code == 137
+    assert outcome.reason == "OOM killed (memory limit 16m)"
+    assert outcome.extra.get("oom_killed") == "true"
+
+
+async def test_missing_image_fails_naming_the_image_and_the_host(
+    docker_sandbox: DockerSandbox, docker_api: aiodocker.Docker, tmp_path: Path
+) -> None:
+    launch = make_launch(["true"], tmp_path, SPEC, spec={"image": "kjob-no-such-image:1.0"})
+
+    outcome = await docker_sandbox.run(launch, Sink())
+
+    assert outcome.exit_code is None and outcome.start_error
+    assert "'kjob-no-such-image:1.0'" in outcome.start_error and docker_sandbox.url in outcome.start_error
+    assert "if-missing" in outcome.start_error  # and what to do about it
+    assert await containers_of_run(docker_api, launch.run_id) == []
+
+
+async def test_failed_pull_is_a_start_error(docker_sandbox: DockerSandbox, tmp_path: Path) -> None:
+    # No registry is reachable here; port 1 on localhost refuses at once.
+    image = "localhost:1/kjob-no-such-image:1.0"
+    launch = make_launch(["true"], tmp_path, SPEC, spec={"image": image, "pull": "if-missing"})
+
+    outcome = await docker_sandbox.run(launch, Sink())
+
+    assert outcome.start_error and "could not pull" in outcome.start_error and image in outcome.start_error
+
+
+async def test_host_network_is_refused(docker_sandbox: DockerSandbox, tmp_path: Path) -> None:
+    outcome = await docker_sandbox.run(make_launch(["true"], tmp_path, SPEC, spec={"network": "host"}), Sink())
+
+    assert outcome.start_error and "'host'" in outcome.start_error
+
+
+async def test_container_is_labelled_and_hardened_while_it_runs(
+    docker_sandbox: DockerSandbox, docker_api: aiodocker.Docker, tmp_path: Path
+) -> None:
+    sink = Sink()
+    launch = make_launch(["sh", "-c", "echo started; sleep 30"], tmp_path, SPEC, spec={"cpus": 0.5, "pids": 64})
+    attempt = asyncio.create_task(docker_sandbox.run(launch, sink))
+    await sink.wait_for("started")
+    try:
+        [found] = await docker_api.containers.list(filters=json.dumps({"label": [f"kjob.run={launch.run_id}"]}))
+        info = await found.show()
+    finally:
+        attempt.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await attempt
+
+    labels, host = info["Config"]["Labels"], info["HostConfig"]
+    assert {k: labels[k] for k in ("kjob.tenant", "kjob.job", "kjob.run", "kjob.node")} == {
+        "kjob.tenant": "acme", "kjob.job": "nightly", "kjob.run": launch.run_id, "kjob.node": docker_sandbox.node_name,
+    }
+    assert host["CapDrop"] == ["ALL"] and host["ReadonlyRootfs"] is True
+    assert host["SecurityOpt"] == ["no-new-privileges"] and host["NetworkMode"] == "none"
+    assert (host["PidsLimit"], host["NanoCpus"]) == (64, 500_000_000)
+    assert await containers_of_run(docker_api, launch.run_id) == []
+
+
+async def test_start_reaps_containers_a_dead_executor_left(docker_api: aiodocker.Docker, test_image: str) -> None:
+    node = f"kjob-test-dead-{uuid.uuid4().hex[:8]}"
+    other = f"kjob-test-alive-{uuid.uuid4().hex[:8]}"
+
+    async def running_container(node_label: str) -> aiodocker.containers.DockerContainer:
+        # What an executor killed mid-attempt leaves: a labelled container, still running.
+        container = await docker_api.containers.create(
+            {"Image": test_image, "Cmd": ["sleep", "300"], "Labels": {"kjob.node": node_label, "kjob.run": "x"},
+             "HostConfig": {"NetworkMode": "none", "Init": True}}
+        )
+        await container.start()
+        return container
+
+    orphan, bystander = await running_container(node), await running_container(other)
+    try:
+        restarted = DockerSandbox(node)
+        await restarted.start()
+        await restarted.close()
+
+        remaining = {c.id for c in await docker_api.containers.list(all=True)}
+        assert orphan.id not in remaining
+        assert bystander.id in remaining  # another node's container is not ours to remove
+    finally:
+        await bystander.delete(force=True)
+        if orphan.id in {c.id for c in await docker_api.containers.list(all=True)}:
+            await orphan.delete(force=True)
+
+
+async def test_an_engine_that_does_not_answer_is_a_clear_server_error(tmp_path: Path) -> None:
+    url = f"unix://{tmp_path}/no-docker.sock"
+
+    with pytest.raises(ServerError) as err:
+        await DockerSandbox("n1", url).start()
+
+    assert url in str(err.value) and "executor.docker_url" in str(err.value)

@@ -1,0 +1,146 @@
+"""The process backend: process groups, bubblewrap isolation, rlimits, and its absence."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import tempfile
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from kjob.errors import ServerError
+from kjob.executor.sandbox import ProcessSandbox
+from tests.sandbox.conftest import Backend, Sink, make_launch
+
+BOTH = ["process-bwrap", "process-bare"]
+
+
+def pgid_of(marker: str) -> int:
+    """The process group of the host processes whose command line holds `marker`."""
+    groups = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes() and int(pid) != os.getpid():
+                groups.add(os.getpgid(int(pid)))
+        except OSError:
+            continue
+    assert len(groups) == 1, f"expected one process group running {marker}, found {groups}"
+    return groups.pop()
+
+
+def group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("backend", BOTH, indirect=True)
+async def test_timeout_leaves_no_process_in_the_group(backend: Backend) -> None:
+    marker = str(60_000 + secrets.randbelow(20_000))
+    sink = Sink()
+    launch = backend.launch(
+        ["sh", "-c", f"trap '' TERM; sleep {marker} & sleep {marker} & echo started; wait"],
+        timeout=timedelta(seconds=1),
+    )
+    attempt = asyncio.create_task(backend.sandbox.run(launch, sink))
+    await sink.wait_for("started")
+    pgid = pgid_of(marker)
+    assert pgid != os.getpgid(0), "the attempt must lead a process group of its own"
+
+    outcome = await attempt
+
+    assert outcome.timed_out
+    assert not group_exists(pgid)
+
+
+@pytest.fixture
+def host_dir() -> Iterator[Path]:
+    """A host directory outside /tmp: the sandbox's /tmp is a private tmpfs, where a file
+    would be missing (and a write succeed) whatever the sandbox does to the host filesystem."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as path:
+        yield Path(path)
+
+
+@pytest.mark.parametrize("backend", ["process-bwrap"], indirect=True)
+async def test_host_filesystem_is_read_only_outside_the_work_dir(backend: Backend, host_dir: Path) -> None:
+    host_file = host_dir / "host-file"
+    host_file.write_text("original")
+    script = f"echo changed > {host_file}; echo host=$?; echo x > new; echo work=$?; echo x > /tmp/t; echo tmp=$?"
+
+    outcome = await backend.sandbox.run(backend.launch(["sh", "-c", script]), Sink())
+
+    results = outcome.output.split()
+    assert "host=0" not in results and "work=0" in results and "tmp=0" in results, outcome.output
+    assert "Read-only file system" in outcome.output
+    assert host_file.read_text() == "original"
+
+
+async def test_the_kjob_home_is_hidden_from_agents(bwrap_sandbox: ProcessSandbox, host_dir: Path) -> None:
+    home = host_dir / "kjob-home"
+    home.mkdir()
+    (home / "admin.token").write_text("top-secret-token")
+    hiding = ProcessSandbox(hide=[home])
+    await hiding.start()
+    launch = make_launch(["sh", "-c", f"cat {home}/admin.token; echo ok > here && echo wrote"], home / "work")
+
+    hidden = await hiding.run(launch, Sink())
+    visible = await bwrap_sandbox.run(launch, Sink())  # the same run, without `hide`
+
+    assert "top-secret-token" not in hidden.output and "No such file" in hidden.output
+    assert "wrote" in hidden.output  # the work dir inside the hidden home still works
+    assert "top-secret-token" in visible.output
+
+
+@pytest.mark.parametrize("backend", BOTH, indirect=True)
+async def test_work_dir_is_fresh_per_attempt_and_removed_after(backend: Backend) -> None:
+    outcome = await backend.sandbox.run(backend.launch(["sh", "-c", "ls -A; echo data > file; pwd"]), Sink())
+
+    workdir = Path(outcome.output.splitlines()[-1])
+    assert outcome.output.splitlines()[0] == str(workdir)  # `ls -A` printed nothing: it was empty
+    assert workdir.parent == backend.work_root
+    assert not workdir.exists()
+
+
+async def test_signal_death_is_reported_with_the_signal(
+    bwrap_sandbox: ProcessSandbox, bare_sandbox: ProcessSandbox, tmp_path: Path
+) -> None:
+    launch = make_launch(["sh", "-c", "kill -KILL $$"], tmp_path)
+
+    bare = await bare_sandbox.run(launch, Sink())
+    wrapped = await bwrap_sandbox.run(launch, Sink())
+
+    assert bare.exit_code == -9 and "SIGKILL" in (bare.reason or "")
+    assert wrapped.exit_code == 137 and "128+9" in (wrapped.reason or "") and "SIGKILL" in (wrapped.reason or "")
+
+
+@pytest.mark.parametrize("backend", BOTH, indirect=True)
+async def test_memory_limit_caps_the_address_space(backend: Backend) -> None:
+    hog = ["dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"]
+
+    limited = await backend.sandbox.run(backend.launch(hog, spec={"memory": "64m"}), Sink())
+    unlimited = await backend.sandbox.run(backend.launch(hog), Sink())
+
+    assert limited.exit_code not in (0, None) and "memory exhausted" in limited.output
+    assert unlimited.exit_code == 0, unlimited.output
+
+
+async def test_without_bwrap_it_says_so_or_refuses(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without bwrap, as on a node without bubblewrap
+
+    with pytest.raises(ServerError, match="bubblewrap"):
+        await ProcessSandbox(require_isolation=True).start()
+
+    lenient = ProcessSandbox()
+    with caplog.at_level(logging.WARNING):
+        await lenient.start()
+    assert not lenient.isolated
+    assert "not installed" in lenient.status()["isolation"]
+    assert "WITHOUT isolation" in caplog.text

@@ -1,0 +1,275 @@
+"""JobStore on a real PostgreSQL: CRUD, idempotent apply, pause/resume, tenancy, audit."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from kjob.errors import Conflict, InvalidInput, NotFound
+from kjob.model.job import JobSpec, parse_job
+from kjob.store.audit import Actor, list_audit
+from kjob.store.jobs import JobStore
+from kjob.store.tables import jobs as jobs_table
+from kjob.store.tables import job_dispatch_targets
+
+ALICE = Actor(subject="alice", token_id="tok-a", tenant="acme")
+BOB = Actor(subject="bob", token_id="tok-b", tenant="globex")
+
+
+def spec(slug: str = "nightly-report", **fields: Any) -> JobSpec:
+    return parse_job({"slug": slug, "prompt": "summarise the day", "agent": "kode", "schedule": "0 9 * * *", **fields})
+
+
+@pytest.fixture
+def store(engine: AsyncEngine) -> JobStore:
+    return JobStore(engine)
+
+
+async def _target(engine: AsyncEngine, job_id: object) -> tuple[str, str]:
+    async with engine.connect() as conn:
+        row = (await conn.execute(select(job_dispatch_targets).where(job_dispatch_targets.c.job_id == job_id))).one()
+    return row.channel, row.kind
+
+
+async def _version(engine: AsyncEngine, slug: str) -> int:
+    async with engine.connect() as conn:
+        return int((await conn.execute(select(jobs_table.c.version).where(jobs_table.c.slug == slug))).scalar_one())
+
+
+async def test_create_then_get_returns_the_spec_with_what_the_store_assigned(store: JobStore) -> None:
+    written = spec(timezone="Europe/Berlin", timeout="45m", retries={"max": 2}, labels={"team": "ops"})
+
+    created = await store.create(ALICE, written)
+    fetched = await store.get("acme", "nightly-report")
+
+    assert fetched == created
+    assert fetched.spec() == written
+    assert fetched.tenant == "acme"
+    assert fetched.timeout == timedelta(minutes=45)
+    assert fetched.enabled_at is not None and fetched.enabled_at == fetched.created_at
+    assert fetched.paused_note is None
+    assert await store.get_by_id(created.id) == created
+
+
+async def test_a_job_created_disabled_has_no_enabled_at(store: JobStore) -> None:
+    job = await store.create(ALICE, spec(enabled=False))
+    assert job.enabled is False and job.enabled_at is None
+
+
+async def test_a_taken_slug_is_a_conflict_and_changes_nothing(store: JobStore) -> None:
+    first = await store.create(ALICE, spec(prompt="first"))
+
+    with pytest.raises(Conflict, match="already exists"):
+        await store.create(ALICE, spec(prompt="second"))
+
+    assert await store.get("acme", "nightly-report") == first
+
+
+async def test_the_same_slug_in_two_tenants_is_two_jobs(store: JobStore) -> None:
+    a = await store.create(ALICE, spec(prompt="for acme"))
+    b = await store.create(BOB, spec(prompt="for globex"))
+
+    assert a.id != b.id
+    assert (await store.get("acme", "nightly-report")).prompt == "for acme"
+    assert (await store.get("globex", "nightly-report")).prompt == "for globex"
+
+
+async def test_list_is_the_tenants_jobs_by_slug(store: JobStore) -> None:
+    for slug in ("zeta", "alpha", "mid"):
+        await store.create(ALICE, spec(slug))
+    await store.create(BOB, spec("beta"))
+
+    assert [j.slug for j in await store.list("acme")] == ["alpha", "mid", "zeta"]
+    assert [j.slug for j in await store.list("globex")] == ["beta"]
+    assert await store.list("initech") == []
+
+
+async def test_get_of_a_missing_job_is_not_found(store: JobStore) -> None:
+    with pytest.raises(NotFound, match="no job named 'ghost'"):
+        await store.get("acme", "ghost")
+    assert await store.get_by_id(uuid.uuid4()) is None
+
+
+async def test_update_replaces_the_spec_and_bumps_version_and_updated_at(store: JobStore, engine: AsyncEngine) -> None:
+    created = await store.create(ALICE, spec())
+
+    updated = await store.update(ALICE, "nightly-report", spec(schedule="*/5 * * * *", prompt="new prompt"))
+
+    assert updated.id == created.id
+    assert updated.schedule == "*/5 * * * *" and updated.prompt == "new prompt"
+    assert updated.created_at == created.created_at
+    assert updated.updated_at > created.updated_at
+    assert updated.enabled_at == created.enabled_at  # still enabled: slots keep their origin
+    assert await _version(engine, "nightly-report") == 2
+    assert await store.get("acme", "nightly-report") == updated
+
+
+async def test_update_cannot_rename_and_changes_nothing(store: JobStore) -> None:
+    created = await store.create(ALICE, spec())
+
+    with pytest.raises(InvalidInput) as err:
+        await store.update(ALICE, "nightly-report", spec("other-name"))
+
+    assert err.value.field == "slug"
+    assert await store.get("acme", "nightly-report") == created
+    assert await store.list("acme") == [created]
+
+
+async def test_update_of_a_missing_job_is_not_found(store: JobStore) -> None:
+    with pytest.raises(NotFound):
+        await store.update(ALICE, "ghost", spec("ghost"))
+
+
+async def test_apply_creates_then_updates_then_changes_nothing(store: JobStore, engine: AsyncEngine) -> None:
+    job, result = await store.apply(ALICE, spec())
+    assert result == "created"
+
+    same, result = await store.apply(ALICE, spec())
+    assert result == "unchanged"
+    assert same == job
+    assert await _version(engine, "nightly-report") == 1
+
+    changed, result = await store.apply(ALICE, spec(prompt="different"))
+    assert result == "updated"
+    assert changed.prompt == "different" and changed.id == job.id
+
+    assert [e.action for e in await list_audit(engine, "acme")] == ["job.update", "job.create"]
+
+
+async def test_concurrent_applies_of_a_new_job_create_it_once(store: JobStore) -> None:
+    results = await asyncio.gather(*(store.apply(ALICE, spec()) for _ in range(4)))
+
+    assert sorted(r for _, r in results) == ["created", "unchanged", "unchanged", "unchanged"]
+    assert len({job.id for job, _ in results}) == 1
+
+
+async def test_pausing_keeps_the_note_and_resuming_restarts_from_now(store: JobStore) -> None:
+    created = await store.create(ALICE, spec())
+
+    paused = await store.set_enabled(ALICE, "nightly-report", False, note="waiting for the new API key")
+    assert paused.enabled is False
+    assert paused.paused_note == "waiting for the new API key"
+    assert paused.spec().enabled is False
+    assert (await store.list_enabled()) == []
+
+    resumed = await store.set_enabled(ALICE, "nightly-report", True)
+    assert resumed.enabled is True
+    assert resumed.paused_note is None
+    # No slot from the paused time may run: enabled_at moves to the moment it was resumed.
+    assert resumed.enabled_at is not None and created.enabled_at is not None
+    assert resumed.enabled_at > created.enabled_at
+    assert resumed.enabled_at == resumed.updated_at
+
+
+async def test_enabling_an_enabled_job_changes_nothing(store: JobStore, engine: AsyncEngine) -> None:
+    created = await store.create(ALICE, spec())
+
+    again = await store.set_enabled(ALICE, "nightly-report", True)
+
+    assert again == created
+    assert [e.action for e in await list_audit(engine, "acme")] == ["job.create"]
+
+
+async def test_enabling_through_update_restarts_from_now_and_clears_the_note(store: JobStore) -> None:
+    await store.create(ALICE, spec())
+    paused = await store.set_enabled(ALICE, "nightly-report", False, note="broken")
+
+    resumed = await store.update(ALICE, "nightly-report", spec(enabled=True, prompt="fixed"))
+
+    assert resumed.enabled and resumed.paused_note is None
+    assert resumed.enabled_at is not None and resumed.enabled_at > paused.updated_at - timedelta(seconds=1)
+    assert resumed.enabled_at == resumed.updated_at
+
+
+async def test_delete_removes_the_job(store: JobStore) -> None:
+    await store.create(ALICE, spec())
+
+    await store.delete(ALICE, "nightly-report")
+
+    with pytest.raises(NotFound):
+        await store.get("acme", "nightly-report")
+    with pytest.raises(NotFound):
+        await store.delete(ALICE, "nightly-report")
+
+
+async def test_another_tenant_can_neither_see_nor_change_a_job(store: JobStore) -> None:
+    job = await store.create(ALICE, spec())
+
+    with pytest.raises(NotFound):
+        await store.get("globex", "nightly-report")
+    with pytest.raises(NotFound):
+        await store.update(BOB, "nightly-report", spec(prompt="hijacked"))
+    with pytest.raises(NotFound):
+        await store.set_enabled(BOB, "nightly-report", False, note="hijacked")
+    with pytest.raises(NotFound):
+        await store.delete(BOB, "nightly-report")
+    assert await store.list("globex") == []
+
+    assert await store.get("acme", "nightly-report") == job
+
+
+async def test_every_write_leaves_one_audit_row_naming_who_and_what(store: JobStore, engine: AsyncEngine) -> None:
+    await store.create(ALICE, spec())
+    await store.update(ALICE, "nightly-report", spec(prompt="v2"))
+    await store.set_enabled(ALICE, "nightly-report", False, note="holiday")
+    await store.set_enabled(ALICE, "nightly-report", True)
+    await store.delete(ALICE, "nightly-report")
+    await store.create(BOB, spec("theirs"))
+
+    entries = list(reversed(await list_audit(engine, "acme")))
+
+    assert [e.action for e in entries] == ["job.create", "job.update", "job.disable", "job.enable", "job.delete"]
+    assert {(e.tenant, e.actor, e.token_id, e.target) for e in entries} == {("acme", "alice", "tok-a", "job/nightly-report")}
+    create, update, disable, _, delete = entries
+    assert create.change is not None and create.change["spec"]["prompt"] == "summarise the day"
+    assert update.change == {"prompt": {"from": "summarise the day", "to": "v2"}}
+    assert disable.change == {"enabled": {"from": True, "to": False}, "note": "holiday"}
+    assert delete.change is not None and delete.change["spec"]["prompt"] == "v2"
+    assert [e.target for e in await list_audit(engine, "globex")] == ["job/theirs"]
+
+
+async def test_a_refused_write_leaves_no_audit_row(store: JobStore, engine: AsyncEngine) -> None:
+    await store.create(ALICE, spec())
+    with pytest.raises(Conflict):
+        await store.create(ALICE, spec())
+    with pytest.raises(NotFound):
+        await store.delete(BOB, "nightly-report")
+
+    assert [e.action for e in await list_audit(engine, "acme")] == ["job.create"]
+    assert await list_audit(engine, "globex") == []
+
+
+@pytest.mark.parametrize(
+    ("channel", "kind"),
+    [("none", "none"), ("webhook:https://hooks.example.com/x", "webhook"), ("kode-chat:user-1", "relay")],
+)
+async def test_the_dispatch_target_follows_the_channel(
+    store: JobStore, engine: AsyncEngine, channel: str, kind: str
+) -> None:
+    job = await store.create(ALICE, spec(output={"channel": channel}))
+    assert await _target(engine, job.id) == (channel, kind)
+
+
+async def test_changing_the_channel_moves_the_dispatch_target(store: JobStore, engine: AsyncEngine) -> None:
+    job = await store.create(ALICE, spec())
+    await store.update(ALICE, "nightly-report", spec(output={"channel": "slack:#ops"}))
+    assert await _target(engine, job.id) == ("slack:#ops", "relay")
+
+
+async def test_list_enabled_is_every_tenants_enabled_jobs(store: JobStore) -> None:
+    await store.create(ALICE, spec("on-a"))
+    await store.create(ALICE, spec("off-a", enabled=False))
+    await store.create(BOB, spec("on-b"))
+    await store.create(BOB, spec("paused-b"))
+    await store.set_enabled(BOB, "paused-b", False)
+
+    enabled = await store.list_enabled()
+
+    assert sorted((j.tenant, j.slug) for j in enabled) == [("acme", "on-a"), ("globex", "on-b")]
+    assert all(j.enabled and j.enabled_at is not None for j in enabled)

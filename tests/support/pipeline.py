@@ -1,0 +1,98 @@
+"""Run a real kjob node (ticker, executor, dispatcher, API) inside the test's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from sqlalchemy import select
+
+from kjob.config import ROLES, DispatcherSettings, ExecutorSettings, Settings, TickerSettings
+from kjob.model.job import Job, parse_job
+from kjob.model.run import Run
+from kjob.node import Node
+from kjob.store.audit import Actor
+from kjob.store.jobs import JobStore
+from kjob.store.runs import RunLedger
+from kjob.store.tables import job_runs, run_attempts
+
+ACTOR = Actor(subject="test", token_id=None, tenant="default")
+
+
+def fast_settings(home: Path, **overrides: Any) -> Settings:
+    """Short leases and backoffs so failure paths finish in seconds, not minutes."""
+    base: dict[str, Any] = dict(
+        home=home,
+        port=0,
+        ack_wait_s=4.0,
+        ticker=TickerSettings(resync_s=30.0, recover_s=1.0),
+        executor=ExecutorSettings(heartbeat_s=0.5, claim_lease_s=2.0, concurrency=8),
+        dispatcher=DispatcherSettings(retry_initial_s=0.5, retry_max_s=2.0, timeout_s=2.0),
+    )
+    base.update(overrides)
+    return Settings(**base)
+
+
+async def until(check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds saying `what`."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+@asynccontextmanager
+async def running_node(settings: Settings, nats_url: str, database_url: str,
+                       roles: frozenset[str] = frozenset(ROLES)) -> AsyncIterator[Node]:
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    node = Node(settings=settings, roles=roles, nats_url=nats_url, database_url=database_url,
+                on_ready=lambda url: ready.set())
+    task = asyncio.create_task(node.run(stop))
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait({task, waiter}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # the node failed to start: raise why
+    assert ready.is_set(), "node did not become ready within 30s"
+    try:
+        yield node
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=30)
+
+
+async def create_job(engine, **fields: Any) -> Job:
+    spec = {"agent": "shell", "schedule": "@every 1s", "timeout": "30s", **fields}
+    return await JobStore(engine).create(ACTOR, parse_job(spec))
+
+
+async def runs_of(engine, job: Job) -> list[Run]:
+    return sorted(await RunLedger(engine).list_for_job(job.id, limit=10_000), key=lambda r: r.slot)
+
+
+async def attempts_of(engine, run_id: str) -> list:
+    return await RunLedger(engine).attempts(run_id)
+
+
+async def slot_counts(engine, job: Job) -> dict:
+    async with engine.connect() as conn:
+        rows = await conn.execute(select(job_runs.c.slot).where(job_runs.c.job_id == job.id))
+        counts: dict = {}
+        for (slot,) in rows:
+            counts[slot] = counts.get(slot, 0) + 1
+        return counts
+
+
+async def attempt_rows(engine, job: Job) -> list:
+    async with engine.connect() as conn:
+        return list(await conn.execute(
+            select(run_attempts).join(job_runs, job_runs.c.id == run_attempts.c.run_id)
+            .where(job_runs.c.job_id == job.id)
+        ))

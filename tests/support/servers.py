@@ -1,0 +1,98 @@
+"""Real servers for the tests: a NATS cluster, and fresh PostgreSQL databases cloned from a
+migrated template (a clone takes milliseconds; migrating each test's database would not)."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from kjob.embedded import EmbeddedNats, EmbeddedPostgres
+from kjob.store.database import migrate
+
+TEMPLATE_DB = "kjob_template"
+#: A JetStream cluster is ready once its nodes have elected a meta leader: seconds, not ms.
+CLUSTER_READY_S = 30.0
+
+
+class NatsCluster:
+    """`size` nats-servers routed to each other, with JetStream (replicated streams work).
+
+    Node `i` is `nodes[i]`, named `n<i>`; kill, stop and start nodes one by one for HA tests.
+    """
+
+    def __init__(self, base_dir: Path, size: int = 3) -> None:
+        self.nodes = [
+            EmbeddedNats(base_dir / f"n{i}", server_name=f"n{i}", cluster_port=0) for i in range(size)
+        ]
+        routes = [node.cluster_url for node in self.nodes if node.cluster_url]
+        for node in self.nodes:
+            node.routes = routes  # a route to itself is ignored by nats-server
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """All nodes as one comma-separated URL, as nats-py's `servers` accepts."""
+        return ",".join(self.urls)
+
+    def start(self, timeout: float = CLUSTER_READY_S) -> "NatsCluster":
+        # Launch all before waiting on any: no node is healthy until a quorum runs.
+        for node in self.nodes:
+            node.launch()
+        for node in self.nodes:
+            node.wait_ready(timeout)
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+class TestDatabases:
+    """Per-test databases on one PostgreSQL server, each a copy of a migrated template."""
+
+    __test__ = False  # not a test class, despite its name
+
+    def __init__(self, server: EmbeddedPostgres) -> None:
+        self.server = server
+        self._admin: AsyncEngine | None = None
+        self._names = (f"t{os.getpid()}_{n}" for n in itertools.count(1))
+        #: Seconds each `create()` took, for the timings the suite reports.
+        self.create_times: list[float] = []
+
+    async def prepare(self) -> None:
+        """Migrate the template once; connections to it are then refused, so clones never wait."""
+        self._admin = create_async_engine(self.server.url, isolation_level="AUTOCOMMIT", pool_size=1)
+        async with self._admin.connect() as conn:
+            await conn.execute(text(f'CREATE DATABASE "{TEMPLATE_DB}"'))
+        await migrate(self.server.url_for(TEMPLATE_DB))
+        async with self._admin.connect() as conn:
+            await conn.execute(text(f'ALTER DATABASE "{TEMPLATE_DB}" WITH IS_TEMPLATE true ALLOW_CONNECTIONS false'))
+
+    async def create(self) -> str:
+        """A new database with the current schema and no rows; returns its URL."""
+        assert self._admin is not None, "call prepare() first"
+        name = next(self._names)
+        started = time.perf_counter()
+        async with self._admin.connect() as conn:
+            await conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}" STRATEGY FILE_COPY'))
+        self.create_times.append(time.perf_counter() - started)
+        return self.server.url_for(name)
+
+    async def drop(self, url: str) -> None:
+        """Drop a database made by `create()`, closing any connection a test left open."""
+        assert self._admin is not None
+        name = url.rsplit("/", 1)[1]
+        async with self._admin.connect() as conn:
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    async def close(self) -> None:
+        if self._admin is not None:
+            await self._admin.dispose()

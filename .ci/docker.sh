@@ -24,9 +24,14 @@ if docker info >/dev/null 2>&1; then
     exit 0
 fi
 
-# No systemd in containers/CI sandboxes: run dockerd directly, detached from this shell.
-echo "docker.sh: starting dockerd (log: $LOG)"
-sudo_ sh -c "nohup dockerd >'$LOG' 2>&1 &"
+# No systemd in containers/CI sandboxes: run dockerd directly, detached from this shell,
+# unless one is already starting up.
+if pgrep -x dockerd >/dev/null 2>&1; then
+    echo "docker.sh: dockerd is running but not answering yet; waiting"
+else
+    echo "docker.sh: starting dockerd (log: $LOG)"
+    sudo_ sh -c "nohup dockerd >'$LOG' 2>&1 &"
+fi
 
 end=$(( $(date +%s) + DEADLINE_S ))
 until docker info >/dev/null 2>&1; do

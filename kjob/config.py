@@ -21,6 +21,11 @@ def default_home() -> Path:
     return Path(os.environ.get("KJOB_HOME") or Path.home() / ".local" / "share" / "kjob")
 
 
+def config_file() -> Path:
+    """The TOML settings file: `KJOB_CONFIG`, else `$KJOB_HOME/config.toml` (may not exist)."""
+    return Path(os.environ.get("KJOB_CONFIG") or default_home() / "config.toml")
+
+
 class ExecutorSettings(BaseModel):
     concurrency: int = Field(default=8, ge=1, description="runs in flight per node")
     agents_file: Path | None = Field(default=None, description="TOML agent registry; built-ins when unset")
@@ -85,8 +90,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_path = Path(os.environ.get("KJOB_CONFIG") or default_home() / "config.toml")
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=config_file()))
 
     @property
     def token_file(self) -> Path:

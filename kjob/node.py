@@ -66,6 +66,7 @@ class Node:
         engine = create_engine(self.database_url)
         nc = None
         closers: list[Callable[[], Awaitable[None]]] = []
+        tasks: dict[str, asyncio.Task] = {}
         try:
             await migrate(engine)
             nc = await connect(self.nats_url, name=f"kjob-{self.name}")
@@ -82,7 +83,6 @@ class Node:
                               at=datetime.now(timezone.utc))
                 await js.publish(names.event(tenant, "job_changed"), event.encode())
 
-            tasks: dict[str, asyncio.Task] = {}
             if "ticker" in self.roles:
                 from kjob.ticker.ticker import Ticker
 
@@ -92,7 +92,7 @@ class Node:
                 from kjob.executor.executor import Executor
                 from kjob.executor.sandbox import make_sandboxes
 
-                sandboxes = make_sandboxes(s, node_name=self.name)
+                sandboxes = make_sandboxes(s)
                 for sandbox in sandboxes.values():
                     await sandbox.start()
                     closers.append(sandbox.close)
@@ -133,6 +133,11 @@ class Node:
                     await result
             await self._supervise(tasks, stop, server)
         finally:
+            # Also when start-up failed half-way: no role may outlive the node.
+            stop.set()
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
             for close in reversed(closers):
                 with contextlib.suppress(Exception):
                     await close()

@@ -9,6 +9,7 @@ Every failure becomes a KjobError whose text is one line for the terminal.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from urllib.parse import quote
 import httpx
 
 from kjob.config import Settings
-from kjob.errors import KjobError
+from kjob.errors import InvalidInput, KjobError
+from kjob.model.job import SLUG_PATTERN
 
 TIMEOUT_S = 30.0
 
@@ -67,7 +69,10 @@ def resolve(settings: Settings) -> Target:
 
 
 def _seg(slug: str) -> str:
-    """`slug` as one URL path segment, whatever the user typed."""
+    """`slug` as one URL path segment. A text that cannot be a slug is refused here: servers
+    decode `%2F` before routing, so it would reach the wrong route, not a clear 404."""
+    if not re.match(SLUG_PATTERN, slug):
+        raise InvalidInput(f"{slug!r} cannot be a job's slug: slugs are lowercase letters, digits and '-'", "slug")
     return quote(slug, safe="")
 
 
@@ -82,7 +87,7 @@ class ApiClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "ApiClient":
+    def __enter__(self) -> ApiClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -7,7 +7,7 @@ import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -40,23 +40,31 @@ def sandbox_spec(text: str) -> dict[str, str]:
     """`process`, `docker` or `docker:IMAGE` (the image may hold its own `:tag`)."""
     backend, _, image = text.partition(":")
     if backend not in ("process", "docker") or (backend == "process" and image):
-        raise InvalidInput(f"{text!r} is not a sandbox; write 'process' or 'docker:IMAGE', e.g. 'docker:koder-cli:latest'", "sandbox")
+        raise InvalidInput(
+            f"{text!r} is not a sandbox; write 'process' or 'docker:IMAGE', e.g. 'docker:koder-cli:latest'", "sandbox"
+        )
     return {"backend": backend, **({"image": image} if image else {})}
 
 
 def create(
     slug: Annotated[str, typer.Option(help="the job's name: lowercase letters, digits, '-'")],
     prompt: Annotated[str, typer.Option(help="what the agent is asked to do")],
-    schedule: Annotated[str, typer.Option(help="cron ('0 9 * * MON'), @daily, '@every 90s' or '@once 2026-05-15T10:00Z'")],
+    schedule: Annotated[
+        str, typer.Option(help="cron ('0 9 * * MON'), @daily, '@every 90s' or '@once 2026-05-15T10:00Z'")
+    ],
     agent: Annotated[str, typer.Option(help="the agent that runs the prompt, e.g. kode")],
-    tz: Annotated[Optional[str], typer.Option("--tz", help="IANA time zone the schedule is read in [default: UTC]")] = None,
-    sandbox: Annotated[Optional[str], typer.Option(help="'process' or 'docker:IMAGE' [default: process]")] = None,
-    output: Annotated[Optional[str], typer.Option("--output", help="result channel: a Relay channel, 'webhook:https://...' or 'none'")] = None,
-    retries: Annotated[Optional[int], typer.Option(help="extra attempts after a failure [default: 0]")] = None,
-    backoff: Annotated[Optional[str], typer.Option(help="exponential or fixed [default: exponential]")] = None,
-    timeout: Annotated[Optional[str], typer.Option(help="kill the run after this long, e.g. 30m, 1h30m (max 24h)")] = None,
+    tz: Annotated[
+        str | None, typer.Option("--tz", help="IANA time zone the schedule is read in [default: UTC]")
+    ] = None,
+    sandbox: Annotated[str | None, typer.Option(help="'process' or 'docker:IMAGE' [default: process]")] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", help="result channel: a Relay channel, 'webhook:https://...' or 'none'")
+    ] = None,
+    retries: Annotated[int | None, typer.Option(help="extra attempts after a failure [default: 0]")] = None,
+    backoff: Annotated[str | None, typer.Option(help="exponential or fixed [default: exponential]")] = None,
+    timeout: Annotated[str | None, typer.Option(help="kill the run after this long, e.g. 30m, 1h30m (max 24h)")] = None,
     disabled: Annotated[bool, typer.Option("--disabled", help="create the job paused")] = False,
-    description: Annotated[Optional[str], typer.Option(help="a note for people")] = None,
+    description: Annotated[str | None, typer.Option(help="a note for people")] = None,
 ) -> None:
     """Create a job."""
     data: dict[str, Any] = {"slug": slug, "prompt": prompt, "schedule": schedule, "agent": agent}
@@ -155,7 +163,7 @@ def enable(slug: SlugArg) -> None:
 
 def disable(
     slug: SlugArg,
-    note: Annotated[Optional[str], typer.Option(help="why it is paused; shown by inspect")] = None,
+    note: Annotated[str | None, typer.Option(help="why it is paused; shown by inspect")] = None,
 ) -> None:
     """Pause a job."""
     with _client() as api:
@@ -180,7 +188,9 @@ def delete(
 def next_fires(
     expr: Annotated[str, typer.Argument(metavar="EXPR", help="a schedule: cron, @daily, '@every 90s', '@once ...'")],
     tz: Annotated[str, typer.Option("--tz", help="IANA time zone the schedule is read in")] = "UTC",
-    after: Annotated[Optional[str], typer.Option(help="start after this ISO instant (local to --tz without an offset) [default: now]")] = None,
+    after: Annotated[
+        str | None, typer.Option(help="start after this ISO instant (local to --tz without an offset) [default: now]")
+    ] = None,
     count: Annotated[int, typer.Option("-n", help=f"how many fire times (1..{MAX_PREVIEW})")] = 5,
     output: OutputOpt = Format.table,
 ) -> None:

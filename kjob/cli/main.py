@@ -7,6 +7,7 @@ for a refused or failed action, 2 for a command line that does not parse.
 
 from __future__ import annotations
 
+import tomllib
 from typing import Any
 
 import typer
@@ -14,6 +15,7 @@ from pydantic import ValidationError
 from typer.core import TyperGroup
 
 from kjob.cli import jobs, serve
+from kjob.config import config_file
 from kjob.errors import KjobError
 from kjob.model.job import validation_error
 
@@ -45,6 +47,8 @@ class _OneLineErrors(TyperGroup):
             raise fail(str(e)) from None
         except ValidationError as e:  # settings from KJOB_* or config.toml that do not parse
             raise fail(f"configuration: {validation_error(e)}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise fail(f"configuration: {config_file()} is not valid TOML: {e}; fix it or set KJOB_CONFIG") from None
 
 
 app = typer.Typer(

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Any, Iterable
+from typing import Any
 
 import typer
 from rich.console import Console

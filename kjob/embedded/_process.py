@@ -103,12 +103,11 @@ class ChildProcess:
         """Fork the server. Its stdout and stderr are appended to `log_path`."""
         if self.running:
             return
+        if self._proc is not None:
+            self._proc.wait()  # it exited on its own: reap it before starting anew
+            self._proc = None
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            extra: dict[str, object] = {}
-            if self.user is not None:
-                # Drop root's groups too: `user=` alone keeps gid 0 and root's supplementary groups.
-                extra = {"user": self.user, "group": self.group, "extra_groups": []}
             preexec = _die_with_parent(self.stop_signal, os.getpid())
 
             def popen() -> subprocess.Popen[bytes]:
@@ -121,7 +120,10 @@ class ChildProcess:
                     env=self.env,
                     start_new_session=True,
                     preexec_fn=preexec,
-                    **extra,  # type: ignore[arg-type]
+                    user=self.user,
+                    # Drop root's groups too: `user=` alone keeps gid 0 and root's supplementary groups.
+                    group=self.group,
+                    extra_groups=[] if self.user is not None else None,
                 )
 
             try:

@@ -118,7 +118,7 @@ class EmbeddedNats:
         """Wait until the server answers /healthz, i.e. accepts clients and JetStream works."""
         self._process.wait_until(self._healthy, timeout)
 
-    def start(self, timeout: float = 10.0) -> "EmbeddedNats":
+    def start(self, timeout: float = 10.0) -> EmbeddedNats:
         """Start (or restart, keeping its data) and wait until ready. A no-op if running."""
         self.launch()
         self.wait_ready(timeout)
@@ -139,10 +139,12 @@ class EmbeddedNats:
         except (urllib.error.URLError, OSError):
             return False
 
-    def __enter__(self) -> "EmbeddedNats":
+    def __enter__(self) -> EmbeddedNats:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def __repr__(self) -> str:

@@ -106,7 +106,7 @@ class EmbeddedPostgres:
     def running(self) -> bool:
         return self._process.running
 
-    def start(self, timeout: float = 30.0) -> "EmbeddedPostgres":
+    def start(self, timeout: float = 30.0) -> EmbeddedPostgres:
         """Start (or restart, keeping its data) and wait until it accepts connections.
 
         A no-op if running. Raises ServerError, with the end of the server's log, on failure.
@@ -202,10 +202,12 @@ class EmbeddedPostgres:
         if result.returncode != 0:
             raise ServerError(f"initdb failed for {self.data_dir}: {result.stderr.strip() or result.stdout.strip()}")
 
-    def __enter__(self) -> "EmbeddedPostgres":
+    def __enter__(self) -> EmbeddedPostgres:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def __repr__(self) -> str:

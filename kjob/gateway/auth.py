@@ -10,7 +10,8 @@ Roles, each including the ones before it: viewer (read) < operator (enable/disab
 
 from __future__ import annotations
 
-from typing import Annotated, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -20,7 +21,9 @@ from kjob.gateway.state import GatewayState
 from kjob.store.audit import Actor
 from kjob.store.tokens import ROLES, Principal
 
-_bearer = HTTPBearer(auto_error=False, description="an API token; `kjob up` writes an admin token to $KJOB_HOME/admin.token")
+_bearer = HTTPBearer(
+    auto_error=False, description="an API token; `kjob up` writes an admin token to $KJOB_HOME/admin.token"
+)
 
 
 def gateway_state(request: Request) -> GatewayState:

@@ -12,7 +12,7 @@ Every error answer has the same JSON shape, whatever raised it:
     kjob.errors.NotFound                                           404
     kjob.errors.Conflict                                           409
     body over the size limit                                       413
-    kjob.errors.ServerError (database down, ...)                   503
+    kjob.errors.ServerError, database unreachable or dropped       503 (retry later)
     anything else                                                  500, logged, no traceback sent
 """
 
@@ -24,6 +24,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kjob.errors import Conflict, Forbidden, InvalidInput, KjobError, NotFound, ServerError, Unauthorized
@@ -90,9 +91,25 @@ async def _request_invalid(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    messages = {404: f"no such endpoint: {request.url.path} (the API lives under /v1; see /openapi.json)",
-                405: f"{request.method} is not allowed on {request.url.path}"}
+    messages = {
+        404: f"no such endpoint: {request.url.path} (the API lives under /v1; see /openapi.json)",
+        405: f"{request.method} is not allowed on {request.url.path}",
+    }
     return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
+
+
+def _database_down(exc: Exception) -> bool:
+    """A failure to reach or keep a database connection (as opposed to a bug in a query)."""
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, (OperationalError, InterfaceError))
+    return isinstance(exc, OSError)  # asyncpg's connect: refused, unreachable, timed out
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if _database_down(exc):
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(503, "the database is not answering; try again shortly")
+    return await _unexpected(request, exc)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -105,4 +122,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(KjobError, _kjob_error)
     app.add_exception_handler(RequestValidationError, _request_invalid)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    # Registered by class (not only under Exception) so they are answered without Starlette
+    # re-raising them into the server log as crashes.
+    app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(OSError, _database_error)
     app.add_exception_handler(Exception, _unexpected)

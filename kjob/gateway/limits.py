@@ -55,6 +55,11 @@ class BodyLimit:
         body = json.dumps(
             {"error": {"message": f"the request body is larger than {self.max_bytes // 1024} KiB", "field": "body"}}
         ).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

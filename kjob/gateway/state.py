@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Awaitable, Callable, Literal
+from typing import Literal
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kjob.config import Settings
 from kjob.executor.agents import AgentRegistry
 from kjob.model.job import Job
-
-if TYPE_CHECKING:
-    from kjob.store.jobs import JobStore
-    from kjob.store.tokens import TokenStore
+from kjob.store.jobs import JobStore
+from kjob.store.tokens import TokenStore
 
 #: What happened to a job. `unchanged` applies are not announced.
 ChangeKind = Literal["created", "updated", "enabled", "disabled", "deleted"]
@@ -34,8 +33,8 @@ class GatewayState:
 
     settings: Settings
     engine: AsyncEngine
-    jobs: "JobStore"
-    tokens: "TokenStore"
+    jobs: JobStore
+    tokens: TokenStore
     agents: AgentRegistry
     #: Whether a Relay URL is configured: without it, only `none` and `webhook:` channels deliver.
     relay_configured: bool

@@ -5,8 +5,10 @@ live in `kjob.model.job.JobSpec` and have already run when a JobSpec exists.)"""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from kjob.dispatcher.relay import channel_kind
+from kjob.errors import InvalidInput
 from kjob.executor.agents import AgentRegistry
 from kjob.model.job import JobSpec
 from kjob.model.schedule import Schedule
@@ -27,10 +29,27 @@ def check_job(
     a one-shot job that already fired can still be edited, disabled or re-applied unchanged.
 
     :raises InvalidInput: field `agent` (unknown agent), `output.channel` (a channel this node
-        cannot deliver to) or `schedule` (no future slot).
+        cannot deliver to), `schedule` (no future slot), or any text field holding a NUL
+        character (PostgreSQL cannot store one).
     """
+    check_storable(spec.model_dump(mode="json"), "")
     agents.get(spec.agent)
     channel_kind(spec.output.channel, relay_configured)
     timing_changed = previous is None or (previous.schedule, previous.timezone) != (spec.schedule, spec.timezone)
     if timing_changed:
         Schedule.parse(spec.schedule).check_future(now)
+
+
+def check_storable(value: Any, path: str) -> None:
+    """Refuse NUL characters anywhere in the job: PostgreSQL text and JSONB cannot hold them,
+    and the store would fail with a server error instead of naming the field."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidInput("holds a NUL character (\\0), which cannot be stored; remove it", path or None)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_storable(key, path)
+            check_storable(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_storable(item, f"{path}.{i}")

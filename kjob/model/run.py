@@ -143,6 +143,8 @@ class Run(BaseModel):
     status: RunStatus
     reason: str | None = None
     attempt: int = 0
+    #: Attempts whose executor died; they are retried beyond the job's own budget.
+    lost_attempts: int = 0
     created_at: datetime | None = None
     published_at: datetime | None = None
     started_at: datetime | None = None

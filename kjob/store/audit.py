@@ -59,7 +59,9 @@ async def record(
     )
 
 
-async def record_by(conn: AsyncConnection, actor: Actor, action: str, target: str, change: dict[str, Any] | None) -> None:
+async def record_by(
+    conn: AsyncConnection, actor: Actor, action: str, target: str, change: dict[str, Any] | None
+) -> None:
     """`record` for a change made by `actor` in its own tenant."""
     await record(conn, actor.tenant, actor.subject, actor.token_id, action, target, change)
 

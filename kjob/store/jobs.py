@@ -7,14 +7,17 @@ is one transaction with its audit row. A write that changes nothing writes nothi
 
 from __future__ import annotations
 
-import json
+import builtins
+import gc
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel
-from sqlalchemy import Row, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import ColumnElement, Row, Select, String, Text, cast, literal, select, type_coerce
+from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kjob.errors import Conflict, InvalidInput, NotFound
@@ -26,7 +29,7 @@ ApplyResult = Literal["created", "updated", "unchanged"]
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def dispatch_kind(channel: str) -> str:
@@ -38,12 +41,6 @@ def dispatch_kind(channel: str) -> str:
     return "relay"
 
 
-#: The columns a Job is built from (the others copy parts of `spec` for queries).
-JOB_COLUMNS = (
-    jobs.c.id, jobs.c.tenant, jobs.c.slug, jobs.c.spec, jobs.c.enabled,
-    jobs.c.created_at, jobs.c.updated_at, jobs.c.enabled_at, jobs.c.paused_note,
-)
-
 #: The spec's nested models (sandbox, output, retries, catchup), found from the model itself.
 _SUBMODELS: dict[str, type[BaseModel]] = {
     name: field.annotation
@@ -51,46 +48,71 @@ _SUBMODELS: dict[str, type[BaseModel]] = {
     if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
 }
 
+#: The row's own columns, which win over their copies in `spec`.
+_META = ("id", "tenant", "slug", "enabled", "created_at", "updated_at", "enabled_at", "paused_note")
 
-class SharedParts:
-    """Validated nested models, shared between the jobs whose values are equal.
 
-    They are frozen, so sharing is safe; and 100,000 jobs mostly repeat a handful of sandbox,
-    retry and catch-up settings, so `list_enabled` validates each distinct one once and the
-    ticker holds each once.
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cycle collector while building many objects that form no cycles.
+
+    Building 100,000 jobs would otherwise run it hundreds of times, each pass scanning
+    everything built so far: it doubles the time `list_enabled` takes.
     """
-
-    def __init__(self) -> None:
-        self._models: dict[tuple[str, str], BaseModel] = {}
-
-    def get(self, name: str, value: Any) -> Any:
-        model = _SUBMODELS.get(name)
-        if model is None or not isinstance(value, dict):
-            return value
-        key = (name, json.dumps(value, sort_keys=True))
-        shared = self._models.get(key)
-        if shared is None:
-            shared = self._models[key] = model.model_validate(value)
-        return shared
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
-def job_from_row(row: Row[Any], shared: SharedParts | None = None) -> Job:
-    """A `Job` from a `jobs` row (at least `JOB_COLUMNS`). The columns win over the copies
-    in `spec`. Pass one `SharedParts` when building many jobs."""
-    spec = row.spec if shared is None else {name: shared.get(name, value) for name, value in row.spec.items()}
-    return Job.model_validate(
-        {
-            **spec,
-            "slug": row.slug,
-            "enabled": row.enabled,
-            "id": row.id,
-            "tenant": row.tenant,
-            "created_at": row.created_at,
-            "updated_at": row.updated_at,
-            "enabled_at": row.enabled_at,
-            "paused_note": row.paused_note,
-        }
-    )
+def _many_jobs_query() -> Select[Any]:
+    """SELECT for `jobs_from_rows`: the row's own columns, the spec without its nested parts
+    (as JSON), then each nested part as JSON *text*, so equal parts are recognised without
+    being decoded."""
+    rest: ColumnElement[Any] = jobs.c.spec
+    for name in _SUBMODELS:
+        rest = rest.op("-")(literal(name, String))
+    parts = [cast(jobs.c.spec[name], Text) for name in _SUBMODELS]
+    return select(*(jobs.c[name] for name in _META), type_coerce(rest, JSONB), *parts)
+
+
+def job_from_row(row: Row[Any]) -> Job:
+    """A `Job` from a row of `select(jobs)`."""
+    columns = row._mapping
+    return Job.model_validate({**row.spec, **{name: columns[name] for name in _META}})
+
+
+def jobs_from_rows(rows: Sequence[Sequence[Any]]) -> list[Job]:
+    """Jobs from the rows of `_many_jobs_query()`, fast enough for the ticker's 100,000 jobs.
+
+    Each distinct nested part (sandbox, output, retries, catch-up) is decoded and validated
+    once and shared by every job that has it: the models are frozen, so sharing is safe, and
+    jobs mostly repeat a handful of such settings, which saves both time and memory.
+    So is pydantic's record of which fields were set (a 2 KB set per job, otherwise 3/4 of
+    a job's memory): jobs with equal records share one, which a frozen model never changes.
+    """
+    names = list(_SUBMODELS)
+    shared: dict[tuple[str, str], BaseModel] = {}
+    fields_sets: dict[frozenset[str], set[str]] = {}
+    built: list[Job] = []
+    with _gc_paused():
+        for row in rows:
+            spec: dict[str, Any] = row[8]  # decoded for this row alone: ours to fill in
+            for name, text in zip(names, row[9:], strict=True):
+                if text is not None:
+                    model = shared.get((name, text))
+                    if model is None:
+                        model = shared[(name, text)] = _SUBMODELS[name].model_validate_json(text)
+                    spec[name] = model
+            spec.update(zip(_META, row[:8], strict=True))
+            job = Job.model_validate(spec)
+            fields_set = fields_sets.setdefault(frozenset(job.model_fields_set), job.model_fields_set)
+            object.__setattr__(job, "__pydantic_fields_set__", fields_set)
+            built.append(job)
+    return built
 
 
 def _spec_json(spec: JobSpec) -> dict[str, Any]:
@@ -141,20 +163,20 @@ class JobStore:
             row = (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
         return job_from_row(row) if row is not None else None
 
-    async def list(self, tenant: str) -> list[Job]:
+    # `builtins.list` below: inside the class, `list` is the method.
+    async def list(self, tenant: str) -> builtins.list[Job]:
         """The tenant's jobs, by slug."""
         async with self.engine.connect() as conn:
-            query = select(*JOB_COLUMNS).where(jobs.c.tenant == tenant).order_by(jobs.c.slug)
+            query = _many_jobs_query().where(jobs.c.tenant == tenant).order_by(jobs.c.slug)
             rows = (await conn.execute(query)).all()
-        shared = SharedParts()
-        return [job_from_row(r, shared) for r in rows]
+        return jobs_from_rows(rows)
 
-    async def list_enabled(self) -> list[Job]:
+    async def list_enabled(self) -> builtins.list[Job]:
         """Every enabled job of every tenant: what the ticker schedules."""
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(select(*JOB_COLUMNS).where(jobs.c.enabled))).all()
-        shared = SharedParts()
-        return [job_from_row(r, shared) for r in rows]
+        with _gc_paused():
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(_many_jobs_query().where(jobs.c.enabled))).all()
+            return jobs_from_rows(rows)
 
     # Writes
 

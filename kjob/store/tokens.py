@@ -7,11 +7,12 @@ usable token; the secret is shown once, when the token is created.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import os
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from sqlalchemy import select
@@ -79,7 +80,7 @@ class TokenStore:
             await conn.execute(
                 api_tokens.insert().values(
                     id=token_id, tenant=tenant, role=role, name=name,
-                    secret_hash=hash_secret(secret), created_at=datetime.now(timezone.utc),
+                    secret_hash=hash_secret(secret), created_at=datetime.now(UTC),
                 )
             )
             if actor is not None:
@@ -99,7 +100,7 @@ class TokenStore:
             return None
         return Principal(tenant=row.tenant, role=row.role, token_id=row.id)
 
-    async def list(self, tenant: str) -> list[TokenInfo]:
+    async def list(self, tenant: str) -> builtins.list[TokenInfo]:  # `list` is this method here
         """The tenant's tokens, revoked ones included, oldest first."""
         query = (
             select(api_tokens.c.id, api_tokens.c.tenant, api_tokens.c.role, api_tokens.c.name,
@@ -131,7 +132,7 @@ class TokenStore:
             await conn.execute(
                 api_tokens.update()
                 .where(api_tokens.c.id == token_id)
-                .values(revoked_at=datetime.now(timezone.utc))
+                .values(revoked_at=datetime.now(UTC))
             )
             if actor is not None:
                 await record_by(conn, actor, "token.revoke", f"token/{token_id}", None)

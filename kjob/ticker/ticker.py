@@ -15,6 +15,7 @@ never published, runs whose executor died, and retries that never came back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import time
@@ -99,7 +100,8 @@ class Ticker:
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
-            await sub.unsubscribe()
+            with contextlib.suppress(Exception):  # the connection may already be closed
+                await sub.unsubscribe()
 
     async def _sleep(self, stop: asyncio.Event) -> None:
         delay = (self._heap[0][0] - time.time()) if self._heap else self.settings.resync_s

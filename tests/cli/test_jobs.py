@@ -11,8 +11,19 @@ import pytest
 from kjob.model.schedule import next_slots
 from tests.cli.conftest import Run, one_line_error
 
-CREATE = ["create", "--slug", "weekly-audit", "--prompt", "/k-housekeep", "--schedule", "0 9 * * MON",
-          "--agent", "kode", "--tz", "Europe/Berlin"]
+CREATE = [
+    "create",
+    "--slug",
+    "weekly-audit",
+    "--prompt",
+    "/k-housekeep",
+    "--schedule",
+    "0 9 * * MON",
+    "--agent",
+    "kode",
+    "--tz",
+    "Europe/Berlin",
+]
 
 
 def jobs_json(kjob: Run) -> list[dict]:
@@ -22,8 +33,21 @@ def jobs_json(kjob: Run) -> list[dict]:
 
 
 def test_create_then_list_shows_the_job(kjob: Run) -> None:
-    result = kjob(*CREATE, "--sandbox", "docker:koder-cli:latest", "--output", "webhook:https://hooks.example/x",
-                  "--retries", "3", "--backoff", "fixed", "--timeout", "1h30m", "--description", "Monday audit")
+    result = kjob(
+        *CREATE,
+        "--sandbox",
+        "docker:koder-cli:latest",
+        "--output",
+        "webhook:https://hooks.example/x",
+        "--retries",
+        "3",
+        "--backoff",
+        "fixed",
+        "--timeout",
+        "1h30m",
+        "--description",
+        "Monday audit",
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("created weekly-audit; next fire 20")
     table = kjob("list")
@@ -51,7 +75,19 @@ def test_an_empty_list_says_how_to_start(kjob: Run) -> None:
 
 
 def test_inspect_shows_next_five_fires_in_zone_and_utc(kjob: Run) -> None:
-    kjob("create", "--slug", "ny", "--prompt", "p", "--schedule", "30 2 * * *", "--agent", "kode", "--tz", "America/New_York")
+    kjob(
+        "create",
+        "--slug",
+        "ny",
+        "--prompt",
+        "p",
+        "--schedule",
+        "30 2 * * *",
+        "--agent",
+        "kode",
+        "--tz",
+        "America/New_York",
+    )
     slots = next_slots("30 2 * * *", "America/New_York", datetime.now(timezone.utc), 5)
     result = kjob("inspect", "ny")
     assert result.exit_code == 0, result.output
@@ -155,8 +191,10 @@ def test_apply_is_idempotent(kjob: Run, tmp_path: Path) -> None:
     assert first.exit_code == 0, first.output
     assert first.stdout.split() == ["created", "weekly-stack-audit", "created", "health-probe"]
     again = kjob("apply", "-f", str(path), "-o", "json")
-    assert json.loads(again.stdout) == [{"slug": "weekly-stack-audit", "action": "unchanged"},
-                                        {"slug": "health-probe", "action": "unchanged"}]
+    assert json.loads(again.stdout) == [
+        {"slug": "weekly-stack-audit", "action": "unchanged"},
+        {"slug": "health-probe", "action": "unchanged"},
+    ]
     before = {j["slug"]: j["updated_at"] for j in jobs_json(kjob)}
     path.write_text(JOBS_FILE.replace("*/5 * * * *", "*/10 * * * *"))
     third = kjob("apply", "--file", str(path))

@@ -27,7 +27,9 @@ def test_json_is_an_array_of_utc_instants(offline: Run) -> None:
 
 
 def test_fall_back_slot_shows_once(offline: Run) -> None:
-    result = offline("next", "30 1 * * *", "--tz", "America/New_York", "--after", "2026-10-31T12:00:00Z", "-n", "2", "-o", "json")
+    result = offline(
+        "next", "30 1 * * *", "--tz", "America/New_York", "--after", "2026-10-31T12:00:00Z", "-n", "2", "-o", "json"
+    )
     assert json.loads(result.stdout) == ["2026-11-01T05:30:00Z", "2026-11-02T06:30:00Z"]
 
 

@@ -27,7 +27,9 @@ async def test_apply_refuses_the_whole_batch(api: httpx.AsyncClient, name: str, 
     assert (await api.get("/v1/jobs")).json() == []
 
 
-@pytest.mark.parametrize("name,change,field", [c for c in INVALID_JOBS if c[2] != "slug"], ids=[c[0] for c in INVALID_JOBS if c[2] != "slug"])
+@pytest.mark.parametrize(
+    "name,change,field", [c for c in INVALID_JOBS if c[2] != "slug"], ids=[c[0] for c in INVALID_JOBS if c[2] != "slug"]
+)
 async def test_patch_refuses_and_leaves_the_job_as_it_was(
     api: httpx.AsyncClient, name: str, change: dict, field: str
 ) -> None:
@@ -65,10 +67,18 @@ async def test_oversized_body_is_413(api: httpx.AsyncClient) -> None:
         for _ in range(40):
             yield b"x" * 8192
 
-    assert_error(await api.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"}), 413, "body")
+    assert_error(
+        await api.post("/v1/jobs", content=chunks(), headers={"content-type": "application/json"}), 413, "body"
+    )
     assert (await api.get("/v1/jobs")).json() == []
 
 
 async def test_unknown_route_is_json_404(api: httpx.AsyncClient) -> None:
     assert "/v1" in assert_error(await api.get("/v2/jobs"), 404, None)
     assert_error(await api.request("PATCH", "/v1/jobs"), 405, None)
+
+
+async def test_a_note_that_cannot_be_stored_is_refused(api: httpx.AsyncClient) -> None:
+    await api.post("/v1/jobs", json=job_body())
+    assert_error(await api.post("/v1/jobs/weekly-audit/disable", json={"note": "a\x00b"}), 422, "note")
+    assert (await api.get("/v1/jobs/weekly-audit")).json()["enabled"] is True

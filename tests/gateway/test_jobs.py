@@ -46,8 +46,13 @@ async def test_list_is_the_tenants_jobs_by_slug(api: httpx.AsyncClient) -> None:
 
 
 async def test_missing_job_is_404(api: httpx.AsyncClient) -> None:
-    for method, path in [("GET", "/v1/jobs/ghost"), ("PATCH", "/v1/jobs/ghost"), ("DELETE", "/v1/jobs/ghost"),
-                         ("POST", "/v1/jobs/ghost/enable"), ("POST", "/v1/jobs/ghost/disable")]:
+    for method, path in [
+        ("GET", "/v1/jobs/ghost"),
+        ("PATCH", "/v1/jobs/ghost"),
+        ("DELETE", "/v1/jobs/ghost"),
+        ("POST", "/v1/jobs/ghost/enable"),
+        ("POST", "/v1/jobs/ghost/disable"),
+    ]:
         body = {"prompt": "x"} if method == "PATCH" else None
         assert "ghost" in assert_error(await api.request(method, path, json=body), 404, None)
 
@@ -89,7 +94,10 @@ async def test_batch_apply_reports_each_job_and_is_idempotent(api: httpx.AsyncCl
     first = await api.post("/v1/jobs:apply", json={"jobs": jobs})
     assert first.status_code == 200, first.text
     assert [(r["job"]["slug"], r["action"]) for r in first.json()["results"]] == [
-        ("existing", "updated"), ("fresh", "created"), ("same", "unchanged")]
+        ("existing", "updated"),
+        ("fresh", "created"),
+        ("same", "unchanged"),
+    ]
     second = await api.post("/v1/jobs:apply", json={"jobs": jobs})
     assert [r["action"] for r in second.json()["results"]] == ["unchanged"] * 3
 

@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from kjob.gateway.app import create_app
 from kjob.gateway.state import GatewayState
 from kjob.store.database import create_engine
+from kjob.store.tokens import TokenStore
 from tests.support.gateway import assert_error
 
 
@@ -44,11 +45,15 @@ async def test_bad_parameters_name_the_field(api: httpx.AsyncClient, params: dic
     assert_error(await api.get("/v1/schedules/preview", params=params), 422, field)
 
 
-async def test_readyz_is_503_when_the_database_does_not_answer(state: GatewayState) -> None:
+async def test_a_database_that_does_not_answer_is_503(state: GatewayState) -> None:
     dead: AsyncEngine = create_engine("postgresql://kjob@127.0.0.1:1/kjob")
     state.engine = dead
+    state.tokens = TokenStore(dead)
     app = create_app(state)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kjob.test") as client:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://kjob.test") as client:
         assert (await client.get("/healthz")).status_code == 200
         assert "database" in assert_error(await client.get("/readyz"), 503, None)
+        listed = await client.get("/v1/jobs", headers={"Authorization": "Bearer kjob_000000000000_x"})
+        assert "database" in assert_error(listed, 503, None)
     await dead.dispose()

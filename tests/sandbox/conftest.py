@@ -118,6 +118,29 @@ def busybox_connect(host: str, port: int) -> list[str]:
     return ["sh", "-c", f"echo hello | nc -w 3 {host} {port}"]
 
 
+async def dead_executor(backend: str, node: str, marker: str, work_root: Path) -> None:
+    """Run an attempt in a separate executor process, and SIGKILL that process once the
+    agent has started: what an executor that died mid-attempt leaves behind."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.sandbox.executor_child", backend, node, marker, str(work_root),
+        cwd=Path(__file__).parents[2], stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            assert await proc.stdout.readline() == b"started\n"
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], deadline_s: float = DEADLINE_S) -> None:
+    """Wait until `check()` is true; fail when `deadline_s` passes first."""
+    async with asyncio.timeout(deadline_s):
+        while not await check():
+            await asyncio.sleep(0.02)
+
+
 @pytest.fixture(scope="session")
 def test_image() -> str:
     try:

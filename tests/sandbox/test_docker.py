@@ -13,7 +13,7 @@ import pytest
 from kjob.errors import ServerError
 from kjob.executor.sandbox import DockerSandbox
 from kjob.model.job import SandboxSpec
-from tests.sandbox.conftest import Sink, containers_of_run, make_launch
+from tests.sandbox.conftest import Sink, containers_of_run, dead_executor, make_launch
 from tests.support.images import AGENT_UID, BUILDER_UID, IMAGE, USER_TAG
 
 pytestmark = pytest.mark.docker
@@ -111,32 +111,29 @@ async def test_container_is_labelled_and_hardened_while_it_runs(
     assert await containers_of_run(docker_api, launch.run_id) == []
 
 
-async def test_start_reaps_containers_a_dead_executor_left(docker_api: aiodocker.Docker, test_image: str) -> None:
+async def test_start_reaps_containers_a_dead_executor_left(
+    docker_api: aiodocker.Docker, test_image: str, tmp_path: Path
+) -> None:
     node = f"kjob-test-dead-{uuid.uuid4().hex[:8]}"
-    other = f"kjob-test-alive-{uuid.uuid4().hex[:8]}"
-
-    async def running_container(node_label: str) -> aiodocker.containers.DockerContainer:
-        # What an executor killed mid-attempt leaves: a labelled container, still running.
-        container = await docker_api.containers.create(
-            {"Image": test_image, "Cmd": ["sleep", "300"], "Labels": {"kjob.node": node_label, "kjob.run": "x"},
-             "HostConfig": {"NetworkMode": "none", "Init": True}}
-        )
-        await container.start()
-        return container
-
-    orphan, bystander = await running_container(node), await running_container(other)
+    labelled = json.dumps({"label": [f"kjob.node={node}"]})
+    await dead_executor("docker", node, "300", tmp_path)
+    assert len(await docker_api.containers.list(filters=labelled)) == 1  # still running, nobody to stop it
+    bystander = await docker_api.containers.create(
+        {"Image": test_image, "Cmd": ["sleep", "300"], "Labels": {"kjob.node": f"{node}-other"},
+         "HostConfig": {"NetworkMode": "none"}}
+    )
     try:
         restarted = DockerSandbox(node)
         await restarted.start()
         await restarted.close()
 
+        assert await docker_api.containers.list(all=True, filters=labelled) == []
         remaining = {c.id for c in await docker_api.containers.list(all=True)}
-        assert orphan.id not in remaining
         assert bystander.id in remaining  # another node's container is not ours to remove
     finally:
         await bystander.delete(force=True)
-        if orphan.id in {c.id for c in await docker_api.containers.list(all=True)}:
-            await orphan.delete(force=True)
+        for leftover in await docker_api.containers.list(all=True, filters=labelled):
+            await leftover.delete(force=True)
 
 
 async def test_an_engine_that_does_not_answer_is_a_clear_server_error(tmp_path: Path) -> None:
@@ -146,3 +143,19 @@ async def test_an_engine_that_does_not_answer_is_a_clear_server_error(tmp_path: 
         await DockerSandbox("n1", url).start()
 
     assert url in str(err.value) and "executor.docker_url" in str(err.value)
+
+
+async def test_custom_work_dir_is_writable_and_home(docker_sandbox: DockerSandbox, tmp_path: Path) -> None:
+    launch = make_launch(["sh", "-c", "echo x > f && pwd && echo $HOME"], tmp_path, SPEC, spec={"workdir": "/srv/job"})
+
+    outcome = await docker_sandbox.run(launch, Sink())
+
+    assert outcome.output.split() == ["/srv/job", "/srv/job"]
+
+
+async def test_unknown_network_is_a_start_error(docker_sandbox: DockerSandbox, tmp_path: Path) -> None:
+    launch = make_launch(["true"], tmp_path, SPEC, spec={"network": "kjob-no-such-network"})
+
+    outcome = await docker_sandbox.run(launch, Sink())
+
+    assert outcome.start_error and "kjob-no-such-network" in outcome.start_error

@@ -15,7 +15,7 @@ import pytest
 
 from kjob.errors import ServerError
 from kjob.executor.sandbox import ProcessSandbox
-from tests.sandbox.conftest import Backend, Sink, make_launch
+from tests.sandbox.conftest import Backend, Sink, dead_executor, eventually, make_launch, processes_with
 
 BOTH = ["process-bwrap", "process-bare"]
 
@@ -144,3 +144,14 @@ async def test_without_bwrap_it_says_so_or_refuses(monkeypatch: pytest.MonkeyPat
     assert not lenient.isolated
     assert "not installed" in lenient.status()["isolation"]
     assert "WITHOUT isolation" in caplog.text
+
+
+async def test_agents_die_with_a_killed_executor(bwrap_sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    marker = str(80_000 + secrets.randbelow(10_000))
+
+    await dead_executor("process", "unused", marker, tmp_path)
+
+    async def gone() -> bool:
+        return not processes_with(f"sleep {marker}")
+
+    await eventually(gone)  # bwrap --die-with-parent, and its pid namespace takes the children

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -52,7 +53,7 @@ async def test_migrated_schema_matches_the_tables_module(engine: AsyncEngine) ->
         await conn.execute(text("DROP INDEX ix_job_runs_open"))
         diff = await conn.run_sync(_schema_diff)
         await conn.rollback()
-    assert [d[0] for d in diff] == [("add_index")]  # type: ignore[index]
+    assert [d[0] for d in diff] == ["add_index"]  # type: ignore[index]
 
 
 def _pg_dump_schema(server: EmbeddedPostgres, database: str) -> str:
@@ -94,7 +95,7 @@ async def test_migrate_upgrades_a_new_database_once_even_when_nodes_race(pg_serv
     assert await current_revision(url) == head_revision()
 
 
-async def test_create_engine_reconnects_after_a_postgres_restart(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_create_engine_reconnects_after_a_postgres_restart(tmp_path: Path) -> None:
     server = EmbeddedPostgres(tmp_path / "pg", durable=False)
     await asyncio.to_thread(server.start)
     engine = create_engine(server.url)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import nats
@@ -203,7 +204,7 @@ def test_servers_die_with_a_killed_parent(tmp_path: Path) -> None:
         holder.wait()
 
         for pid in pids:
-            _wait_for(lambda: _gone(pid), f"server {pid} to exit after its parent was killed")
+            _wait_for(partial(_gone, pid), f"server {pid} to exit after its parent was killed")
     finally:
         holder.kill()
         holder.wait()

@@ -15,8 +15,8 @@ from kjob.errors import Conflict, InvalidInput, NotFound
 from kjob.model.job import JobSpec, parse_job
 from kjob.store.audit import Actor, list_audit
 from kjob.store.jobs import JobStore
-from kjob.store.tables import jobs as jobs_table
 from kjob.store.tables import job_dispatch_targets
+from kjob.store.tables import jobs as jobs_table
 
 ALICE = Actor(subject="alice", token_id="tok-a", tenant="acme")
 BOB = Actor(subject="bob", token_id="tok-b", tenant="globex")
@@ -225,7 +225,8 @@ async def test_every_write_leaves_one_audit_row_naming_who_and_what(store: JobSt
     entries = list(reversed(await list_audit(engine, "acme")))
 
     assert [e.action for e in entries] == ["job.create", "job.update", "job.disable", "job.enable", "job.delete"]
-    assert {(e.tenant, e.actor, e.token_id, e.target) for e in entries} == {("acme", "alice", "tok-a", "job/nightly-report")}
+    who_and_what = {(e.tenant, e.actor, e.token_id, e.target) for e in entries}
+    assert who_and_what == {("acme", "alice", "tok-a", "job/nightly-report")}
     create, update, disable, _, delete = entries
     assert create.change is not None and create.change["spec"]["prompt"] == "summarise the day"
     assert update.change == {"prompt": {"from": "summarise the day", "to": "v2"}}
@@ -273,3 +274,25 @@ async def test_list_enabled_is_every_tenants_enabled_jobs(store: JobStore) -> No
 
     assert sorted((j.tenant, j.slug) for j in enabled) == [("acme", "on-a"), ("globex", "on-b")]
     assert all(j.enabled and j.enabled_at is not None for j in enabled)
+
+
+async def test_listed_jobs_equal_the_jobs_read_one_by_one(store: JobStore) -> None:
+    """list and list_enabled share equal nested settings between jobs; each job must still
+    come back exactly as written."""
+    await store.create(ALICE, spec("plain"))
+    await store.create(ALICE, spec("same-as-plain"))
+    await store.create(ALICE, spec("docker", sandbox={"backend": "docker", "image": "koder-cli:latest",
+                                                      "env": {"A": "1"}}, retries={"max": 3}))
+    await store.create(ALICE, spec("hooked", output={"channel": "webhook:https://hooks.example.com/x"},
+                                   catchup={"policy": "all", "window": "2h"}, timeout="5m"))
+
+    listed = await store.list("acme")
+    enabled = sorted(await store.list_enabled(), key=lambda j: j.slug)
+
+    one_by_one = [await store.get("acme", j.slug) for j in listed]
+    assert listed == one_by_one
+    assert enabled == one_by_one
+    by_slug = {j.slug: j for j in enabled}
+    assert by_slug["docker"].sandbox.env == {"A": "1"} and by_slug["docker"].retries.max == 3
+    assert by_slug["plain"].sandbox.backend == "process" and by_slug["plain"].retries.max == 0
+    assert by_slug["hooked"].catchup.policy == "all" and by_slug["hooked"].timeout == timedelta(minutes=5)

@@ -54,6 +54,7 @@ INVALID_JOBS: list[tuple[str, dict[str, object], str]] = [
     ("oversized prompt", {"prompt": "x" * (64 * 1024 + 1)}, "prompt"),
     ("bad duration", {"timeout": "30 minutes"}, "timeout"),
     ("once in the past", {"schedule": "@once 2020-01-01T09:00Z"}, "schedule"),
+    ("NUL character", {"labels": {"team": "ops\x00"}}, "labels.team"),
 ]
 
 
@@ -78,7 +79,7 @@ class GatewayServer:
         self._error: BaseException | None = None
         self.url = ""
 
-    def __enter__(self) -> "GatewayServer":
+    def __enter__(self) -> GatewayServer:
         self._thread = threading.Thread(target=self._run, name="kjob-test-gateway", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + START_DEADLINE_S

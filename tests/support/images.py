@@ -86,7 +86,7 @@ def _recipe(busybox: Path) -> str:
 
 
 def _current_recipe(tag: str, docker: str) -> str | None:
-    proc = subprocess.run([docker, "image", "inspect", tag], capture_output=True, text=True)
+    proc = subprocess.run([docker, "image", "inspect", tag], check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         return None
     labels = json.loads(proc.stdout)[0]["Config"].get("Labels") or {}

@@ -42,7 +42,7 @@ class NatsCluster:
         """All nodes as one comma-separated URL, as nats-py's `servers` accepts."""
         return ",".join(self.urls)
 
-    def start(self, timeout: float = CLUSTER_READY_S) -> "NatsCluster":
+    def start(self, timeout: float = CLUSTER_READY_S) -> NatsCluster:
         # Launch all before waiting on any: no node is healthy until a quorum runs.
         for node in self.nodes:
             node.launch()

@@ -22,6 +22,7 @@ import aiodocker
 import aiohttp
 from aiodocker.containers import DockerContainer
 from aiodocker.exceptions import DockerError
+from aiodocker.stream import Stream
 
 from kjob.errors import InvalidInput, ServerError
 from kjob.executor.sandbox.base import Launch, Outcome, OutputSink, Sandbox
@@ -37,7 +38,7 @@ DEFAULT_WORKDIR = "/work"
 DEFAULT_PIDS = 256
 #: The work dir and /tmp are tmpfs (RAM, charged to the container's memory limit); capped so a
 #: container without a memory limit cannot fill the node's RAM through them.
-TMPFS_OPTIONS = "rw,exec,nosuid,nodev,size=1g,mode=1777"
+TMPFS_OPTIONS = "rw,exec,nosuid,nodev,size=1g"
 #: docker stop's grace between SIGTERM and SIGKILL at a timeout or cancellation.
 KILL_GRACE_S = 2
 #: After the container exits, how long its attach stream may take to deliver the last output.
@@ -45,7 +46,7 @@ DRAIN_S = 2.0
 #: How long the engine may take to answer at start().
 PING_TIMEOUT_S = 10.0
 #: Used when an image has no USER and no regular user in /etc/passwd.
-NOBODY = "65534:65534"
+NOBODY = (65534, 65534)
 #: Network modes that would hand the agent the node's network or another container's.
 _SHARED_NETWORKS = re.compile(r"^(host|container:.*)$")
 #: What docker-init (tini) prints when the agent's program does not exist in the image.
@@ -74,8 +75,8 @@ class DockerSandbox(Sandbox):
         self.url = docker_url or os.environ.get("DOCKER_HOST") or DEFAULT_SOCKET
         self._docker: aiodocker.Docker | None = None
         self._engine = "not started"
-        #: image id -> the user its containers run as (resolving it may need a probe container)
-        self._users: dict[str, str] = {}
+        #: image id -> (uid, gid) its containers run as (resolving it may need a probe container)
+        self._users: dict[str, tuple[int, int]] = {}
 
     async def start(self) -> None:
         """Check the engine answers, then remove containers a dead executor of this node left.
@@ -124,62 +125,60 @@ class DockerSandbox(Sandbox):
 
     async def run(self, launch: Launch, on_output: OutputSink) -> Outcome:
         docker = self._require()
+        # One deadline for the whole attempt: pulling the image and creating the container count.
+        deadline = asyncio.get_running_loop().time() + launch.timeout.total_seconds()
         try:
-            async with asyncio.timeout(launch.timeout.total_seconds()):
-                image = await self._image(docker, launch)
-            config = self._config(launch, await self._user(docker, image))
-        except _StartError as e:
-            return Outcome(start_error=str(e))
-        except TimeoutError:
-            return Outcome(start_error=f"pulling image {launch.spec.image!r} on {self.url} took longer "
-                                       f"than the {format_duration(launch.timeout)} timeout")
-        name = _container_name(launch)
-        try:
-            container = await docker.containers.create(config, name=name)
-        except DockerError as e:
-            return Outcome(start_error=f"docker at {self.url} could not create the container: {e.message}")
-        try:
-            return await self._attempt(container, launch, on_output)
-        finally:
-            # Also on timeout and cancellation: the container never outlives its attempt.
-            await asyncio.shield(_remove(container, grace_s=KILL_GRACE_S))
+            try:
+                async with asyncio.timeout_at(deadline):
+                    image = await self._image(docker, launch)
+                    config = self._config(launch, await self._user(docker, image))
+                    container = await docker.containers.create(config, name=_container_name(launch))
+            except _StartError as e:
+                return Outcome(start_error=str(e))
+            except TimeoutError:
+                return Outcome(start_error=f"preparing image {launch.spec.image!r} on {self.url} took longer "
+                                           f"than the {format_duration(launch.timeout)} timeout")
+            try:
+                return await self._attempt(container, launch, on_output, deadline)
+            finally:
+                # Also on timeout and cancellation: the container never outlives its attempt.
+                await asyncio.shield(_remove(container, grace_s=KILL_GRACE_S))
+        except (DockerError, aiohttp.ClientError, OSError) as e:
+            # The engine failed us (it refused the container, or went away mid-attempt).
+            message = e.message if isinstance(e, DockerError) else str(e) or type(e).__name__
+            return Outcome(start_error=f"the Docker engine at {self.url} failed the attempt: {message}")
 
-    async def _attempt(self, container: DockerContainer, launch: Launch, on_output: OutputSink) -> Outcome:
+    async def _attempt(
+        self, container: DockerContainer, launch: Launch, on_output: OutputSink, deadline: float
+    ) -> Outcome:
         collector = OutputCollector(launch.output_cap_bytes, on_output, launch.run_id)
+        status: dict[str, Any] | None = None
         async with contextlib.AsyncExitStack() as stack:
             # Attach before start, so not a byte of output is missed. stdin gets its own
             # attach: closing it is how the agent sees end-of-file (StdinOnce).
-            out = await stack.enter_async_context(container.attach(stdout=True, stderr=True))
-            stdin = None
-            if launch.stdin is not None:
-                stdin = await stack.enter_async_context(container.attach(stdin=True))
-            try:
-                await container.start()
-            except DockerError as e:
-                return Outcome(start_error=f"docker at {self.url} could not start the agent: {e.message}")
-            pump = asyncio.create_task(_pump(out, collector))
+            out = await _attach(stack, container, stdout=True, stderr=True)
+            stdin = await _attach(stack, container, stdin=True) if launch.stdin is not None else None
+            await container.start()
+            tasks = [asyncio.create_task(_pump(out, collector))]
             if stdin is not None:
-                await _feed(stdin, launch.stdin or b"")
-            timed_out = False
+                tasks.append(asyncio.create_task(_feed(stdin, launch.stdin or b"")))
             try:
-                async with asyncio.timeout(launch.timeout.total_seconds()):
+                async with asyncio.timeout_at(deadline):
                     status = await container.wait()
             except TimeoutError:
-                timed_out = True
-            if timed_out:
-                pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pump
-            else:
-                await asyncio.wait([pump], timeout=DRAIN_S)
-                pump.cancel()
+                pass
+            finally:
+                if status is not None:  # exited: let the last output arrive
+                    await asyncio.wait(tasks[:1], timeout=DRAIN_S)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
         fields = await collector.finish()
-        if timed_out:
+        if status is None:
             return Outcome(timed_out=True, reason=f"killed at the {format_duration(launch.timeout)} timeout",
                            **fields)
-        code = int(status.get("StatusCode", -1))
         state = (await container.show()).get("State", {})
-        return self._ended(launch, code, bool(state.get("OOMKilled")), fields)
+        return self._ended(launch, int(status.get("StatusCode", -1)), bool(state.get("OOMKilled")), fields)
 
     def _ended(self, launch: Launch, code: int, oom: bool, fields: dict[str, Any]) -> Outcome:
         if code == 127 and (failed := _TINI_EXEC_FAILED.search(fields["output"])):
@@ -191,7 +190,7 @@ class DockerSandbox(Sandbox):
             if code == 0:
                 reason = f"a process of the agent was {reason}; the agent still exited 0"
             return Outcome(exit_code=code, reason=reason, extra={"oom_killed": "true"}, **fields)
-        return Outcome(exit_code=code, reason=exit_reason(code, negative_is_signal=False), **fields)
+        return Outcome(exit_code=code, reason=exit_reason(code), **fields)
 
     async def _image(self, docker: aiodocker.Docker, launch: Launch) -> dict[str, Any]:
         """The image's inspect data, pulling it first when allowed. Raises _StartError."""
@@ -217,35 +216,36 @@ class DockerSandbox(Sandbox):
             raise _StartError(f"could not pull image {image!r} to the docker host {self.url}: {errors[-1]}")
         return await docker.images.inspect(image)
 
-    async def _user(self, docker: aiodocker.Docker, image: dict[str, Any]) -> str:
-        """The image's USER when it sets one; else its first regular user; else nobody."""
+    async def _user(self, docker: aiodocker.Docker, image: dict[str, Any]) -> tuple[int, int]:
+        """(uid, gid) to run as: the image's USER when it sets one (names looked up in the
+        image's /etc/passwd and /etc/group), else its first regular user, else nobody.
+        Numeric, because the work dir's tmpfs must be owned by that user."""
         declared = (image.get("Config") or {}).get("User") or ""
-        if declared:
-            return declared
+        numeric = re.fullmatch(r"(\d+):(\d+)", declared)
+        if numeric:
+            return int(numeric.group(1)), int(numeric.group(2))
         image_id = image["Id"]
         if image_id not in self._users:
-            self._users[image_id] = await self._regular_user(docker, image_id)
+            passwd, group = await self._read_accounts(docker, image_id)
+            self._users[image_id] = resolve_user(declared, passwd, group)
         return self._users[image_id]
 
-    async def _regular_user(self, docker: aiodocker.Docker, image_id: str) -> str:
-        """Read the image's /etc/passwd through a created (never started) container."""
+    async def _read_accounts(self, docker: aiodocker.Docker, image_id: str) -> tuple[str, str]:
+        """The image's /etc/passwd and /etc/group ("" when missing), read through a created,
+        never started, container."""
         probe = await docker.containers.create(
             {"Image": image_id, "Entrypoint": ["/kjob-user-probe"], "Labels": {LABEL_NODE: self.node_name},
              "NetworkDisabled": True}
         )
         try:
-            archive = await probe.get_archive("/etc/passwd")
-            member = archive.extractfile("passwd")
-            text = member.read().decode(errors="replace") if member else ""
-        except DockerError:
-            text = ""
+            return await _read_file(probe, "/etc/passwd"), await _read_file(probe, "/etc/group")
         finally:
             await _remove(probe, grace_s=0)
-        return _first_regular_user(text) or NOBODY
 
-    def _config(self, launch: Launch, user: str) -> dict[str, Any]:
+    def _config(self, launch: Launch, user: tuple[int, int]) -> dict[str, Any]:
         """The container's create body. Raises _StartError for a spec docker cannot honour."""
         spec = launch.spec
+        uid, gid = user
         if _SHARED_NETWORKS.match(spec.network):
             raise _StartError(
                 f"network {spec.network!r} would share the node's (or a container's) network with the agent; "
@@ -257,7 +257,9 @@ class DockerSandbox(Sandbox):
         host: dict[str, Any] = {
             "NetworkMode": spec.network,
             "ReadonlyRootfs": True,
-            "Tmpfs": {workdir: TMPFS_OPTIONS, "/tmp": TMPFS_OPTIONS},
+            # runc keeps the mode of a directory the image already has at the mount point, so the
+            # work dir is made the user's own rather than world-writable.
+            "Tmpfs": {workdir: f"{TMPFS_OPTIONS},uid={uid},gid={gid},mode=0700", "/tmp": f"{TMPFS_OPTIONS},mode=1777"},
             "CapDrop": ["ALL"],
             "SecurityOpt": ["no-new-privileges"],
             "PidsLimit": spec.pids or DEFAULT_PIDS,
@@ -280,7 +282,7 @@ class DockerSandbox(Sandbox):
             "Cmd": launch.argv[1:],
             "Env": [f"{k}={v}" for k, v in env.items()],
             "WorkingDir": workdir,
-            "User": user,
+            "User": f"{uid}:{gid}",
             "Labels": {
                 LABEL_TENANT: launch.tenant,
                 LABEL_JOB: launch.job_slug,
@@ -304,22 +306,54 @@ def _container_name(launch: Launch) -> str:
     return f"{base}-{secrets.token_hex(3)}"
 
 
-def _first_regular_user(passwd: str) -> str | None:
-    """`uid:gid` of the first account with 1000 <= uid < 65534 in /etc/passwd text."""
-    for line in passwd.splitlines():
-        fields = line.split(":")
-        if len(fields) >= 4 and fields[2].isdigit() and fields[3].isdigit():
-            if 1000 <= int(fields[2]) < 65534:
-                return f"{fields[2]}:{fields[3]}"
-    return None
+def resolve_user(declared: str, passwd: str, group: str) -> tuple[int, int]:
+    """(uid, gid) for an image's USER (`name`, `uid`, `name:group`, ...) given its /etc/passwd
+    and /etc/group text; an empty USER means its first user with 1000 <= uid < 65534, or nobody.
+
+    :raises _StartError: USER names a user or group the image does not have.
+    """
+    users = [f for f in (line.split(":") for line in passwd.splitlines()) if len(f) >= 4 and f[2].isdigit() and f[3].isdigit()]
+    if not declared:
+        regular = [(int(f[2]), int(f[3])) for f in users if 1000 <= int(f[2]) < 65534]
+        return regular[0] if regular else NOBODY
+    user, _, grp = declared.partition(":")
+    entry = next((f for f in users if f[0] == user or f[2] == user), None)
+    if entry is None and not user.isdigit():
+        raise _StartError(f"the image's USER {user!r} is not in its /etc/passwd")
+    uid = int(entry[2]) if entry else int(user)
+    gid = int(entry[3]) if entry else uid
+    if grp:
+        groups = {f[0]: f[2] for f in (line.split(":") for line in group.splitlines()) if len(f) >= 3 and f[2].isdigit()}
+        if not grp.isdigit() and grp not in groups:
+            raise _StartError(f"the image's USER group {grp!r} is not in its /etc/group")
+        gid = int(grp) if grp.isdigit() else int(groups[grp])
+    return uid, gid
 
 
-async def _pump(stream: Any, collector: OutputCollector) -> None:
+async def _read_file(container: DockerContainer, path: str) -> str:
+    try:
+        archive = await container.get_archive(path)
+    except DockerError:
+        return ""
+    member = archive.extractfile(os.path.basename(path))
+    return member.read().decode(errors="replace") if member else ""
+
+
+async def _attach(stack: contextlib.AsyncExitStack, container: DockerContainer, *, stdin: bool = False,
+                  stdout: bool = False, stderr: bool = False) -> Stream:
+    """An attach connection to the container, open now and closed with `stack`."""
+    stream = container.attach(stdin=stdin, stdout=stdout, stderr=stderr)
+    await stream.__aenter__()
+    stack.push_async_callback(stream.close)
+    return stream
+
+
+async def _pump(stream: Stream, collector: OutputCollector) -> None:
     while (message := await stream.read_out()) is not None:
         await collector.feed("stderr" if message.stream == 2 else "stdout", message.data)
 
 
-async def _feed(stream: Any, data: bytes) -> None:
+async def _feed(stream: Stream, data: bytes) -> None:
     # The agent may exit before reading its stdin; that is its business, not an error.
     with contextlib.suppress(aiohttp.ClientError, ConnectionError, RuntimeError):
         if data:

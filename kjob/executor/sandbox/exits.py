@@ -12,15 +12,14 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def exit_reason(exit_code: int, *, negative_is_signal: bool) -> str | None:
+def exit_reason(exit_code: int) -> str | None:
     """Why an exit code is what it is, when it says more than "non-zero".
 
-    `negative_is_signal`: the code came straight from waitpid (Python reports a death by
-    signal n as -n). Otherwise the code went through a shell, tini or bubblewrap, which
-    report a death by signal n as 128+n; a program may also exit 128+n itself, so the
-    reason says "probably".
+    Negative codes come straight from waitpid: Python reports a death by signal n as -n.
+    A shell, tini or bubblewrap in between reports it as 128+n instead; a program may also
+    exit 128+n on its own, so that reason says "probably".
     """
-    if exit_code < 0 and negative_is_signal:
+    if exit_code < 0:
         return f"killed by {_signal_name(-exit_code)} (exit code {exit_code} = -signal)"
     if 128 < exit_code < 128 + 65:
         return f"exit code {exit_code} = 128+{exit_code - 128}: probably killed by {_signal_name(exit_code - 128)}"

@@ -18,9 +18,9 @@ import re
 import resource
 import shutil
 import signal
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Sequence
 
 from kjob.errors import InvalidInput, ServerError
 from kjob.executor.sandbox.base import Launch, Outcome, OutputSink, Sandbox
@@ -43,8 +43,18 @@ CPU_MARGIN_S = 10
 MAX_FILE_BYTES = 1024**3
 #: How long the killed process group may take to disappear (its orphans reaped by init).
 GROUP_GONE_S = 2.0
-#: prctl(2) option: orphaned descendants are re-parented to this process instead of init.
+#: prctl(2) options: a signal on the parent's death; orphans re-parented to us, not init.
+PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+_LIBC = ctypes.CDLL(None, use_errno=True)
+#: prlimit(1)'s option for each rlimit we set.
+_PRLIMIT_OPTIONS = {
+    resource.RLIMIT_CPU: "--cpu",
+    resource.RLIMIT_FSIZE: "--fsize",
+    resource.RLIMIT_CORE: "--core",
+    resource.RLIMIT_AS: "--as",
+    resource.RLIMIT_NPROC: "--nproc",
+}
 #: How long the bwrap self-test at start() may take.
 PROBE_TIMEOUT_S = 10.0
 
@@ -72,6 +82,7 @@ class ProcessSandbox(Sandbox):
         self.use_bwrap = use_bwrap
         self.max_file_bytes = max_file_bytes
         self._bwrap: str | None = None
+        self._prlimit: str | None = None
         self._isolation_note = "not started"
         self._started = False
 
@@ -82,6 +93,7 @@ class ProcessSandbox(Sandbox):
         """
         if not _become_subreaper():
             log.warning("process sandbox: cannot become a child subreaper; killed agents may linger as zombies")
+        self._prlimit = shutil.which("prlimit")
         problem = await self._probe_bwrap() if self.use_bwrap else "disabled by configuration"
         if problem is None:
             self._isolation_note = "bubblewrap: pid, ipc, uts, net namespaces; read-only host filesystem"
@@ -150,8 +162,13 @@ class ProcessSandbox(Sandbox):
         except InvalidInput as e:
             return Outcome(start_error=str(e))
         argv = [program, *launch.argv[1:]]
+        preexec = partial(_apply_limits, limits)
         if self._bwrap is not None:
             argv = self._bwrap_argv(workdir, network=launch.spec.network, program=argv)
+            if self._prlimit is not None:
+                # prlimit sets the limits and execs bwrap (which dies with us): no preexec_fn,
+                # so Python spawns with vfork instead of copying the executor's page tables.
+                argv, preexec = [*_prlimit_argv(self._prlimit, limits), *argv], None
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -161,7 +178,7 @@ class ProcessSandbox(Sandbox):
                 cwd=workdir,
                 env=env,
                 start_new_session=True,  # its own process group: a timeout kills all it started
-                preexec_fn=partial(_apply_limits, limits),
+                preexec_fn=preexec,
             )
         except (OSError, ValueError) as e:
             return Outcome(start_error=f"agent command {launch.argv[0]!r} could not start: {e}")
@@ -195,13 +212,14 @@ class ProcessSandbox(Sandbox):
             return Outcome(timed_out=True, reason=f"killed at the {format_duration(launch.timeout)} timeout", **fields)
         code = proc.returncode
         assert code is not None
-        reason = exit_reason(code, negative_is_signal=self._bwrap is None)
+        reason = exit_reason(code)
         if code in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
             reason = f"{reason}; the CPU time limit ({_cpu_limit_s(launch)} s) was reached"
         return Outcome(exit_code=code, reason=reason, **fields)
 
     def _limits(self, launch: Launch) -> list[tuple[int, int, int]]:
-        """(resource, soft, hard) for the child. RLIMIT_CPU's soft limit sends SIGXCPU first."""
+        """(resource, soft, hard) for the child, never above our own hard limits (raising those
+        would fail). RLIMIT_CPU's soft limit sends SIGXCPU, its hard limit SIGKILL."""
         cpu = _cpu_limit_s(launch)
         limits = [
             (resource.RLIMIT_CPU, cpu, cpu + 5),
@@ -214,7 +232,7 @@ class ProcessSandbox(Sandbox):
         if launch.spec.pids:
             # Per user, not per attempt, and not enforced for root: see docs/sandboxes.md.
             limits.append((resource.RLIMIT_NPROC, launch.spec.pids, launch.spec.pids))
-        return limits
+        return [(res, *_clamp(res, soft, hard)) for res, soft, hard in limits]
 
     def _bwrap_argv(self, workdir: Path | None, *, network: str, program: list[str]) -> list[str]:
         assert self._bwrap is not None
@@ -264,12 +282,22 @@ def _cpu_limit_s(launch: Launch) -> int:
     return int(launch.timeout.total_seconds()) + CPU_MARGIN_S
 
 
+def _clamp(res: int, soft: int, hard: int) -> tuple[int, int]:
+    _, ours = resource.getrlimit(res)
+    if ours == resource.RLIM_INFINITY:
+        return soft, hard
+    return min(soft, ours), min(hard, ours)
+
+
+def _prlimit_argv(prlimit: str, limits: list[tuple[int, int, int]]) -> list[str]:
+    return [prlimit, *(f"{_PRLIMIT_OPTIONS[res]}={soft}:{hard}" for res, soft, hard in limits), "--"]
+
+
 def _apply_limits(limits: list[tuple[int, int, int]]) -> None:
-    """Runs in the child between fork and exec: set rlimits, never above the current hard limit."""
+    """Runs in the child between fork and exec: die with the executor (bwrap does the same
+    with --die-with-parent), and set the rlimits."""
+    _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     for res, soft, hard in limits:
-        _, current_hard = resource.getrlimit(res)
-        if current_hard != resource.RLIM_INFINITY:
-            soft, hard = min(soft, current_hard), min(hard, current_hard)
         resource.setrlimit(res, (soft, hard))
 
 
@@ -345,11 +373,7 @@ def _group_alive(pgid: int) -> bool:
 def _become_subreaper() -> bool:
     """Make orphans of our descendants our children (PR_SET_CHILD_SUBREAPER), so an attempt's
     killed processes can be reaped at once instead of lingering as zombies of init."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
+    return _LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
 def _killpg(pgid: int, sig: int) -> None:

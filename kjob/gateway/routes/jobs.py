@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from kjob.errors import InvalidInput, NotFound
 from kjob.gateway.auth import Editor, Operator, Viewer, actor_of, gateway_state
 from kjob.gateway.state import ChangeKind, GatewayState
-from kjob.gateway.validation import check_job
+from kjob.gateway.validation import check_job, check_storable
 from kjob.model.job import Job, JobSpec, merge_job
 from kjob.model.run import utc_text
 from kjob.model.schedule import Schedule
@@ -136,7 +136,9 @@ async def apply_jobs(request: ApplyRequest, principal: Editor, state: State) -> 
         try:
             _check(state, spec, now, await _previous(state, principal.tenant, spec.slug))
         except InvalidInput as e:
-            raise InvalidInput(f"job {spec.slug!r}: {e.message}", f"jobs.{i}.{e.field}" if e.field else f"jobs.{i}") from None
+            raise InvalidInput(
+                f"job {spec.slug!r}: {e.message}", f"jobs.{i}.{e.field}" if e.field else f"jobs.{i}"
+            ) from None
     return ApplyResponse(results=[await _apply_checked(state, principal, spec, now) for spec in request.jobs])
 
 
@@ -161,7 +163,9 @@ async def put_job(slug: str, spec: JobSpec, principal: Editor, state: State, res
 @router.patch("/jobs/{slug}", response_model=JobView)
 async def patch_job(
     slug: str,
-    changes: Annotated[dict[str, Any], Body(description="the JobSpec fields to change; nested tables merge key by key")],
+    changes: Annotated[
+        dict[str, Any], Body(description="the JobSpec fields to change; nested tables merge key by key")
+    ],
     principal: Editor,
     state: State,
 ) -> JobView:
@@ -194,10 +198,10 @@ async def enable_job(slug: str, principal: Operator, state: State) -> JobView:
 
 
 @router.post("/jobs/{slug}/disable", response_model=JobView)
-async def disable_job(
-    slug: str, principal: Operator, state: State, body: DisableRequest | None = None
-) -> JobView:
+async def disable_job(slug: str, principal: Operator, state: State, body: DisableRequest | None = None) -> JobView:
     """Pause a job, with an optional note saying why."""
-    job = await state.jobs.set_enabled(actor_of(principal), slug, False, note=body.note if body else None)
+    note = body.note if body else None
+    check_storable(note, "note")
+    job = await state.jobs.set_enabled(actor_of(principal), slug, False, note=note)
     await _announce(state, job, principal.tenant, slug, "disabled")
     return job_view(job, now_utc())

@@ -19,7 +19,9 @@ async def preview_schedule(
     principal: Viewer,
     schedule: Annotated[str, Query(description="a schedule expression, e.g. '0 9 * * MON' or '@every 90s'")],
     tz: Annotated[str, Query(description="IANA time zone the schedule is read in")] = "UTC",
-    after: Annotated[str | None, Query(description="ISO-8601 instant; without an offset it is local to tz; default now")] = None,
+    after: Annotated[
+        str | None, Query(description="ISO-8601 instant; without an offset it is local to tz; default now")
+    ] = None,
     n: Annotated[int, Query(description=f"how many slots, 1..{MAX_PREVIEW}")] = 5,
 ) -> list[str]:
     """The next `n` slots after `after`, as UTC instants `YYYY-MM-DDTHH:MM:SSZ`."""

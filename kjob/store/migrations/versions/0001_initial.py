@@ -94,7 +94,9 @@ def upgrade() -> None:
         sa.Column("exit_code", sa.Integer),
         sa.Column("reason", sa.Text),
         sa.PrimaryKeyConstraint("run_id", "attempt", name="pk_run_attempts"),
-        sa.ForeignKeyConstraint(["run_id"], ["job_runs.id"], name="fk_run_attempts_run_id_job_runs", ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["run_id"], ["job_runs.id"], name="fk_run_attempts_run_id_job_runs", ondelete="CASCADE"
+        ),
     )
 
     op.create_table(

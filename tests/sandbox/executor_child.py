@@ -1,0 +1,38 @@
+"""A stand-in executor for "the executor died mid-attempt" tests.
+
+    python -m tests.sandbox.executor_child {process|docker} NODE MARKER WORK_ROOT
+
+starts the backend, runs `sleep MARKER` (after printing "started") and waits forever; the
+test SIGKILLs it and checks what the attempt left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from kjob.executor.sandbox import DockerSandbox, ProcessSandbox, Sandbox
+from kjob.model.job import SandboxSpec
+from tests.sandbox.conftest import make_launch
+from tests.support.images import IMAGE
+
+
+async def main(backend: str, node: str, marker: str, work_root: Path) -> None:
+    sandbox: Sandbox
+    if backend == "docker":
+        sandbox, spec = DockerSandbox(node), SandboxSpec(backend="docker", image=IMAGE)
+    else:
+        sandbox, spec = ProcessSandbox(), SandboxSpec()
+    await sandbox.start()
+
+    async def relay(stream: str, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    launch = make_launch(["sh", "-c", f"echo started; sleep {marker} & sleep {marker}"], work_root, spec)
+    await sandbox.run(launch, relay)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])))

@@ -21,7 +21,7 @@ from kjob.bus import names
 from kjob.bus.messages import DueRun, Event
 from kjob.bus.setup import BusSettings, connect, ensure_streams
 from kjob.config import ROLES, Settings
-from kjob.errors import InvalidInput
+from kjob.errors import InvalidInput, ServerError
 from kjob.executor.agents import AgentRegistry
 from kjob.model.job import Job
 from kjob.model.run import Run
@@ -92,12 +92,22 @@ class Node:
                 from kjob.executor.executor import Executor
                 from kjob.executor.sandbox import make_sandboxes
 
-                sandboxes = make_sandboxes(s)
-                for sandbox in sandboxes.values():
-                    await sandbox.start()
+                sandboxes = {}
+                unavailable: dict[str, str] = {}
+                for backend, sandbox in make_sandboxes(s).items():
+                    try:
+                        await sandbox.start()
+                    except ServerError as err:
+                        # One missing backend (no Docker engine on a laptop) must not stop the
+                        # node: its runs end as `error` saying why, the others run.
+                        log.warning("executor: sandbox backend %r unavailable on %s: %s", backend, self.name, err)
+                        unavailable[backend] = str(err)
+                        continue
+                    sandboxes[backend] = sandbox
                     closers.append(sandbox.close)
                 executor = Executor(nc=nc, js=js, ledger=ledger, agents=agents, sandboxes=sandboxes,
-                                    settings=s.executor, bus=bus, work_root=s.work_dir, node=self.name)
+                                    settings=s.executor, bus=bus, work_root=s.work_dir, node=self.name,
+                                    unavailable=unavailable)
                 tasks["executor"] = asyncio.create_task(executor.run(stop))
             if "dispatcher" in self.roles:
                 from kjob.dispatcher.dispatcher import Dispatcher
@@ -114,10 +124,8 @@ class Node:
                 from kjob.gateway.state import GatewayState
 
                 state = GatewayState(settings=s, engine=engine, jobs=jobs, tokens=TokenStore(engine), agents=agents,
-                                     relay_configured=bool(s.relay_url), on_job_changed=job_changed)
-                state.ledger = ledger  # type: ignore[attr-defined]
-                state.publish_due = self.publish_due  # type: ignore[attr-defined]
-                state.nc = nc  # type: ignore[attr-defined]
+                                     relay_configured=bool(s.relay_url), on_job_changed=job_changed,
+                                     ledger=ledger, publish_due=self.publish_due, js=js)
                 server = _Server(uvicorn.Config(create_app(state), host=s.host, port=s.port,
                                                 log_level="warning", lifespan="off"))
                 tasks["api"] = asyncio.create_task(server.serve())

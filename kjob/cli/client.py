@@ -153,3 +153,27 @@ class ApiClient:
     def preview(self, schedule: str, tz: str, n: int, after: str | None = None) -> list[str]:
         params = {"schedule": schedule, "tz": tz, "n": n, **({"after": after} if after else {})}
         return self.request("GET", "/v1/schedules/preview", params=params)
+
+    def run_now(self, slug: str) -> dict[str, Any]:
+        return self.request("POST", f"/v1/jobs/{_seg(slug)}/run")
+
+    def list_runs(self, slug: str, limit: int) -> list[dict[str, Any]]:
+        return self.request("GET", f"/v1/jobs/{_seg(slug)}/runs", params={"limit": limit})
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        return self.request("GET", f"/v1/runs/{quote(run_id, safe='')}")
+
+    def logs(self, run_id: str) -> str:
+        response = self._http.get(f"/v1/runs/{quote(run_id, safe='')}/logs")
+        if response.status_code >= 400:
+            raise self._error(response)
+        return response.text
+
+    def follow_logs(self, run_id: str):
+        """Yield the run's output as it is produced, until the run ends."""
+        with httpx.Client(base_url=self.target.url, headers=self._http.headers, timeout=None) as http:
+            with http.stream("GET", f"/v1/runs/{quote(run_id, safe='')}/logs", params={"follow": "true"}) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise self._error(response)
+                yield from response.iter_text()

@@ -14,7 +14,7 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from kjob.cli import jobs, serve
+from kjob.cli import jobs, runs, serve
 from kjob.config import config_file
 from kjob.errors import KjobError
 from kjob.model.job import validation_error
@@ -60,6 +60,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 jobs.register(app)
+runs.register(app)
 serve.register(app)
 
 

@@ -32,6 +32,8 @@ def _setup_logging(settings: Settings) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Alembic narrates every migration step at INFO; a start-up needs none of it.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _run_until_signal(main) -> None:

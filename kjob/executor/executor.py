@@ -52,11 +52,14 @@ class Executor:
         bus: BusSettings,
         work_root: Path,
         node: str | None = None,
+        unavailable: dict[str, str] | None = None,
     ) -> None:
         self.nc, self.js, self.ledger, self.agents = nc, js, ledger, agents
         self.sandboxes, self.settings, self.bus = sandboxes, settings, bus
         self.work_root = work_root
         self.node = node or socket.gethostname()
+        #: Backends that failed to start on this node, and why.
+        self.unavailable = unavailable or {}
         self.lease = timedelta(seconds=settings.claim_lease_s)
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._tasks: set[asyncio.Task] = set()
@@ -191,7 +194,8 @@ class Executor:
             return Outcome(start_error=f"agent {job.agent!r} cannot start: {err}")
         sandbox = self.sandboxes.get(job.sandbox.backend)
         if sandbox is None:
-            return Outcome(start_error=f"sandbox backend {job.sandbox.backend!r} is not enabled on node {self.node}")
+            why = self.unavailable.get(job.sandbox.backend, "it is not in executor.sandboxes")
+            return Outcome(start_error=f"sandbox backend {job.sandbox.backend!r} is unavailable on node {self.node}: {why}")
         launch = Launch(
             run_id=run.id, tenant=job.tenant, job_slug=job.slug, attempt=run.attempt,
             argv=argv, stdin=stdin, env={**job.sandbox.env, **env}, spec=job.sandbox,

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from kjob.gateway import errors
 from kjob.gateway.auth import authenticate
 from kjob.gateway.limits import BodyLimit
-from kjob.gateway.routes import health, jobs, schedules
+from kjob.gateway.routes import health, jobs, runs, schedules
 from kjob.gateway.state import GatewayState
 
 
@@ -32,6 +32,7 @@ def create_app(state: GatewayState) -> FastAPI:
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
     v1.include_router(jobs.router)
     v1.include_router(schedules.router)
+    v1.include_router(runs.router)
     app.include_router(v1)
     app.include_router(health.router)
     return app

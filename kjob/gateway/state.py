@@ -39,3 +39,9 @@ class GatewayState:
     #: Whether a Relay URL is configured: without it, only `none` and `webhook:` channels deliver.
     relay_configured: bool
     on_job_changed: JobChangedHook = field(default=_ignore_change)
+    #: The run ledger, for run history and logs.
+    ledger: "RunLedger | None" = None
+    #: Puts a run the ledger holds onto the bus (run-now). None: runs cannot be started here.
+    publish_due: "Callable[[Run], Awaitable[None]] | None" = None
+    #: JetStream, for following live logs. None: logs are served from the ledger only.
+    js: "JetStreamContext | None" = None

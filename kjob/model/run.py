@@ -159,8 +159,8 @@ class Run(BaseModel):
     delivery_error: str | None = None
     delivered_at: datetime | None = None
 
-    @property
-    def duration_s(self) -> float | None:
+    def duration(self) -> float | None:
+        """Seconds from the last attempt's start to the end; None until finished."""
         if self.started_at and self.finished_at:
             return (self.finished_at - self.started_at).total_seconds()
         return None

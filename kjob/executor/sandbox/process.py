@@ -18,7 +18,7 @@ import re
 import resource
 import shutil
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -162,7 +162,7 @@ class ProcessSandbox(Sandbox):
         except InvalidInput as e:
             return Outcome(start_error=str(e))
         argv = [program, *launch.argv[1:]]
-        preexec = partial(_apply_limits, limits)
+        preexec: Callable[[], None] | None = partial(_apply_limits, limits)
         if self._bwrap is not None:
             argv = self._bwrap_argv(workdir, network=launch.spec.network, program=argv)
             if self._prlimit is not None:

@@ -1,0 +1,126 @@
+"""Runs: start one now, list a job's history, inspect one, read or follow its log.
+
+A run belongs to its job's tenant; another tenant's run answers 404 like a missing one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import datetime
+from typing import Annotated, AsyncIterator
+
+from fastapi import APIRouter, Depends, Query, status
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from nats.js.api import DeliverPolicy
+from pydantic import BaseModel
+
+from kjob.bus import names
+from kjob.errors import ServerError
+from kjob.gateway.auth import Operator, Viewer, gateway_state
+from kjob.gateway.state import GatewayState
+from kjob.model.run import Attempt, Run
+from kjob.store.runs import RunLedger
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["runs"])
+State = Annotated[GatewayState, Depends(gateway_state)]
+
+
+class RunView(Run):
+    """A ledger row, plus how long it ran (seconds, null until finished)."""
+
+    duration_s: float | None = None
+
+
+class RunDetail(RunView):
+    attempts: list[Attempt] = []
+
+
+def run_view(run: Run) -> RunView:
+    return RunView.model_validate({**dict(run), "duration_s": run.duration()})
+
+
+def _ledger(state: GatewayState) -> RunLedger:
+    if state.ledger is None:
+        raise ServerError("this gateway has no run ledger configured")
+    return state.ledger
+
+
+@router.post("/jobs/{slug}/run", status_code=status.HTTP_202_ACCEPTED, response_model=RunView)
+async def run_now(slug: str, principal: Operator, state: State) -> RunView:
+    """Start a run of the job now, outside its schedule (also when the job is disabled)."""
+    job = await state.jobs.get(principal.tenant, slug)
+    if state.publish_due is None:
+        raise ServerError("this gateway cannot start runs: it runs without a bus")
+    run = await _ledger(state).create_manual(job)
+    try:
+        await state.publish_due(run)
+    except Exception as err:
+        # The run is in the ledger: the ticker's recovery publishes it within seconds.
+        log.warning("run-now %s: publish failed (%s); recovery will publish it", run.id, err)
+    return run_view(run)
+
+
+@router.get("/jobs/{slug}/runs", response_model=list[RunView])
+async def list_runs(
+    slug: str, principal: Viewer, state: State, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+) -> list[RunView]:
+    """The job's runs, newest slot first."""
+    job = await state.jobs.get(principal.tenant, slug)
+    return [run_view(r) for r in await _ledger(state).list_for_job(job.id, limit)]
+
+
+@router.get("/runs/{run_id}", response_model=RunDetail)
+async def get_run(run_id: str, principal: Viewer, state: State) -> RunDetail:
+    ledger = _ledger(state)
+    run = await ledger.get(principal.tenant, run_id)
+    return RunDetail.model_validate({**dict(run_view(run)), "attempts": await ledger.attempts(run_id)})
+
+
+@router.get("/runs/{run_id}/logs", response_class=PlainTextResponse)
+async def run_logs(
+    run_id: str,
+    principal: Viewer,
+    state: State,
+    follow: Annotated[bool, Query(description="stream the output live until the run ends")] = False,
+):
+    """The run's output. Finished: the stored output (up to the executor's cap). Running,
+    with `follow=true`: the output so far, then live, until the run ends."""
+    ledger = _ledger(state)
+    run = await ledger.get(principal.tenant, run_id)
+    if run.status.final or not follow or state.js is None:
+        output, _, dropped = await ledger.log(principal.tenant, run_id)
+        if dropped:
+            output += f"\n[kjob: {dropped} more bytes were produced beyond the output cap]\n"
+        return PlainTextResponse(output)
+    return StreamingResponse(_follow(state, ledger, run), media_type="text/plain")
+
+
+async def _follow(state: GatewayState, ledger: RunLedger, run: Run) -> AsyncIterator[bytes]:
+    """Live output from the run's log subject, from the start, until the run is final."""
+    assert state.js is not None
+    sub = await state.js.subscribe(
+        names.run_log(run.tenant, run.id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
+    )
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except (asyncio.TimeoutError, TimeoutError):
+                msg = None
+            except Exception:  # nats' own timeout type differs across versions
+                msg = None
+            if msg is not None:
+                kind = (msg.headers or {}).get("Kjob-Stream")
+                if kind != "end":
+                    yield msg.data
+                    continue
+            current = await ledger.get(run.tenant, run.id)
+            if current.status.final:
+                return
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()

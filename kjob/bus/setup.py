@@ -98,9 +98,10 @@ def consumer_config(durable: str, filter_subject: str, bus: BusSettings) -> Cons
 
 
 async def connect(url: str, name: str) -> NATS:
-    """A connection that keeps reconnecting forever: NATS restarts must not end a node."""
+    """A connection that keeps reconnecting forever: NATS restarts must not end a node.
+    `url` may list several servers of a cluster, comma-separated."""
     return await nats.connect(
-        url,
+        [u.strip() for u in url.split(",") if u.strip()],  # a cluster: "nats://a:4222,nats://b:4222"
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,

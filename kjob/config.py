@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 ROLES = ("ticker", "executor", "dispatcher", "api")
@@ -40,6 +40,9 @@ class ExecutorSettings(BaseModel):
     require_isolation: bool = Field(
         default=False, description="refuse to start the process backend when bubblewrap cannot isolate agents"
     )
+    output_log: Path | None = Field(
+        default=None, description="also write agent stdout/stderr here as JSON lines with the run id (a log shipper's file)"
+    )
 
 
 class DispatcherSettings(BaseModel):
@@ -53,6 +56,37 @@ class DispatcherSettings(BaseModel):
 class TickerSettings(BaseModel):
     resync_s: float = Field(default=60.0, gt=0, description="full reload of enabled jobs, a safety net for lost events")
     recover_s: float = Field(default=10.0, gt=0, description="how often unpublished or stranded runs are re-published")
+    late_grace_s: float = Field(default=15.0, ge=0, description="slots this late after a failover or restart still run as scheduled")
+    lease_ttl_s: float = Field(default=1.5, gt=0, description="leader lease: a standby takes over this long after the last renewal")
+    lease_renew_s: float = Field(default=0.4, gt=0, description="how often the leader renews its lease")
+
+
+class TenantQuota(BaseModel):
+    """Limits of one tenant; a field left unset takes the `[quotas]` default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_jobs: int | None = Field(default=None, ge=0)
+    max_concurrent_runs: int | None = Field(default=None, ge=1)
+    min_interval_s: float | None = Field(default=None, ge=0)
+    run_now_per_minute: int | None = Field(default=None, ge=0)
+
+
+class QuotaSettings(BaseModel):
+    """Per-tenant limits (docs/security.md). Defaults are generous; `[quotas.tenants.<name>]`
+    in config.toml overrides them for one tenant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_jobs: int = Field(default=10_000, ge=0, description="jobs a tenant may have")
+    max_concurrent_runs: int | None = Field(
+        default=None, ge=1,
+        description="runs of one tenant executing at once, cluster-wide; unset: no limit "
+                    "(enforcing it serialises the tenant's claims, see docs/security.md)",
+    )
+    min_interval_s: float = Field(default=1.0, ge=0, description="the shortest gap a schedule may have between slots")
+    run_now_per_minute: int = Field(default=60, ge=0, description="run-now requests per tenant per minute")
+    tenants: dict[str, TenantQuota] = Field(default_factory=dict)
 
 
 class Settings(BaseSettings):
@@ -75,8 +109,27 @@ class Settings(BaseSettings):
     stream_replicas: int = Field(default=1, ge=1, le=5)
     #: How long JetStream waits for an ack before redelivering; executors heartbeat well inside it.
     ack_wait_s: float = Field(default=30.0, gt=0)
-    log_format: str = "console"
+    #: OpenID Connect bearer tokens (docs/security.md). Unset issuer: only kjob's own API tokens.
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    #: Where the issuer's keys are; discovered from `<issuer>/.well-known/openid-configuration` when unset.
+    oidc_jwks_url: str | None = None
+    oidc_tenant_claim: str = "tenant"
+    oidc_roles_claim: str = "roles"
+    #: How long fetched keys are trusted, and the least time between two fetches an unknown `kid` may cause.
+    oidc_jwks_cache_s: float = Field(default=600.0, gt=0)
+    oidc_jwks_refetch_s: float = Field(default=10.0, ge=0)
+    #: Admins of this tenant may manage the tokens of every tenant; empty: no such tenant.
+    admin_tenant: str = "default"
+    #: Fernet key(s) for secrets at rest, comma-separated (the first encrypts, all decrypt);
+    #: `$KJOB_HOME/secret.key` when unset (`kjob up` creates it).
+    secret_key: str | None = None
+    quotas: QuotaSettings = Field(default_factory=QuotaSettings)
+    #: `json`: one JSON object per log line, with the run's tenant, job, run id and trace id.
+    log_format: Literal["console", "json"] = "console"
     log_level: str = "INFO"
+    #: How often a node samples its JetStream consumers' backlog for /metrics.
+    metrics_poll_s: float = Field(default=10.0, gt=0)
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
     ticker: TickerSettings = Field(default_factory=TickerSettings)
@@ -99,6 +152,10 @@ class Settings(BaseSettings):
     @property
     def api_url_file(self) -> Path:
         return self.home / "api.url"
+
+    @property
+    def secret_key_file(self) -> Path:
+        return self.home / "secret.key"
 
     @property
     def work_dir(self) -> Path:

@@ -29,6 +29,8 @@ from kjob.store.database import create_engine, migrate
 from kjob.store.jobs import JobStore
 from kjob.store.runs import RunLedger
 from kjob.store.tokens import TokenStore
+from kjob.telemetry import metrics, tracing
+from kjob.telemetry.logging import attach_output_file
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +86,18 @@ class Node:
                 await js.publish(names.event(tenant, "job_changed"), event.encode())
 
             if "ticker" in self.roles:
+                from kjob.ticker.leader import Leadership
+                from kjob.ticker.role import lead_and_tick
                 from kjob.ticker.ticker import Ticker
 
-                ticker = Ticker(nc=nc, js=js, jobs=jobs, ledger=ledger, settings=s.ticker)
-                tasks["ticker"] = asyncio.create_task(ticker.run(stop))
+                leadership = Leadership(js, self.name, ttl_s=s.ticker.lease_ttl_s, renew_s=s.ticker.lease_renew_s,
+                                        replicas=s.stream_replicas)
+                self.leadership = leadership
+                tasks["ticker"] = asyncio.create_task(lead_and_tick(
+                    leadership=leadership, ledger=ledger, stop=stop,
+                    make_ticker=lambda: Ticker(nc=nc, js=js, jobs=jobs, ledger=ledger, settings=s.ticker,
+                                               leadership=leadership),
+                ))
             if "executor" in self.roles:
                 from kjob.executor.executor import Executor
                 from kjob.executor.sandbox import make_sandboxes
@@ -108,6 +118,9 @@ class Node:
                 executor = Executor(nc=nc, js=js, ledger=ledger, agents=agents, sandboxes=sandboxes,
                                     settings=s.executor, bus=bus, work_root=s.work_dir, node=self.name,
                                     unavailable=unavailable)
+                closers.append(metrics.watch_executor(self.name, lambda: executor.in_flight, s.executor.concurrency))
+                if s.executor.output_log is not None:
+                    closers.append(attach_output_file(s.executor.output_log, self.name))
                 tasks["executor"] = asyncio.create_task(executor.run(stop))
             if "dispatcher" in self.roles:
                 from kjob.dispatcher.dispatcher import Dispatcher
@@ -118,6 +131,8 @@ class Node:
                 dispatcher = Dispatcher(nc=nc, js=js, ledger=ledger, relay=relay, settings=s.dispatcher,
                                         bus=bus, log_url_base=s.public_url or self._own_api_url())
                 tasks["dispatcher"] = asyncio.create_task(dispatcher.run(stop))
+            if self.roles & metrics.CONSUMERS.keys():
+                tasks["metrics"] = asyncio.create_task(metrics.poll_consumers(js, self.roles, stop, s.metrics_poll_s))
             server = None
             if "api" in self.roles:
                 from kjob.gateway.app import create_app
@@ -159,8 +174,12 @@ class Node:
         it if this fails."""
         msg = DueRun(run_id=run.id, job_id=run.job_id, tenant=run.tenant, slug=run.slug,
                      slot=run.slot, trigger=run.trigger.value)
-        await self._js.publish(names.run_due(run.tenant), msg.encode(),
-                               headers={"Nats-Msg-Id": run.id, names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant})
+        subject = names.run_due(run.tenant)
+        with tracing.publishing(subject, run_id=run.id, tenant=run.tenant, job=run.slug, slot=run.slot,
+                                trigger=run.trigger.value) as trace_headers:
+            await self._js.publish(subject, msg.encode(), headers={
+                "Nats-Msg-Id": run.id, names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant, **trace_headers})
+        metrics.run_published(run.slot, run.trigger.value)
         await self._ledger.mark_published([run.id])
 
     def _own_api_url(self) -> str:

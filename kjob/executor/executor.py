@@ -29,8 +29,10 @@ from kjob.bus.setup import BusSettings, ensure_consumer
 from kjob.config import ExecutorSettings
 from kjob.executor.agents import AgentRegistry
 from kjob.executor.sandbox.base import Launch, Outcome, Sandbox
-from kjob.model.run import Run, RunStatus, attempt_status, should_retry
+from kjob.model.run import DeliveryStatus, Run, RunStatus, attempt_status, should_retry
 from kjob.store.runs import Claimed, RunLedger
+from kjob.telemetry import metrics, tracing
+from kjob.telemetry.logging import agent_output
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,7 @@ class Executor:
         if not task.cancelled() and task.exception() is not None:
             log.error("executor: run handler crashed", exc_info=task.exception())
 
+    @tracing.handles_run("kjob claim", names.EXECUTOR_CONSUMER)
     async def _handle(self, msg) -> None:
         try:
             due = DueRun.decode(msg.data)
@@ -115,10 +118,13 @@ class Executor:
             log.error("executor: dropping a malformed due message on %s", msg.subject)
             await msg.term()
             return
+        tracing.annotate(tenant=due.tenant, job=due.slug, run_id=due.run_id, slot=due.slot, trigger=due.trigger)
         claimed = await self.ledger.claim(due.run_id, self.node, self.lease)
         if claimed is None:
             await self._not_ours(due, msg)
             return
+        tracing.annotate(attempt=claimed.run.attempt)
+        metrics.run_claimed(claimed.run, claimed.previous_lost)
         self.in_flight += 1
         try:
             await self._attempt(claimed, msg)
@@ -144,8 +150,10 @@ class Executor:
             await self._publish_result(run)
         await msg.ack()
 
+    @tracing.span("kjob sandbox")
     async def _attempt(self, claimed: Claimed, msg) -> None:
         run, job = claimed.run, claimed.job
+        tracing.annotate(attempt=run.attempt, backend=job.sandbox.backend)
         await self._event(run, "run_started", f"attempt {run.attempt}")
         stop_attempt = asyncio.Event()
         keeper = asyncio.create_task(self._keep_claim(run, msg, stop_attempt))
@@ -175,10 +183,13 @@ class Executor:
         if finished is None:
             log.warning("executor: run %s was taken over before it finished here", run.id)
             return
+        tracing.annotate(status=finished.status.value, exit_code=finished.exit_code)
+        metrics.attempt_finished(finished)
         if retry_at is not None:
             await msg.nak(delay=(retry_at - utcnow()).total_seconds())
             return
-        await self._publish_result(finished)
+        if finished.delivery_status is DeliveryStatus.pending:  # channel `none`: nothing to deliver
+            await self._publish_result(finished)
         await self._event(finished, "run_finished", finished.status.value)
         await msg.ack()
 
@@ -204,8 +215,10 @@ class Executor:
         log_subject = names.run_log(job.tenant, run.id)
 
         async def on_output(stream: str, text: str) -> None:
+            agent_output(stream, text)  # the file sink, when one is configured
             with contextlib.suppress(Exception):  # live logs are best effort; the ledger keeps the output
-                await self.nc.publish(log_subject, text.encode(), headers={"Kjob-Stream": stream})
+                await self.nc.publish(log_subject, text.encode(), headers={
+                    "Kjob-Stream": stream, names.HDR_RUN_ID: run.id, names.HDR_TENANT: job.tenant})
 
         runner = asyncio.create_task(sandbox.run(launch, on_output))
         lost = asyncio.create_task(stop_attempt.wait())
@@ -249,7 +262,8 @@ class Executor:
                            finished_at=run.finished_at or utcnow())
         await self.js.publish(
             names.run_result(run.tenant), result.encode(),
-            headers={"Nats-Msg-Id": f"{run.id}.result", names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant},
+            headers={"Nats-Msg-Id": f"{run.id}.result", names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant,
+                     **tracing.headers()},
         )
 
     async def _log_end(self, run: Run) -> None:

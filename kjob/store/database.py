@@ -51,18 +51,27 @@ def normalize_url(url: str) -> str:
     return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
     """An async engine for `url` (any form `normalize_url` accepts).
 
-    Connections are checked before use (`pool_pre_ping`), so a PostgreSQL restart costs the
-    callers that were mid-query one error, not every pooled connection one error each.
+    No `pool_pre_ping`: it would add a round trip to every statement of the hot path. After a
+    PostgreSQL restart, the first disconnect error invalidates the whole pool (SQLAlchemy does
+    that on any disconnect), so callers see one error, and every loop of kjob retries.
     """
+    normalized = normalize_url(url)
+    parsed = make_url(normalized)
+    connect_args: dict[str, object] = {}
+    if not {"ssl", "sslmode"} & set(parsed.query) and (parsed.host in (None, "", "localhost", "127.0.0.1", "::1")):
+        # asyncpg tries TLS first by default: on loopback that is a wasted round trip per connect.
+        connect_args["ssl"] = False
     return create_async_engine(
-        normalize_url(url),
+        normalized,
         pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=True,
+        # Overflow connections are closed when returned: with executors, dispatchers and the
+        # ticker sharing one engine, a small pool would connect and disconnect all day.
+        max_overflow=pool_size * 2,
         pool_recycle=1800,
+        connect_args=connect_args,
     )
 
 

@@ -18,19 +18,48 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Iterable, Sequence
+from typing import Awaitable, Callable, Iterable, Sequence
 from uuid import UUID
 
 from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kjob.errors import NotFound
 from kjob.model.job import Job
 from kjob.model.run import Attempt, DeliveryStatus, Run, RunStatus, Trigger
+from kjob.store.audit import Actor, record_by
+from kjob.store.quotas import check_running
 from kjob.store.tables import job_dispatch_targets, job_runs, jobs, run_attempts, run_logs
 
 OPEN = (RunStatus.scheduled.value, RunStatus.running.value, RunStatus.retrying.value)
+
+
+_RECORD_SLOTS_SQL = """
+WITH fence AS (
+    SELECT 1 FROM ticker_lease WHERE $12::bigint IS NULL OR (id = 1 AND revision = $12::bigint)
+    LIMIT 1
+), inserted AS (
+    INSERT INTO job_runs (id, job_id, tenant, slug, slot, trigger, status, reason, leader_rev, finished_at, delivery_status)
+    SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::text[],
+                         $8::text[], $9::bigint[], $10::timestamptz[], $11::text[])
+    WHERE $12::bigint IS NULL OR EXISTS (SELECT 1 FROM fence)
+    ON CONFLICT DO NOTHING
+    RETURNING id
+)
+SELECT ($12::bigint IS NULL OR EXISTS (SELECT 1 FROM fence)) AS fenced_in, array(SELECT id FROM inserted) AS ids
+"""
+
+_TAKE_LEASE_SQL = """
+INSERT INTO ticker_lease (id, revision, node, acquired_at) VALUES (1, $1, $2, now())
+ON CONFLICT (id) DO UPDATE SET revision = EXCLUDED.revision, node = EXCLUDED.node, acquired_at = now()
+WHERE ticker_lease.revision < EXCLUDED.revision OR ticker_lease.acquired_at < now() - make_interval(secs => $3)
+RETURNING revision
+"""
+
+
+class Deposed(Exception):
+    """The ledger's fence names another ticker leader: this one must stop writing slots."""
 
 
 def utcnow() -> datetime:
@@ -78,34 +107,47 @@ class RunLedger:
 
     # -- ticker -------------------------------------------------------------------------
 
-    async def record_slots(self, rows: Sequence[SlotRow]) -> set[str]:
-        """Insert slots; returns the run ids that were new (a slot already there is skipped)."""
+    async def record_slots(self, rows: Sequence[SlotRow], fence: int | None = None) -> set[str]:
+        """Insert slots; returns the run ids that were new (a slot already there is skipped).
+
+        With `fence` (the ticker leader's revision), nothing is written unless `ticker_lease`
+        still holds that revision, and Deposed is raised. One statement over arrays (`unnest`)
+        whatever the batch size: the ticker writes thousands of slots a second.
+        """
         if not rows:
             return set()
-        values = [
-            {
-                "id": r.run_id, "job_id": r.job_id, "tenant": r.tenant, "slug": r.slug,
-                "slot": r.slot, "trigger": r.trigger.value, "status": r.status.value,
-                "reason": r.reason, "leader_rev": r.leader_rev,
-                "finished_at": utcnow() if r.status.final else None,
-                "delivery_status": DeliveryStatus.none.value if r.status.final else DeliveryStatus.pending.value,
-            }
-            for r in rows
-        ]
-        stmt = insert(job_runs).values(values).on_conflict_do_nothing().returning(job_runs.c.id)
-        async with self.engine.begin() as conn:
-            result = await conn.execute(stmt)
-            return {row[0] for row in result}
+        now = utcnow()
+        final = [r.status.final for r in rows]
+        params = (
+            [r.run_id for r in rows], [r.job_id for r in rows], [r.tenant for r in rows], [r.slug for r in rows],
+            [r.slot for r in rows], [r.trigger.value for r in rows], [r.status.value for r in rows],
+            [r.reason for r in rows], [r.leader_rev for r in rows], [now if f else None for f in final],
+            [DeliveryStatus.none.value if f else DeliveryStatus.pending.value for f in final],
+            fence,
+        )
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            record = await raw.driver_connection.fetchrow(_RECORD_SLOTS_SQL, *params)
+        if not record["fenced_in"]:
+            raise Deposed(f"ticker revision {fence} no longer holds the ledger fence")
+        return set(record["ids"])
+
+    async def take_lease(self, revision: int, node: str, stale_after_s: float) -> bool:
+        """Write a new leader's fencing token. False if a newer leader already holds it (or an
+        older one renewed it within `stale_after_s`, which only happens if NATS lost the lease
+        bucket and revisions restarted)."""
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            return await raw.driver_connection.fetchval(_TAKE_LEASE_SQL, revision, node, stale_after_s) is not None
 
     async def mark_published(self, run_ids: Iterable[str]) -> None:
         ids = list(run_ids)
         if not ids:
             return
         async with self.engine.begin() as conn:
-            await conn.execute(
-                update(job_runs)
-                .where(job_runs.c.id.in_(ids), job_runs.c.published_at.is_(None))
-                .values(published_at=func.now())
+            raw = await conn.get_raw_connection()
+            await raw.driver_connection.execute(
+                "UPDATE job_runs SET published_at = now() WHERE id = ANY($1::text[]) AND published_at IS NULL", ids
             )
 
     async def last_slots(self) -> dict[UUID, datetime]:
@@ -144,11 +186,25 @@ class RunLedger:
         async with self.engine.connect() as conn:
             return [_run(r) for r in await conn.execute(stmt)]
 
-    async def create_manual(self, job: Job, trigger: Trigger = Trigger.manual) -> Run:
-        """A run outside the schedule (`run-now`): its own key, the request instant."""
+    async def create_manual(
+        self,
+        job: Job,
+        trigger: Trigger = Trigger.manual,
+        *,
+        actor: Actor | None = None,
+        guard: Callable[[AsyncConnection], Awaitable[None]] | None = None,
+    ) -> Run:
+        """A run outside the schedule (`run-now`): its own key, the request instant.
+
+        With `actor`, the audit log records it (`job.run`; `job.<trigger>` for others, e.g.
+        `job.backfill`) in the same transaction. `guard(conn)` runs first in that transaction
+        and may raise to refuse the run (the run-now rate quota does).
+        """
         from kjob.model.run import run_id_for
 
         async with self.engine.begin() as conn:
+            if guard is not None:
+                await guard(conn)
             for _ in range(5):
                 slot = utcnow()
                 run_id = run_id_for(job.id, slot)
@@ -160,13 +216,22 @@ class RunLedger:
                     .returning(job_runs)
                 )).first()
                 if row is not None:
+                    if actor is not None:
+                        action = "job.run" if trigger is Trigger.manual else f"job.{trigger.value}"
+                        await record_by(conn, actor, action, f"job/{job.slug}", {"run_id": run_id, "trigger": trigger.value})
                     return _run(row)
         raise RuntimeError("could not allocate a run key")  # five clashes in a row: a clock bug
 
     # -- executor -----------------------------------------------------------------------
 
-    async def claim(self, run_id: str, executor: str, lease: timedelta) -> Claimed | None:
-        """Take the run for one attempt, or None if it is not ours to run (done, owned, early)."""
+    async def claim(
+        self, run_id: str, executor: str, lease: timedelta, *, max_running: int | None = None
+    ) -> Claimed | None:
+        """Take the run for one attempt, or None if it is not ours to run (done, owned, early).
+
+        :raises TenantBusy: `max_running` (the tenant's concurrency quota) other runs of the
+            tenant are running; nothing changed, so the run can be claimed again later.
+        """
         now = utcnow()
         claimable = or_(
             and_(job_runs.c.status == RunStatus.scheduled.value),
@@ -176,12 +241,14 @@ class RunLedger:
         )
         async with self.engine.begin() as conn:
             before = (await conn.execute(
-                select(job_runs.c.status, job_runs.c.attempt)
+                select(job_runs.c.status, job_runs.c.attempt, job_runs.c.tenant)
                 .where(job_runs.c.id == run_id, claimable)
                 .with_for_update(skip_locked=True)
             )).first()
             if before is None:
                 return None
+            if max_running is not None:
+                await check_running(conn, before.tenant, run_id, max_running)
             lost = before.status == RunStatus.running.value
             if lost:
                 await conn.execute(

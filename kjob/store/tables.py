@@ -95,6 +95,12 @@ Index(
     postgresql_where=text("status IN ('scheduled','running','retrying')"),
 )
 
+Index(
+    "ix_job_runs_tenant_running",
+    job_runs.c.tenant,
+    postgresql_where=text("status = 'running'"),
+)
+
 #: One row per attempt of a run: the history behind `job_runs.attempt`.
 run_attempts = Table(
     "run_attempts",
@@ -156,4 +162,29 @@ api_tokens = Table(
     Column("secret_hash", String(64), nullable=False, unique=True),
     Column("created_at", TS, nullable=False, server_default=text("now()")),
     Column("revoked_at", TS),
+)
+
+#: Secrets jobs reference from `sandbox.env` (`"secret:<name>"`), encrypted with the node's
+#: secret key (kjob.store.secrets); the plaintext is never stored nor returned by the API.
+tenant_secrets = Table(
+    "tenant_secrets",
+    metadata,
+    Column("tenant", String(64), nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("ciphertext", Text, nullable=False),
+    Column("created_at", TS, nullable=False, server_default=text("now()")),
+    Column("updated_at", TS, nullable=False, server_default=text("now()")),
+    PrimaryKeyConstraint("tenant", "name", name="pk_tenant_secrets"),
+)
+
+#: One row: the fencing token (KV revision) of the ticker leader. The ticker's ledger writes
+#: only succeed while this row still holds its own revision, so a deposed leader that wakes
+#: up (SIGSTOP, a long GC pause) cannot write a slot after a successor took over.
+ticker_lease = Table(
+    "ticker_lease",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("revision", BigInteger, nullable=False),
+    Column("node", String(128), nullable=False),
+    Column("acquired_at", TS, nullable=False, server_default=text("now()")),
 )

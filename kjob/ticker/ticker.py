@@ -21,7 +21,6 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Callable
 from uuid import UUID
 
 from nats.aio.client import Client as NATS
@@ -34,7 +33,9 @@ from kjob.model.job import CatchupPolicy, Job
 from kjob.model.run import Run, RunStatus, Trigger, run_id_for
 from kjob.model.schedule import Schedule
 from kjob.store.jobs import JobStore
-from kjob.store.runs import RunLedger, SlotRow
+from kjob.store.runs import Deposed, RunLedger, SlotRow
+from kjob.telemetry import metrics, tracing
+from kjob.ticker.leader import Leadership
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,11 @@ class Ticker:
         jobs: JobStore,
         ledger: RunLedger,
         settings: TickerSettings,
-        fence: Callable[[], int] = lambda: 0,
+        leadership: Leadership | None = None,
     ) -> None:
         self.nc, self.js, self.jobs, self.ledger, self.settings = nc, js, jobs, ledger, settings
-        #: The leader's revision, stamped on every due message (0 without election).
-        self.fence = fence
+        #: None: this ticker fires unconditionally (a single node that runs no election).
+        self.leadership = leadership
         self._entries: dict[UUID, _Entry] = {}
         self._heap: list[tuple[float, int, UUID, int]] = []
         self._seq = 0
@@ -96,6 +97,8 @@ class Ticker:
                     await self._fire_until_recorded(batch, stop)
                     continue
                 await self._sleep(stop)
+        except Deposed as err:
+            log.warning("ticker: stepping down: %s", err)
         finally:
             for task in helpers:
                 task.cancel()
@@ -135,8 +138,10 @@ class Ticker:
         delay = 0.2
         while True:
             try:
-                new = await self.ledger.record_slots(rows)
+                new = await self._record(rows)
                 break
+            except Deposed:
+                raise
             except Exception as err:  # database down or restarting
                 if stop.is_set():
                     return
@@ -150,11 +155,15 @@ class Ticker:
             msg = DueRun(run_id=r.run_id, job_id=r.job_id, tenant=r.tenant, slug=r.slug, slot=r.slot,
                          trigger=r.trigger.value, leader_rev=r.leader_rev or 0)
             msg_id = f"{r.run_id}.re{int(time.time())}" if republish else r.run_id
-            await self.js.publish(
-                names.run_due(r.tenant), msg.encode(),
-                headers={"Nats-Msg-Id": msg_id, names.HDR_RUN_ID: r.run_id, names.HDR_TENANT: r.tenant,
-                         names.HDR_LEADER_REV: str(r.leader_rev or 0)},
-            )
+            subject = names.run_due(r.tenant)
+            with tracing.publishing(subject, run_id=r.run_id, tenant=r.tenant, job=r.slug, slot=r.slot,
+                                    trigger=r.trigger.value, republish=republish) as trace_headers:
+                await self.js.publish(
+                    subject, msg.encode(),
+                    headers={"Nats-Msg-Id": msg_id, names.HDR_RUN_ID: r.run_id, names.HDR_TENANT: r.tenant,
+                             names.HDR_LEADER_REV: str(r.leader_rev or 0), **trace_headers},
+                )
+            metrics.run_published(r.slot, r.trigger.value, republish)
             return r.run_id
 
         results = await asyncio.gather(*(one(r) for r in rows), return_exceptions=True)
@@ -206,38 +215,58 @@ class Ticker:
         log.info("ticker: %d enabled jobs loaded, %d downtime slots settled", len(jobs), len(rows))
         for i in range(0, len(rows), BATCH_MAX):
             chunk = rows[i : i + BATCH_MAX]
-            new = await self._retry_db(lambda: self.ledger.record_slots(chunk))
+            new = await self._retry_db(lambda: self._record(chunk))
             await self._publish([r for r in chunk if r.run_id in new and r.status is RunStatus.scheduled])
+
+    def fence(self) -> int | None:
+        """The leader's revision, stamped on every slot and checked by the ledger."""
+        return self.leadership.fence() if self.leadership is not None else None
+
+    async def _record(self, rows: list[SlotRow]) -> set[str]:
+        """Write slots under the fence; a leader past its local deadline writes nothing."""
+        if self.leadership is not None and not self.leadership.valid():
+            raise Deposed("the lease was not renewed in time")
+        return await self.ledger.record_slots(rows, fence=self.fence())
 
     async def _read_all(self) -> tuple[list[Job], dict[UUID, datetime]]:
         return await self.jobs.list_enabled(), await self.ledger.last_slots()
 
     def _settle_downtime(self, job: Job, schedule: Schedule, start: datetime, now: datetime) -> list[SlotRow]:
-        """Ledger rows for the slots in (start, now]: run per the catch-up rule, or `missed`."""
+        """Ledger rows for the slots in (start, now] that no ticker fired.
+
+        Slots at most `late_grace_s` old are merely late (a failover, a quick restart): they run
+        as scheduled. Older ones follow the job's catch-up rule: `latest` runs the most recent
+        one inside the window (unless a late slot runs anyway), `all` runs those inside the
+        window, `none` runs none; every slot that does not run is `missed`, with its reason.
+        """
         policy: CatchupPolicy = job.catchup
         window_start = now - policy.window
+        late_from = now - timedelta(seconds=self.settings.late_grace_s)
         slots: list[datetime] = []
         for slot in schedule.slots(start, job.timezone):
             if slot > now or len(slots) >= MISSED_SCAN_MAX:
                 break
             slots.append(slot)
-        inside = [s for s in slots if s > window_start]
-        if policy.policy == "latest":
-            run = set(inside[-1:])
-        elif policy.policy == "all":
-            run = set(inside)
+        late = [s for s in slots if s >= late_from]
+        inside = [s for s in slots if window_start < s < late_from]
+        if policy.policy == "all":
+            catchup = set(inside)
+        elif policy.policy == "latest" and not late:
+            catchup = set(inside[-1:])
         else:
-            run = set()
+            catchup = set()
         rows = []
         for slot in slots:
-            if slot in run:
+            if slot >= late_from:
+                rows.append(self._row(job, slot, Trigger.schedule, RunStatus.scheduled, None))
+            elif slot in catchup:
                 rows.append(self._row(job, slot, Trigger.catchup, RunStatus.scheduled, None))
-                continue
-            if slot <= window_start:
-                reason = f"scheduler was down at this slot, which is outside the catch-up window ({policy.window})"
+            elif slot <= window_start:
+                rows.append(self._row(job, slot, Trigger.schedule, RunStatus.missed,
+                                      f"scheduler was down at this slot, which is outside the catch-up window ({policy.window})"))
             else:
-                reason = f"scheduler was down at this slot; catch-up policy '{policy.policy}' did not run it"
-            rows.append(self._row(job, slot, Trigger.schedule, RunStatus.missed, reason))
+                rows.append(self._row(job, slot, Trigger.schedule, RunStatus.missed,
+                                      f"scheduler was down at this slot; catch-up policy '{policy.policy}' did not run it"))
         self.missed_total += sum(1 for r in rows if r.status is RunStatus.missed)
         if len(slots) >= MISSED_SCAN_MAX:
             log.warning("ticker: job %s/%s missed more than %d slots; only the first %d are listed",
@@ -319,6 +348,8 @@ class Ticker:
 
     async def recover(self) -> int:
         """Re-publish open runs nobody is moving. Returns how many."""
+        if self.leadership is not None and not self.leadership.valid():
+            return 0
         runs = await self.ledger.stranded(older_than=timedelta(seconds=self.settings.recover_s))
         if not runs:
             return 0
@@ -334,6 +365,8 @@ class Ticker:
         while True:
             try:
                 return await fn()
+            except Deposed:
+                raise
             except Exception as err:
                 log.warning("ticker: database not ready (%s); retrying in %.1fs", err, delay)
                 await asyncio.sleep(delay)

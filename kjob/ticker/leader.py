@@ -1,0 +1,163 @@
+"""Ticker leadership: one ticker in the cluster fires slots; the others stand by.
+
+The lease is a key in a JetStream KV bucket whose TTL is the lease time:
+
+- campaign: `kv.create(key)` succeeds only while nobody holds the lease (the key is absent or
+  expired). Standbys retry every `renew_s`; the first to succeed leads.
+- renew: `kv.update(key, last=revision)` every `renew_s`. It fails if anyone else wrote the key
+  since: the revision is a fencing token.
+- step down: the leader stops firing at a *local monotonic* deadline (last successful renewal
+  started + TTL - margin), before the key can expire and a successor be elected, whether or
+  not it can still reach NATS. A paused process (SIGSTOP) wakes up past its deadline and stops.
+- fence in the ledger: on election the revision is written to `ticker_lease`; the ticker's
+  ledger writes carry it and succeed only while it is still there (kjob/store/runs.py).
+
+The bucket TTL is used, not per-key TTLs: nats-py mis-handles the server's per-key TTL markers
+(DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+
+from kjob.bus import names
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LeaseInfo:
+    node: str
+    revision: int
+    since: str
+    renewed: str
+
+
+class Leadership:
+    """Campaign for, hold and renew the ticker lease of one node."""
+
+    def __init__(self, js: JetStreamContext, node: str, *, ttl_s: float, renew_s: float, replicas: int = 1) -> None:
+        if renew_s * 2 >= ttl_s:
+            raise ValueError("the lease must be renewed at least twice per TTL")
+        self.js, self.node, self.ttl_s, self.renew_s, self.replicas = js, node, ttl_s, renew_s, replicas
+        #: Stop firing this long before the lease could expire: covers clock-rate drift between
+        #: hosts and the time a publish in flight needs.
+        self.margin_s = min(0.5, ttl_s / 4)
+        self.revision: int | None = None
+        self._deadline = 0.0
+        self._since = ""
+        self._kv = None
+
+    # -- what the ticker asks -----------------------------------------------------------------
+
+    def valid(self) -> bool:
+        """Whether this node may fire now: it leads and its local deadline has not passed."""
+        return self.revision is not None and time.monotonic() < self._deadline
+
+    def fence(self) -> int:
+        return self.revision or 0
+
+    # -- the protocol ---------------------------------------------------------------------------
+
+    async def bucket(self):
+        if self._kv is None:
+            try:
+                self._kv = await self.js.key_value(names.LEADER_BUCKET)
+            except (BucketNotFoundError, NotFoundError):
+                self._kv = await self.js.create_key_value(KeyValueConfig(
+                    bucket=names.LEADER_BUCKET, history=1, ttl=self.ttl_s,
+                    storage=StorageType.FILE, replicas=self.replicas,
+                    description="kjob ticker leadership lease",
+                ))
+        return self._kv
+
+    def _value(self) -> bytes:
+        now = datetime.now(timezone.utc).isoformat()
+        return json.dumps({"node": self.node, "since": self._since or now, "renewed": now}).encode()
+
+    async def campaign(self, stop: asyncio.Event) -> bool:
+        """Wait until this node holds the lease (True) or `stop` is set (False)."""
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                kv = await self.bucket()
+                self._since = datetime.now(timezone.utc).isoformat()
+                self.revision = await kv.create(names.LEADER_KEY, self._value())
+                self._deadline = started + self.ttl_s - self.margin_s
+                log.info("ticker: %s elected leader (revision %d)", self.node, self.revision)
+                return True
+            except KeyWrongLastSequenceError:
+                pass  # someone leads
+            except Exception as err:  # NATS unreachable, cluster without quorum
+                log.warning("ticker: campaign failed (%s)", err)
+                self._kv = None
+            self.revision = None
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.renew_s)
+        return False
+
+    async def hold(self, stop: asyncio.Event) -> None:
+        """Renew the lease until it is lost or `stop` is set; return when no longer leading."""
+        try:
+            while not stop.is_set():
+                wait = max(0.0, min(self.renew_s, self._deadline - time.monotonic()))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=wait)
+                if stop.is_set():
+                    return
+                if time.monotonic() >= self._deadline:
+                    log.warning("ticker: %s could not renew its lease in time; stepping down", self.node)
+                    return
+                started = time.monotonic()
+                try:
+                    kv = await self.bucket()
+                    self.revision = await asyncio.wait_for(
+                        kv.update(names.LEADER_KEY, self._value(), last=self.revision),
+                        timeout=max(0.1, self._deadline - started),
+                    )
+                    self._deadline = started + self.ttl_s - self.margin_s
+                except KeyWrongLastSequenceError:
+                    log.warning("ticker: %s lost its lease to another node; stepping down", self.node)
+                    return
+                except Exception as err:
+                    log.warning("ticker: lease renewal failed (%s); retrying until the deadline", err)
+        finally:
+            self.revision = None
+
+    async def resign(self) -> None:
+        """Give the lease up at once (clean shutdown): a standby takes over without waiting a TTL."""
+        rev, self.revision = self.revision, None
+        if rev is None:
+            return
+        with contextlib.suppress(Exception):
+            kv = await self.bucket()
+            # Only if it is still ours: delete with a revision check is not in nats-py's KV
+            # API, so read first; the window is one round trip.
+            entry = await kv.get(names.LEADER_KEY)
+            if entry.revision == rev:
+                await kv.delete(names.LEADER_KEY)
+
+
+async def current_leader(js: JetStreamContext) -> LeaseInfo | None:
+    """Who holds the ticker lease now, for `kjob status`."""
+    try:
+        kv = await js.key_value(names.LEADER_BUCKET)
+        entry = await kv.get(names.LEADER_KEY)
+    except (BucketNotFoundError, NotFoundError, KeyNotFoundError):
+        return None
+    except Exception:
+        return None
+    if not entry.value:
+        return None
+    data = json.loads(entry.value)
+    return LeaseInfo(node=data["node"], revision=entry.revision or 0, since=data["since"], renewed=data["renewed"])

@@ -53,7 +53,10 @@ class Leadership:
         #: Stop firing this long before the lease could expire: covers clock-rate drift between
         #: hosts and the time a publish in flight needs.
         self.margin_s = min(0.5, ttl_s / 4)
+        #: The key's latest revision (renewals advance it).
         self.revision: int | None = None
+        #: The revision this node was elected with: the fencing token of its term.
+        self.term: int | None = None
         self._deadline = 0.0
         self._since = ""
         self._kv = None
@@ -62,10 +65,10 @@ class Leadership:
 
     def valid(self) -> bool:
         """Whether this node may fire now: it leads and its local deadline has not passed."""
-        return self.revision is not None and time.monotonic() < self._deadline
+        return self.term is not None and time.monotonic() < self._deadline
 
     def fence(self) -> int:
-        return self.revision or 0
+        return self.term or 0
 
     # -- the protocol ---------------------------------------------------------------------------
 
@@ -92,7 +95,7 @@ class Leadership:
             try:
                 kv = await self.bucket()
                 self._since = datetime.now(timezone.utc).isoformat()
-                self.revision = await kv.create(names.LEADER_KEY, self._value())
+                self.revision = self.term = await kv.create(names.LEADER_KEY, self._value())
                 self._deadline = started + self.ttl_s - self.margin_s
                 log.info("ticker: %s elected leader (revision %d)", self.node, self.revision)
                 return True
@@ -101,7 +104,7 @@ class Leadership:
             except Exception as err:  # NATS unreachable, cluster without quorum
                 log.warning("ticker: campaign failed (%s)", err)
                 self._kv = None
-            self.revision = None
+            self.revision = self.term = None
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.renew_s)
         return False
@@ -132,7 +135,8 @@ class Leadership:
                 except Exception as err:
                     log.warning("ticker: lease renewal failed (%s); retrying until the deadline", err)
         finally:
-            self.revision = None
+            # `revision` stays for resign(); the term is over.
+            self.term = None
 
     async def resign(self) -> None:
         """Give the lease up at once (clean shutdown): a standby takes over without waiting a TTL."""

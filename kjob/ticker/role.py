@@ -43,7 +43,7 @@ async def _fence(leadership: Leadership, ledger: RunLedger, holder: asyncio.Task
     """Write the new revision into the ledger's fence, retrying while the lease holds."""
     delay = 0.2
     while not holder.done():
-        revision = leadership.revision
+        revision = leadership.term
         if revision is None:
             return False
         try:

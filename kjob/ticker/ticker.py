@@ -30,6 +30,7 @@ from kjob.bus import names
 from kjob.bus.messages import DueRun, Event
 from kjob.config import TickerSettings
 from kjob.model.job import CatchupPolicy, Job
+from kjob.model.policies import jitter_for
 from kjob.model.run import Run, RunStatus, Trigger, run_id_for
 from kjob.model.schedule import Schedule
 from kjob.store.jobs import JobStore
@@ -55,6 +56,8 @@ class _Entry:
     next_slot: datetime | None
     #: Bumped when the job changes, so stale heap items are skipped instead of searched for.
     version: int = 0
+    #: The job's `jitter`: each slot is fired (not recorded) up to this much later.
+    jitter: timedelta = timedelta(0)
 
 
 def utcnow() -> datetime:
@@ -189,12 +192,16 @@ class Ticker:
     def _push(self, entry: _Entry) -> None:
         if entry.next_slot is not None:
             self._seq += 1
-            heapq.heappush(self._heap, (entry.next_slot.timestamp(), self._seq, entry.job_id, entry.version))
+            fire_at = entry.next_slot
+            if entry.jitter:
+                following = entry.schedule.next_slot(fire_at, entry.tz)
+                fire_at += jitter_for(entry.job_id, fire_at, entry.jitter, following)
+            heapq.heappush(self._heap, (fire_at.timestamp(), self._seq, entry.job_id, entry.version))
 
     def _set(self, job: Job, next_slot: datetime | None) -> None:
         old = self._entries.get(job.id)
         entry = _Entry(job.id, job.tenant, job.slug, self._schedule(job.schedule), job.timezone, next_slot,
-                       version=(old.version + 1) if old else 0)
+                       version=(old.version + 1) if old else 0, jitter=job.jitter)
         self._entries[job.id] = entry
         self._push(entry)
 
@@ -268,6 +275,9 @@ class Ticker:
                 rows.append(self._row(job, slot, Trigger.schedule, RunStatus.missed,
                                       f"scheduler was down at this slot; catch-up policy '{policy.policy}' did not run it"))
         self.missed_total += sum(1 for r in rows if r.status is RunStatus.missed)
+        outside = sum(1 for r in rows if r.status is RunStatus.missed and r.slot <= window_start)
+        metrics.slots_missed("outside_catchup_window", outside)
+        metrics.slots_missed("catchup_policy", sum(1 for r in rows if r.status is RunStatus.missed) - outside)
         if len(slots) >= MISSED_SCAN_MAX:
             log.warning("ticker: job %s/%s missed more than %d slots; only the first %d are listed",
                         job.tenant, job.slug, MISSED_SCAN_MAX, MISSED_SCAN_MAX)
@@ -311,6 +321,9 @@ class Ticker:
         old = self._entries.get(job_id)
         if old is not None and old.schedule.expr == job.schedule and old.tz == job.timezone:
             old.tenant, old.slug = job.tenant, job.slug
+            if old.jitter != job.jitter:  # same slots, new delays: the pending slot is kept
+                old.jitter, old.version = job.jitter, old.version + 1
+                self._push(old)
             return
         self._set(job, self._schedule(job.schedule).next_slot(now, job.timezone))
 

@@ -95,7 +95,7 @@ class Leadership:
             try:
                 kv = await self.bucket()
                 self._since = datetime.now(timezone.utc).isoformat()
-                self.revision = self.term = await kv.create(names.LEADER_KEY, self._value())
+                self.revision = self.term = await self._claim(kv)
                 self._deadline = started + self.ttl_s - self.margin_s
                 log.info("ticker: %s elected leader (revision %d)", self.node, self.revision)
                 return True
@@ -104,10 +104,22 @@ class Leadership:
             except Exception as err:  # NATS unreachable, cluster without quorum
                 log.warning("ticker: campaign failed (%s)", err)
                 self._kv = None
-            self.revision = self.term = None
+            self.term = None
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.renew_s)
         return False
+
+    async def _claim(self, kv) -> int:
+        """Create the key, or, after stepping down on a stall, take it back if nobody wrote it
+        since our last renewal (the update is conditional on that revision, so it is safe)."""
+        if self.revision is not None:
+            try:
+                return await kv.update(names.LEADER_KEY, self._value(), last=self.revision)
+            except KeyWrongLastSequenceError:
+                self.revision = None  # someone else leads, or led since
+            except KeyNotFoundError:
+                self.revision = None
+        return await kv.create(names.LEADER_KEY, self._value())
 
     async def hold(self, stop: asyncio.Event) -> None:
         """Renew the lease until it is lost or `stop` is set; return when no longer leading."""

@@ -57,8 +57,8 @@ class TickerSettings(BaseModel):
     resync_s: float = Field(default=60.0, gt=0, description="full reload of enabled jobs, a safety net for lost events")
     recover_s: float = Field(default=10.0, gt=0, description="how often unpublished or stranded runs are re-published")
     late_grace_s: float = Field(default=15.0, ge=0, description="slots this late after a failover or restart still run as scheduled")
-    lease_ttl_s: float = Field(default=1.5, gt=0, description="leader lease: a standby takes over this long after the last renewal")
-    lease_renew_s: float = Field(default=0.4, gt=0, description="how often the leader renews its lease")
+    lease_ttl_s: float = Field(default=1.2, gt=0, description="leader lease: a standby takes over this long after the last renewal")
+    lease_renew_s: float = Field(default=0.3, gt=0, description="how often the leader renews its lease")
 
 
 class TenantQuota(BaseModel):
@@ -130,6 +130,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     #: How often a node samples its JetStream consumers' backlog for /metrics.
     metrics_poll_s: float = Field(default=10.0, gt=0)
+    #: How often nodes with the ticker role prune run history past each job's `history` policy.
+    history_prune_s: float = Field(default=300.0, gt=0)
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
     ticker: TickerSettings = Field(default_factory=TickerSettings)

@@ -12,13 +12,11 @@ import contextlib
 import logging
 import socket
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
 import uvicorn
 
-from kjob.bus import names
-from kjob.bus.messages import DueRun, Event
+from kjob.bus.publish import announce_job_changed, publish_due
 from kjob.bus.setup import BusSettings, connect, ensure_streams
 from kjob.config import ROLES, Settings
 from kjob.errors import InvalidInput, ServerError
@@ -29,7 +27,7 @@ from kjob.store.database import create_engine, migrate
 from kjob.store.jobs import JobStore
 from kjob.store.runs import RunLedger
 from kjob.store.tokens import TokenStore
-from kjob.telemetry import metrics, tracing
+from kjob.telemetry import metrics
 from kjob.telemetry.logging import attach_output_file
 
 log = logging.getLogger(__name__)
@@ -80,10 +78,7 @@ class Node:
             self._js, self._ledger = js, ledger
 
             async def job_changed(job: Job | None, tenant: str, slug: str, kind: str) -> None:
-                job_id = job.id if job is not None else None
-                event = Event(kind="job_changed", tenant=tenant, job_id=job_id, slug=slug, detail=kind,
-                              at=datetime.now(timezone.utc))
-                await js.publish(names.event(tenant, "job_changed"), event.encode())
+                await announce_job_changed(js, tenant, job.id if job is not None else None, slug, kind)
 
             if "ticker" in self.roles:
                 from kjob.ticker.leader import Leadership
@@ -100,6 +95,8 @@ class Node:
                 ))
             if "executor" in self.roles:
                 from kjob.executor.executor import Executor
+                from kjob.executor.secrets import secret_resolver
+                from kjob.store.quotas import Quotas
                 from kjob.executor.sandbox import make_sandboxes
 
                 sandboxes = {}
@@ -117,7 +114,8 @@ class Node:
                     closers.append(sandbox.close)
                 executor = Executor(nc=nc, js=js, ledger=ledger, agents=agents, sandboxes=sandboxes,
                                     settings=s.executor, bus=bus, work_root=s.work_dir, node=self.name,
-                                    unavailable=unavailable)
+                                    unavailable=unavailable, secrets=secret_resolver(engine, s),
+                                    quotas=Quotas(s.quotas))
                 closers.append(metrics.watch_executor(self.name, lambda: executor.in_flight, s.executor.concurrency))
                 if s.executor.output_log is not None:
                     closers.append(attach_output_file(s.executor.output_log, self.name))
@@ -129,8 +127,12 @@ class Node:
                 relay = RelayClient(s.relay_url, s.relay_token, s.dispatcher.timeout_s)
                 closers.append(relay.aclose)
                 dispatcher = Dispatcher(nc=nc, js=js, ledger=ledger, relay=relay, settings=s.dispatcher,
-                                        bus=bus, log_url_base=s.public_url or self._own_api_url())
+                                        bus=bus, log_url_base=s.public_url or self._own_api_url(), node=self.name)
                 tasks["dispatcher"] = asyncio.create_task(dispatcher.run(stop))
+            if "ticker" in self.roles:  # every ticker node takes turns (an advisory lock), leader or not
+                from kjob.store.retention import prune_forever
+
+                tasks["retention"] = asyncio.create_task(prune_forever(engine, stop, s.history_prune_s))
             if self.roles & metrics.CONSUMERS.keys():
                 tasks["metrics"] = asyncio.create_task(metrics.poll_consumers(js, self.roles, stop, s.metrics_poll_s))
             server = None
@@ -141,8 +143,9 @@ class Node:
                 state = GatewayState(settings=s, engine=engine, jobs=jobs, tokens=TokenStore(engine), agents=agents,
                                      relay_configured=bool(s.relay_url), on_job_changed=job_changed,
                                      ledger=ledger, publish_due=self.publish_due, js=js)
+                # log_config=None: uvicorn's lines go through kjob's logging (JSON when asked).
                 server = _Server(uvicorn.Config(create_app(state), host=s.host, port=s.port,
-                                                log_level="warning", lifespan="off"))
+                                                log_level="warning", lifespan="off", log_config=None))
                 tasks["api"] = asyncio.create_task(server.serve())
                 while not server.started and not tasks["api"].done():
                     await asyncio.sleep(0.02)
@@ -170,16 +173,9 @@ class Node:
             await engine.dispose()
 
     async def publish_due(self, run: Run) -> None:
-        """Publish a run the ledger already holds (run-now); the ticker's recovery re-publishes
-        it if this fails."""
-        msg = DueRun(run_id=run.id, job_id=run.job_id, tenant=run.tenant, slug=run.slug,
-                     slot=run.slot, trigger=run.trigger.value)
-        subject = names.run_due(run.tenant)
-        with tracing.publishing(subject, run_id=run.id, tenant=run.tenant, job=run.slug, slot=run.slot,
-                                trigger=run.trigger.value) as trace_headers:
-            await self._js.publish(subject, msg.encode(), headers={
-                "Nats-Msg-Id": run.id, names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant, **trace_headers})
-        metrics.run_published(run.slot, run.trigger.value)
+        """Publish a run the ledger already holds (run-now, backfill); the ticker's recovery
+        re-publishes it if this fails."""
+        await publish_due(self._js, run)
         await self._ledger.mark_published([run.id])
 
     def _own_api_url(self) -> str:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -27,13 +25,14 @@ def _fail(message: str) -> None:
 
 
 def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # Alembic narrates every migration step at INFO; a start-up needs none of it.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    """Logs (KJOB_LOG_FORMAT, KJOB_LOG_LEVEL), and traces and metrics export (OTEL_*), for the
+    whole process: kjob.telemetry configures them in one place."""
+    from kjob import telemetry
+
+    try:
+        telemetry.setup(settings)
+    except KjobError as err:
+        _fail(str(err))
 
 
 def _run_until_signal(main) -> None:
@@ -183,11 +182,18 @@ async def _up(settings: Settings, stop: asyncio.Event) -> None:
                 await ensure_admin_token(TokenStore(engine), settings.token_file)
             finally:
                 await engine.dispose()
+        if not settings.secret_key:  # one machine needs no key management: keep the key beside the data
+            from kjob.store.secrets import ensure_key_file
+
+            ensure_key_file(settings.secret_key_file)
 
         def ready(url: str | None) -> None:
             settings.api_url_file.write_text(url or "")
             console.print(f"[bold green]kjob is up[/bold green]  API {url}", highlight=False)
             console.print(f"  token   {settings.token_file}", highlight=False)
+            if not settings.secret_key:
+                console.print(f"  secrets key {settings.secret_key_file} (back it up: stored secrets need it)",
+                              highlight=False)
             console.print(f"  data    {settings.home}", highlight=False)
             console.print(f"  NATS    {nats_url}", highlight=False)
             console.print("  try     kjob create --slug hello --agent shell --schedule '@every 1m' --prompt 'echo hello'",

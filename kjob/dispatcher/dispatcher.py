@@ -10,6 +10,7 @@ since the run finished. The agent is never run again for a delivery (invariant 2
 from __future__ import annotations
 
 import asyncio
+import socket
 import contextlib
 import logging
 from datetime import datetime, timezone
@@ -24,8 +25,10 @@ from kjob.bus.setup import BusSettings, ensure_consumer
 from kjob.config import DispatcherSettings
 from kjob.dispatcher.relay import RelayClient
 from kjob.errors import RelayRejected, RelayUnavailable
+from kjob.model.policies import PAUSED_NOTICE, pause_alert, pause_note
 from kjob.model.run import DeliveryStatus, dispatch_payload
 from kjob.store.runs import RunLedger
+from kjob.telemetry import metrics, tracing
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +44,12 @@ class Dispatcher:
         settings: DispatcherSettings,
         bus: BusSettings,
         log_url_base: str,
+        node: str | None = None,
     ) -> None:
         self.nc, self.js, self.ledger, self.relay = nc, js, ledger, relay
         self.settings, self.bus = settings, bus
         self.log_url_base = log_url_base.rstrip("/")
+        self.node = node or socket.gethostname()
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._tasks: set[asyncio.Task] = set()
 
@@ -78,6 +83,7 @@ class Dispatcher:
         if not task.cancelled() and task.exception() is not None:
             log.error("dispatcher: handler crashed", exc_info=task.exception())
 
+    @tracing.handles_run("kjob deliver", names.DISPATCHER_CONSUMER)
     async def _handle(self, msg) -> None:
         try:
             result = RunResult.decode(msg.data)
@@ -85,9 +91,20 @@ class Dispatcher:
             log.error("dispatcher: dropping a malformed result on %s", msg.subject)
             await msg.term()
             return
-        delivery = await self.ledger.delivery(result.run_id)
-        if delivery is None or delivery.run.delivery_status is not DeliveryStatus.pending:
-            await msg.ack()  # deleted, already delivered, failed for good, or nothing to deliver
+        tracing.annotate(tenant=result.tenant, job=result.slug, run_id=result.run_id, status=result.status,
+                         attempt=result.attempt)
+        if result.notice is not None:
+            await self._notice(result, msg)
+            return
+        delivery = await self.ledger.claim_delivery(result.run_id, self.node, self.settings.timeout_s * 2 + 5)
+        if delivery is None:
+            current = await self.ledger.delivery(result.run_id)
+            if current is not None and current.run.delivery_status is DeliveryStatus.pending:
+                # Another dispatcher is delivering it right now; look again later rather than ack
+                # a message it may still need to nak.
+                await msg.nak(delay=self.settings.retry_max_s)
+            else:
+                await msg.ack()  # deleted, already delivered, failed for good, or nothing to deliver
             return
         run = delivery.run
         payload = dispatch_payload(run.slug, delivery.channel, run.status, run.output_excerpt or "",
@@ -95,14 +112,20 @@ class Dispatcher:
         try:
             await self.relay.dispatch(delivery.channel, payload, run.id)
         except RelayRejected as err:
+            metrics.delivery_attempt("rejected")
+            metrics.delivery_failed("rejected")
+            tracing.annotate(delivery=DeliveryStatus.failed.value)
             await self.ledger.mark_delivery(run.id, DeliveryStatus.failed, str(err))
             await self._event(run.tenant, run, "failed")
             await msg.ack()
             return
         except RelayUnavailable as err:
+            metrics.delivery_attempt("unavailable")
             attempts = await self.ledger.count_delivery_attempt(run.id, str(err))
             age = (datetime.now(timezone.utc) - (run.finished_at or datetime.now(timezone.utc))).total_seconds()
             if age > self.settings.give_up_after_s:
+                metrics.delivery_failed("gave_up")
+                tracing.annotate(delivery=DeliveryStatus.failed.value)
                 await self.ledger.mark_delivery(run.id, DeliveryStatus.failed, f"gave up after {attempts} attempts: {err}")
                 await self._event(run.tenant, run, "failed")
                 await msg.ack()
@@ -111,8 +134,34 @@ class Dispatcher:
             log.info("dispatcher: run %s not delivered (%s); retry %d in %.1fs", run.id, err, attempts, delay)
             await msg.nak(delay=delay)
             return
+        metrics.delivery_attempt("delivered")
+        tracing.annotate(delivery=DeliveryStatus.delivered.value)
         await self.ledger.mark_delivery(run.id, DeliveryStatus.delivered)
         await self._event(run.tenant, run, "delivered")
+        await msg.ack()
+
+    async def _notice(self, result: RunResult, msg) -> None:
+        """A notice about the run's job: today `paused` (kjob.executor.policies), an alert to the
+        job's channel. Sent with `Idempotency-Key: <run id>.<notice>` and retried like a result;
+        the ledger keeps no delivery state for it."""
+        delivery = await self.ledger.delivery(result.run_id)
+        if result.notice != PAUSED_NOTICE or delivery is None or delivery.channel == "none":
+            await msg.ack()  # an unknown notice (a newer node's), a deleted job, or nowhere to send it
+            return
+        failures = result.failures or 0
+        log_url = f"{self.log_url_base}/v1/runs/{result.run_id}/logs"
+        payload = pause_alert(result.slug, delivery.channel, failures, pause_note(failures, result.run_id), log_url)
+        try:
+            await self.relay.dispatch(delivery.channel, payload, f"{result.run_id}.{result.notice}")
+        except RelayRejected as err:
+            log.warning("dispatcher: the %s alert of %s was refused (%s); not retried", result.notice, result.slug, err)
+        except RelayUnavailable as err:
+            age = (datetime.now(timezone.utc) - result.finished_at).total_seconds()
+            if age <= self.settings.give_up_after_s:
+                delay = min(self.settings.retry_initial_s * 2 ** (msg.metadata.num_delivered - 1), self.settings.retry_max_s)
+                await msg.nak(delay=delay)
+                return
+            log.warning("dispatcher: gave up on the %s alert of %s: %s", result.notice, result.slug, err)
         await msg.ack()
 
     async def _event(self, tenant: str, run, detail: str) -> None:

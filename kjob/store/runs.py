@@ -27,9 +27,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kjob.errors import NotFound
 from kjob.model.job import Job
-from kjob.model.run import Attempt, DeliveryStatus, Run, RunStatus, Trigger
+from kjob.model.run import FINAL_STATUSES, Attempt, DeliveryStatus, Run, RunStatus, Trigger
 from kjob.store.audit import Actor, record_by
 from kjob.store.quotas import check_running
+from kjob.store import overlap
+from kjob.store.overlap import Deferred, Skipped
 from kjob.store.tables import job_dispatch_targets, job_runs, jobs, run_attempts, run_logs
 
 OPEN = (RunStatus.scheduled.value, RunStatus.running.value, RunStatus.retrying.value)
@@ -56,6 +58,19 @@ ON CONFLICT (id) DO UPDATE SET revision = EXCLUDED.revision, node = EXCLUDED.nod
 WHERE ticker_lease.revision < EXCLUDED.revision OR ticker_lease.acquired_at < now() - make_interval(secs => $3)
 RETURNING revision
 """
+
+
+_CLAIM_DELIVERY_SQL = """
+UPDATE job_runs r SET claimed_by = $2, claim_until = now() + make_interval(secs => $3)
+FROM (SELECT r2.id, t.channel FROM job_runs r2
+      LEFT JOIN job_dispatch_targets t ON t.job_id = r2.job_id
+      WHERE r2.id = $1 FOR UPDATE OF r2) x
+WHERE r.id = x.id AND r.delivery_status = 'pending' AND r.status = ANY($4::text[])
+  AND (r.claim_until IS NULL OR r.claim_until < now())
+RETURNING r.*, x.channel
+"""
+
+FINAL_VALUES = tuple(s.value for s in FINAL_STATUSES)
 
 
 class Deposed(Exception):
@@ -222,12 +237,43 @@ class RunLedger:
                     return _run(row)
         raise RuntimeError("could not allocate a run key")  # five clashes in a row: a clock bug
 
+    async def record_backfill(
+        self, job: Job, slots: Sequence[datetime], *, overlap: str | None = None, actor: Actor | None = None
+    ) -> tuple[list[Run], int]:
+        """Add a backfill run for each slot that the ledger does not hold yet (the slot is the
+        run key: a slot already run, missed or skipped is left alone). Returns the new runs, in
+        slot order, and how many slots were already there. `overlap` overrides the job's
+        overlap policy for these runs; with `actor`, the audit log records `job.backfill`."""
+        from kjob.model.run import run_id_for, utc_text
+
+        if not slots:
+            return [], 0
+        values = [
+            {"id": run_id_for(job.id, slot), "job_id": job.id, "tenant": job.tenant, "slug": job.slug, "slot": slot,
+             "trigger": Trigger.backfill.value, "status": RunStatus.scheduled.value, "overlap": overlap}
+            for slot in slots
+        ]
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(
+                insert(job_runs).values(values).on_conflict_do_nothing().returning(job_runs)
+            )).all()
+            if actor is not None:
+                await record_by(conn, actor, "job.backfill", f"job/{job.slug}", {
+                    "first_slot": utc_text(slots[0]), "last_slot": utc_text(slots[-1]), "slots": len(slots),
+                    "queued": len(rows), "overlap": overlap,
+                })
+        new = sorted((_run(r) for r in rows), key=lambda r: r.slot)
+        return new, len(slots) - len(new)
+
     # -- executor -----------------------------------------------------------------------
 
     async def claim(
         self, run_id: str, executor: str, lease: timedelta, *, max_running: int | None = None
-    ) -> Claimed | None:
+    ) -> Claimed | Skipped | Deferred | None:
         """Take the run for one attempt, or None if it is not ours to run (done, owned, early).
+
+        The job's overlap policy is applied here (kjob.store.overlap): Skipped, the run is now
+        final as `skipped`; Deferred, it must wait for another run of its job to end.
 
         :raises TenantBusy: `max_running` (the tenant's concurrency quota) other runs of the
             tenant are running; nothing changed, so the run can be claimed again later.
@@ -240,13 +286,22 @@ class RunLedger:
             and_(job_runs.c.status == RunStatus.running.value, job_runs.c.claim_until < now),
         )
         async with self.engine.begin() as conn:
+            policy = await overlap.lock_job(conn, run_id)
+            if policy is None:
+                return None
+            # Under the job lock no other claim holds this row; a heartbeat or mark_published
+            # may, briefly: wait for it rather than skip a run that is ours to start.
             before = (await conn.execute(
-                select(job_runs.c.status, job_runs.c.attempt, job_runs.c.tenant)
+                select(job_runs.c.id, job_runs.c.job_id, job_runs.c.slot, job_runs.c.status, job_runs.c.attempt,
+                       job_runs.c.tenant)
                 .where(job_runs.c.id == run_id, claimable)
-                .with_for_update(skip_locked=True)
+                .with_for_update()
             )).first()
             if before is None:
                 return None
+            held = await overlap.settle(conn, before, policy, run_id, now)
+            if held is not None:
+                return held
             if max_running is not None:
                 await check_running(conn, before.tenant, run_id, max_running)
             lost = before.status == RunStatus.running.value
@@ -293,6 +348,50 @@ class RunLedger:
                 .values(claim_until=utcnow() + lease)
             )
             return result.rowcount == 1
+
+    async def stopped(self, run_id: str, executor: str, attempt: int) -> bool:
+        """Confirm that our attempt, cancelled by the overlap policy `replace`, has stopped: the
+        run that replaces it may start. False if the attempt was not cancelled (lost otherwise)."""
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(job_runs)
+                .where(job_runs.c.id == run_id, job_runs.c.claimed_by == executor, job_runs.c.attempt == attempt,
+                       job_runs.c.status == RunStatus.cancelled.value)
+                .values(claimed_by=None, claim_until=None)
+            )
+            if result.rowcount != 1:
+                return False
+            await conn.execute(
+                update(run_attempts)
+                .where(run_attempts.c.run_id == run_id, run_attempts.c.attempt == attempt,
+                       run_attempts.c.finished_at.is_(None))
+                .values(finished_at=utcnow())
+            )
+            return True
+
+    async def next_waiting(self, job_id: UUID) -> Run | None:
+        """The job's earliest published run that has not started: the one a `queue` or `replace`
+        job starts next, once the run before it ends."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(
+                select(job_runs)
+                .where(job_runs.c.job_id == job_id, job_runs.c.status == RunStatus.scheduled.value,
+                       job_runs.c.published_at.is_not(None))
+                .order_by(job_runs.c.slot).limit(1)
+            )).first()
+        return _run(row) if row is not None else None
+
+    async def failure_streak(self, job_id: UUID, length: int) -> bool:
+        """Whether the job's last `length` runs that ran to an end (by slot) all failed. Runs
+        that never ran (missed, skipped, cancelled) neither count nor break the streak."""
+        ended = (RunStatus.succeeded.value, RunStatus.failed.value, RunStatus.timed_out.value, RunStatus.error.value)
+        async with self.engine.connect() as conn:
+            statuses = (await conn.execute(
+                select(job_runs.c.status)
+                .where(job_runs.c.job_id == job_id, job_runs.c.status.in_(ended))
+                .order_by(job_runs.c.slot.desc()).limit(length)
+            )).scalars().all()
+        return len(statuses) == length and RunStatus.succeeded.value not in statuses
 
     async def finish(
         self,
@@ -377,8 +476,22 @@ class RunLedger:
         channel = mapping.pop("channel") or "none"
         return Delivery(run=Run.model_validate(mapping), channel=channel)
 
+    async def claim_delivery(self, run_id: str, owner: str, lease_s: float) -> Delivery | None:
+        """Take a finished run's pending delivery for `lease_s` seconds, or None if there is
+        none, or another dispatcher is delivering it now. Two dispatchers holding the same result
+        (a redelivery past the ack deadline) then never POST it at the same time. A finished
+        run's claim columns are free: the executor clears them when it records the end."""
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            record = await raw.driver_connection.fetchrow(_CLAIM_DELIVERY_SQL, run_id, owner, lease_s, list(FINAL_VALUES))
+        if record is None:
+            return None
+        mapping = dict(record)
+        channel = mapping.pop("channel") or "none"
+        return Delivery(run=Run.model_validate(mapping), channel=channel)
+
     async def mark_delivery(self, run_id: str, status: DeliveryStatus, error: str | None = None) -> None:
-        values: dict = dict(delivery_status=status.value, delivery_error=error,
+        values: dict = dict(delivery_status=status.value, delivery_error=error, claimed_by=None, claim_until=None,
                             delivery_attempts=job_runs.c.delivery_attempts + 1)
         if status is DeliveryStatus.delivered:
             values["delivered_at"] = func.now()
@@ -389,7 +502,8 @@ class RunLedger:
         async with self.engine.begin() as conn:
             return (await conn.execute(
                 update(job_runs).where(job_runs.c.id == run_id)
-                .values(delivery_attempts=job_runs.c.delivery_attempts + 1, delivery_error=error)
+                .values(delivery_attempts=job_runs.c.delivery_attempts + 1, delivery_error=error,
+                        claimed_by=None, claim_until=None)
                 .returning(job_runs.c.delivery_attempts)
             )).scalar_one()
 

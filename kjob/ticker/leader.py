@@ -31,6 +31,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
 from kjob.bus import names
+from kjob.telemetry import metrics
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class Leadership:
                 self.revision = self.term = await self._claim(kv)
                 self._deadline = started + self.ttl_s - self.margin_s
                 log.info("ticker: %s elected leader (revision %d)", self.node, self.revision)
+                metrics.leader_changed(self.node, True)
                 return True
             except KeyWrongLastSequenceError:
                 pass  # someone leads

@@ -8,6 +8,7 @@ import logging
 from typing import Callable
 
 from kjob.store.runs import RunLedger
+from kjob.telemetry import metrics
 from kjob.ticker.leader import Leadership
 from kjob.ticker.ticker import Ticker
 
@@ -36,6 +37,7 @@ async def lead_and_tick(
         if stop.is_set():
             await leadership.resign()
             return
+        metrics.leader_changed(leadership.node, False)
         log.info("ticker: %s is a standby now", leadership.node)
 
 

@@ -29,6 +29,7 @@ from nats.js import JetStreamContext
 from kjob.bus import names
 from kjob.bus.messages import DueRun, Event
 from kjob.config import TickerSettings
+from kjob.model.durations import format_duration
 from kjob.model.job import CatchupPolicy, Job
 from kjob.model.policies import jitter_for
 from kjob.model.run import Run, RunStatus, Trigger, run_id_for
@@ -270,7 +271,7 @@ class Ticker:
                 rows.append(self._row(job, slot, Trigger.catchup, RunStatus.scheduled, None))
             elif slot <= window_start:
                 rows.append(self._row(job, slot, Trigger.schedule, RunStatus.missed,
-                                      f"scheduler was down at this slot, which is outside the catch-up window ({policy.window})"))
+                                      f"scheduler was down at this slot, which is outside the catch-up window ({format_duration(policy.window)})"))
             else:
                 rows.append(self._row(job, slot, Trigger.schedule, RunStatus.missed,
                                       f"scheduler was down at this slot; catch-up policy '{policy.policy}' did not run it"))

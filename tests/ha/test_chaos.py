@@ -13,6 +13,8 @@ from datetime import datetime, timedelta
 import pytest
 from sqlalchemy import select, text
 
+from kjob.bus.publish import announce_job_changed
+from kjob.bus.setup import connect
 from kjob.embedded import EmbeddedPostgres
 from kjob.model.run import DeliveryStatus, RunStatus
 from kjob.store.database import create_engine, migrate
@@ -110,8 +112,11 @@ async def test_chaos_every_slot_once(tmp_path, nats_cluster):
 
             # End of the window: pause the jobs, let everything in flight finish and deliver.
             store = JobStore(engine)
+            nc = await connect(cluster.url, "chaos-test")
             for job in jobs:
                 await store.set_enabled(ACTOR, job.slug, False, note="end of chaos window")
+                await announce_job_changed(nc.jetstream(), job.tenant, job.id, job.slug, "disabled")
+            await nc.close()
 
             async def settled():
                 async with engine.connect() as conn:

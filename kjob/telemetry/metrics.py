@@ -1,0 +1,293 @@
+"""Metrics: recorded once through OpenTelemetry, read two ways.
+
+- `GET /metrics` on the API (Prometheus text format) reads them through the OTel Prometheus
+  reader, on a registry of kjob's own;
+- OTLP/HTTP push, when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._METRICS_ENDPOINT`) is set, every
+  `OTEL_METRIC_EXPORT_INTERVAL` ms (60 s by default).
+
+The roles call the functions at the bottom of this module (`run_published`, `run_claimed`,
+`attempt_finished`, ...); they act on one process-wide `Metrics`, built on first use (or by
+`setup`, which decides about OTLP). The names as Prometheus shows them are in `EXPORTED`, and
+the dashboards and alert rules in deploy/ may use only those (tests/telemetry checks it).
+
+No label names a tenant, a job or a run: /metrics is served without a token, and the number of
+series must not grow with the number of jobs. Per-run detail is in the ledger, the logs and
+the traces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Sequence
+
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from kjob.bus import names
+from kjob.telemetry.tracing import make_resource, otlp_configured
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+
+    from kjob.model.run import Run
+
+log = logging.getLogger(__name__)
+
+#: Seconds; fire lag targets are 10 ms (publish) and 250 ms (start), so the buckets are fine there.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
+
+#: Every metric family kjob exports, as Prometheus names it (OTel name, unit -> suffix).
+EXPORTED: dict[str, str] = {
+    "kjob_runs_total": "runs that reached a final status, by status",
+    "kjob_run_duration_seconds": "last attempt's start to the run's end, by status (histogram)",
+    "kjob_attempts_retried_total": "attempts that failed and will be retried",
+    "kjob_attempts_lost_total": "attempts lost with their executor, found when the run was claimed again",
+    "kjob_runs_published_total": "due messages published, by trigger and whether a republish",
+    "kjob_fire_lag_published_seconds": "slot -> due message published, scheduled slots (histogram)",
+    "kjob_fire_lag_started_seconds": "slot -> claimed by an executor, first attempts of scheduled slots (histogram)",
+    "kjob_slots_missed_total": "slots that will not run, by reason",
+    "kjob_delivery_attempts_total": "POSTs to Relay or a webhook, by result: delivered | rejected | unavailable",
+    "kjob_delivery_failures_total": "deliveries given up for good, by reason: rejected | gave_up",
+    "kjob_ticker_leader": "1 on the node whose ticker leads, else 0",
+    "kjob_ticker_leader_changes_total": "times this node became the ticker leader",
+    "kjob_executor_slots_in_use": "runs in flight on this node's executor",
+    "kjob_executor_slots": "this node's executor capacity",
+    "kjob_consumer_pending": "messages not yet delivered to the consumer",
+    "kjob_consumer_ack_pending": "messages delivered and not yet acked",
+    "kjob_consumer_redelivered": "messages delivered more than once and not yet acked",
+}
+
+#: The JetStream consumer each role reads, as (stream, durable).
+CONSUMERS = {
+    "executor": (names.RUNS_STREAM, names.EXECUTOR_CONSUMER),
+    "dispatcher": (names.RESULTS_STREAM, names.DISPATCHER_CONSUMER),
+}
+
+#: Reasons for `slots_missed`: the ticker's, and the overlap policy's.
+MISSED_REASONS = ("outside_catchup_window", "catchup_policy", "overlap", "disabled")
+
+
+class Metrics:
+    """kjob's instruments on one MeterProvider, readable as Prometheus text from `registry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, readers: Sequence[MetricReader] = (),
+                 node: str | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        prometheus = PrometheusMetricReader(registry=self.registry, disable_target_info=True, scope_info_enabled=False)
+        #: Readers besides Prometheus (the OTLP push, when configured).
+        self.readers = tuple(readers)
+        self.provider = MeterProvider(metric_readers=[prometheus, *readers], resource=make_resource(node))
+        meter = self.provider.get_meter("kjob")
+        self.runs = meter.create_counter("kjob.runs", "{run}", EXPORTED["kjob_runs_total"])
+        self.duration = meter.create_histogram("kjob.run.duration", "s", EXPORTED["kjob_run_duration_seconds"],
+                                               explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self.retried = meter.create_counter("kjob.attempts.retried", "{attempt}", EXPORTED["kjob_attempts_retried_total"])
+        self.lost = meter.create_counter("kjob.attempts.lost", "{attempt}", EXPORTED["kjob_attempts_lost_total"])
+        self.published = meter.create_counter("kjob.runs.published", "{message}", EXPORTED["kjob_runs_published_total"])
+        self.lag_published = meter.create_histogram(
+            "kjob.fire_lag.published", "s", EXPORTED["kjob_fire_lag_published_seconds"],
+            explicit_bucket_boundaries_advisory=LAG_BUCKETS)
+        self.lag_started = meter.create_histogram(
+            "kjob.fire_lag.started", "s", EXPORTED["kjob_fire_lag_started_seconds"],
+            explicit_bucket_boundaries_advisory=LAG_BUCKETS)
+        self.missed = meter.create_counter("kjob.slots.missed", "{slot}", EXPORTED["kjob_slots_missed_total"])
+        self.delivery = meter.create_counter("kjob.delivery.attempts", "{request}", EXPORTED["kjob_delivery_attempts_total"])
+        self.delivery_failed = meter.create_counter("kjob.delivery.failures", "{run}",
+                                                    EXPORTED["kjob_delivery_failures_total"])
+        self.leader = meter.create_gauge("kjob.ticker.leader", "1", EXPORTED["kjob_ticker_leader"])
+        self.leader_changes = meter.create_counter("kjob.ticker.leader_changes", "{change}",
+                                                   EXPORTED["kjob_ticker_leader_changes_total"])
+        self.pending = meter.create_gauge("kjob.consumer.pending", "{message}", EXPORTED["kjob_consumer_pending"])
+        self.ack_pending = meter.create_gauge("kjob.consumer.ack_pending", "{message}",
+                                              EXPORTED["kjob_consumer_ack_pending"])
+        self.redelivered = meter.create_gauge("kjob.consumer.redelivered", "{message}",
+                                              EXPORTED["kjob_consumer_redelivered"])
+        # Read when collected, so a scrape sees the executor as it is, not as last sampled.
+        self._executors: dict[int, tuple[str, Callable[[], int], int]] = {}
+        self._lock = threading.Lock()
+        meter.create_observable_gauge("kjob.executor.slots_in_use", [self._observe_in_use], "{run}",
+                                      EXPORTED["kjob_executor_slots_in_use"])
+        meter.create_observable_gauge("kjob.executor.slots", [self._observe_capacity], "{run}",
+                                      EXPORTED["kjob_executor_slots"])
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus exposition and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def watch_executor(self, node: str, in_use: Callable[[], int], capacity: int) -> Callable[[], Awaitable[None]]:
+        """Report an executor's slots; returns the async function that stops reporting them
+        (a node's closer)."""
+        key = id(in_use)
+        with self._lock:
+            self._executors[key] = (node, in_use, capacity)
+
+        async def forget() -> None:
+            with self._lock:
+                self._executors.pop(key, None)
+
+        return forget
+
+    def _watched(self) -> list[tuple[str, Callable[[], int], int]]:
+        with self._lock:
+            return list(self._executors.values())
+
+    def _observe_in_use(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(in_use(), {"node": node}) for node, in_use, _ in self._watched()]
+
+    def _observe_capacity(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(capacity, {"node": node}) for node, _, capacity in self._watched()]
+
+
+_metrics: Metrics | None = None
+_setup_lock = threading.Lock()
+
+
+def build(node: str | None = None) -> Metrics:
+    """A Metrics with OTLP/HTTP export if the environment asks for it (see the module docstring)."""
+    readers: list[MetricReader] = []
+    if otlp_configured("metrics"):
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+            OTLPMetricExporter,
+        )
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    return Metrics(readers=readers, node=node)
+
+
+def setup(node: str | None = None) -> Metrics:
+    """Build the process's Metrics (`build`). Call before anything is recorded: a second call
+    returns the first one's."""
+    global _metrics
+    with _setup_lock:
+        if _metrics is None:
+            _metrics = build(node)
+        return _metrics
+
+
+def install(metrics: Metrics | None) -> Metrics | None:
+    """Make `metrics` the process's (None: build it again on next use); returns the one before.
+    For tests that need a registry of their own."""
+    global _metrics
+    with _setup_lock:
+        previous, _metrics = _metrics, metrics
+        return previous
+
+
+def get() -> Metrics:
+    """The process's Metrics (built without OTLP if `setup` was not called)."""
+    return _metrics if _metrics is not None else setup()
+
+
+def render() -> tuple[bytes, str]:
+    return get().render()
+
+
+def _since(moment: datetime) -> float:
+    return (datetime.now(timezone.utc) - moment).total_seconds()
+
+
+# -- what the roles call ------------------------------------------------------------------------
+
+
+def run_published(slot: datetime, trigger: str, republish: bool = False) -> None:
+    """Ticker (and run-now): a due message is out. Fire lag only for a scheduled slot's first
+    publish: a catch-up or manual run is late by design, a republish by recovery."""
+    m = get()
+    m.published.add(1, {"trigger": trigger, "republish": republish})
+    if trigger == "schedule" and not republish:
+        m.lag_published.record(max(_since(slot), 0.0))
+
+
+def run_claimed(run: "Run", previous_lost: bool = False) -> None:
+    """Executor: it now runs `run` (attempt `run.attempt`)."""
+    m = get()
+    if previous_lost:
+        m.lost.add(1)
+    if run.trigger.value == "schedule" and run.attempt == 1:
+        m.lag_started.record(max(_since(run.slot), 0.0))
+
+
+def attempt_finished(run: "Run") -> None:
+    """Executor: an attempt's end is recorded; `run` as the ledger has it now (`retrying`, or final)."""
+    m = get()
+    if not run.status.final:
+        m.retried.add(1)
+        return
+    m.runs.add(1, {"status": run.status.value})
+    duration = run.duration()
+    if duration is not None:
+        m.duration.record(max(duration, 0.0), {"status": run.status.value})
+
+
+def slots_missed(reason: str, count: int = 1) -> None:
+    """Slots recorded as missed or skipped; `reason` is one of MISSED_REASONS."""
+    if count:
+        get().missed.add(count, {"reason": reason})
+
+
+def delivery_attempt(result: str) -> None:
+    """Dispatcher: one POST; `result` is delivered | rejected | unavailable."""
+    get().delivery.add(1, {"result": result})
+
+
+def delivery_failed(reason: str) -> None:
+    """Dispatcher: a delivery given up for good; `reason` is rejected | gave_up."""
+    get().delivery_failed.add(1, {"reason": reason})
+
+
+def leader_changed(node: str, leading: bool) -> None:
+    """Ticker election: `node` became the leader (True) or stopped leading (False)."""
+    m = get()
+    m.leader.set(1 if leading else 0, {"node": node})
+    if leading:
+        m.leader_changes.add(1, {"node": node})
+
+
+def watch_executor(node: str, in_use: Callable[[], int], capacity: int) -> Callable[[], Awaitable[None]]:
+    """Node: report an executor's slots in use and capacity; returns the async function to stop."""
+    return get().watch_executor(node, in_use, capacity)
+
+
+def consumer_state(consumer: str, pending: int, ack_pending: int, redelivered: int) -> None:
+    m = get()
+    attrs = {"consumer": consumer}
+    m.pending.set(pending, attrs)
+    m.ack_pending.set(ack_pending, attrs)
+    m.redelivered.set(redelivered, attrs)
+
+
+async def poll_consumers(js: "JetStreamContext", roles: Iterable[str], stop: asyncio.Event, interval_s: float) -> None:
+    """Node: sample the backlog of the consumers of its `roles` (executor, dispatcher) every
+    `interval_s` until `stop`. A consumer that cannot be read (NATS away) is skipped until the
+    next round, with one warning until it can be read again."""
+    consumers = [CONSUMERS[role] for role in roles if role in CONSUMERS]
+    failing: set[str] = set()
+    # Wait first: the roles create their consumers as they start.
+    while not await _stopped_within(stop, interval_s):
+        for stream, durable in consumers:
+            try:
+                info = await js.consumer_info(stream, durable)
+            except Exception as err:  # NATS reconnecting, or the role not up yet: next round
+                if durable not in failing:
+                    log.warning("metrics: cannot read consumer %s on %s (%s); its backlog is not reported",
+                                durable, stream, err)
+                    failing.add(durable)
+                continue
+            failing.discard(durable)
+            consumer_state(durable, info.num_pending or 0, info.num_ack_pending or 0, info.num_redelivered or 0)
+
+
+async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except asyncio.TimeoutError:
+        return False
+    return True

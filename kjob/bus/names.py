@@ -25,6 +25,9 @@ LOG_ALL = "kjob.log.>"
 EXECUTOR_CONSUMER = "kjob-executor"
 DISPATCHER_CONSUMER = "kjob-dispatcher"
 
+#: Nodes heard from recently (KV bucket, one key per node), for `kjob status`.
+NODES_BUCKET = "kjob_nodes"
+
 #: Ticker leadership lease (KV bucket).
 LEADER_BUCKET = "kjob_leader"
 LEADER_KEY = "ticker"

@@ -132,7 +132,8 @@ async def ensure_consumer(js: JetStreamContext, stream: str, durable: str, filte
 
 
 async def stream_info(js: JetStreamContext) -> dict[str, dict]:
-    """Messages and consumer counts per stream, for `kjob status`."""
+    """Messages per stream and, for the work streams, their consumer's backlog, for `kjob status`."""
+    consumers = {names.RUNS_STREAM: names.EXECUTOR_CONSUMER, names.RESULTS_STREAM: names.DISPATCHER_CONSUMER}
     out: dict[str, dict] = {}
     for cfg in stream_configs(1):
         try:
@@ -140,10 +141,19 @@ async def stream_info(js: JetStreamContext) -> dict[str, dict]:
         except NotFoundError:
             out[cfg.name] = {"exists": False}
             continue
-        out[cfg.name] = {
+        entry: dict = {
             "exists": True,
             "messages": info.state.messages,
             "consumers": info.state.consumer_count,
             "replicas": info.config.num_replicas,
         }
+        durable = consumers.get(cfg.name)
+        if durable:
+            try:
+                c = await js.consumer_info(cfg.name, durable)
+                entry["consumer"] = {"name": durable, "pending": c.num_pending, "ack_pending": c.num_ack_pending,
+                                     "redelivered": c.num_redelivered}
+            except NotFoundError:
+                entry["consumer"] = {"name": durable, "exists": False}
+        out[cfg.name] = entry
     return out

@@ -157,6 +157,10 @@ class ApiClient:
     def run_now(self, slug: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/jobs/{_seg(slug)}/run")
 
+    def backfill(self, slug: str, start: str, end: str, overlap: str | None = None) -> dict[str, Any]:
+        body = {"from": start, "to": end, **({"overlap": overlap} if overlap else {})}
+        return self.request("POST", f"/v1/jobs/{_seg(slug)}/backfill", json=body)
+
     def list_runs(self, slug: str, limit: int) -> list[dict[str, Any]]:
         return self.request("GET", f"/v1/jobs/{_seg(slug)}/runs", params={"limit": limit})
 
@@ -177,3 +181,6 @@ class ApiClient:
                     response.read()
                     raise self._error(response)
                 yield from response.iter_text()
+
+    def status(self) -> dict[str, Any]:
+        return self.request("GET", "/v1/status")

@@ -6,6 +6,8 @@
     │   └── JobFileError                 a job file that is not valid TOML or not a job
     ├── NotFound (LookupError)           a job or run that does not exist for this tenant
     ├── Conflict                         e.g. a slug that is already taken
+    │   └── QuotaExceeded                a tenant's limit (jobs, concurrent runs) is reached
+    ├── RateLimited                      too many requests of one kind; carries when to retry
     ├── Unauthorized / Forbidden         missing or wrong credentials / role too low
     ├── ServerError                      an embedded or external server would not start or answer
     └── RelayError                       a delivery to Relay failed
@@ -52,6 +54,18 @@ class NotFound(KjobError, LookupError):
 
 class Conflict(KjobError):
     """The request conflicts with what is stored (a slug already taken, a run already final)."""
+
+
+class QuotaExceeded(Conflict):
+    """A tenant's quota would be exceeded (docs/security.md); the message names the quota."""
+
+
+class RateLimited(KjobError):
+    """Too many requests of one kind in a window; `retry_after_s` says when one fits again."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Unauthorized(KjobError):

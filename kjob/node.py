@@ -58,6 +58,10 @@ class Node:
     on_ready: Callable[[str | None], Awaitable[None] | None] | None = None
     name: str = field(default_factory=socket.gethostname)
     api_url: str | None = None
+    #: Filled while starting: the sandboxes this node offers, those that failed and why.
+    sandboxes: dict = field(default_factory=dict)
+    unavailable: dict = field(default_factory=dict)
+    leadership: object | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
@@ -99,8 +103,8 @@ class Node:
                 from kjob.store.quotas import Quotas
                 from kjob.executor.sandbox import make_sandboxes
 
-                sandboxes = {}
-                unavailable: dict[str, str] = {}
+                sandboxes = self.sandboxes
+                unavailable = self.unavailable
                 for backend, sandbox in make_sandboxes(s).items():
                     try:
                         await sandbox.start()
@@ -153,6 +157,18 @@ class Node:
                     tasks["api"].result()  # raises why it could not listen
                 port = server.servers[0].sockets[0].getsockname()[1]
                 self.api_url = f"http://{_display_host(s.host)}:{port}"
+            from kjob.bus import presence
+
+            def facts() -> dict:
+                return {
+                    "roles": sorted(self.roles),
+                    "api_url": self.api_url,
+                    "sandboxes": {name: sb.status() for name, sb in self.sandboxes.items()},
+                    "sandboxes_unavailable": self.unavailable,
+                    "leading": bool(self.leadership and self.leadership.valid()),
+                }
+
+            tasks["presence"] = asyncio.create_task(presence.announce(js, self.name, facts, stop, s.stream_replicas))
             if self.on_ready is not None:
                 result = self.on_ready(self.api_url)
                 if asyncio.iscoroutine(result):

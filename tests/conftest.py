@@ -49,7 +49,8 @@ def nats_url(nats_server: EmbeddedNats) -> str:
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
     """The session's PostgreSQL. Not durable (no fsync): it only holds test data."""
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres"), durable=False, settings={"max_connections": "300"})
+    settings = {"max_connections": "300", "log_checkpoints": "off"}
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("postgres"), durable=False, settings=settings)
     _timed("postgres initdb + start", server.start)
     yield server
     server.stop()

@@ -47,6 +47,11 @@ class RunResult(_Message):
     attempt: int
     exit_code: int | None = None
     finished_at: datetime
+    #: Set on a notice about the run's job rather than the run's own result: `paused` (the
+    #: job was paused by `pause_after_failures` after this run). Msg-Id `<run id>.<notice>`.
+    notice: str | None = None
+    #: With notice `paused`: how many failed runs in a row paused the job.
+    failures: int | None = None
 
 
 class Event(_Message):

@@ -1,6 +1,6 @@
 """Publishing kjob's messages from outside the ticker: one function per message, so the node
-(run-now, backfill), the executor (the next queued run, a paused job) and the gateway put the
-same bytes and headers on the bus."""
+(run-now, backfill, job changes) and the executor (a job paused after failures) put the same
+bytes and headers on the bus."""
 
 from __future__ import annotations
 
@@ -15,19 +15,16 @@ from kjob.model.run import Run
 from kjob.telemetry import metrics, tracing
 
 
-async def publish_due(js: JetStreamContext, run: Run, *, msg_id: str | None = None) -> None:
-    """Put a run the ledger holds on `kjob.run.due.<tenant>`. `msg_id` defaults to the run id
-    (JetStream drops a second publish of it); a deliberate second delivery of the same run,
-    such as waking a queued run, passes its own id."""
+async def publish_due(js: JetStreamContext, run: Run) -> None:
+    """Put a run the ledger holds on `kjob.run.due.<tenant>`, `Nats-Msg-Id` = run id."""
     msg = DueRun(run_id=run.id, job_id=run.job_id, tenant=run.tenant, slug=run.slug,
                  slot=run.slot, trigger=run.trigger.value)
     subject = names.run_due(run.tenant)
     with tracing.publishing(subject, run_id=run.id, tenant=run.tenant, job=run.slug, slot=run.slot,
-                            trigger=run.trigger.value, republish=msg_id is not None) as trace_headers:
+                            trigger=run.trigger.value) as trace_headers:
         await js.publish(subject, msg.encode(), headers={
-            "Nats-Msg-Id": msg_id or run.id, names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant,
-            **trace_headers})
-    metrics.run_published(run.slot, run.trigger.value, msg_id is not None)
+            "Nats-Msg-Id": run.id, names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant, **trace_headers})
+    metrics.run_published(run.slot, run.trigger.value)
 
 
 async def announce_job_changed(js: JetStreamContext, tenant: str, job_id: UUID | None, slug: str, kind: str) -> None:

@@ -13,6 +13,7 @@ import typer
 
 from kjob.cli.client import ApiClient, ApiError, resolve
 from kjob.cli.output import Format, console, job_table, jobs_table, print_json, say, slots_table
+from kjob.cli.policies import OverlapOpt, policy_fields
 from kjob.config import Settings
 from kjob.errors import InvalidInput
 from kjob.model.job import JobSpec, parse_job
@@ -65,6 +66,21 @@ def create(
     timeout: Annotated[str | None, typer.Option(help="kill the run after this long, e.g. 30m, 1h30m (max 24h)")] = None,
     disabled: Annotated[bool, typer.Option("--disabled", help="create the job paused")] = False,
     description: Annotated[str | None, typer.Option(help="a note for people")] = None,
+    overlap: OverlapOpt = None,
+    jitter: Annotated[
+        str | None, typer.Option(help="delay each slot by up to this much, the same for each slot, e.g. 30s")
+    ] = None,
+    catchup_window: Annotated[
+        str | None, typer.Option(help="after downtime, missed slots this recent may run, e.g. 1h [default: 1h]")
+    ] = None,
+    catchup_policy: Annotated[
+        str | None, typer.Option(help="after downtime, run the latest | all | none of them [default: latest]")
+    ] = None,
+    pause_after_failures: Annotated[
+        int | None, typer.Option(help="pause the job after this many failed runs in a row, alerting its channel")
+    ] = None,
+    keep_runs: Annotated[int | None, typer.Option(help="keep only the newest N runs of history")] = None,
+    keep_days: Annotated[int | None, typer.Option(help="keep run history for D days")] = None,
 ) -> None:
     """Create a job."""
     data: dict[str, Any] = {"slug": slug, "prompt": prompt, "schedule": schedule, "agent": agent}
@@ -83,6 +99,10 @@ def create(
         data["enabled"] = False
     if description is not None:
         data["description"] = description
+    data.update(policy_fields(
+        overlap=overlap, jitter=jitter, catchup_window=catchup_window, catchup_policy=catchup_policy,
+        pause_after_failures=pause_after_failures, keep_runs=keep_runs, keep_days=keep_days,
+    ))
     spec = parse_job(data)  # refuse bad input before touching the network, with the API's words
     with _client() as api:
         job = api.create_job(spec.model_dump(mode="json"))

@@ -14,7 +14,7 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from kjob.cli import jobs, runs, serve
+from kjob.cli import admin, jobs, policies, runs, serve, status
 from kjob.config import config_file
 from kjob.errors import KjobError
 from kjob.model.job import validation_error
@@ -61,7 +61,10 @@ app = typer.Typer(
 )
 jobs.register(app)
 runs.register(app)
+status.register(app)
+policies.register(app)
 serve.register(app)
+admin.register(app)
 
 
 def main() -> None:

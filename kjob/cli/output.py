@@ -83,7 +83,8 @@ def job_table(job: dict[str, Any]) -> Table:
     rows = [
         ("slug", job["slug"]),
         ("tenant", job["tenant"]),
-        ("enabled", "yes" if job["enabled"] else f"no{_note(job)}"),
+        ("enabled", "yes" if job["enabled"] else "no"),
+        *([] if job["enabled"] else [("paused", _paused(job))]),
         ("schedule", job["schedule"]),
         ("timezone", job["timezone"]),
         ("agent", job["agent"]),
@@ -91,6 +92,7 @@ def job_table(job: dict[str, Any]) -> Table:
         ("output", job["output"]["channel"]),
         ("retries", f"{retries['max']} ({retries['backoff']})"),
         ("timeout", job["timeout"]),
+        *_policy_rows(job),
         ("description", job.get("description") or "-"),
         ("created", job["created_at"]),
         ("updated", job["updated_at"]),
@@ -101,5 +103,30 @@ def job_table(job: dict[str, Any]) -> Table:
     return table
 
 
-def _note(job: dict[str, Any]) -> str:
-    return f" ({job['paused_note']})" if job.get("paused_note") else ""
+def _paused(job: dict[str, Any]) -> str:
+    """`since 2026-11-26T07:00:00Z: <note>`: when and why the job was paused."""
+    since = f"since {job['paused_at']}" if job.get("paused_at") else "yes"
+    return f"{since}: {job['paused_note']}" if job.get("paused_note") else since
+
+
+_CATCHUP_WORDS = {
+    "latest": "after downtime, run the latest missed slot of the last {}",
+    "all": "after downtime, run every missed slot of the last {}",
+    "none": "after downtime, run no missed slot",
+}
+
+
+def _policy_rows(job: dict[str, Any]) -> list[tuple[str, str]]:
+    """The scheduling policies (kjob.model.policies), each in words."""
+    catchup = job.get("catchup") or {}
+    history = job.get("history") or {}
+    keep = [f"newest {history['keep_runs']} runs"] if history.get("keep_runs") else []
+    keep += [f"{history['keep_days']} days"] if history.get("keep_days") else []
+    failures = job.get("pause_after_failures")
+    return [
+        ("overlap", job.get("overlap", "skip")),
+        ("catch-up", _CATCHUP_WORDS.get(catchup.get("policy", "latest"), "?").format(catchup.get("window", "1h"))),
+        ("jitter", "none" if job.get("jitter", "0s") == "0s" else f"up to {job['jitter']}"),
+        ("pause after", f"{failures} failed runs in a row" if failures else "never"),
+        ("history", "keep " + ", ".join(keep) if keep else "keep all"),
+    ]

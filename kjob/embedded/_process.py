@@ -13,6 +13,7 @@ Both embedded servers run as children of the kjob process, never as daemons:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -60,6 +61,17 @@ def _die_with_parent(death_signal: int, parent_pid: int) -> Callable[[], None]:
             os._exit(1)
 
     return preexec
+
+
+def _children(pid: int) -> list[int]:
+    """The direct children of process `pid` (empty where /proc cannot tell)."""
+    found: list[int] = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            found += [int(child) for child in (task / "children").read_text().split()]
+    except OSError:
+        pass
+    return found
 
 
 class ChildProcess:
@@ -173,10 +185,17 @@ class ChildProcess:
             return
         if self._proc.returncode is None:
             # Not reaped yet, so the pid (the group id) cannot have been reused by anyone else.
-            try:
-                os.killpg(self._proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            # PostgreSQL backends lead process groups of their own (so that the postmaster can
+            # signal their children), so the group alone misses them: stop the server, so it
+            # forks no more and reaps none (their pids stay theirs), and kill its children too.
+            pid = self._proc.pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+            for child in _children(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
         self._proc.wait()
         self._proc = None
 

@@ -6,6 +6,7 @@ that dir is not on PATH in an unactivated venv, so it is looked up there first.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import sysconfig
@@ -54,6 +55,8 @@ class EmbeddedNats:
         cluster_port: int | None = None,
         routes: list[str] | None = None,
         cluster_name: str = DEFAULT_CLUSTER_NAME,
+        config_file: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         if cluster_port is not None and not server_name:
             raise InvalidInput("a clustered nats-server needs a server_name unique in its cluster", "server_name")
@@ -65,11 +68,16 @@ class EmbeddedNats:
         self.cluster_port = (cluster_port or free_port(host)) if cluster_port is not None else None
         self.routes = list(routes or [])
         self.cluster_name = cluster_name
+        #: A nats-server config (e.g. deploy/nats/nats-server.conf: users and permissions); the
+        #: host, port, store dir and cluster given here override its own. `env` is added to the
+        #: server's environment, where the config's `$VARIABLES` are read from.
+        self.config_file = config_file
         self._process = ChildProcess(
             f"nats-server {server_name or ''}".strip(),
             [],  # set by launch(): finding the binary may fail, and that belongs to start()
             self.data_dir / "nats-server.log",
             stop_signal=signal.SIGTERM,
+            env={**os.environ, **env} if env else None,
         )
 
     @property
@@ -93,6 +101,10 @@ class EmbeddedNats:
     def running(self) -> bool:
         return self._process.running
 
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines the server logged (its stdout and stderr, kept in `data_dir`)."""
+        return self._process.log_tail(lines)
+
     def _argv(self) -> list[str]:
         argv = [
             str(nats_server_binary()),
@@ -100,6 +112,8 @@ class EmbeddedNats:
             "-a", self.host, "-p", str(self.port),
             "-m", str(self.monitor_port),
         ]
+        if self.config_file is not None:
+            argv += ["-c", str(self.config_file)]
         if self.server_name:
             argv += ["--server_name", self.server_name]
         if self.cluster_port is not None:

@@ -106,6 +106,10 @@ class EmbeddedPostgres:
     def running(self) -> bool:
         return self._process.running
 
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines the server logged (its stdout and stderr, kept in `data_dir`)."""
+        return self._process.log_tail(lines)
+
     def start(self, timeout: float = 30.0) -> EmbeddedPostgres:
         """Start (or restart, keeping its data) and wait until it accepts connections.
 

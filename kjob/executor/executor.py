@@ -30,7 +30,12 @@ from kjob.config import ExecutorSettings
 from kjob.executor.agents import AgentRegistry
 from kjob.executor.sandbox.base import Launch, Outcome, Sandbox
 from kjob.model.run import DeliveryStatus, Run, RunStatus, attempt_status, should_retry
-from kjob.store.runs import Claimed, RunLedger
+from kjob.executor.secrets import LiveMask, SecretResolver, SecretsUnavailable
+from kjob.store.quotas import Quotas, TenantBusy, busy_retry_delay
+from kjob.executor.policies import RunPolicies
+from kjob.model.policies import defer_delay
+from kjob.store.runs import Claimed, Deferred, RunLedger, Skipped
+from kjob.store.secrets import SecretStore
 from kjob.telemetry import metrics, tracing
 from kjob.telemetry.logging import agent_output
 
@@ -55,6 +60,8 @@ class Executor:
         work_root: Path,
         node: str | None = None,
         unavailable: dict[str, str] | None = None,
+        secrets: SecretResolver | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self.nc, self.js, self.ledger, self.agents = nc, js, ledger, agents
         self.sandboxes, self.settings, self.bus = sandboxes, settings, bus
@@ -62,6 +69,10 @@ class Executor:
         self.node = node or socket.gethostname()
         #: Backends that failed to start on this node, and why.
         self.unavailable = unavailable or {}
+        #: Without a resolver given, a job that references a secret ends `error` ("no secret key").
+        self.secrets = secrets or SecretResolver(SecretStore(ledger.engine, None))
+        self.quotas = quotas or Quotas()
+        self.policies = RunPolicies(js=js, ledger=ledger)
         self.lease = timedelta(seconds=settings.claim_lease_s)
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._tasks: set[asyncio.Task] = set()
@@ -119,9 +130,24 @@ class Executor:
             await msg.term()
             return
         tracing.annotate(tenant=due.tenant, job=due.slug, run_id=due.run_id, slot=due.slot, trigger=due.trigger)
-        claimed = await self.ledger.claim(due.run_id, self.node, self.lease)
+        try:
+            claimed = await self.ledger.claim(
+                due.run_id, self.node, self.lease, max_running=self.quotas.limits(due.tenant).max_concurrent_runs
+            )
+        except TenantBusy:
+            # The tenant is at its concurrency quota: the run stays scheduled; ask again later.
+            await msg.nak(delay=busy_retry_delay(msg.metadata.num_delivered))
+            return
         if claimed is None:
             await self._not_ours(due, msg)
+            return
+        if isinstance(claimed, Skipped):  # overlap `skip`: final now, with its reason
+            metrics.slots_missed("overlap")
+            await self._event(claimed.run, "run_finished", claimed.run.status.value)
+            await msg.ack()
+            return
+        if isinstance(claimed, Deferred):  # overlap `queue`/`replace`: not yet; nothing changed
+            await msg.nak(delay=defer_delay(msg.metadata.num_delivered))
             return
         tracing.annotate(attempt=claimed.run.attempt)
         metrics.run_claimed(claimed.run, claimed.previous_lost)
@@ -164,7 +190,7 @@ class Executor:
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
         if outcome is None:
-            log.warning("executor: lost the claim on run %s; its result is void", run.id)
+            await self._claim_lost(run, job, msg)
             return
         status = attempt_status(outcome.exit_code, outcome.timed_out, outcome.start_error)
         reason = outcome.start_error or outcome.reason
@@ -181,7 +207,7 @@ class Executor:
         )
         await self._log_end(run)
         if finished is None:
-            log.warning("executor: run %s was taken over before it finished here", run.id)
+            await self._claim_lost(run, job, msg)
             return
         tracing.annotate(status=finished.status.value, exit_code=finished.exit_code)
         metrics.attempt_finished(finished)
@@ -192,6 +218,17 @@ class Executor:
             await self._publish_result(finished)
         await self._event(finished, "run_finished", finished.status.value)
         await msg.ack()
+        await self.policies.after_end(finished, job)
+
+    async def _claim_lost(self, run: Run, job, msg) -> None:
+        """The attempt's claim is gone: the overlap policy `replace` cancelled the run (confirm
+        the stop, so the run replacing it starts), or another executor took it over (stay
+        silent: this attempt's result is void)."""
+        if await self.ledger.stopped(run.id, self.node, run.attempt):
+            log.info("executor: run %s stopped: replaced by a newer run of %s", run.id, job.slug)
+            await msg.ack()
+            return
+        log.warning("executor: lost the claim on run %s; its result is void", run.id)
 
     async def _run_sandbox(self, claimed: Claimed, stop_attempt: asyncio.Event) -> Outcome | None:
         """The attempt's Outcome, or None if the claim was lost while it ran."""
@@ -207,9 +244,13 @@ class Executor:
         if sandbox is None:
             why = self.unavailable.get(job.sandbox.backend, "it is not in executor.sandboxes")
             return Outcome(start_error=f"sandbox backend {job.sandbox.backend!r} is unavailable on node {self.node}: {why}")
+        try:  # `secret:<name>` values become the secrets here, and only here (docs/security.md)
+            job_env, masker = await self.secrets.environment(job.tenant, job.sandbox.env)
+        except SecretsUnavailable as err:
+            return Outcome(start_error=str(err))
         launch = Launch(
             run_id=run.id, tenant=job.tenant, job_slug=job.slug, attempt=run.attempt,
-            argv=argv, stdin=stdin, env={**job.sandbox.env, **env}, spec=job.sandbox,
+            argv=argv, stdin=stdin, env={**job_env, **env}, spec=job.sandbox,
             timeout=job.timeout, output_cap_bytes=self.settings.output_cap_bytes, work_root=self.work_root,
         )
         log_subject = names.run_log(job.tenant, run.id)
@@ -220,16 +261,18 @@ class Executor:
                 await self.nc.publish(log_subject, text.encode(), headers={
                     "Kjob-Stream": stream, names.HDR_RUN_ID: run.id, names.HDR_TENANT: job.tenant})
 
-        runner = asyncio.create_task(sandbox.run(launch, on_output))
+        live = LiveMask(masker, on_output)  # every captured byte passes the mask of the secret values
+        runner = asyncio.create_task(sandbox.run(launch, live.write))
         lost = asyncio.create_task(stop_attempt.wait())
         done, _ = await asyncio.wait({runner, lost}, return_when=asyncio.FIRST_COMPLETED)
         if runner in done:
             lost.cancel()
+            await live.flush()
             try:
-                return runner.result()
+                return masker.outcome(runner.result())
             except Exception as err:  # a sandbox bug must still end the run, not hang it
                 log.exception("executor: sandbox %s failed on run %s", sandbox.name, run.id)
-                return Outcome(start_error=f"sandbox {sandbox.name} failed: {err}")
+                return masker.outcome(Outcome(start_error=f"sandbox {sandbox.name} failed: {err}"))
         runner.cancel()  # cancelling kills what the attempt started
         with contextlib.suppress(BaseException):
             await runner

@@ -1,8 +1,8 @@
 """The HTTP gateway: `create_app(state)` builds the FastAPI app; whoever runs the API role
 (`kjob up`, `kjob server --roles api`) serves it with uvicorn.
 
-Routes (OpenAPI at `/openapi.json`): `/healthz` and `/readyz` without a token; everything
-under `/v1` with a bearer token (see `kjob.gateway.auth`).
+Routes (OpenAPI at `/openapi.json`): `/healthz`, `/readyz` and `/metrics` without a token;
+everything under `/v1` with a bearer token (see `kjob.gateway.auth`).
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import APIRouter, Depends, FastAPI
 
 from kjob.gateway import errors
-from kjob.gateway.auth import authenticate
+from kjob.gateway.auth import authenticate, wire_security
 from kjob.gateway.limits import BodyLimit
-from kjob.gateway.routes import health, jobs, runs, schedules
+from kjob.gateway.routes import audit, backfill, health, jobs, metrics, quotas, runs, schedules, secrets, status, tokens
 from kjob.gateway.state import GatewayState
+from kjob.telemetry import tracing
 
 
 def create_app(state: GatewayState) -> FastAPI:
@@ -25,16 +26,21 @@ def create_app(state: GatewayState) -> FastAPI:
         version=_version(),
         openapi_url="/openapi.json",
     )
+    wire_security(state)
     app.state.gateway = state
     errors.install(app)
     app.add_middleware(BodyLimit)
     # The token dependency sits on the router, so no /v1 route can be added without it.
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)], responses=errors.V1_ERROR_RESPONSES)
     v1.include_router(jobs.router)
     v1.include_router(schedules.router)
     v1.include_router(runs.router)
+    for router in (tokens.router, secrets.router, audit.router, quotas.router, backfill.router, status.router):
+        v1.include_router(router)
     app.include_router(v1)
     app.include_router(health.router)
+    app.include_router(metrics.router)
+    tracing.instrument_app(app)
     return app
 
 

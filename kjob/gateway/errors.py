@@ -10,7 +10,8 @@ Every error answer has the same JSON shape, whatever raised it:
     kjob.errors.Unauthorized                                       401 (+ WWW-Authenticate)
     kjob.errors.Forbidden                                          403
     kjob.errors.NotFound                                           404
-    kjob.errors.Conflict                                           409
+    kjob.errors.Conflict (incl. QuotaExceeded)                     409
+    kjob.errors.RateLimited                                        429 (+ Retry-After)
     body over the size limit                                       413
     kjob.errors.ServerError, database unreachable or dropped       503 (retry later)
     anything else                                                  500, logged, no traceback sent
@@ -19,15 +20,26 @@ Every error answer has the same JSON shape, whatever raised it:
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kjob.errors import Conflict, Forbidden, InvalidInput, KjobError, NotFound, ServerError, Unauthorized
+from kjob.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    KjobError,
+    NotFound,
+    RateLimited,
+    ServerError,
+    Unauthorized,
+)
 from kjob.model.job import error_from_detail
 
 log = logging.getLogger(__name__)
@@ -39,11 +51,41 @@ _STATUS: tuple[tuple[type[KjobError], int], ...] = (
     (Forbidden, 403),
     (NotFound, 404),
     (Conflict, 409),
+    (RateLimited, 429),
     (ServerError, 503),
 )
 
 #: Where FastAPI says a request value came from; the field name is what follows.
 _SOURCES = frozenset({"body", "query", "path", "header", "cookie"})
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    field: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: what is wrong, what to do, and the field at fault (if one is)."""
+
+    error: ErrorDetail
+
+
+#: The error answers any `/v1` route may give, for the OpenAPI document (and so for clients
+#: and the schema fuzzing test, which checks every answer against it).
+V1_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in (
+        (400, "the body is not valid JSON"),
+        (401, "no valid bearer token"),
+        (403, "the token's role is too low"),
+        (404, "no such object in your tenant"),
+        (409, "conflicts with what is stored, or a quota is reached"),
+        (413, "the body is too large"),
+        (422, "invalid input; `field` names it"),
+        (429, "rate limited; see Retry-After"),
+        (503, "a server kjob depends on does not answer"),
+    )
+}
 
 
 def error_body(message: str, field: str | None = None) -> dict[str, Any]:
@@ -70,6 +112,10 @@ async def _kjob_error(request: Request, exc: Exception) -> JSONResponse:
         return error_response(500, "internal error; the server log has the details")
     if isinstance(exc, InvalidInput):
         return error_response(status, exc.message, exc.field)
+    if isinstance(exc, RateLimited):
+        response = error_response(status, str(exc))
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        return response
     return error_response(status, str(exc))
 
 

@@ -45,3 +45,8 @@ class GatewayState:
     publish_due: "Callable[[Run], Awaitable[None]] | None" = None
     #: JetStream, for following live logs. None: logs are served from the ledger only.
     js: "JetStreamContext | None" = None
+    #: Security collaborators; `create_app` builds the ones left None from `settings`
+    #: (kjob.gateway.auth.wire_security): OIDC verifier (None without an issuer), secrets, quotas.
+    oidc: "OidcVerifier | None" = None
+    secrets: "SecretStore | None" = None
+    quotas: "Quotas | None" = None

@@ -24,12 +24,14 @@ from pydantic import (
 
 from kjob.errors import InvalidInput
 from kjob.model.durations import format_duration, parse_duration
+from kjob.model.policies import MAX_JITTER, OverlapPolicy
 from kjob.model.schedule import Schedule, zone
 from kjob.model.sizes import parse_size
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 MAX_PROMPT_BYTES = 64 * 1024
 MAX_TIMEOUT = timedelta(hours=24)
+_NO_JITTER = timedelta(0)
 
 
 def _to_timedelta(value: Any) -> Any:
@@ -133,6 +135,19 @@ class CatchupPolicy(_Strict):
     policy: Literal["latest", "all", "none"] = "latest"
 
 
+class HistoryPolicy(_Strict):
+    """How much run history to keep; unset keeps everything. Pruned in the background.
+
+    A finished run is pruned when it is not among the job's newest `keep_runs` runs (by slot),
+    or when it finished more than `keep_days` days ago. Never pruned: open runs, runs whose
+    result still waits for delivery, and the job's latest scheduled slot (where the ticker
+    resumes after a restart). A pruned slot is out of the ledger: a backfill may run it again.
+    """
+
+    keep_runs: int | None = Field(default=None, ge=1, le=1_000_000)
+    keep_days: int | None = Field(default=None, ge=1, le=36_500)
+
+
 class JobSpec(_Strict):
     """A job as its author writes it (RFC section 5)."""
 
@@ -146,6 +161,14 @@ class JobSpec(_Strict):
     retries: RetryPolicy = Field(default_factory=RetryPolicy)
     timeout: Duration = timedelta(minutes=30)
     catchup: CatchupPolicy = Field(default_factory=CatchupPolicy)
+    #: What a run does while the previous one still runs (see kjob.model.policies).
+    overlap: OverlapPolicy = "skip"
+    #: Up to this delay per slot, the same for a given (job, slot); capped at half the gap to
+    #: the next slot. The run keeps its nominal slot.
+    jitter: Duration = timedelta(0)
+    #: Pause the job after this many failed runs in a row (opt-in), alerting its channel once.
+    pause_after_failures: int | None = Field(default=None, ge=1, le=1000)
+    history: HistoryPolicy = Field(default_factory=HistoryPolicy)
     enabled: bool = True
     description: str = ""
     labels: dict[str, str] = Field(default_factory=dict)
@@ -201,6 +224,13 @@ class JobSpec(_Strict):
             raise ValueError("the timeout can be at most 24h")
         return v
 
+    @field_validator("jitter")
+    @classmethod
+    def _jitter(cls, v: timedelta) -> timedelta:
+        if v > MAX_JITTER:
+            raise ValueError("the jitter can be at most 24h, e.g. '30s' or '5m'")
+        return v or _NO_JITTER  # one shared object for the common case: the ticker holds 100,000 jobs
+
 
 class Job(JobSpec):
     """A stored job: the spec plus what the store assigns."""
@@ -215,6 +245,8 @@ class Job(JobSpec):
     #: so enabling a job after a pause never fires a burst of old slots (invariant 1).
     enabled_at: datetime | None = None
     paused_note: str | None = None
+    #: When the job was last paused (by `disable`, or by `pause_after_failures`); None while enabled.
+    paused_at: datetime | None = None
 
     def spec(self) -> JobSpec:
         return JobSpec.model_validate(self.model_dump(include=set(JobSpec.model_fields)))

@@ -20,7 +20,8 @@ MAX_BODY_CHARS = 4000
 
 
 class RunStatus(str, enum.Enum):
-    """Where a run is. The last five are final; `missed` and `skipped` never ran."""
+    """Where a run is. FINAL_STATUSES (all but scheduled, running, retrying, lost) are final;
+    `missed` and `skipped` never ran."""
 
     scheduled = "scheduled"  #: in the ledger, due message published or about to be
     running = "running"  #: claimed by an executor, which heartbeats its claim
@@ -32,6 +33,7 @@ class RunStatus(str, enum.Enum):
     lost = "lost"  #: the executor died mid-attempt; the run is retried
     missed = "missed"  #: a slot that will not run (downtime past the catch-up rule); reason kept
     skipped = "skipped"  #: a slot not run by policy (overlap, disabled); reason kept
+    cancelled = "cancelled"  #: stopped by the overlap policy `replace` ("replaced by run <id>"); no retry
 
     @property
     def final(self) -> bool:
@@ -40,7 +42,7 @@ class RunStatus(str, enum.Enum):
 
 FINAL_STATUSES = frozenset(
     {RunStatus.succeeded, RunStatus.failed, RunStatus.timed_out, RunStatus.error,
-     RunStatus.missed, RunStatus.skipped}
+     RunStatus.missed, RunStatus.skipped, RunStatus.cancelled}
 )
 
 
@@ -158,6 +160,8 @@ class Run(BaseModel):
     delivery_attempts: int = 0
     delivery_error: str | None = None
     delivered_at: datetime | None = None
+    #: The overlap policy this run starts under when not the job's own (a backfill's choice).
+    overlap: str | None = None
 
     def duration(self) -> float | None:
         """Seconds from the last attempt's start to the end; None until finished."""

@@ -49,7 +49,7 @@ _SUBMODELS: dict[str, type[BaseModel]] = {
 }
 
 #: The row's own columns, which win over their copies in `spec`.
-_META = ("id", "tenant", "slug", "enabled", "created_at", "updated_at", "enabled_at", "paused_note")
+_META = ("id", "tenant", "slug", "enabled", "created_at", "updated_at", "enabled_at", "paused_note", "paused_at")
 
 
 @contextmanager
@@ -100,14 +100,14 @@ def jobs_from_rows(rows: Sequence[Sequence[Any]]) -> list[Job]:
     built: list[Job] = []
     with _gc_paused():
         for row in rows:
-            spec: dict[str, Any] = row[8]  # decoded for this row alone: ours to fill in
-            for name, text in zip(names, row[9:], strict=True):
+            spec: dict[str, Any] = row[len(_META)]  # decoded for this row alone: ours to fill in
+            for name, text in zip(names, row[len(_META) + 1:], strict=True):
                 if text is not None:
                     model = shared.get((name, text))
                     if model is None:
                         model = shared[(name, text)] = _SUBMODELS[name].model_validate_json(text)
                     spec[name] = model
-            spec.update(zip(_META, row[:8], strict=True))
+            spec.update(zip(_META, row[:len(_META)], strict=True))
             job = Job.model_validate(spec)
             fields_set = fields_sets.setdefault(frozenset(job.model_fields_set), job.model_fields_set)
             object.__setattr__(job, "__pydantic_fields_set__", fields_set)
@@ -251,6 +251,10 @@ class JobStore:
             }
             if enabled and not row.enabled:
                 values["enabled_at"] = now
+            if enabled:
+                values["paused_at"] = None
+            elif row.enabled or row.paused_at is None:
+                values["paused_at"] = now  # a new note on a paused job keeps when it was paused
             updated = (
                 await conn.execute(jobs.update().where(jobs.c.id == row.id).values(**values).returning(jobs))
             ).one()
@@ -258,6 +262,27 @@ class JobStore:
                 conn, actor, "job.enable" if enabled else "job.disable", _target(slug),
                 {"enabled": {"from": row.enabled, "to": enabled}, "note": new_note},
             )
+        return job_from_row(updated)
+
+    async def pause_unless_paused(self, actor: Actor, job_id: uuid.UUID, note: str) -> Job | None:
+        """Pause the job with `note`, unless it is already paused (or gone): then None, and the
+        pause that is there, with its own note, stays as it is. Whoever gets a Job back is the
+        one caller that paused it, so what follows a pause (an alert) happens once."""
+        now = utcnow()
+        async with self.engine.begin() as conn:
+            updated = (
+                await conn.execute(
+                    jobs.update()
+                    .where(jobs.c.id == job_id, jobs.c.tenant == actor.tenant, jobs.c.enabled)
+                    .values(enabled=False, spec=jobs.c.spec.op("||")(literal({"enabled": False}, JSONB)),
+                            paused_note=note, paused_at=now, version=jobs.c.version + 1, updated_at=now)
+                    .returning(jobs)
+                )
+            ).first()
+            if updated is None:
+                return None
+            await record_by(conn, actor, "job.disable", _target(updated.slug),
+                            {"enabled": {"from": True, "to": False}, "note": note})
         return job_from_row(updated)
 
     async def delete(self, actor: Actor, slug: str) -> None:
@@ -291,6 +316,7 @@ class JobStore:
                     tenant=actor.tenant,
                     slug=spec.slug,
                     enabled_at=now if spec.enabled else None,
+                    paused_at=None if spec.enabled else now,
                     version=1,
                     created_at=now,
                     updated_at=now,
@@ -318,6 +344,9 @@ class JobStore:
         if spec.enabled and not row.enabled:
             values["enabled_at"] = now
             values["paused_note"] = None
+            values["paused_at"] = None
+        elif row.enabled and not spec.enabled:
+            values["paused_at"] = now
         updated = (
             await conn.execute(jobs.update().where(jobs.c.id == row.id).values(**values).returning(jobs))
         ).one()

@@ -233,7 +233,8 @@ class RunLedger:
                 if row is not None:
                     if actor is not None:
                         action = "job.run" if trigger is Trigger.manual else f"job.{trigger.value}"
-                        await record_by(conn, actor, action, f"job/{job.slug}", {"run_id": run_id, "trigger": trigger.value})
+                        change = {"run_id": run_id, "trigger": trigger.value}
+                        await record_by(conn, actor, action, f"job/{job.slug}", change)
                     return _run(row)
         raise RuntimeError("could not allocate a run key")  # five clashes in a row: a clock bug
 
@@ -368,18 +369,6 @@ class RunLedger:
                 .values(finished_at=utcnow())
             )
             return True
-
-    async def next_waiting(self, job_id: UUID) -> Run | None:
-        """The job's earliest published run that has not started: the one a `queue` or `replace`
-        job starts next, once the run before it ends."""
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(
-                select(job_runs)
-                .where(job_runs.c.job_id == job_id, job_runs.c.status == RunStatus.scheduled.value,
-                       job_runs.c.published_at.is_not(None))
-                .order_by(job_runs.c.slot).limit(1)
-            )).first()
-        return _run(row) if row is not None else None
 
     async def failure_streak(self, job_id: UUID, length: int) -> bool:
         """Whether the job's last `length` runs that ran to an end (by slot) all failed. Runs

@@ -50,6 +50,8 @@ jobs = Table(
     Column("enabled", Boolean, nullable=False),
     Column("enabled_at", TS),
     Column("paused_note", Text),
+    #: When the job was last paused; NULL while it is enabled.
+    Column("paused_at", TS),
     Column("version", Integer, nullable=False, server_default=text("1")),
     Column("created_at", TS, nullable=False, server_default=text("now()")),
     Column("updated_at", TS, nullable=False, server_default=text("now()")),
@@ -86,6 +88,8 @@ job_runs = Table(
     Column("delivery_attempts", Integer, nullable=False, server_default=text("0")),
     Column("delivery_error", Text),
     Column("delivered_at", TS),
+    #: The overlap policy the run starts under, when not its job's (a backfill's choice).
+    Column("overlap", String(16)),
     UniqueConstraint("job_id", "slot", name="uq_job_runs_job_slot"),
 )
 Index("ix_job_runs_job_slot_desc", job_runs.c.job_id, job_runs.c.slot.desc())
@@ -99,6 +103,14 @@ Index(
     "ix_job_runs_tenant_running",
     job_runs.c.tenant,
     postgresql_where=text("status = 'running'"),
+)
+#: A job's runs that may hold back a new one under its overlap policy (open, or cancelled and
+#: still stopping): each claim looks them up, so this stays small however long the history.
+Index(
+    "ix_job_runs_busy",
+    job_runs.c.job_id,
+    job_runs.c.slot,
+    postgresql_where=text("status IN ('scheduled','running','retrying') OR claimed_by IS NOT NULL"),
 )
 
 #: One row per attempt of a run: the history behind `job_runs.attempt`.

@@ -10,16 +10,18 @@ from __future__ import annotations
 import builtins
 import hashlib
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kjob.errors import InvalidInput, NotFound
-from kjob.store.audit import Actor, record_by
+from kjob.store.audit import Actor, record
 from kjob.store.tables import api_tokens
 
 #: Each role can do what the roles before it can: viewer reads, operator enables and disables,
@@ -28,6 +30,9 @@ ROLES = ("viewer", "operator", "editor", "admin")
 
 #: The tenant of the admin token `kjob up` creates.
 DEFAULT_TENANT = "default"
+
+#: A tenant name is one NATS subject token (`kjob.run.due.<tenant>`): no dots, wildcards or spaces.
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 _PREFIX = "kjob_"
 
@@ -38,7 +43,15 @@ class Principal:
 
     tenant: str
     role: str
-    token_id: str
+    #: kjob's own token id; for an OIDC token, its `jti` claim if it has one.
+    token_id: str | None
+    #: The OIDC `sub` claim; None for kjob's own tokens, which `who` names by token id.
+    subject: str | None = None
+
+    @property
+    def who(self) -> str:
+        """The actor the audit log names."""
+        return self.subject if self.subject is not None else f"token:{self.token_id}"
 
     def allows(self, role: str) -> bool:
         """Whether this principal's role is `role` or higher."""
@@ -57,6 +70,22 @@ class TokenInfo:
     revoked_at: datetime | None
 
 
+def check_tenant(tenant: str, field: str = "tenant") -> str:
+    """Return `tenant` if it can name a tenant, else raise InvalidInput naming `field`."""
+    if not isinstance(tenant, str) or not TENANT_PATTERN.fullmatch(tenant):
+        raise InvalidInput(
+            f"{tenant!r} is not a tenant name: use 1-64 letters, digits, '-' or '_', starting with a letter or digit",
+            field,
+        )
+    return tenant
+
+
+def check_role(role: str, field: str = "role") -> str:
+    if role not in ROLES:
+        raise InvalidInput(f"unknown role {role!r}; use one of {', '.join(ROLES)}", field)
+    return role
+
+
 def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -68,10 +97,11 @@ class TokenStore:
     async def create(self, tenant: str, role: str, name: str = "", *, actor: Actor | None = None) -> tuple[str, str]:
         """Create a token; return `(token_id, secret)`. The secret cannot be read back later.
 
-        With `actor`, the creation is written to the audit log of `tenant`.
+        With `actor`, the creation is written to the audit log of `tenant` (which may differ
+        from the actor's own: an admin of the admin tenant manages every tenant's tokens).
         """
-        if role not in ROLES:
-            raise InvalidInput(f"unknown role {role!r}; use one of {', '.join(ROLES)}", "role")
+        check_tenant(tenant)
+        check_role(role)
         if len(name) > 128:
             raise InvalidInput("a token name can be at most 128 characters", "name")
         token_id = secrets.token_hex(6)
@@ -84,7 +114,7 @@ class TokenStore:
                 )
             )
             if actor is not None:
-                await record_by(conn, actor, "token.create", f"token/{token_id}", {"role": role, "name": name})
+                await _record(conn, tenant, actor, "token.create", token_id, {"role": role, "name": name})
         return token_id, secret
 
     async def verify(self, secret: str) -> Principal | None:
@@ -102,15 +132,24 @@ class TokenStore:
 
     async def list(self, tenant: str) -> builtins.list[TokenInfo]:  # `list` is this method here
         """The tenant's tokens, revoked ones included, oldest first."""
+        return await self._select(api_tokens.c.tenant == tenant)
+
+    async def _select(self, *where: Any) -> builtins.list[TokenInfo]:
         query = (
             select(api_tokens.c.id, api_tokens.c.tenant, api_tokens.c.role, api_tokens.c.name,
                    api_tokens.c.created_at, api_tokens.c.revoked_at)
-            .where(api_tokens.c.tenant == tenant)
+            .where(*where)
             .order_by(api_tokens.c.created_at, api_tokens.c.id)
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         return [TokenInfo(**row._mapping) for row in rows]
+
+    async def get(self, tenant: str, token_id: str) -> TokenInfo:
+        """The tenant's token `token_id`. Raises NotFound (also for another tenant's token)."""
+        for info in await self._select(api_tokens.c.tenant == tenant, api_tokens.c.id == token_id):
+            return info
+        raise NotFound("token", token_id)
 
     async def revoke(self, tenant: str, token_id: str, *, actor: Actor | None = None) -> None:
         """Revoke the tenant's token `token_id` (at once: the next request with it is refused).
@@ -135,7 +174,16 @@ class TokenStore:
                 .values(revoked_at=datetime.now(UTC))
             )
             if actor is not None:
-                await record_by(conn, actor, "token.revoke", f"token/{token_id}", None)
+                await _record(conn, tenant, actor, "token.revoke", token_id, None)
+
+
+async def _record(
+    conn: AsyncConnection, tenant: str, actor: Actor, action: str, token_id: str, change: dict[str, Any] | None
+) -> None:
+    """Audit a token operation in the tenant that owns the token, saying so if the actor is of another."""
+    if actor.tenant != tenant:
+        change = {**(change or {}), "by_tenant": actor.tenant}
+    await record(conn, tenant, actor.subject, actor.token_id, action, f"token/{token_id}", change)
 
 
 async def ensure_admin_token(store: TokenStore, token_file: Path) -> str:

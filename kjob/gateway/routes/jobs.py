@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field
 from kjob.errors import InvalidInput, NotFound
 from kjob.gateway.auth import Editor, Operator, Viewer, actor_of, gateway_state
 from kjob.gateway.state import ChangeKind, GatewayState
+from kjob.gateway.tenant_checks import check_job_for_tenant, check_new_jobs
 from kjob.gateway.validation import check_job, check_storable
 from kjob.model.job import Job, JobSpec, merge_job
 from kjob.model.run import utc_text
@@ -89,7 +90,7 @@ async def _previous(state: GatewayState, tenant: str, slug: str) -> Job | None:
         return None
 
 
-def _check(state: GatewayState, spec: JobSpec, now: datetime, previous: Job | None = None) -> None:
+async def _check(state: GatewayState, tenant: str, spec: JobSpec, now: datetime, previous: Job | None = None) -> None:
     check_job(
         spec,
         agents=state.agents,
@@ -97,6 +98,7 @@ def _check(state: GatewayState, spec: JobSpec, now: datetime, previous: Job | No
         now=now,
         previous=previous.spec() if previous else None,
     )
+    await check_job_for_tenant(state, tenant, spec, now, previous.spec() if previous else None)
 
 
 async def _apply_checked(state: GatewayState, principal: Principal, spec: JobSpec, now: datetime) -> ApplyResult:
@@ -110,7 +112,8 @@ async def _apply_checked(state: GatewayState, principal: Principal, spec: JobSpe
 async def create_job(spec: JobSpec, principal: Editor, state: State) -> JobView:
     """Create a job. 409 if the slug is taken in this tenant."""
     now = now_utc()
-    _check(state, spec, now)
+    await _check(state, principal.tenant, spec, now)
+    await check_new_jobs(state, principal.tenant, 1)
     job = await state.jobs.create(actor_of(principal), spec)
     await _announce(state, job, principal.tenant, job.slug, "created")
     return job_view(job, now)
@@ -129,16 +132,20 @@ async def apply_jobs(request: ApplyRequest, principal: Editor, state: State) -> 
     any is written: one bad job refuses the whole request, naming it (`jobs.<i>.<field>`)."""
     now = now_utc()
     seen: dict[str, int] = {}
+    adding = 0  # jobs this request creates, for the tenant's job quota
     for i, spec in enumerate(request.jobs):
         if spec.slug in seen:
             raise InvalidInput(f"slug {spec.slug!r} appears twice (jobs {seen[spec.slug]} and {i})", f"jobs.{i}.slug")
         seen[spec.slug] = i
         try:
-            _check(state, spec, now, await _previous(state, principal.tenant, spec.slug))
+            previous = await _previous(state, principal.tenant, spec.slug)
+            await _check(state, principal.tenant, spec, now, previous)
+            adding += previous is None
         except InvalidInput as e:
             raise InvalidInput(
                 f"job {spec.slug!r}: {e.message}", f"jobs.{i}.{e.field}" if e.field else f"jobs.{i}"
             ) from None
+    await check_new_jobs(state, principal.tenant, adding)
     return ApplyResponse(results=[await _apply_checked(state, principal, spec, now) for spec in request.jobs])
 
 
@@ -147,13 +154,17 @@ async def get_job(slug: str, principal: Viewer, state: State) -> JobView:
     return job_view(await state.jobs.get(principal.tenant, slug), now_utc())
 
 
-@router.put("/jobs/{slug}", response_model=ApplyResult)
+@router.put("/jobs/{slug}", response_model=ApplyResult,
+            responses={201: {"model": ApplyResult, "description": "created"}})
 async def put_job(slug: str, spec: JobSpec, principal: Editor, state: State, response: Response) -> ApplyResult:
     """Create or replace one job, idempotently: 201 when created, 200 otherwise."""
     if spec.slug != slug:
         raise InvalidInput(f"the body's slug {spec.slug!r} differs from the URL's {slug!r}", "slug")
     now = now_utc()
-    _check(state, spec, now, await _previous(state, principal.tenant, slug))
+    previous = await _previous(state, principal.tenant, slug)
+    await _check(state, principal.tenant, spec, now, previous)
+    if previous is None:
+        await check_new_jobs(state, principal.tenant, 1)
     result = await _apply_checked(state, principal, spec, now)
     if result.action == "created":
         response.status_code = status.HTTP_201_CREATED
@@ -175,7 +186,7 @@ async def patch_job(
     now = now_utc()
     current = await state.jobs.get(principal.tenant, slug)
     spec = merge_job(current.spec(), changes)
-    _check(state, spec, now, current)
+    await _check(state, principal.tenant, spec, now, current)
     job = await state.jobs.update(actor_of(principal), slug, spec)
     await _announce(state, job, principal.tenant, slug, "updated")
     return job_view(job, now)

@@ -11,14 +11,15 @@ import logging
 from datetime import datetime
 from typing import Annotated, AsyncIterator
 
-from fastapi import APIRouter, Depends, Query, status
+from fastapi import APIRouter, Depends, Query, Response, status
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from nats.js.api import DeliverPolicy
 from pydantic import BaseModel
 
 from kjob.bus import names
 from kjob.errors import ServerError
-from kjob.gateway.auth import Operator, Viewer, gateway_state
+from kjob.gateway.auth import Operator, Viewer, actor_of, gateway_state
+from kjob.gateway.tenant_checks import run_now_guard
 from kjob.gateway.state import GatewayState
 from kjob.model.run import Attempt, Run
 from kjob.store.runs import RunLedger
@@ -51,11 +52,14 @@ def _ledger(state: GatewayState) -> RunLedger:
 
 @router.post("/jobs/{slug}/run", status_code=status.HTTP_202_ACCEPTED, response_model=RunView)
 async def run_now(slug: str, principal: Operator, state: State) -> RunView:
-    """Start a run of the job now, outside its schedule (also when the job is disabled)."""
+    """Start a run of the job now, outside its schedule (also when the job is disabled).
+    429 beyond the tenant's run-now rate (`run_now_per_minute`)."""
     job = await state.jobs.get(principal.tenant, slug)
     if state.publish_due is None:
         raise ServerError("this gateway cannot start runs: it runs without a bus")
-    run = await _ledger(state).create_manual(job)
+    run = await _ledger(state).create_manual(
+        job, actor=actor_of(principal), guard=run_now_guard(state, principal.tenant)
+    )
     try:
         await state.publish_due(run)
     except Exception as err:
@@ -80,7 +84,10 @@ async def get_run(run_id: str, principal: Viewer, state: State) -> RunDetail:
     return RunDetail.model_validate({**dict(run_view(run)), "attempts": await ledger.attempts(run_id)})
 
 
-@router.get("/runs/{run_id}/logs", response_class=PlainTextResponse)
+# `Response`, not PlainTextResponse: the route's class would also make its JSON errors text/plain
+# in the OpenAPI document; the 200 is described here instead.
+@router.get("/runs/{run_id}/logs", response_class=Response,
+            responses={200: {"description": "the output", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def run_logs(
     run_id: str,
     principal: Viewer,

@@ -1,0 +1,51 @@
+"""`/v1/quotas`: the caller's tenant's limits and what it uses of them now."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel
+
+from kjob.gateway.auth import Viewer, gateway_state
+from kjob.gateway.state import GatewayState
+from kjob.store.quotas import usage
+
+router = APIRouter(tags=["quotas"])
+State = Annotated[GatewayState, Depends(gateway_state)]
+
+
+class QuotaLimits(BaseModel):
+    max_jobs: int
+    #: None: no limit.
+    max_concurrent_runs: int | None
+    min_interval_s: float
+    run_now_per_minute: int
+
+
+class QuotaUsage(BaseModel):
+    jobs: int
+    concurrent_runs: int
+    run_now_last_minute: int
+
+
+class QuotaView(BaseModel):
+    tenant: str
+    limits: QuotaLimits
+    usage: QuotaUsage
+
+
+@router.get("/quotas", response_model=QuotaView)
+async def quotas(principal: Viewer, state: State) -> QuotaView:
+    assert state.quotas is not None, "create_app wires the quotas"
+    limits = state.quotas.limits(principal.tenant)
+    return QuotaView(
+        tenant=principal.tenant,
+        limits=QuotaLimits(
+            max_jobs=limits.max_jobs,
+            max_concurrent_runs=limits.max_concurrent_runs,
+            min_interval_s=limits.min_interval.total_seconds(),
+            run_now_per_minute=limits.run_now_per_minute,
+        ),
+        usage=QuotaUsage(**await usage(state.engine, principal.tenant)),
+    )

@@ -1,0 +1,45 @@
+"""Helpers for the policy tests: HTTP clients of a running node's API, and the CLI and
+in-process gateway fixtures of tests/cli and tests/gateway."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from kjob.model.run import Run
+from kjob.node import Node
+from kjob.store.tokens import TokenStore
+from tests.cli.conftest import base_env, home, kjob, one_line_error, runner_for, server, token  # noqa: F401
+from tests.gateway.conftest import api, changes, client_for, state  # noqa: F401
+
+NodeClient = Callable[..., Awaitable[httpx.AsyncClient]]
+
+
+@pytest.fixture
+async def node_client(engine: AsyncEngine) -> AsyncIterator[NodeClient]:
+    """`await node_client(node, role="operator")`: an HTTP client of the node's API, holding a
+    token of tenant `default` (the tenant of `tests.support.pipeline.create_job`)."""
+    clients: list[httpx.AsyncClient] = []
+
+    async def make(node: Node, role: str = "operator", tenant: str = "default") -> httpx.AsyncClient:
+        _, secret = await TokenStore(engine).create(tenant, role, f"policy test {role}")
+        client = httpx.AsyncClient(base_url=node.api_url, headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+def never_overlap(runs: list[Run]) -> None:
+    """Assert that no two of `runs` (those that started) ran at the same time."""
+    started = sorted((r for r in runs if r.started_at is not None), key=lambda r: r.started_at)
+    for before, after in zip(started, started[1:]):
+        assert before.finished_at is not None and before.finished_at <= after.started_at, (
+            f"run {after.id} started at {after.started_at} while {before.id} ran "
+            f"({before.started_at} to {before.finished_at})"
+        )

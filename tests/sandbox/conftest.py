@@ -111,7 +111,9 @@ def host_ip() -> str:
 
 
 def python_connect(host: str, port: int) -> list[str]:
-    return [sys.executable, "-c", f"import socket; socket.create_connection(({host!r}, {port}), 3)"]
+    # The real interpreter, not the venv's link to it: the venv may sit under /tmp, which the
+    # isolated sandbox replaces with a private tmpfs.
+    return [os.path.realpath(sys.executable), "-c", f"import socket; socket.create_connection(({host!r}, {port}), 3)"]
 
 
 def busybox_connect(host: str, port: int) -> list[str]:

@@ -15,7 +15,6 @@ import asyncio
 import logging
 import os
 import resource
-import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sqlalchemy import func, select, text  # noqa: E402
+from sqlalchemy import select, text  # noqa: E402
 
 from kjob.config import DispatcherSettings, ExecutorSettings, Settings, TickerSettings  # noqa: E402
 from kjob.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402

@@ -17,10 +17,10 @@ from datetime import datetime, timezone
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.errors import FetchTimeoutError
 
 from kjob.bus import names
 from kjob.bus.messages import Event, RunResult
+from kjob.bus.consume import consume
 from kjob.bus.setup import BusSettings, ensure_consumer
 from kjob.config import DispatcherSettings
 from kjob.dispatcher.relay import RelayClient
@@ -50,38 +50,10 @@ class Dispatcher:
         self.settings, self.bus = settings, bus
         self.log_url_base = log_url_base.rstrip("/")
         self.node = node or socket.gethostname()
-        self._slots = asyncio.Semaphore(settings.concurrency)
-        self._tasks: set[asyncio.Task] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         sub = await ensure_consumer(self.js, names.RESULTS_STREAM, names.DISPATCHER_CONSUMER, names.RUN_RESULT_ALL, self.bus)
-        try:
-            while not stop.is_set():
-                try:
-                    msgs = await sub.fetch(batch=self.settings.concurrency, timeout=1.0)
-                except (FetchTimeoutError, asyncio.TimeoutError):
-                    continue
-                except Exception as err:
-                    log.warning("dispatcher: fetch failed (%s); retrying", err)
-                    await asyncio.sleep(0.5)
-                    continue
-                for msg in msgs:
-                    await self._slots.acquire()
-                    task = asyncio.create_task(self._handle(msg))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._done)
-        finally:
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-
-    def _done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("dispatcher: handler crashed", exc_info=task.exception())
+        await consume(sub, self._handle, concurrency=self.settings.concurrency, stop=stop, name="dispatcher")
 
     @tracing.handles_run("kjob deliver", names.DISPATCHER_CONSUMER)
     async def _handle(self, msg) -> None:

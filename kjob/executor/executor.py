@@ -21,10 +21,10 @@ from pathlib import Path
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.errors import FetchTimeoutError
 
 from kjob.bus import names
 from kjob.bus.messages import DueRun, Event, RunResult
+from kjob.bus.consume import consume
 from kjob.bus.setup import BusSettings, ensure_consumer
 from kjob.config import ExecutorSettings
 from kjob.executor.agents import AgentRegistry
@@ -74,52 +74,14 @@ class Executor:
         self.quotas = quotas or Quotas()
         self.policies = RunPolicies(js=js, ledger=ledger)
         self.lease = timedelta(seconds=settings.claim_lease_s)
-        self._slots = asyncio.Semaphore(settings.concurrency)
-        self._tasks: set[asyncio.Task] = set()
         self.in_flight = 0
 
     async def run(self, stop: asyncio.Event) -> None:
+        # Stopping cancels the attempts in flight, which kills their sandboxes. Their claims
+        # lapse and another executor (or this one, restarted) runs them again.
         self.work_root.mkdir(parents=True, exist_ok=True)
         sub = await ensure_consumer(self.js, names.RUNS_STREAM, names.EXECUTOR_CONSUMER, names.RUN_DUE_ALL, self.bus)
-        try:
-            while not stop.is_set():
-                await self._slots.acquire()
-                free = 1 + self._free()
-                try:
-                    msgs = await sub.fetch(batch=free, timeout=1.0)
-                except (FetchTimeoutError, asyncio.TimeoutError):
-                    msgs = []
-                except Exception as err:  # NATS reconnecting
-                    log.warning("executor: fetch failed (%s); retrying", err)
-                    msgs = []
-                    await asyncio.sleep(0.5)
-                if not msgs:
-                    self._slots.release()
-                    continue
-                for i, msg in enumerate(msgs):
-                    if i > 0:
-                        await self._slots.acquire()
-                    task = asyncio.create_task(self._handle(msg))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._done)
-        finally:
-            # Stopping: attempts in flight are cancelled, which kills their sandboxes. Their
-            # claims lapse and another executor (or this one, restarted) runs them again.
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-
-    def _free(self) -> int:
-        # Semaphore has no public counter; the private one is stable across CPython versions.
-        return max(self._slots._value, 0)  # noqa: SLF001
-
-    def _done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("executor: run handler crashed", exc_info=task.exception())
+        await consume(sub, self._handle, concurrency=self.settings.concurrency, stop=stop, name="executor")
 
     @tracing.handles_run("kjob claim", names.EXECUTOR_CONSUMER)
     async def _handle(self, msg) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -13,6 +13,15 @@ from kjob.executor.agents import AgentRegistry
 from kjob.model.job import Job
 from kjob.store.jobs import JobStore
 from kjob.store.tokens import TokenStore
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+
+    from kjob.gateway.oidc import OidcVerifier
+    from kjob.model.run import Run
+    from kjob.store.quotas import Quotas
+    from kjob.store.runs import RunLedger
+    from kjob.store.secrets import SecretStore
 
 #: What happened to a job. `unchanged` applies are not announced.
 ChangeKind = Literal["created", "updated", "enabled", "disabled", "deleted"]

@@ -91,7 +91,10 @@ class Ticker:
 
     async def run(self, stop: asyncio.Event) -> None:
         sub = await self.nc.subscribe(names.event("*", "job_changed"), cb=self._on_job_changed)
-        helpers = [asyncio.create_task(self._recover_loop(stop)), asyncio.create_task(self._resync_loop(stop))]
+        helpers = [
+            asyncio.create_task(_every(self.settings.recover_s, stop, self.recover, "recovery pass")),
+            asyncio.create_task(_every(self.settings.resync_s, stop, self.resync, "resync")),
+        ]
         try:
             await self._load()
             while not stop.is_set():
@@ -328,37 +331,15 @@ class Ticker:
             return
         self._set(job, self._schedule(job.schedule).next_slot(now, job.timezone))
 
-    async def _resync_loop(self, stop: asyncio.Event) -> None:
-        """A full reload now and then: the safety net for a job_changed event that was lost."""
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.settings.resync_s)
-                return
-            except asyncio.TimeoutError:
-                pass
-            try:
-                jobs = {j.id: j for j in await self.jobs.list_enabled()}
-            except Exception as err:
-                log.warning("ticker: resync failed (%s)", err)
-                continue
-            now = utcnow()
-            for job_id in set(self._entries) | set(jobs):
-                self._reconcile(job_id, jobs.get(job_id), now)
-            self._wake.set()
+    async def resync(self) -> None:
+        """A full reload: the safety net for a job_changed event that was lost."""
+        jobs = {j.id: j for j in await self.jobs.list_enabled()}
+        now = utcnow()
+        for job_id in set(self._entries) | set(jobs):
+            self._reconcile(job_id, jobs.get(job_id), now)
+        self._wake.set()
 
     # -- recovery ---------------------------------------------------------------------------
-
-    async def _recover_loop(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.settings.recover_s)
-                return
-            except asyncio.TimeoutError:
-                pass
-            try:
-                await self.recover()
-            except Exception as err:
-                log.warning("ticker: recovery pass failed (%s)", err)
 
     async def recover(self) -> int:
         """Re-publish open runs nobody is moving. Returns how many."""
@@ -385,6 +366,20 @@ class Ticker:
                 log.warning("ticker: database not ready (%s); retrying in %.1fs", err, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+async def _every(interval_s: float, stop: asyncio.Event, fn, what: str) -> None:
+    """Call `fn` every `interval_s` seconds until `stop`; a failure is logged, and tried again
+    at the next interval."""
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval_s)
+        if stop.is_set():
+            return
+        try:
+            await fn()
+        except Exception as err:
+            log.warning("ticker: %s failed (%s)", what, err)
 
 
 def _resume_point(job: Job, last_slot: datetime | None) -> datetime:

@@ -95,6 +95,7 @@ async def test_chaos_every_slot_once(tmp_path, nats_cluster):
             # 2. SIGSTOP the leader past its lease, then SIGCONT: it must find itself deposed.
             nodes[second[0]].signal(signal.SIGSTOP)
             third = await new_leader(engine, second)
+            assert third[0] != second[0]
             await flowing(engine)
             nodes[second[0]].signal(signal.SIGCONT)
             await flowing(engine)

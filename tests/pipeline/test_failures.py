@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -10,7 +9,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from kjob.config import ExecutorSettings
 from kjob.model.run import DeliveryStatus, RunStatus
 from kjob.store.runs import RunLedger
 from tests.support.pipeline import create_job, fast_settings, running_node, runs_of, until

@@ -8,13 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import datetime
 from typing import Annotated, AsyncIterator
 
 from fastapi import APIRouter, Depends, Query, Response, status
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from nats.js.api import DeliverPolicy
-from pydantic import BaseModel
 
 from kjob.bus import names
 from kjob.errors import ServerError

@@ -79,6 +79,11 @@ def _many_jobs_query() -> Select[Any]:
     return select(*(jobs.c[name] for name in _META), type_coerce(rest, JSONB), *parts)
 
 
+def job_from_dict(row: dict[str, Any]) -> Job:
+    """A `Job` from a jobs row as a dict (e.g. `row_to_json(jobs)`)."""
+    return Job.model_validate({**row["spec"], **{name: row[name] for name in _META}})
+
+
 def job_from_row(row: Row[Any]) -> Job:
     """A `Job` from a row of `select(jobs)`."""
     columns = row._mapping

@@ -16,12 +16,13 @@ JetStream may deliver a due run twice; the conditional UPDATEs here make the sec
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Awaitable, Callable, Iterable, Sequence
 from uuid import UUID
 
-from sqlalchemy import and_, case, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -29,10 +30,11 @@ from kjob.errors import NotFound
 from kjob.model.job import Job
 from kjob.model.run import FINAL_STATUSES, Attempt, DeliveryStatus, Run, RunStatus, Trigger
 from kjob.store.audit import Actor, record_by
+from kjob.store.jobs import job_from_dict
 from kjob.store.quotas import check_running
 from kjob.store import overlap
 from kjob.store.overlap import Deferred, Skipped
-from kjob.store.tables import job_dispatch_targets, job_runs, jobs, run_attempts, run_logs
+from kjob.store.tables import job_dispatch_targets, job_runs, run_attempts, run_logs
 
 OPEN = (RunStatus.scheduled.value, RunStatus.running.value, RunStatus.retrying.value)
 
@@ -71,6 +73,53 @@ RETURNING r.*, x.channel
 """
 
 FINAL_VALUES = tuple(s.value for s in FINAL_STATUSES)
+
+
+_FINISH_SQL = """
+WITH fin AS (
+    UPDATE job_runs r SET
+        status = $4, exit_code = $5, error = $6, reason = $7, output_excerpt = $8, output_bytes = $9,
+        claimed_by = NULL, claim_until = NULL, next_attempt_at = $10,
+        finished_at = CASE WHEN $10::timestamptz IS NULL THEN $11::timestamptz ELSE r.finished_at END,
+        -- a job whose channel is `none` has nothing to deliver: say so rather than `pending`
+        delivery_status = CASE
+            WHEN $10::timestamptz IS NOT NULL THEN r.delivery_status
+            WHEN (SELECT kind FROM job_dispatch_targets t WHERE t.job_id = r.job_id) IN ('relay', 'webhook')
+                THEN 'pending'
+            ELSE 'none' END
+    WHERE r.id = $1 AND r.claimed_by = $2 AND r.attempt = $3 AND r.status = 'running'
+    RETURNING r.*
+), attempt AS (
+    UPDATE run_attempts a SET status = $12, finished_at = $11, exit_code = $5, reason = $7
+    FROM fin WHERE a.run_id = fin.id AND a.attempt = $3
+), log AS (
+    INSERT INTO run_logs (run_id, output, output_bytes, dropped_bytes)
+    SELECT fin.id, $13, $9, $14 FROM fin
+    ON CONFLICT (run_id) DO UPDATE
+        SET output = EXCLUDED.output, output_bytes = EXCLUDED.output_bytes, dropped_bytes = EXCLUDED.dropped_bytes
+)
+SELECT * FROM fin
+"""
+
+
+#: The claim itself, once the checks passed: the run row, the lost attempt (if any), the new
+#: attempt and the job as it is now, in one round trip.
+_CLAIM_SQL = text("""
+WITH claimed AS (
+    UPDATE job_runs SET status = 'running', attempt = attempt + 1, lost_attempts = lost_attempts + :lost,
+        claimed_by = :executor, claim_until = :until, started_at = :now, next_attempt_at = NULL
+    WHERE id = :run_id
+    RETURNING *
+), lost AS (
+    UPDATE run_attempts a SET status = 'lost', finished_at = :now, reason = :reason
+    FROM claimed WHERE :lost = 1 AND a.run_id = claimed.id AND a.attempt = claimed.attempt - 1
+), attempt AS (
+    INSERT INTO run_attempts (run_id, attempt, executor, status, started_at)
+    SELECT id, attempt, :executor, 'running', :now FROM claimed
+    ON CONFLICT DO NOTHING
+)
+SELECT claimed.*, row_to_json(j)::text AS job FROM claimed JOIN jobs j ON j.id = claimed.job_id
+""")
 
 
 class Deposed(Exception):
@@ -306,38 +355,13 @@ class RunLedger:
             if max_running is not None:
                 await check_running(conn, before.tenant, run_id, max_running)
             lost = before.status == RunStatus.running.value
-            if lost:
-                await conn.execute(
-                    update(run_attempts)
-                    .where(run_attempts.c.run_id == run_id, run_attempts.c.attempt == before.attempt)
-                    .values(status=RunStatus.lost.value, finished_at=now,
-                            reason="executor stopped renewing its claim (it died or lost the database)")
-                )
-            row = (await conn.execute(
-                update(job_runs)
-                .where(job_runs.c.id == run_id)
-                .values(
-                    status=RunStatus.running.value,
-                    attempt=job_runs.c.attempt + 1,
-                    lost_attempts=job_runs.c.lost_attempts + (1 if lost else 0),
-                    claimed_by=executor,
-                    claim_until=now + lease,
-                    started_at=now,
-                    next_attempt_at=None,
-                )
-                .returning(job_runs)
-            )).first()
-            run = _run(row)
-            await conn.execute(
-                insert(run_attempts).values(
-                    run_id=run_id, attempt=run.attempt, executor=executor,
-                    status=RunStatus.running.value, started_at=now,
-                ).on_conflict_do_nothing()
-            )
-            job_row = (await conn.execute(select(jobs).where(jobs.c.id == run.job_id))).first()
-        from kjob.store.jobs import job_from_row
-
-        return Claimed(run=run, job=job_from_row(job_row), previous_lost=lost)
+            row = (await conn.execute(_CLAIM_SQL, dict(
+                run_id=run_id, executor=executor, lost=1 if lost else 0, until=now + lease, now=now,
+                reason="executor stopped renewing its claim (it died or lost the database)",
+            ))).one()
+        mapping = dict(row._mapping)
+        job = json.loads(mapping.pop("job"))
+        return Claimed(run=Run.model_validate(mapping), job=job_from_dict(job), previous_lost=lost)
 
     async def heartbeat(self, run_id: str, executor: str, attempt: int, lease: timedelta) -> bool:
         """Extend our claim. False: the claim is no longer ours; stop the attempt."""
@@ -399,55 +423,17 @@ class RunLedger:
     ) -> Run | None:
         """Record the attempt's end, if our claim still holds. None: it did not (someone else
         owns the run now, so this attempt's result is void and must not be reported)."""
-        now = utcnow()
         run_status = RunStatus.retrying if retry_at is not None else status
-        values = dict(
-            status=run_status.value,
-            exit_code=exit_code,
-            error=reason if status is not RunStatus.succeeded else None,
-            reason=reason,
-            output_excerpt=output[:excerpt_chars],
-            output_bytes=output_bytes,
-            claimed_by=None,
-            claim_until=None,
-            next_attempt_at=retry_at,
-        )
-        if retry_at is None:
-            # A job whose channel is `none` has nothing to deliver: say so rather than `pending`.
-            channel_kind = (
-                select(job_dispatch_targets.c.kind)
-                .where(job_dispatch_targets.c.job_id == job_runs.c.job_id)
-                .scalar_subquery()
+        error = reason if status is not RunStatus.succeeded else None
+        # One statement, outside an explicit transaction: the run, its attempt and its log change
+        # together or not at all, in one round trip (this is on every run's path).
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            record = await raw.driver_connection.fetchrow(
+                _FINISH_SQL, run_id, executor, attempt, run_status.value, exit_code, error, reason,
+                output[:excerpt_chars], output_bytes, retry_at, utcnow(), status.value, output, dropped_bytes,
             )
-            values["finished_at"] = now
-            values["delivery_status"] = case(
-                (channel_kind.in_(["relay", "webhook"]), DeliveryStatus.pending.value),
-                else_=DeliveryStatus.none.value,
-            )
-        async with self.engine.begin() as conn:
-            row = (await conn.execute(
-                update(job_runs)
-                .where(job_runs.c.id == run_id, job_runs.c.claimed_by == executor,
-                       job_runs.c.attempt == attempt, job_runs.c.status == RunStatus.running.value)
-                .values(**values)
-                .returning(job_runs)
-            )).first()
-            if row is None:
-                return None
-            await conn.execute(
-                update(run_attempts)
-                .where(run_attempts.c.run_id == run_id, run_attempts.c.attempt == attempt)
-                .values(status=status.value, finished_at=now, exit_code=exit_code, reason=reason)
-            )
-            await conn.execute(
-                insert(run_logs)
-                .values(run_id=run_id, output=output, output_bytes=output_bytes, dropped_bytes=dropped_bytes)
-                .on_conflict_do_update(
-                    index_elements=[run_logs.c.run_id],
-                    set_=dict(output=output, output_bytes=output_bytes, dropped_bytes=dropped_bytes),
-                )
-            )
-            return _run(row)
+        return None if record is None else Run.model_validate(dict(record))
 
     # -- dispatcher ---------------------------------------------------------------------
 

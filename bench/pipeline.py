@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import logging
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -26,10 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sqlalchemy import select, text  # noqa: E402
 
-from kjob.config import DispatcherSettings, ExecutorSettings, Settings, TickerSettings  # noqa: E402
 from kjob.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from kjob.model.job import parse_job  # noqa: E402
-from kjob.node import Node  # noqa: E402
+from tests.support.nodes import SchedulerProcess  # noqa: E402
 from kjob.store.database import create_engine, migrate  # noqa: E402
 from kjob.store.tables import job_dispatch_targets, job_runs, jobs  # noqa: E402
 
@@ -70,29 +68,21 @@ async def reset(engine) -> None:
         await conn.execute(text("TRUNCATE jobs, job_runs, run_attempts, run_logs, job_dispatch_targets CASCADE"))
 
 
-def settings_for(home: Path, concurrency: int) -> Settings:
-    return Settings(
-        home=home, port=0, log_level="WARNING",
-        executor=ExecutorSettings(concurrency=concurrency, sandboxes=["process"]),
-        dispatcher=DispatcherSettings(concurrency=64),
-        ticker=TickerSettings(resync_s=3600, recover_s=30),
-    )
-
-
-async def run_node_for(settings: Settings, nats_url: str, db_url: str, seconds: float, roles=("ticker", "executor", "dispatcher")):
-    stop = asyncio.Event()
-    ready = asyncio.Event()
-    node = Node(settings=settings, roles=frozenset(roles), nats_url=nats_url, database_url=db_url,
-                on_ready=lambda url: ready.set())
-    task = asyncio.create_task(node.run(stop))
-    await asyncio.wait({task, asyncio.create_task(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()
-    started = time.monotonic()
-    await asyncio.sleep(seconds)
-    stop.set()
-    await task
-    return started
+async def run_nodes_for(nats_url: str, db_url: str, base: Path, seconds: float, *, concurrency: int,
+                        processes=("ticker", "executor,dispatcher")) -> None:
+    """Run the roles as `kjob server` processes, as a production node would (one process per
+    role group, so the ticker's loop is not shared with sandboxes), for `seconds`."""
+    env = {
+        "KJOB_NATS_URL": nats_url, "KJOB_DATABASE_URL": db_url, "KJOB_LOG_LEVEL": "WARNING",
+        "KJOB_EXECUTOR__CONCURRENCY": str(concurrency), "KJOB_EXECUTOR__SANDBOXES": '["process"]',
+        "KJOB_DISPATCHER__CONCURRENCY": "64", "KJOB_TICKER__RESYNC_S": "3600", "KJOB_TICKER__RECOVER_S": "30",
+    }
+    nodes = [SchedulerProcess(f"bench-{i}", base, env, roles=roles).start() for i, roles in enumerate(processes)]
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        for node in nodes:
+            node.stop()
 
 
 async def lags(engine, since: datetime, until: datetime):
@@ -112,7 +102,7 @@ async def steady(engine, nats_url, db_url, home, n: int, seconds: float) -> None
     await reset(engine)
     await insert_jobs(engine, n, lambda i: f"{i % 10}/10 * * * * *")
     t0 = datetime.now(timezone.utc)
-    await run_node_for(settings_for(home, concurrency=64), nats_url, db_url, seconds)
+    await run_nodes_for(nats_url, db_url, home, seconds, concurrency=64)
     # judge only slots that had time to finish, after a warm-up of 10 s
     since, until = t0 + timedelta(seconds=10), t0 + timedelta(seconds=seconds - 5)
     rows, published, started = await lags(engine, since, until)
@@ -136,7 +126,7 @@ async def herd(engine, nats_url, db_url, home, n: int) -> None:
     if wait < 8:  # leave the ticker time to load before the minute turns
         wait += 60
     slot = (now + timedelta(seconds=wait)).replace(microsecond=0)
-    await run_node_for(settings_for(home, concurrency=8), nats_url, db_url, wait + 3, roles=("ticker",))
+    await run_nodes_for(nats_url, db_url, home, wait + 3, concurrency=8, processes=("ticker",))
     rows, published, _ = await lags(engine, slot, slot + timedelta(seconds=1))
     print(f"\nherd: {n} jobs due at {slot:%H:%M:%S}")
     line("published / due", f"{len(published)} / {n}")
@@ -148,14 +138,28 @@ async def memory(engine, nats_url, db_url, home, n: int) -> None:
     """n enabled jobs held by a ticker: resident memory of this process, which runs only the ticker."""
     await reset(engine)
     await insert_jobs(engine, n, "@every 1h")
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.monotonic()
-    await run_node_for(settings_for(home, concurrency=1), nats_url, db_url, 3, roles=("ticker",))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\nmemory: {n} enabled jobs in one ticker")
-    line("peak RSS of the process (MB)", f"{rss:.0f}", "<= 300 MB")
-    line("RSS before loading (MB)", f"{rss_before:.0f}")
-    line("load + 3 s run (s)", f"{time.monotonic() - t:.1f}")
+    node = SchedulerProcess("bench-memory", home, {"KJOB_NATS_URL": nats_url, "KJOB_DATABASE_URL": db_url,
+                                                   "KJOB_LOG_LEVEL": "INFO"}, roles="ticker").start()
+    try:
+        deadline = time.monotonic() + 120
+        while "enabled jobs loaded" not in node.logs(100_000) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        loaded = time.monotonic() - t
+        await asyncio.sleep(3)
+        rss = _rss_mb(node.proc.pid)
+    finally:
+        node.stop()
+    print(f"\nmemory: {n} enabled jobs in one ticker process")
+    line("RSS of the ticker process (MB)", f"{rss:.0f}", "<= 300 MB")
+    line("start to all jobs loaded (s)", f"{loaded:.1f}")
+
+
+def _rss_mb(pid: int) -> float:
+    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if row.startswith("VmRSS:"):
+            return int(row.split()[1]) / 1024
+    return float("nan")
 
 
 async def main() -> None:

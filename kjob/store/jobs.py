@@ -12,7 +12,9 @@ import gc
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -21,7 +23,8 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kjob.errors import Conflict, InvalidInput, NotFound
-from kjob.model.job import Job, JobSpec
+from kjob.model.durations import parse_duration
+from kjob.model.job import CatchupPolicy, Job, JobSpec
 from kjob.store.audit import Actor, record_by
 from kjob.store.tables import job_dispatch_targets, jobs
 
@@ -77,6 +80,45 @@ def _many_jobs_query() -> Select[Any]:
         rest = rest.op("-")(literal(name, String))
     parts = [cast(jobs.c.spec[name], Text) for name in _SUBMODELS]
     return select(*(jobs.c[name] for name in _META), type_coerce(rest, JSONB), *parts)
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledJob:
+    """The fields of a job the ticker schedules by."""
+
+    id: uuid.UUID
+    tenant: str
+    slug: str
+    schedule: str
+    timezone: str
+    enabled: bool
+    enabled_at: datetime | None
+    created_at: datetime
+    catchup: CatchupPolicy
+    jitter: timedelta
+
+
+def _scheduled_query() -> Select[Any]:
+    return select(
+        jobs.c.id, jobs.c.tenant, jobs.c.slug, jobs.c.schedule, jobs.c.timezone, jobs.c.enabled,
+        jobs.c.enabled_at, jobs.c.created_at,
+        cast(jobs.c.spec["catchup"], Text), jobs.c.spec["jitter"].astext,
+    )
+
+
+@lru_cache(maxsize=1024)
+def _catchup(text: str | None) -> CatchupPolicy:
+    # Shared between jobs with the same policy: most jobs have the default.
+    return CatchupPolicy.model_validate_json(text) if text else CatchupPolicy()
+
+
+@lru_cache(maxsize=1024)
+def _jitter(text: str | None) -> timedelta:
+    return parse_duration(text, "jitter") if text else timedelta(0)
+
+
+def _scheduled(row: Row[Any]) -> ScheduledJob:
+    return ScheduledJob(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], _catchup(row[8]), _jitter(row[9]))
 
 
 def job_from_dict(row: dict[str, Any]) -> Job:
@@ -175,6 +217,20 @@ class JobStore:
             query = _many_jobs_query().where(jobs.c.tenant == tenant).order_by(jobs.c.slug)
             rows = (await conn.execute(query)).all()
         return jobs_from_rows(rows)
+
+    async def list_scheduled(self) -> builtins.list[ScheduledJob]:
+        """What the ticker needs of every enabled job, and nothing more: 100,000 full `Job`
+        models would cost the ticker hundreds of MB it never reads."""
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(_scheduled_query().where(jobs.c.enabled))).all()
+        with _gc_paused():
+            return [_scheduled(row) for row in rows]
+
+    async def get_scheduled(self, job_id: uuid.UUID) -> ScheduledJob | None:
+        """One job as the ticker sees it (None if it is gone), after a job_changed event."""
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(_scheduled_query().where(jobs.c.id == job_id))).first()
+        return _scheduled(row) if row is not None else None
 
     async def list_enabled(self) -> builtins.list[Job]:
         """Every enabled job of every tenant: what the ticker schedules."""

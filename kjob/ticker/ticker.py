@@ -30,11 +30,11 @@ from kjob.bus import names
 from kjob.bus.messages import DueRun, Event
 from kjob.config import TickerSettings
 from kjob.model.durations import format_duration
-from kjob.model.job import CatchupPolicy, Job
+from kjob.model.job import CatchupPolicy
 from kjob.model.policies import jitter_for
 from kjob.model.run import Run, RunStatus, Trigger, run_id_for
 from kjob.model.schedule import Schedule
-from kjob.store.jobs import JobStore
+from kjob.store.jobs import JobStore, ScheduledJob
 from kjob.store.runs import Deposed, RunLedger, SlotRow
 from kjob.telemetry import metrics, tracing
 from kjob.ticker.leader import Leadership
@@ -202,7 +202,7 @@ class Ticker:
                 fire_at += jitter_for(entry.job_id, fire_at, entry.jitter, following)
             heapq.heappush(self._heap, (fire_at.timestamp(), self._seq, entry.job_id, entry.version))
 
-    def _set(self, job: Job, next_slot: datetime | None) -> None:
+    def _set(self, job: ScheduledJob, next_slot: datetime | None) -> None:
         old = self._entries.get(job.id)
         entry = _Entry(job.id, job.tenant, job.slug, self._schedule(job.schedule), job.timezone, next_slot,
                        version=(old.version + 1) if old else 0, jitter=job.jitter)
@@ -239,10 +239,10 @@ class Ticker:
             raise Deposed("the lease was not renewed in time")
         return await self.ledger.record_slots(rows, fence=self.fence())
 
-    async def _read_all(self) -> tuple[list[Job], dict[UUID, datetime]]:
-        return await self.jobs.list_enabled(), await self.ledger.last_slots()
+    async def _read_all(self) -> tuple[list[ScheduledJob], dict[UUID, datetime]]:
+        return await self.jobs.list_scheduled(), await self.ledger.last_slots()
 
-    def _settle_downtime(self, job: Job, schedule: Schedule, start: datetime, now: datetime) -> list[SlotRow]:
+    def _settle_downtime(self, job: ScheduledJob, schedule: Schedule, start: datetime, now: datetime) -> list[SlotRow]:
         """Ledger rows for the slots in (start, now] that no ticker fired.
 
         Slots at most `late_grace_s` old are merely late (a failover, a quick restart): they run
@@ -287,7 +287,7 @@ class Ticker:
                         job.tenant, job.slug, MISSED_SCAN_MAX, MISSED_SCAN_MAX)
         return rows
 
-    def _row(self, job: Job, slot: datetime, trigger: Trigger, status: RunStatus, reason: str | None) -> SlotRow:
+    def _row(self, job: ScheduledJob, slot: datetime, trigger: Trigger, status: RunStatus, reason: str | None) -> SlotRow:
         return SlotRow(run_id=run_id_for(job.id, slot), job_id=job.id, tenant=job.tenant, slug=job.slug,
                        slot=slot, trigger=trigger, status=status, reason=reason, leader_rev=self.fence())
 
@@ -310,14 +310,14 @@ class Ticker:
         now = utcnow()
         for job_id in changed:
             try:
-                job = await self.jobs.get_by_id(job_id)
+                job = await self.jobs.get_scheduled(job_id)
             except Exception as err:
                 log.warning("ticker: cannot reload job %s (%s); will retry", job_id, err)
                 self._changed.add(job_id)
                 continue
             self._reconcile(job_id, job, now)
 
-    def _reconcile(self, job_id: UUID, job: Job | None, now: datetime) -> None:
+    def _reconcile(self, job_id: UUID, job: ScheduledJob | None, now: datetime) -> None:
         """Bring one job's entry in line with the store: from now on, never backwards."""
         if job is None or not job.enabled:
             self._drop(job_id)
@@ -333,7 +333,7 @@ class Ticker:
 
     async def resync(self) -> None:
         """A full reload: the safety net for a job_changed event that was lost."""
-        jobs = {j.id: j for j in await self.jobs.list_enabled()}
+        jobs = {j.id: j for j in await self.jobs.list_scheduled()}
         now = utcnow()
         for job_id in set(self._entries) | set(jobs):
             self._reconcile(job_id, jobs.get(job_id), now)
@@ -382,7 +382,7 @@ async def _every(interval_s: float, stop: asyncio.Event, fn, what: str) -> None:
             log.warning("ticker: %s failed (%s)", what, err)
 
 
-def _resume_point(job: Job, last_slot: datetime | None) -> datetime:
+def _resume_point(job: ScheduledJob, last_slot: datetime | None) -> datetime:
     """Slots after this instant are the job's: after its last recorded slot, and never before
     it was (re-)enabled, so enabling a paused job fires no burst of old slots."""
     floor = job.enabled_at or job.created_at

@@ -276,6 +276,24 @@ async def test_list_enabled_is_every_tenants_enabled_jobs(store: JobStore) -> No
     assert all(j.enabled and j.enabled_at is not None for j in enabled)
 
 
+async def test_the_tickers_view_carries_each_enabled_jobs_schedule_and_policies(store: JobStore) -> None:
+    a = await store.create(ALICE, spec("on-a", schedule="*/5 * * * *", timezone="Europe/Berlin",
+                                       catchup={"window": "2h", "policy": "all"}, jitter="30s"))
+    await store.create(ALICE, spec("off-a", enabled=False))
+    b = await store.create(BOB, spec("on-b"))
+
+    listed = {j.slug: j for j in await store.list_scheduled()}
+
+    assert sorted(listed) == ["on-a", "on-b"]
+    on_a = listed["on-a"]
+    assert (on_a.id, on_a.tenant, on_a.schedule, on_a.timezone) == (a.id, "acme", "*/5 * * * *", "Europe/Berlin")
+    assert on_a.catchup == a.catchup and on_a.jitter == a.jitter and on_a.enabled_at == a.enabled_at
+    assert listed["on-b"].catchup == b.catchup and listed["on-b"].jitter == b.jitter
+    assert await store.get_scheduled(a.id) == on_a
+    await store.delete(ALICE, "on-a")
+    assert await store.get_scheduled(a.id) is None
+
+
 async def test_listed_jobs_equal_the_jobs_read_one_by_one(store: JobStore) -> None:
     """list and list_enabled share equal nested settings between jobs; each job must still
     come back exactly as written."""

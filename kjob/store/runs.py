@@ -204,14 +204,16 @@ class RunLedger:
             raw = await conn.get_raw_connection()
             return await raw.driver_connection.fetchval(_TAKE_LEASE_SQL, revision, node, stale_after_s) is not None
 
-    async def mark_published(self, run_ids: Iterable[str]) -> None:
+    async def mark_published(self, run_ids: Iterable[str], at: datetime | None = None) -> None:
+        """Record when the stream acknowledged the due messages (`at`; default now)."""
         ids = list(run_ids)
         if not ids:
             return
         async with self.engine.begin() as conn:
             raw = await conn.get_raw_connection()
             await raw.driver_connection.execute(
-                "UPDATE job_runs SET published_at = now() WHERE id = ANY($1::text[]) AND published_at IS NULL", ids
+                "UPDATE job_runs SET published_at = $2 WHERE id = ANY($1::text[]) AND published_at IS NULL",
+                ids, at or utcnow(),
             )
 
     async def last_slots(self) -> dict[UUID, datetime]:

@@ -174,6 +174,7 @@ class Ticker:
                     names.HDR_LEADER_REV: str(r.leader_rev or 0), **trace_headers}))
         try:
             stored = await publish_acked(self.nc, outgoing)
+            acked_at = utcnow()
         except Exception as err:  # NATS away: everything stays unpublished
             log.warning("ticker: %d due messages not published (%s)", len(rows), err)
             return
@@ -184,7 +185,7 @@ class Ticker:
         if len(published) < len(rows):
             log.warning("ticker: %d of %d due messages not acked by the stream", len(rows) - len(published), len(rows))
         try:
-            await self.ledger.mark_published(published)
+            await self.ledger.mark_published(published, at=acked_at)
         except Exception as err:
             log.warning("ticker: could not mark %d runs published (%s); recovery will re-check", len(published), err)
 

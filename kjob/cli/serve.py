@@ -116,6 +116,34 @@ def register(app: typer.Typer) -> None:
         except KjobError as err:
             _fail(str(err))
 
+    @db.command("admin-token")
+    def db_admin_token(
+        file: Path = typer.Option(..., "--file", "-f", help="where to write the token (mode 0600)"),
+    ) -> None:
+        """Write an admin token of the admin tenant into FILE, straight through the database
+        (KJOB_DATABASE_URL): the first credential of a production cluster, from which
+        `kjob token create` makes the others. Reuses FILE's token while it is still valid."""
+        from kjob.store.database import create_engine, migrate
+        from kjob.store.tokens import TokenStore, ensure_admin_token
+
+        settings = Settings()
+        if not settings.database_url:
+            _fail("kjob db admin-token needs KJOB_DATABASE_URL; `kjob up` writes its own token under KJOB_HOME")
+
+        async def main(stop: asyncio.Event) -> None:
+            engine = create_engine(settings.database_url)
+            try:
+                await migrate(engine)
+                await ensure_admin_token(TokenStore(engine), file)
+            finally:
+                await engine.dispose()
+            console.print(f"admin token in {file}; use it with KJOB_TOKEN=$(cat {file})", highlight=False)
+
+        try:
+            _run_until_signal(main)
+        except KjobError as err:
+            _fail(str(err))
+
 
 @contextlib.asynccontextmanager
 async def _nats(settings: Settings):

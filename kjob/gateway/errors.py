@@ -26,6 +26,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from nats.errors import Error as NatsError
 from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -158,6 +159,13 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     return await _unexpected(request, exc)
 
 
+async def _bus_error(request: Request, exc: Exception) -> JSONResponse:
+    # Not the database: say which server is at fault, so an operator looks in the right place.
+    log.warning("NATS error on %s %s: %r", request.method, request.url.path, exc)
+    return error_response(503, f"the message bus (NATS) did not answer or refused the request ({type(exc).__name__}); "
+                               "try again shortly, and check `kjob status` and the NATS permissions of the api role")
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal error; the server log has the details")
@@ -172,4 +180,5 @@ def install(app: FastAPI) -> None:
     # re-raising them into the server log as crashes.
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(OSError, _database_error)
+    app.add_exception_handler(NatsError, _bus_error)
     app.add_exception_handler(Exception, _unexpected)

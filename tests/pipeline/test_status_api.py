@@ -88,3 +88,25 @@ async def test_logs_follow_streams_output_while_the_run_is_running(tmp_path, fre
 
 async def _running(ledger, run_id):
     return (await ledger.get("default", run_id)).status.value == "running"
+
+
+async def test_status_says_the_bus_is_away_when_nats_is(tmp_path, fresh_nats, engine):
+    from kjob.bus.setup import connect
+    from kjob.config import Settings
+    from kjob.executor.agents import AgentRegistry
+    from kjob.gateway.app import create_app
+    from kjob.gateway.state import GatewayState
+    from kjob.store.jobs import JobStore
+
+    _, secret = await TokenStore(engine).create("default", "viewer")
+    nc = await connect(fresh_nats.url, "status-test")
+    js = nc.jetstream()
+    await nc.close()  # the gateway's bus connection is gone
+    state = GatewayState(settings=Settings(home=tmp_path), engine=engine, jobs=JobStore(engine),
+                         tokens=TokenStore(engine), agents=AgentRegistry.load(None), relay_configured=False, js=js)
+    transport = httpx.ASGITransport(app=create_app(state))
+    async with httpx.AsyncClient(transport=transport, base_url="http://kjob",
+                                 headers={"Authorization": f"Bearer {secret}"}) as http:
+        response = await http.get("/v1/status")
+    assert response.status_code == 503
+    assert "message bus (NATS)" in response.json()["error"]["message"]

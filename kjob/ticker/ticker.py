@@ -86,7 +86,6 @@ class Ticker:
         self._schedules: dict[str, Schedule] = {}  # shared by every job with the same expression
         self._changed: set[UUID] = set()
         self._wake = asyncio.Event()
-        self.missed_total = 0
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -282,10 +281,10 @@ class Ticker:
             else:
                 rows.append(self._row(job, slot, Trigger.schedule, RunStatus.missed,
                                       f"scheduler was down at this slot; catch-up policy '{policy.policy}' did not run it"))
-        self.missed_total += sum(1 for r in rows if r.status is RunStatus.missed)
-        outside = sum(1 for r in rows if r.status is RunStatus.missed and r.slot <= window_start)
+        missed = [r for r in rows if r.status is RunStatus.missed]
+        outside = sum(1 for r in missed if r.slot <= window_start)
         metrics.slots_missed("outside_catchup_window", outside)
-        metrics.slots_missed("catchup_policy", sum(1 for r in rows if r.status is RunStatus.missed) - outside)
+        metrics.slots_missed("catchup_policy", len(missed) - outside)
         if len(slots) >= MISSED_SCAN_MAX:
             log.warning("ticker: job %s/%s missed more than %d slots; only the first %d are listed",
                         job.tenant, job.slug, MISSED_SCAN_MAX, MISSED_SCAN_MAX)

@@ -43,6 +43,11 @@ class ExecutorSettings(BaseModel):
     output_log: Path | None = Field(
         default=None, description="also write agent stdout/stderr here as JSON lines with the run id (a log shipper's file)"
     )
+    extra_binds: list[Path] = Field(
+        default=[],
+        description="host directories the operator shares read-write with every process sandbox, at the same path "
+        "(e.g. a tools cache); nothing else of the host's writable state is visible to agents",
+    )
 
 
 class DispatcherSettings(BaseModel):

@@ -24,6 +24,7 @@ def make_sandboxes(settings: Settings) -> dict[str, Sandbox]:
         "process": lambda: ProcessSandbox(
             require_isolation=settings.executor.require_isolation,
             hide=[settings.home],  # tokens and the embedded database live there
+            extra_binds=settings.executor.extra_binds,
         ),
         "docker": lambda: DockerSandbox(node, settings.executor.docker_url),
     }

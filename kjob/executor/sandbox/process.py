@@ -76,11 +76,13 @@ class ProcessSandbox(Sandbox):
         hide: Sequence[Path] = (),
         use_bwrap: bool = True,
         max_file_bytes: int = MAX_FILE_BYTES,
+        extra_binds: Sequence[Path] = (),
     ) -> None:
         self.require_isolation = require_isolation
         self.hide = [Path(p).resolve() for p in hide]
         self.use_bwrap = use_bwrap
         self.max_file_bytes = max_file_bytes
+        self.extra_binds = [Path(p).resolve() for p in extra_binds]
         self._bwrap: str | None = None
         self._prlimit: str | None = None
         self._isolation_note = "not started"
@@ -247,6 +249,8 @@ class ProcessSandbox(Sandbox):
         for hidden in self.hide:
             if hidden.is_dir():
                 argv += ["--tmpfs", str(hidden)]
+        for shared in self.extra_binds:
+            argv += ["--bind", str(shared), str(shared)]
         if workdir is not None:
             argv += ["--bind", str(workdir), str(workdir), "--chdir", str(workdir)]
         return [*argv, "--", *program]

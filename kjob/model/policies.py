@@ -74,6 +74,13 @@ def jitter_for(job_id: UUID, slot: datetime, jitter: timedelta, next_slot: datet
     return timedelta(milliseconds=draw * cap_ms >> 64)
 
 
+def fire_time(job_id: UUID, schedule: Schedule, tz: str, slot: datetime, jitter: timedelta) -> datetime:
+    """When the ticker fires `slot` of the job: the slot plus its jitter (`jitter_for`)."""
+    if jitter <= timedelta(0):
+        return slot
+    return slot + jitter_for(job_id, slot, jitter, schedule.next_slot(slot, tz))
+
+
 def defer_delay(deliveries: int) -> float:
     """Seconds before a deferred claim is tried again, after `deliveries` deliveries (1-based)."""
     return min(DEFER_FIRST_S * 2 ** max(deliveries - 1, 0), DEFER_MAX_S)

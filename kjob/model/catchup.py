@@ -1,0 +1,216 @@
+"""Settling downtime: what happens to the slots no ticker fired. Pure.
+
+A ticker starting (after a restart, a failover, an outage) finds, for each job, the slots
+between the job's cursor in the ledger and now. Each one is accounted for:
+
+- *pending*: the slot's fire time (the slot plus its jitter) is at most `late_grace` old. It
+  is not downtime at all (a quick failover, or a jittered slot the old leader had not fired
+  yet): it is handed back to the ticker, which fires it as scheduled, at its jittered time.
+- otherwise the job's catch-up rule decides, judged on the *newest* slots: `latest` runs the
+  newest one inside the window (unless a pending slot runs anyway), `all` runs those inside
+  the window, `none` runs none. Those that do not run are `missed`, with their reason.
+
+The newest `listed_max` slots are decided one by one (a ledger row each). Older ones, which
+a long outage of a frequent job piles up (an `@every 1s` job down a day has 86,400), are
+never run (the rule runs the newest) and are accounted for as compact ranges: one record per
+job and reason, with the first and last slot and how many there were.
+
+Nothing here raises on stored values a later check would refuse (a window of 99999999 days):
+instants are clamped to the calendar, so one bad row cannot stop a ticker.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+from kjob.model.durations import format_duration
+from kjob.model.job import CatchupPolicy
+from kjob.model.run import Trigger
+from kjob.model.schedule import Schedule
+
+#: Slots of one job decided one by one after downtime; older ones become compact ranges.
+LISTED_MAX = 1000
+#: Cron slots enumerated to count one range; beyond, the count is a lower bound (`exact`
+#: False). `@every` ranges are always counted exactly, by arithmetic.
+COUNT_SCAN_MAX = 100_000
+
+EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
+LATEST = datetime.max.replace(tzinfo=timezone.utc)
+
+#: Metric reasons (kjob.telemetry.metrics.MISSED_REASONS) of the slots settled here.
+OUTSIDE_WINDOW = "outside_catchup_window"
+BY_POLICY = "catchup_policy"
+
+
+@dataclass(frozen=True, slots=True)
+class SettledSlot:
+    """One downtime slot: it runs now (`runs`, trigger `catchup`) or is `missed` for `reason`."""
+
+    slot: datetime
+    runs: bool
+    reason: str | None = None
+    #: OUTSIDE_WINDOW or BY_POLICY for a missed slot.
+    cause: str | None = None
+
+    @property
+    def trigger(self) -> Trigger:
+        return Trigger.catchup if self.runs else Trigger.schedule
+
+
+@dataclass(frozen=True, slots=True)
+class MissedRange:
+    """`count` slots from `first` to `last` (inclusive), none of which runs, for `reason`."""
+
+    first: datetime
+    last: datetime
+    count: int
+    #: False when the count stopped at COUNT_SCAN_MAX: then there were at least `count`.
+    exact: bool
+    reason: str
+    cause: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    slots: list[SettledSlot]
+    ranges: list[MissedRange]
+    #: Every slot up to this instant is settled; the ticker fires the job's slots after it
+    #: (the first of them may be pending: late, or jittered and not yet due).
+    cursor: datetime
+
+    @property
+    def missed(self) -> int:
+        return sum(1 for s in self.slots if not s.runs) + sum(r.count for r in self.ranges)
+
+
+def minus(moment: datetime, span: timedelta) -> datetime:
+    """`moment - span`, clamped to the calendar's first instant instead of overflowing."""
+    try:
+        return moment - span
+    except OverflowError:
+        return EARLIEST
+
+
+def plus(moment: datetime, span: timedelta) -> datetime:
+    """`moment + span`, clamped to the calendar's last instant instead of overflowing."""
+    try:
+        return moment + span
+    except OverflowError:
+        return LATEST
+
+
+def settle(
+    schedule: Schedule,
+    tz: str,
+    after: datetime,
+    now: datetime,
+    policy: CatchupPolicy,
+    late_grace: timedelta,
+    fire_at: Callable[[datetime], datetime] | None = None,
+    listed_max: int = LISTED_MAX,
+) -> Settlement:
+    """Settle the job's slots in (`after`, `now`] (see the module's docstring).
+
+    `fire_at(slot)` is when the ticker fires a slot (its jitter added); default the slot.
+    """
+    late_from = minus(now, late_grace)
+    window_start = minus(now, policy.window)
+    fire = fire_at or (lambda s: s)
+    recent, more = newest_slots(schedule, tz, after, now, listed_max)
+    # Fire times grow with slots (jitter never passes the next slot): pending ones are a suffix.
+    down = list(itertools.takewhile(lambda s: fire(s) < late_from, recent))
+    pending = len(down) < len(recent)
+    inside = [s for s in down if s > window_start]
+    if policy.policy == "all":
+        runs = set(inside)
+    elif policy.policy == "latest" and not pending:
+        runs = set(inside[-1:])
+    else:
+        runs = set()
+    window = format_duration(policy.window)
+    outside_reason = f"scheduler was down at this slot, which is outside the catch-up window ({window})"
+    policy_reason = f"scheduler was down at this slot; catch-up policy '{policy.policy}' did not run it"
+    settled = [
+        SettledSlot(s, True) if s in runs
+        else SettledSlot(s, False, outside_reason, OUTSIDE_WINDOW) if s <= window_start
+        else SettledSlot(s, False, policy_reason, BY_POLICY)
+        for s in down
+    ]
+    ranges: list[MissedRange] = []
+    if more:
+        oldest = recent[0]
+        # (after, oldest) splits at the window's start: slots at or before it are outside.
+        outside_before = plus(window_start, timedelta(microseconds=1)) if window_start < oldest else oldest
+        outside = count_slots(schedule, tz, after, outside_before)
+        if outside is not None:
+            ranges.append(MissedRange(*outside, reason=f"scheduler was down at these slots, outside the catch-up "
+                                                        f"window ({window})", cause=OUTSIDE_WINDOW))
+        if window_start < oldest:
+            kept = "runs only the newest slots" if policy.policy == "all" else "did not run them"
+            inner = count_slots(schedule, tz, max(after, window_start), oldest)
+            if inner is not None:
+                ranges.append(MissedRange(*inner, reason=f"scheduler was down at these slots; catch-up policy "
+                                                         f"'{policy.policy}' {kept}", cause=BY_POLICY))
+    cursor = down[-1] if down else after
+    return Settlement(settled, ranges, cursor)
+
+
+def newest_slots(schedule: Schedule, tz: str, after: datetime, until: datetime, n: int) -> tuple[list[datetime], bool]:
+    """The newest `n` slots in (`after`, `until`], ascending, and whether older ones exist.
+
+    Searches back from `until` over a span that grows fourfold until it holds `n` slots or
+    reaches `after`, so the work is a few times `n` however long ago `after` is.
+    """
+    if until <= after or n <= 0:
+        return [], False
+    first = schedule.next_slot(after, tz)
+    if first is None or first > until:
+        return [], False
+    second = schedule.next_slot(first, tz)
+    gap = (second - first) if second is not None else timedelta(seconds=1)
+    span = _times(max(gap, timedelta(seconds=1)), n)
+    while True:
+        start = max(minus(until, span), after)
+        found: deque[datetime] = deque(maxlen=n)
+        for slot in _until(schedule.slots(start, tz), plus(until, timedelta(microseconds=1))):
+            found.append(slot)
+        if len(found) >= n or start == after:
+            return list(found), first < found[0]
+        span = _times(span, 4)
+
+
+def _times(span: timedelta, k: int) -> timedelta:
+    try:
+        return span * k
+    except OverflowError:
+        return timedelta.max
+
+
+def count_slots(schedule: Schedule, tz: str, after: datetime, before: datetime) -> tuple[datetime, datetime, int, bool] | None:
+    """(first, last, count, exact) of the slots in (`after`, `before`), or None if there are none."""
+    first = schedule.next_slot(after, tz)
+    if first is None or first >= before:
+        return None
+    interval = schedule.interval
+    if interval is not None:
+        count = (before - first - timedelta(microseconds=1)) // interval + 1
+        return first, first + (count - 1) * interval, count, True
+    last, count = first, 0
+    for slot in _until(schedule.slots(after, tz), before):
+        last, count = slot, count + 1
+        if count >= COUNT_SCAN_MAX:
+            # The last slot is still found exactly: the newest one before `before`.
+            tail, _ = newest_slots(schedule, tz, slot, before - timedelta(microseconds=1), 1)
+            return first, tail[-1] if tail else slot, count, not tail
+    return first, last, count, True
+
+
+def _until(slots: Iterator[datetime], before: datetime) -> Iterator[datetime]:
+    for slot in slots:
+        if slot >= before:
+            return
+        yield slot

@@ -164,6 +164,9 @@ class ApiClient:
     def list_runs(self, slug: str, limit: int) -> list[dict[str, Any]]:
         return self.request("GET", f"/v1/jobs/{_seg(slug)}/runs", params={"limit": limit})
 
+    def missed_ranges(self, slug: str) -> list[dict[str, Any]]:
+        return self.request("GET", f"/v1/jobs/{_seg(slug)}/missed")
+
     def get_run(self, run_id: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/runs/{quote(run_id, safe='')}")
 

@@ -90,12 +90,16 @@ def runs(
     """A job's run history, newest first."""
     with _client() as api:
         history = api.list_runs(slug, limit)
+        ranges = api.missed_ranges(slug) if output is Format.table else []
     if output is Format.json:
         print_json(history)
-    elif not history:
+    elif not history and not ranges:
         say(f"no runs of {slug} yet; start one with `kjob run-now {slug}`")
     else:
         console().print(runs_table(history))
+        for r in ranges:  # slots of a long downtime, older than those listed (GET /v1/jobs/{slug}/missed)
+            count = f"{r['count']}" if r["count_exact"] else f"at least {r['count']}"
+            say(f"missed: {count} slots from {_short(r['first_slot'])} to {_short(r['last_slot'])} ({r['reason']})")
 
 
 def logs(

@@ -128,3 +128,29 @@ async def _engine(engine_or_url: AsyncEngine | str) -> AsyncIterator[AsyncEngine
         yield engine
     finally:
         await engine.dispose()
+
+
+#: SQLSTATE classes of errors caused by the rows a statement was given (22: data exception,
+#: 23: integrity constraint violation): the same rows fail again however often they are tried.
+_ROW_ERROR_CLASSES = ("22", "23")
+
+
+def sqlstate(err: BaseException) -> str | None:
+    """The SQLSTATE of a database error, raw asyncpg or wrapped by SQLAlchemy; None for
+    anything else (a dropped connection, a timeout)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        code = getattr(current, "sqlstate", None) or getattr(current, "pgcode", None)
+        if isinstance(code, str) and len(code) == 5:
+            return code
+        current = getattr(current, "orig", None) or current.__cause__
+    return None
+
+
+def is_row_error(err: BaseException) -> bool:
+    """Whether `err` is permanent for the rows written (see _ROW_ERROR_CLASSES): retrying
+    them is pointless, leaving them out is the way on. Anything else may pass (transient)."""
+    code = sqlstate(err)
+    return code is not None and code[:2] in _ROW_ERROR_CLASSES

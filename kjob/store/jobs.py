@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import gc
+import logging
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +28,9 @@ from kjob.model.durations import parse_duration
 from kjob.model.job import CatchupPolicy, Job, JobSpec
 from kjob.store.audit import Actor, record_by
 from kjob.store.tables import job_dispatch_targets, jobs
+from kjob.telemetry import metrics
+
+log = logging.getLogger(__name__)
 
 ApplyResult = Literal["created", "updated", "unchanged"]
 
@@ -119,6 +123,18 @@ def _jitter(text: str | None) -> timedelta:
 
 def _scheduled(row: Row[Any]) -> ScheduledJob:
     return ScheduledJob(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], _catchup(row[8]), _jitter(row[9]))
+
+
+def _scheduled_or_none(row: Row[Any]) -> ScheduledJob | None:
+    """The row as the ticker sees it, or None (logged, counted) if a stored value no longer
+    reads (a policy stored before a check that now refuses it): one bad row must not stop
+    the ticker for every other job."""
+    try:
+        return _scheduled(row)
+    except Exception as err:
+        log.error("ticker: job %s (%s/%s) is skipped: its stored row does not read (%s)", row[0], row[1], row[2], err)
+        metrics.job_skipped("unreadable")
+        return None
 
 
 def job_from_dict(row: dict[str, Any]) -> Job:
@@ -224,13 +240,13 @@ class JobStore:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(_scheduled_query().where(jobs.c.enabled))).all()
         with _gc_paused():
-            return [_scheduled(row) for row in rows]
+            return [job for job in map(_scheduled_or_none, rows) if job is not None]
 
     async def get_scheduled(self, job_id: uuid.UUID) -> ScheduledJob | None:
         """One job as the ticker sees it (None if it is gone), after a job_changed event."""
         async with self.engine.connect() as conn:
             row = (await conn.execute(_scheduled_query().where(jobs.c.id == job_id))).first()
-        return _scheduled(row) if row is not None else None
+        return _scheduled_or_none(row) if row is not None else None
 
     # Writes
 
@@ -339,19 +355,21 @@ class JobStore:
                             {"enabled": {"from": True, "to": False}, "note": note})
         return job_from_row(updated)
 
-    async def delete(self, actor: Actor, slug: str) -> None:
-        """Delete job `slug` (its runs go with it). Raises NotFound if the tenant has no such job."""
+    async def delete(self, actor: Actor, slug: str) -> Job:
+        """Delete job `slug` (its runs go with it) and return it as it was, so the change can be
+        announced with its id. Raises NotFound if the tenant has no such job."""
         async with self.engine.begin() as conn:
             row = (
                 await conn.execute(
                     jobs.delete()
                     .where(jobs.c.tenant == actor.tenant, jobs.c.slug == slug)
-                    .returning(jobs.c.spec)
+                    .returning(jobs)
                 )
             ).first()
             if row is None:
                 raise NotFound("job", slug)
             await record_by(conn, actor, "job.delete", _target(slug), {"spec": row.spec})
+        return job_from_row(row)
 
     # Helpers, each inside the caller's transaction
 

@@ -58,6 +58,33 @@ async def lock_job(conn: AsyncConnection, run_id: str) -> str | None:
     return None if row is None else row[0]
 
 
+DISABLED_REASON = "the job was disabled before this slot started"
+
+
+async def refuse_if_disabled(conn: AsyncConnection, before: Any, now: datetime) -> Skipped | None:
+    """A scheduled slot of a job disabled since it was written does not start: it is final as
+    `skipped`, with the reason. The job row is read FOR SHARE, so a disable in flight commits
+    first (and is seen) or waits for this claim: once `disable` returns, no slot of the job
+    starts. Manual runs and backfills run on a disabled job, as asked."""
+    if before.status != RunStatus.scheduled.value:
+        return None
+    row = (await conn.execute(
+        select(jobs.c.enabled, job_runs.c.trigger)
+        .select_from(job_runs.join(jobs, jobs.c.id == job_runs.c.job_id))
+        .where(job_runs.c.id == before.id)
+        .with_for_update(read=True, of=jobs)
+    )).first()
+    if row is None or row.enabled or row.trigger not in ("schedule", "catchup"):
+        return None
+    skipped = (await conn.execute(
+        update(job_runs).where(job_runs.c.id == before.id)
+        .values(status=RunStatus.skipped.value, reason=DISABLED_REASON, finished_at=now,
+                delivery_status=DeliveryStatus.none.value)
+        .returning(job_runs)
+    )).one()
+    return Skipped(Run.model_validate(dict(skipped._mapping)))
+
+
 async def settle(conn: AsyncConnection, before: Any, policy: str, new_run_id: str, now: datetime) -> Skipped | Deferred | None:
     """Apply `policy` to the run `before` (its locked row: id, job_id, slot, status) before it
     starts. None: it may start now (any run it replaces is cancelled in this transaction)."""

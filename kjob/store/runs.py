@@ -34,24 +34,54 @@ from kjob.store.jobs import job_from_dict
 from kjob.store.quotas import check_running
 from kjob.store import overlap
 from kjob.store.overlap import Deferred, Skipped
-from kjob.store.tables import job_dispatch_targets, job_runs, run_attempts, run_logs
+from kjob.store.tables import job_dispatch_targets, job_runs, missed_ranges, run_attempts, run_logs
 
 OPEN = (RunStatus.scheduled.value, RunStatus.running.value, RunStatus.retrying.value)
 
 
+#: The fence row is read FOR SHARE: a successor's take_lease waits for a batch in flight, and
+#: a batch that comes after it sees the new revision and writes nothing. Rows of jobs that are
+#: gone, and `scheduled` rows of jobs disabled meanwhile, are left out (and returned as `gone`):
+#: their FOR KEY SHARE lock also makes a delete or disable in flight finish first, so the
+#: insert neither fails on the foreign key nor adds a slot to a job just disabled.
 _RECORD_SLOTS_SQL = """
 WITH fence AS (
-    SELECT 1 FROM ticker_lease WHERE $12::bigint IS NULL OR (id = 1 AND revision = $12::bigint)
-    LIMIT 1
-), inserted AS (
-    INSERT INTO job_runs (id, job_id, tenant, slug, slot, trigger, status, reason, leader_rev, finished_at, delivery_status)
+    SELECT 1 FROM ticker_lease WHERE id = 1 AND revision = $12::bigint FOR SHARE
+), given AS (
     SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::text[],
                          $8::text[], $9::bigint[], $10::timestamptz[], $11::text[])
+        AS u(id, job_id, tenant, slug, slot, trigger, status, reason, leader_rev, finished_at, delivery_status)
+), live AS (
+    SELECT g.* FROM given g JOIN jobs j ON j.id = g.job_id
+    WHERE g.status <> 'scheduled' OR j.enabled
+    FOR KEY SHARE OF j
+), inserted AS (
+    INSERT INTO job_runs (id, job_id, tenant, slug, slot, trigger, status, reason, leader_rev, finished_at, delivery_status)
+    SELECT * FROM live
     WHERE $12::bigint IS NULL OR EXISTS (SELECT 1 FROM fence)
     ON CONFLICT DO NOTHING
     RETURNING id
 )
-SELECT ($12::bigint IS NULL OR EXISTS (SELECT 1 FROM fence)) AS fenced_in, array(SELECT id FROM inserted) AS ids
+SELECT ($12::bigint IS NULL OR EXISTS (SELECT 1 FROM fence)) AS fenced_in, array(SELECT id FROM inserted) AS ids,
+       array(SELECT id FROM given EXCEPT SELECT id FROM live) AS gone
+"""
+
+_RECORD_RANGES_SQL = """
+WITH fence AS (
+    SELECT 1 FROM ticker_lease WHERE id = 1 AND revision = $9::bigint FOR SHARE
+), written AS (
+    INSERT INTO missed_ranges (job_id, tenant, slug, first_slot, last_slot, count, count_exact, reason, leader_rev)
+    SELECT u.* FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bigint[],
+                           $7::bool[], $8::text[], $10::bigint[]) AS u(job_id, tenant, slug, first_slot, last_slot,
+                                                                     count, count_exact, reason, leader_rev)
+    JOIN jobs j ON j.id = u.job_id
+    WHERE $9::bigint IS NULL OR EXISTS (SELECT 1 FROM fence)
+    ON CONFLICT (job_id, first_slot) DO UPDATE SET last_slot = EXCLUDED.last_slot, count = EXCLUDED.count,
+        count_exact = EXCLUDED.count_exact, reason = EXCLUDED.reason, leader_rev = EXCLUDED.leader_rev,
+        recorded_at = now()
+    RETURNING 1
+)
+SELECT ($9::bigint IS NULL OR EXISTS (SELECT 1 FROM fence)) AS fenced_in, (SELECT count(*) FROM written) AS n
 """
 
 _TAKE_LEASE_SQL = """
@@ -145,6 +175,33 @@ class SlotRow:
     leader_rev: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What `record_slots` did: the run ids it added, and those it left out because their job
+    is gone (or, for a slot that would run, disabled)."""
+
+    new: set[str]
+    gone: set[str]
+
+    def __contains__(self, run_id: str) -> bool:
+        return run_id in self.new
+
+
+@dataclass(frozen=True, slots=True)
+class MissedRangeRow:
+    """A compact record of `count` missed slots of one job, `first` to `last` inclusive."""
+
+    job_id: UUID
+    tenant: str
+    slug: str
+    first: datetime
+    last: datetime
+    count: int
+    exact: bool
+    reason: str
+    leader_rev: int | None = None
+
+
 @dataclass(frozen=True)
 class Claimed:
     """A run an executor now owns, with the job as it is at claim time."""
@@ -171,15 +228,16 @@ class RunLedger:
 
     # -- ticker -------------------------------------------------------------------------
 
-    async def record_slots(self, rows: Sequence[SlotRow], fence: int | None = None) -> set[str]:
-        """Insert slots; returns the run ids that were new (a slot already there is skipped).
+    async def record_slots(self, rows: Sequence[SlotRow], fence: int | None = None) -> Recorded:
+        """Insert slots; returns the run ids that were new (a slot already there is skipped)
+        and those whose job is gone, or disabled for a slot that would run (not written).
 
         With `fence` (the ticker leader's revision), nothing is written unless `ticker_lease`
         still holds that revision, and Deposed is raised. One statement over arrays (`unnest`)
         whatever the batch size: the ticker writes thousands of slots a second.
         """
         if not rows:
-            return set()
+            return Recorded(set(), set())
         now = utcnow()
         final = [r.status.final for r in rows]
         params = (
@@ -194,7 +252,36 @@ class RunLedger:
             record = await raw.driver_connection.fetchrow(_RECORD_SLOTS_SQL, *params)
         if not record["fenced_in"]:
             raise Deposed(f"ticker revision {fence} no longer holds the ledger fence")
-        return set(record["ids"])
+        return Recorded(set(record["ids"]), set(record["gone"]))
+
+    async def record_missed_ranges(self, ranges: Sequence[MissedRangeRow], fence: int | None = None) -> int:
+        """Write compact records of missed slots (kjob.model.catchup), under the fence as
+        `record_slots`. A record with the same job and first slot is replaced: settling the
+        same downtime twice (a crash in between) leaves one record. Returns how many."""
+        if not ranges:
+            return 0
+        params = (
+            [r.job_id for r in ranges], [r.tenant for r in ranges], [r.slug for r in ranges],
+            [r.first for r in ranges], [r.last for r in ranges], [r.count for r in ranges],
+            [r.exact for r in ranges], [r.reason for r in ranges], fence, [r.leader_rev for r in ranges],
+        )
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            record = await raw.driver_connection.fetchrow(_RECORD_RANGES_SQL, *params)
+        if not record["fenced_in"]:
+            raise Deposed(f"ticker revision {fence} no longer holds the ledger fence")
+        return record["n"]
+
+    async def missed_ranges(self, job_id: UUID, limit: int = 50) -> list[MissedRangeRow]:
+        """The job's compact missed-slot records, newest first."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(missed_ranges).where(missed_ranges.c.job_id == job_id)
+                .order_by(missed_ranges.c.first_slot.desc()).limit(limit)
+            )
+            return [MissedRangeRow(job_id=r.job_id, tenant=r.tenant, slug=r.slug, first=r.first_slot,
+                                   last=r.last_slot, count=r.count, exact=r.count_exact, reason=r.reason,
+                                   leader_rev=r.leader_rev) for r in rows]
 
     async def take_lease(self, revision: int, node: str, stale_after_s: float) -> bool:
         """Write a new leader's fencing token. False if a newer leader already holds it (or an
@@ -251,6 +338,25 @@ class RunLedger:
         )
         async with self.engine.connect() as conn:
             return [_run(r) for r in await conn.execute(stmt)]
+
+    async def published_waiting(self, older_than: timedelta, limit: int = 1000) -> tuple[dict[str, int], list[Run]]:
+        """For the recovery of vanished messages: per tenant, how many open runs should have a
+        due message in the stream now (published and waiting, running, or retrying), and the
+        published runs still waiting after `older_than`, oldest first."""
+        cutoff = utcnow() - older_than
+        in_stream = or_(job_runs.c.status != RunStatus.scheduled.value, job_runs.c.published_at.is_not(None))
+        async with self.engine.connect() as conn:
+            counts = {row[0]: row[1] for row in await conn.execute(
+                select(job_runs.c.tenant, func.count())
+                .where(job_runs.c.status.in_(OPEN), in_stream)
+                .group_by(job_runs.c.tenant)
+            )}
+            waiting = [_run(r) for r in await conn.execute(
+                select(job_runs)
+                .where(job_runs.c.status == RunStatus.scheduled.value, job_runs.c.published_at < cutoff)
+                .order_by(job_runs.c.slot).limit(limit)
+            )]
+        return counts, waiting
 
     async def create_manual(
         self,
@@ -351,7 +457,7 @@ class RunLedger:
             )).first()
             if before is None:
                 return None
-            held = await overlap.settle(conn, before, policy, run_id, now)
+            held = await overlap.refuse_if_disabled(conn, before, now) or await overlap.settle(conn, before, policy, run_id, now)
             if held is not None:
                 return held
             if max_running is not None:

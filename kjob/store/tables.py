@@ -189,6 +189,26 @@ tenant_secrets = Table(
     PrimaryKeyConstraint("tenant", "name", name="pk_tenant_secrets"),
 )
 
+#: Slots a long downtime left unrun beyond those the ticker lists one by one in `job_runs`
+#: (kjob.model.catchup): a range per job and reason, with how many slots it holds. Keyed by
+#: its first slot, so settling the same downtime again rewrites the record, never adds one.
+missed_ranges = Table(
+    "missed_ranges",
+    metadata,
+    Column("job_id", UUID(as_uuid=True), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("tenant", String(64), nullable=False),
+    Column("slug", String(63), nullable=False),
+    Column("first_slot", TS, nullable=False),
+    Column("last_slot", TS, nullable=False),
+    Column("count", BigInteger, nullable=False),
+    #: False: counting stopped at a cap, there were at least `count` slots.
+    Column("count_exact", Boolean, nullable=False, server_default=text("true")),
+    Column("reason", Text, nullable=False),
+    Column("leader_rev", BigInteger),
+    Column("recorded_at", TS, nullable=False, server_default=text("now()")),
+    PrimaryKeyConstraint("job_id", "first_slot", name="pk_missed_ranges"),
+)
+
 #: One row: the fencing token (KV revision) of the ticker leader. The ticker's ledger writes
 #: only succeed while this row still holds its own revision, so a deposed leader that wakes
 #: up (SIGSTOP, a long GC pause) cannot write a slot after a successor took over.

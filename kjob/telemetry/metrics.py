@@ -53,6 +53,7 @@ EXPORTED: dict[str, str] = {
     "kjob_fire_lag_published_seconds": "slot -> due message published, scheduled slots (histogram)",
     "kjob_fire_lag_started_seconds": "slot -> claimed by an executor, first attempts of scheduled slots (histogram)",
     "kjob_slots_missed_total": "slots that will not run, by reason",
+    "kjob_ticker_jobs_skipped_total": "times the ticker left a job out because its stored row or schedule failed, by reason",
     "kjob_delivery_attempts_total": "POSTs to Relay or a webhook, by result: delivered | rejected | unavailable",
     "kjob_delivery_failures_total": "deliveries given up for good, by reason: rejected | gave_up",
     "kjob_ticker_leader": "1 on the node whose ticker leads, else 0",
@@ -71,7 +72,9 @@ CONSUMERS = {
 }
 
 #: Reasons for `slots_missed`: the ticker's, and the overlap policy's.
-MISSED_REASONS = ("outside_catchup_window", "catchup_policy", "overlap", "disabled")
+#: `job_gone`: the job was deleted or disabled as its slot was written; `unwritable`: the
+#: ledger refused the slot's row for good (a data or constraint error), so it was left out.
+MISSED_REASONS = ("outside_catchup_window", "catchup_policy", "overlap", "disabled", "job_gone", "unwritable")
 
 
 class Metrics:
@@ -98,6 +101,8 @@ class Metrics:
             "kjob.fire_lag.started", "s", EXPORTED["kjob_fire_lag_started_seconds"],
             explicit_bucket_boundaries_advisory=LAG_BUCKETS)
         self.missed = meter.create_counter("kjob.slots.missed", "{slot}", EXPORTED["kjob_slots_missed_total"])
+        self.jobs_skipped = meter.create_counter("kjob.ticker.jobs_skipped", "{job}",
+                                                 EXPORTED["kjob_ticker_jobs_skipped_total"])
         self.delivery = meter.create_counter("kjob.delivery.attempts", "{request}", EXPORTED["kjob_delivery_attempts_total"])
         self.delivery_failed = meter.create_counter("kjob.delivery.failures", "{run}",
                                                     EXPORTED["kjob_delivery_failures_total"])
@@ -231,6 +236,12 @@ def slots_missed(reason: str, count: int = 1) -> None:
     """Slots recorded as missed or skipped; `reason` is one of MISSED_REASONS."""
     if count:
         get().missed.add(count, {"reason": reason})
+
+
+def job_skipped(reason: str) -> None:
+    """Ticker: a job left out (not scheduled, or its downtime not settled); `reason` is
+    `unreadable` (its stored row) or `schedule` (computing its slots failed)."""
+    get().jobs_skipped.add(1, {"reason": reason})
 
 
 def delivery_attempt(result: str) -> None:

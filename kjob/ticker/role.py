@@ -10,7 +10,7 @@ from typing import Callable
 from kjob.store.runs import RunLedger
 from kjob.telemetry import metrics
 from kjob.ticker.leader import Leadership
-from kjob.ticker.ticker import Ticker
+from kjob.ticker.ticker import TermOver, Ticker
 
 log = logging.getLogger(__name__)
 
@@ -20,15 +20,21 @@ async def lead_and_tick(
 ) -> None:
     """One term after another until `stop`: each term loads its jobs afresh from the store and
     the ledger, so a new leader continues exactly where the ledger says the last one stopped."""
+    backoff = _Backoff()
     while not stop.is_set():
         if not await leadership.campaign(stop):
             return
         term = asyncio.Event()
         holder = asyncio.create_task(leadership.hold(stop))
         holder.add_done_callback(lambda _: term.set())
+        refused = False
         try:
             if await _fence(leadership, ledger, holder):
-                await make_ticker().run(term)
+                ticker = make_ticker()
+                await ticker.run(term)
+                refused = ticker.ended is not None and not isinstance(ticker.ended, TermOver)
+            else:
+                refused = leadership.term is not None  # the fence said no while the lease held
         finally:
             term.set()
             holder.cancel()
@@ -38,7 +44,32 @@ async def lead_and_tick(
             await leadership.resign()
             return
         metrics.leader_changed(leadership.node, False)
+        if refused:
+            # The ledger refused this node (a newer fence) or could not be reached: give the
+            # lease up for another node, and wait before campaigning again, longer each time,
+            # rather than win the lease back at once and be refused in a hot loop.
+            await leadership.resign()
+            delay = backoff.next()
+            log.warning("ticker: %s stands by for %.1fs before campaigning again", leadership.node, delay)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+        else:
+            backoff.reset()
         log.info("ticker: %s is a standby now", leadership.node)
+
+
+class _Backoff:
+    """1 s, 2 s, 4 s ... up to 30 s between refused terms; reset by a term that ends normally."""
+
+    def __init__(self, first_s: float = 1.0, max_s: float = 30.0) -> None:
+        self.first_s, self.max_s, self._next = first_s, max_s, first_s
+
+    def next(self) -> float:
+        delay, self._next = self._next, min(self._next * 2, self.max_s)
+        return delay
+
+    def reset(self) -> None:
+        self._next = self.first_s
 
 
 async def _fence(leadership: Leadership, ledger: RunLedger, holder: asyncio.Task) -> bool:

@@ -4,12 +4,20 @@ Main loop, top to bottom:
   1. Subscribe to job-changed events (before loading, so no change falls in between).
   2. Load every enabled job and where its schedule stopped in the ledger (not "now": a
      restart must neither repeat nor drop slots), and settle the downtime by the job's
-     catch-up rule: runs inside the window per policy, every other slot `missed` with a reason.
+     catch-up rule (kjob.model.catchup): runs inside the window per policy, every other slot
+     `missed` with a reason, one by one or, for a long gap, as a compact range.
   3. Sleep until the earliest next slot, or until an event wakes it.
   4. For every job due: write the slot into the ledger (one batch), publish the due messages
      (pipelined, `Nats-Msg-Id` = run id), mark them published, compute the job's next slot.
 A crash between 4's steps loses nothing: the recovery loop re-publishes ledger rows that were
-never published, runs whose executor died, and retries that never came back.
+never published, runs whose executor died, retries that never came back, and published runs
+whose message the stream no longer holds.
+
+One job never stops the others: a slot whose row the ledger refuses for good (its job was
+deleted meanwhile, a value out of range) is left out, logged and counted, and the rest of its
+batch is written; a job whose stored row or schedule cannot be computed is skipped. A ledger
+that stays unreachable ends the term after `ledger_give_up_s`, so a standby that can reach it
+may lead: nothing is retried forever.
 """
 
 from __future__ import annotations
@@ -30,13 +38,13 @@ from kjob.bus import names
 from kjob.bus.messages import DueRun, Event
 from kjob.bus.publish import Outgoing, publish_acked
 from kjob.config import TickerSettings
-from kjob.model.durations import format_duration
-from kjob.model.job import CatchupPolicy
-from kjob.model.policies import jitter_for
+from kjob.model import catchup
+from kjob.model.policies import fire_time
 from kjob.model.run import Run, RunStatus, Trigger, run_id_for
 from kjob.model.schedule import Schedule
+from kjob.store.database import is_row_error
 from kjob.store.jobs import JobStore, ScheduledJob
-from kjob.store.runs import Deposed, RunLedger, SlotRow
+from kjob.store.runs import Deposed, MissedRangeRow, Recorded, RunLedger, SlotRow
 from kjob.telemetry import metrics, tracing
 from kjob.ticker.leader import Leadership
 
@@ -44,8 +52,15 @@ log = logging.getLogger(__name__)
 
 #: Slots fired in one ledger batch; a herd of 10,000 goes out in a few batches.
 BATCH_MAX = 2000
-#: Missed slots enumerated per job after downtime; beyond this they are counted, not listed.
-MISSED_SCAN_MAX = 1000
+
+
+class TermOver(Deposed):
+    """This node's own lease deadline passed (or its term ended): it simply stops firing."""
+
+
+class LedgerUnavailable(Deposed):
+    """The ledger could not be written for `ledger_give_up_s`: the term ends (a standby that
+    reaches the database may lead), and the node waits before campaigning again."""
 
 
 @dataclass(slots=True)
@@ -80,12 +95,17 @@ class Ticker:
         self.nc, self.js, self.jobs, self.ledger, self.settings = nc, js, jobs, ledger, settings
         #: None: this ticker fires unconditionally (a single node that runs no election).
         self.leadership = leadership
+        #: The term this ticker fires for, read once: a ticker never writes under a later term.
+        self.term = leadership.term if leadership is not None else None
         self._entries: dict[UUID, _Entry] = {}
         self._heap: list[tuple[float, int, UUID, int]] = []
         self._seq = 0
         self._schedules: dict[str, Schedule] = {}  # shared by every job with the same expression
         self._changed: set[UUID] = set()
+        self._resync_soon = False
         self._wake = asyncio.Event()
+        #: Why the term ended early, if it did (the ledger's fence, or the ledger unreachable).
+        self.ended: Deposed | None = None
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -98,6 +118,12 @@ class Ticker:
         try:
             await self._load()
             while not stop.is_set():
+                if self._resync_soon:
+                    self._resync_soon = False
+                    try:
+                        await self.resync()
+                    except Exception as err:
+                        log.warning("ticker: resync failed (%s)", err)
                 await self._apply_changes()
                 batch = self._pop_due(time.time())
                 if batch:
@@ -106,6 +132,7 @@ class Ticker:
                 await self._sleep(stop)
         except Deposed as err:
             log.warning("ticker: stepping down: %s", err)
+            self.ended = err
         finally:
             for task in helpers:
                 task.cancel()
@@ -114,10 +141,11 @@ class Ticker:
                 await sub.unsubscribe()
 
     async def _sleep(self, stop: asyncio.Event) -> None:
+        # `_wake` is cleared by `_apply_changes` before it takes the changes, never here: a
+        # change that came in meanwhile keeps it set, and this returns at once.
         delay = (self._heap[0][0] - time.time()) if self._heap else self.settings.resync_s
         if delay <= 0:
             return
-        self._wake.clear()
         waiters = [asyncio.create_task(self._wake.wait()), asyncio.create_task(stop.wait())]
         await asyncio.wait(waiters, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:
@@ -131,31 +159,49 @@ class Ticker:
             if entry is None or entry.version != version or entry.next_slot is None:
                 continue
             batch.append((entry, entry.next_slot))
-            entry.next_slot = entry.schedule.next_slot(entry.next_slot, entry.tz)
-            self._push(entry)
+            try:
+                entry.next_slot = entry.schedule.next_slot(entry.next_slot, entry.tz)
+                self._push(entry)
+            except Exception as err:  # a slot beyond the calendar, a zone gone from tzdata
+                self._skip(entry.job_id, f"{entry.tenant}/{entry.slug}", err)
         return batch
 
     async def _fire_until_recorded(self, batch: list[tuple[_Entry, datetime]], stop: asyncio.Event) -> None:
-        """Fire a batch, retrying while the ledger is unreachable: a slot is late, never lost."""
+        """Fire a batch, retrying while the ledger is unreachable (a slot is late, not lost),
+        up to `ledger_give_up_s`; then the term ends and the next leader settles the slots."""
         rows = [
             SlotRow(run_id=run_id_for(e.job_id, slot), job_id=e.job_id, tenant=e.tenant, slug=e.slug,
                     slot=slot, leader_rev=self.fence())
             for e, slot in batch
         ]
-        delay = 0.2
-        while True:
-            try:
-                new = await self._record(rows)
-                break
-            except Deposed:
+        recorded = await self._retry_db(lambda: self._record_rows(rows), stop)
+        if recorded is not None:
+            await self._publish([r for r in rows if r.run_id in recorded.new])
+
+    async def _record_rows(self, rows: list[SlotRow]) -> Recorded:
+        """Write the rows; rows the ledger refuses for good are found by halving the batch,
+        left out (logged, counted), and the others written. Slots of jobs deleted or disabled
+        meanwhile come back as `gone`: those jobs are reloaded, and their entries go."""
+        try:
+            recorded = await self._record(rows)
+        except Exception as err:
+            if not is_row_error(err):
                 raise
-            except Exception as err:  # database down or restarting
-                if stop.is_set():
-                    return
-                log.warning("ticker: cannot record %d slots (%s); retrying in %.1fs", len(rows), err, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        await self._publish([r for r in rows if r.run_id in new])
+            if len(rows) == 1:
+                row = rows[0]
+                log.error("ticker: slot %s of job %s/%s cannot be written (%s); it is left out",
+                          row.slot.isoformat(), row.tenant, row.slug, err)
+                metrics.slots_missed("unwritable")
+                return Recorded(set(), set())
+            half = len(rows) // 2
+            first, second = await self._record_rows(rows[:half]), await self._record_rows(rows[half:])
+            return Recorded(first.new | second.new, first.gone | second.gone)
+        if recorded.gone:
+            gone = [r for r in rows if r.run_id in recorded.gone]
+            metrics.slots_missed("job_gone", sum(1 for r in gone if r.status is RunStatus.scheduled))
+            self._changed.update(r.job_id for r in gone)
+            self._wake.set()
+        return recorded
 
     async def _publish(self, rows: list[SlotRow], republish: bool = False) -> None:
         """Publish due runs (`Nats-Msg-Id` = run id) and mark those the stream stored; the rest
@@ -199,11 +245,15 @@ class Ticker:
     def _push(self, entry: _Entry) -> None:
         if entry.next_slot is not None:
             self._seq += 1
-            fire_at = entry.next_slot
-            if entry.jitter:
-                following = entry.schedule.next_slot(fire_at, entry.tz)
-                fire_at += jitter_for(entry.job_id, fire_at, entry.jitter, following)
+            fire_at = fire_time(entry.job_id, entry.schedule, entry.tz, entry.next_slot, entry.jitter)
             heapq.heappush(self._heap, (fire_at.timestamp(), self._seq, entry.job_id, entry.version))
+
+    def _skip(self, job_id: UUID, name: str, err: Exception) -> None:
+        """Leave one job out (logged, counted) rather than let it stop the others: its stored
+        row or its schedule cannot be computed. A change to the job brings it back."""
+        log.error("ticker: job %s is skipped: its slots cannot be computed (%s: %s)", name, type(err).__name__, err)
+        metrics.job_skipped("schedule")
+        self._drop(job_id)
 
     def _set(self, job: ScheduledJob, next_slot: datetime | None) -> None:
         old = self._entries.get(job.id)
@@ -221,74 +271,73 @@ class Ticker:
         jobs, cursors = await self._retry_db(self._read_all)
         now = utcnow()
         rows: list[SlotRow] = []
+        ranges: list[MissedRangeRow] = []
         for job in jobs:
-            start = _resume_point(job, cursors.get(job.id))
-            schedule = self._schedule(job.schedule)
-            rows.extend(self._settle_downtime(job, schedule, start, now))
-            self._set(job, schedule.next_slot(max(start, now), job.timezone))
-        log.info("ticker: %d enabled jobs loaded, %d downtime slots settled", len(jobs), len(rows))
+            try:
+                schedule = self._schedule(job.schedule)
+                settled = self._settle_downtime(job, schedule, _resume_point(job, cursors.get(job.id)), now)
+                next_slot = schedule.next_slot(settled.cursor, job.timezone)
+            except Exception as err:
+                self._skip(job.id, f"{job.tenant}/{job.slug}", err)
+                continue
+            rows.extend(self._row(job, s.slot, s.trigger, RunStatus.scheduled if s.runs else RunStatus.missed, s.reason)
+                        for s in settled.slots)
+            ranges.extend(MissedRangeRow(job_id=job.id, tenant=job.tenant, slug=job.slug, first=r.first, last=r.last,
+                                         count=r.count, exact=r.exact, reason=r.reason, leader_rev=self.fence())
+                          for r in settled.ranges)
+            try:
+                self._set(job, next_slot)
+            except Exception as err:
+                self._skip(job.id, f"{job.tenant}/{job.slug}", err)
+        log.info("ticker: %d enabled jobs loaded, %d downtime slots settled one by one, %d in %d ranges",
+                 len(self._entries), len(rows), sum(r.count for r in ranges), len(ranges))
+        # Ranges first: they are older than the listed slots, and rewriting one is harmless,
+        # so a crash in between leaves no slot unaccounted for.
+        for i in range(0, len(ranges), BATCH_MAX):
+            chunk = ranges[i : i + BATCH_MAX]
+            await self._retry_db(lambda: self._record_ranges(chunk))
         for i in range(0, len(rows), BATCH_MAX):
             chunk = rows[i : i + BATCH_MAX]
-            new = await self._retry_db(lambda: self._record(chunk))
-            await self._publish([r for r in chunk if r.run_id in new and r.status is RunStatus.scheduled])
+            recorded = await self._retry_db(lambda: self._record_rows(chunk))
+            await self._publish([r for r in chunk if r.run_id in recorded.new and r.status is RunStatus.scheduled])
 
     def fence(self) -> int | None:
-        """The leader's revision, stamped on every slot and checked by the ledger."""
-        return self.leadership.fence() if self.leadership is not None else None
+        """The term's revision, stamped on every slot and checked by the ledger."""
+        return self.term
 
-    async def _record(self, rows: list[SlotRow]) -> set[str]:
-        """Write slots under the fence; a leader past its local deadline writes nothing."""
-        if self.leadership is not None and not self.leadership.valid():
-            raise Deposed("the lease was not renewed in time")
+    def _check_term(self) -> None:
+        """A leader past its local deadline, or whose term is over, writes nothing."""
+        if self.leadership is not None and (not self.leadership.valid() or self.leadership.term != self.term):
+            raise TermOver("the lease was not renewed in time")
+
+    async def _record(self, rows: list[SlotRow]) -> Recorded:
+        self._check_term()
         return await self.ledger.record_slots(rows, fence=self.fence())
+
+    async def _record_ranges(self, ranges: list[MissedRangeRow]) -> int:
+        self._check_term()
+        return await self.ledger.record_missed_ranges(ranges, fence=self.fence())
 
     async def _read_all(self) -> tuple[list[ScheduledJob], dict[UUID, datetime]]:
         return await self.jobs.list_scheduled(), await self.ledger.last_slots()
 
-    def _settle_downtime(self, job: ScheduledJob, schedule: Schedule, start: datetime, now: datetime) -> list[SlotRow]:
-        """Ledger rows for the slots in (start, now] that no ticker fired.
-
-        Slots at most `late_grace_s` old are merely late (a failover, a quick restart): they run
-        as scheduled. Older ones follow the job's catch-up rule: `latest` runs the most recent
-        one inside the window (unless a late slot runs anyway), `all` runs those inside the
-        window, `none` runs none; every slot that does not run is `missed`, with its reason.
-        """
-        policy: CatchupPolicy = job.catchup
-        window_start = now - policy.window
-        late_from = now - timedelta(seconds=self.settings.late_grace_s)
-        slots: list[datetime] = []
-        for slot in schedule.slots(start, job.timezone):
-            if slot > now or len(slots) >= MISSED_SCAN_MAX:
-                break
-            slots.append(slot)
-        late = [s for s in slots if s >= late_from]
-        inside = [s for s in slots if window_start < s < late_from]
-        if policy.policy == "all":
-            catchup = set(inside)
-        elif policy.policy == "latest" and not late:
-            catchup = set(inside[-1:])
-        else:
-            catchup = set()
-        rows = []
-        for slot in slots:
-            if slot >= late_from:
-                rows.append(self._row(job, slot, Trigger.schedule, RunStatus.scheduled, None))
-            elif slot in catchup:
-                rows.append(self._row(job, slot, Trigger.catchup, RunStatus.scheduled, None))
-            elif slot <= window_start:
-                rows.append(self._row(job, slot, Trigger.schedule, RunStatus.missed,
-                                      f"scheduler was down at this slot, which is outside the catch-up window ({format_duration(policy.window)})"))
-            else:
-                rows.append(self._row(job, slot, Trigger.schedule, RunStatus.missed,
-                                      f"scheduler was down at this slot; catch-up policy '{policy.policy}' did not run it"))
-        missed = [r for r in rows if r.status is RunStatus.missed]
-        outside = sum(1 for r in missed if r.slot <= window_start)
-        metrics.slots_missed("outside_catchup_window", outside)
-        metrics.slots_missed("catchup_policy", len(missed) - outside)
-        if len(slots) >= MISSED_SCAN_MAX:
-            log.warning("ticker: job %s/%s missed more than %d slots; only the first %d are listed",
-                        job.tenant, job.slug, MISSED_SCAN_MAX, MISSED_SCAN_MAX)
-        return rows
+    def _settle_downtime(self, job: ScheduledJob, schedule: Schedule, start: datetime,
+                         now: datetime) -> catchup.Settlement:
+        """The job's slots in (start, now] that no ticker fired, by its catch-up rule
+        (kjob.model.catchup). Slots whose fire time (jitter included) is at most
+        `late_grace_s` old are not settled: the ticker fires them as scheduled."""
+        settled = catchup.settle(
+            schedule, job.timezone, start, now, job.catchup, timedelta(seconds=self.settings.late_grace_s),
+            fire_at=lambda slot: fire_time(job.id, schedule, job.timezone, slot, job.jitter),
+        )
+        for cause in (catchup.OUTSIDE_WINDOW, catchup.BY_POLICY):
+            metrics.slots_missed(cause, sum(1 for s in settled.slots if s.cause == cause)
+                                 + sum(r.count for r in settled.ranges if r.cause == cause))
+        if settled.ranges:
+            log.warning("ticker: job %s/%s missed %d slots before its newest %d; recorded as %d range(s)",
+                        job.tenant, job.slug, sum(r.count for r in settled.ranges), len(settled.slots),
+                        len(settled.ranges))
+        return settled
 
     def _row(self, job: ScheduledJob, slot: datetime, trigger: Trigger, status: RunStatus, reason: str | None) -> SlotRow:
         return SlotRow(run_id=run_id_for(job.id, slot), job_id=job.id, tenant=job.tenant, slug=job.slug,
@@ -304,9 +353,12 @@ class Ticker:
             return
         if event.job_id is not None:
             self._changed.add(event.job_id)
-            self._wake.set()
+        else:  # from a node that did not name the job (older kjob): reload them all
+            self._resync_soon = True
+        self._wake.set()
 
     async def _apply_changes(self) -> None:
+        self._wake.clear()  # before taking the changes: one that comes while we await is kept
         if not self._changed:
             return
         changed, self._changed = self._changed, set()
@@ -322,6 +374,12 @@ class Ticker:
 
     def _reconcile(self, job_id: UUID, job: ScheduledJob | None, now: datetime) -> None:
         """Bring one job's entry in line with the store: from now on, never backwards."""
+        try:
+            self._reconcile_one(job_id, job, now)
+        except Exception as err:
+            self._skip(job_id, str(job_id) if job is None else f"{job.tenant}/{job.slug}", err)
+
+    def _reconcile_one(self, job_id: UUID, job: ScheduledJob | None, now: datetime) -> None:
         if job is None or not job.enabled:
             self._drop(job_id)
             return
@@ -349,6 +407,7 @@ class Ticker:
         if self.leadership is not None and not self.leadership.valid():
             return 0
         runs = await self.ledger.stranded(older_than=timedelta(seconds=self.settings.recover_s))
+        runs += await self._vanished()
         if not runs:
             return 0
         fresh = [r for r in runs if r.published_at is None]
@@ -358,14 +417,40 @@ class Ticker:
         log.info("ticker: re-published %d stranded runs", len(runs))
         return len(runs)
 
-    async def _retry_db(self, fn):
+    async def _vanished(self) -> list[Run]:
+        """Published runs whose due message the stream no longer holds (purged, or lost with a
+        stream that was re-created). A message cannot be looked up by run, so this counts: a
+        tenant whose subject holds fewer messages than the ledger has runs that should have
+        one gets its runs waiting past `vanished_after_s` published again. A copy too many is
+        harmless: the claim lets one delivery run, the others are acked unrun."""
+        counts, waiting = await self.ledger.published_waiting(timedelta(seconds=self.settings.vanished_after_s))
+        if not waiting:
+            return []
+        info = await self.js.stream_info(names.RUNS_STREAM, subjects_filter=names.run_due("*"))
+        held = info.state.subjects or {}
+        short = {t for t, n in counts.items() if held.get(names.run_due(t), 0) < n}
+        vanished = [r for r in waiting if r.tenant in short]
+        if vanished:
+            log.warning("ticker: %d published runs have no message in the stream any more; publishing them again",
+                        len(vanished))
+        return vanished
+
+    async def _retry_db(self, fn, stop: asyncio.Event | None = None):
+        """`await fn()`, retried while the database is unreachable, for `ledger_give_up_s` at
+        most; then LedgerUnavailable ends the term. None if `stop` is set meanwhile."""
         delay = 0.2
+        give_up = time.monotonic() + self.settings.ledger_give_up_s
         while True:
             try:
                 return await fn()
             except Deposed:
                 raise
             except Exception as err:
+                if stop is not None and stop.is_set():
+                    return None
+                if time.monotonic() + delay > give_up:
+                    raise LedgerUnavailable(f"the ledger was unreachable for {self.settings.ledger_give_up_s:.0f}s "
+                                            f"({type(err).__name__}: {err})") from err
                 log.warning("ticker: database not ready (%s); retrying in %.1fs", err, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

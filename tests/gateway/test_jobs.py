@@ -128,7 +128,7 @@ async def test_delete_removes_the_job(api: httpx.AsyncClient, changes: list) -> 
     assert response.status_code == 204 and response.content == b""
     assert_error(await api.get("/v1/jobs/weekly-audit"), 404, None)
     assert (await api.get("/v1/jobs")).json() == []
-    assert changes[-1] == ("acme", "weekly-audit", "deleted", False)
+    assert changes[-1] == ("acme", "weekly-audit", "deleted", True)  # with its id, for the ticker
 
 
 async def test_a_fired_once_job_can_still_be_edited_and_reapplied(api: httpx.AsyncClient, state: GatewayState) -> None:

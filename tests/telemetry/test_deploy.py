@@ -107,6 +107,7 @@ def exported() -> set[str]:
         metrics.attempt_finished(run)
         metrics.attempt_finished(run.model_copy(update={"status": RunStatus.retrying}))
         metrics.slots_missed("overlap")
+        metrics.job_skipped("unreadable")
         metrics.delivery_attempt("delivered")
         metrics.delivery_failed("rejected")
         metrics.leader_changed("n", True)

@@ -195,8 +195,9 @@ async def patch_job(
 @router.delete("/jobs/{slug}", status_code=status.HTTP_204_NO_CONTENT)
 async def delete_job(slug: str, principal: Editor, state: State) -> Response:
     """Delete a job and its run history."""
-    await state.jobs.delete(actor_of(principal), slug)
-    await _announce(state, None, principal.tenant, slug, "deleted")
+    # The event names the job by id: the ticker finds its entry by id, and drops it.
+    job = await state.jobs.delete(actor_of(principal), slug)
+    await _announce(state, job, principal.tenant, slug, "deleted")
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import datetime
 from typing import Annotated, AsyncIterator
 
 from fastapi import APIRouter, Depends, Query, Response, status
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from nats.js.api import DeliverPolicy
+from pydantic import BaseModel
 
 from kjob.bus import names
 from kjob.errors import ServerError
@@ -73,6 +75,29 @@ async def list_runs(
     """The job's runs, newest slot first."""
     job = await state.jobs.get(principal.tenant, slug)
     return [run_view(r) for r in await _ledger(state).list_for_job(job.id, limit)]
+
+
+class MissedRange(BaseModel):
+    """Slots a long downtime left unrun, beyond those listed one by one in the job's runs:
+    `count` slots from `first_slot` to `last_slot` (at least `count` when `count_exact` is
+    false), none of which ran, for `reason`."""
+
+    first_slot: datetime
+    last_slot: datetime
+    count: int
+    count_exact: bool
+    status: str = "missed"
+    reason: str
+
+
+@router.get("/jobs/{slug}/missed", response_model=list[MissedRange])
+async def list_missed_ranges(
+    slug: str, principal: Viewer, state: State, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+) -> list[MissedRange]:
+    """The job's compact records of missed slots, newest first (see `/runs` for the rest)."""
+    job = await state.jobs.get(principal.tenant, slug)
+    return [MissedRange(first_slot=r.first, last_slot=r.last, count=r.count, count_exact=r.exact, reason=r.reason)
+            for r in await _ledger(state).missed_ranges(job.id, limit)]
 
 
 @router.get("/runs/{run_id}", response_model=RunDetail)

@@ -32,6 +32,14 @@ class ExecutorSettings(BaseModel):
     output_cap_bytes: int = Field(default=1_048_576, ge=1024, description="stdout+stderr kept per attempt")
     heartbeat_s: float = Field(default=5.0, gt=0, description="claim and ack-wait renewal period")
     claim_lease_s: float = Field(default=20.0, gt=0, description="a claim not renewed for this long is lost")
+    claim_margin_s: float = Field(
+        default=5.0, ge=0,
+        description="an attempt whose claim could not be renewed is stopped this long before the claim can expire",
+    )
+    outcome_keep_s: float = Field(
+        default=600.0, gt=0,
+        description="how long a finished attempt's outcome is kept and retried while the database is away",
+    )
     workdir: Path | None = Field(default=None, description="where attempt work dirs go; $KJOB_HOME/work when unset")
     sandboxes: list[Literal["process", "docker"]] = Field(
         default=["process", "docker"], description="sandbox backends this node offers"
@@ -48,6 +56,15 @@ class ExecutorSettings(BaseModel):
         description="host directories the operator shares read-write with every process sandbox, at the same path "
         "(e.g. a tools cache); nothing else of the host's writable state is visible to agents",
     )
+
+
+class DatabaseSettings(BaseModel):
+    """Deadlines of the roles' database calls: a stalled or unreachable PostgreSQL must surface
+    as an error within these, never as a call that hangs past an executor's claim."""
+
+    statement_timeout_s: float = Field(default=10.0, gt=0, description="each statement, on the client (and the server)")
+    connect_timeout_s: float = Field(default=5.0, gt=0, description="opening a connection")
+    pool_timeout_s: float = Field(default=10.0, gt=0, description="waiting for a free pooled connection")
 
 
 class DispatcherSettings(BaseModel):
@@ -140,6 +157,7 @@ class Settings(BaseSettings):
     #: How often nodes with the ticker role prune run history past each job's `history` policy.
     history_prune_s: float = Field(default=300.0, gt=0)
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
     ticker: TickerSettings = Field(default_factory=TickerSettings)
 

@@ -67,12 +67,13 @@ class Node:
         s = self.settings
         self.name = s.node_name or self.name
         bus = BusSettings(replicas=s.stream_replicas, ack_wait_s=s.ack_wait_s)
-        engine = create_engine(self.database_url)
+        engine = create_engine(self.database_url, statement_timeout_s=s.database.statement_timeout_s,
+                               connect_timeout_s=s.database.connect_timeout_s, pool_timeout_s=s.database.pool_timeout_s)
         nc = None
         closers: list[Callable[[], Awaitable[None]]] = []
         tasks: dict[str, asyncio.Task] = {}
         try:
-            await migrate(engine)
+            await migrate(self.database_url)  # without the statement deadline: an index build may take minutes
             nc = await connect(self.nats_url, name=f"kjob-{self.name}")
             js = nc.jetstream()
             await ensure_streams(js, s.stream_replicas)

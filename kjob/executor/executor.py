@@ -3,10 +3,17 @@
 For each message, top to bottom:
   1. Claim the run in the ledger. The claim, not the JetStream ack, decides who runs: a
      message delivered twice finds the run claimed or finished, and is acked unrun.
-  2. While the attempt runs, renew the claim and the message's ack deadline together; if the
-     claim is lost (someone else took it), stop the attempt and report nothing.
-  3. Record the end of the attempt while the claim is still ours. A failure with retries left
-     becomes `retrying`, and the message comes back after the backoff (`nak(delay)`).
+  2. While the attempt runs, renew the claim in the ledger and the message's ack deadline in
+     JetStream, each on its own: the ack deadline never waits on the database. If the claim is
+     lost (someone else took it), stop the attempt and report nothing. If it cannot be renewed
+     (the database is stalled or unreachable), stop the agent before the claim can expire, by a
+     local monotonic deadline: lease after the last renewal sent, less a margin.
+  3. Record the end of the attempt while the claim is still ours. An attempt that ran to its end
+     is never run again because its result could not be written: the outcome is kept and
+     written when the database is back (transient errors are retried for
+     `executor.outcome_keep_s`; the claim check in `finish` decides whether it still counts).
+     A failure with retries left becomes `retrying`, and the message comes back after the
+     backoff (`nak(delay)`).
   4. A final run is published on `kjob.run.result.<tenant>` for the dispatcher; then ack.
 """
 
@@ -16,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -34,7 +42,8 @@ from kjob.executor.secrets import LiveMask, SecretResolver, SecretsUnavailable
 from kjob.store.quotas import Quotas, TenantBusy, busy_retry_delay
 from kjob.executor.policies import RunPolicies
 from kjob.model.policies import defer_delay
-from kjob.store.runs import Claimed, Deferred, RunLedger, Skipped
+from kjob.store.database import is_transient
+from kjob.store.runs import Claimed, Deferred, GaveUp, RunLedger, Skipped
 from kjob.store.secrets import SecretStore
 from kjob.telemetry import metrics, tracing
 from kjob.telemetry.logging import agent_output
@@ -74,6 +83,8 @@ class Executor:
         self.quotas = quotas or Quotas()
         self.policies = RunPolicies(js=js, ledger=ledger)
         self.lease = timedelta(seconds=settings.claim_lease_s)
+        # Never more than a third of the lease: a short lease (tests) still renews in time.
+        self.margin_s = min(settings.claim_margin_s, settings.claim_lease_s / 3)
         self.in_flight = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -92,6 +103,7 @@ class Executor:
             await msg.term()
             return
         tracing.annotate(tenant=due.tenant, job=due.slug, run_id=due.run_id, slot=due.slot, trigger=due.trigger)
+        claim_sent = time.monotonic()  # the claim's lease runs from no earlier than this
         try:
             claimed = await self.ledger.claim(
                 due.run_id, self.node, self.lease, max_running=self.quotas.limits(due.tenant).max_concurrent_runs
@@ -100,11 +112,22 @@ class Executor:
             # The tenant is at its concurrency quota: the run stays scheduled; ask again later.
             await msg.nak(delay=busy_retry_delay(msg.metadata.num_delivered))
             return
+        except Exception as err:
+            await self._claim_failed(due, msg, err)
+            return
         if claimed is None:
             await self._not_ours(due, msg)
             return
         if isinstance(claimed, Skipped):  # overlap `skip`: final now, with its reason
             metrics.slots_missed("overlap")
+            await self._event(claimed.run, "run_finished", claimed.run.status.value)
+            await msg.ack()
+            return
+        if isinstance(claimed, GaveUp):  # lost once too often: final now, with its reason
+            log.error("executor: run %s: %s", claimed.run.id, claimed.run.reason)
+            metrics.attempt_finished(claimed.run)
+            if claimed.run.delivery_status is DeliveryStatus.pending:
+                await self._publish_result(claimed.run)
             await self._event(claimed.run, "run_finished", claimed.run.status.value)
             await msg.ack()
             return
@@ -115,23 +138,45 @@ class Executor:
         metrics.run_claimed(claimed.run, claimed.previous_lost)
         self.in_flight += 1
         try:
-            await self._attempt(claimed, msg)
+            await self._attempt(claimed, msg, claim_sent)
         finally:
             self.in_flight -= 1
 
+    async def _claim_failed(self, due: DueRun, msg, err: Exception) -> None:
+        """The claim raised. The database away: the message comes back soon (the claim decides
+        then). A statement it refuses fails the same way every time: back off for long, and say
+        so loudly, rather than hold the message or retry it in a hot loop."""
+        transient = is_transient(err)
+        delay = min(2.0 * msg.metadata.num_delivered, 30.0) if transient else 300.0
+        if transient:
+            log.warning("executor: cannot claim run %s (%s); again in %.0fs", due.run_id, err, delay)
+        else:
+            log.error("executor: claiming run %s failed permanently; again in %.0fs", due.run_id, delay, exc_info=err)
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=delay)
+
     async def _not_ours(self, due: DueRun, msg) -> None:
-        """The run is finished, owned by another executor, or not due yet."""
+        """The run is finished, owned by another executor, or not due yet. Answer the message
+        now: one held un-acked would come back at every ack deadline for the whole run."""
         delivery = await self.ledger.delivery(due.run_id)
         if delivery is None:  # the job was deleted, and its runs with it
             await msg.ack()
             return
         run = delivery.run
-        if run.status is RunStatus.retrying and run.next_attempt_at and run.next_attempt_at > utcnow():
-            await msg.nak(delay=(run.next_attempt_at - utcnow()).total_seconds())
+        if run.status is RunStatus.retrying:
+            # Not due yet by the database's clock (the claim said so): come back about then.
+            wait = (run.next_attempt_at - utcnow()).total_seconds() if run.next_attempt_at else 0.0
+            await msg.nak(delay=max(wait, 1.0))
             return
         if run.status is RunStatus.running:
-            # Someone else holds it: leave this delivery alone. An ack here would ack the
-            # message the owner is working on (a late ack still acks, DESIGN.md).
+            if msg.metadata.num_delivered > 1:
+                # Maybe the owner's own message, redelivered (its in_progress did not arrive): an
+                # ack would ack the owner's. Come back when its claim could have lapsed.
+                await msg.nak(delay=self.settings.claim_lease_s + self.settings.heartbeat_s)
+            else:
+                # A second message for a run someone holds (a re-publish): the owner has its own.
+                # Should the owner die, the ticker re-publishes the run once its claim lapsed.
+                await msg.ack()
             return
         if run.status.final and run.delivery_status.value == "pending":
             # We may have died between recording the end and publishing the result.
@@ -139,42 +184,49 @@ class Executor:
         await msg.ack()
 
     @tracing.span("kjob sandbox")
-    async def _attempt(self, claimed: Claimed, msg) -> None:
+    async def _attempt(self, claimed: Claimed, msg, claim_sent: float) -> None:
         run, job = claimed.run, claimed.job
         tracing.annotate(attempt=run.attempt, backend=job.sandbox.backend)
-        await self._event(run, "run_started", f"attempt {run.attempt}")
-        stop_attempt = asyncio.Event()
-        keeper = asyncio.create_task(self._keep_claim(run, msg, stop_attempt))
-        try:
-            outcome = await self._run_sandbox(claimed, stop_attempt)
-        finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
-        if outcome is None:
-            await self._claim_lost(run, job, msg)
+        claim = ClaimKeeper(self, run, claim_sent)
+        if time.monotonic() >= claim.deadline:  # the claim took so long that it may lapse before the agent starts
+            claim.expired = True
+            await self._claim_lost(run, job, msg, claim)
             return
-        status = attempt_status(outcome.exit_code, outcome.timed_out, outcome.start_error)
-        reason = outcome.start_error or outcome.reason
-        if status is RunStatus.timed_out and not reason:
-            reason = f"timed out after {job.timeout}"
-        if status is RunStatus.failed and not reason:
-            reason = f"exit code {outcome.exit_code}"
-        retry = should_retry(status, run.attempt, run.lost_attempts, job.retries)
-        retry_at = utcnow() + job.retries.delay(run.attempt) if retry else None
-        finished = await self.ledger.finish(
-            run.id, self.node, run.attempt,
-            status=status, exit_code=outcome.exit_code, reason=reason, output=outcome.output,
-            output_bytes=outcome.output_bytes, dropped_bytes=outcome.dropped_bytes, retry_at=retry_at,
-        )
+        await self._event(run, "run_started", f"attempt {run.attempt}")
+        acker = asyncio.create_task(self._keep_acking(msg))
+        keeper = asyncio.create_task(claim.keep())
+        try:
+            outcome = await self._run_sandbox(claimed, claim.stop)
+            if outcome is None:
+                await self._claim_lost(run, job, msg, claim)
+                return
+            status = attempt_status(outcome.exit_code, outcome.timed_out, outcome.start_error)
+            reason = outcome.start_error or outcome.reason
+            if status is RunStatus.timed_out and not reason:
+                reason = f"timed out after {job.timeout}"
+            if status is RunStatus.failed and not reason:
+                reason = f"exit code {outcome.exit_code}"
+            retry = should_retry(status, run.attempt, run.lost_attempts, job.retries)
+            retry_in = job.retries.delay(run.attempt).total_seconds() if retry else None
+            # The claim keeper and the acker go on while the end is recorded: the claim stays
+            # ours (and the message with us) however long the database takes to come back.
+            finished = await self._record_end(run, dict(
+                status=status, exit_code=outcome.exit_code, reason=reason, output=outcome.output,
+                output_bytes=outcome.output_bytes, dropped_bytes=outcome.dropped_bytes, retry_in_s=retry_in,
+            ))
+        finally:
+            for task in (keeper, acker):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self._log_end(run)
         if finished is None:
-            await self._claim_lost(run, job, msg)
+            await self._claim_lost(run, job, msg, claim)
             return
         tracing.annotate(status=finished.status.value, exit_code=finished.exit_code)
         metrics.attempt_finished(finished)
-        if retry_at is not None:
-            await msg.nak(delay=(retry_at - utcnow()).total_seconds())
+        if retry_in is not None:
+            await msg.nak(delay=retry_in)
             return
         if finished.delivery_status is DeliveryStatus.pending:  # channel `none`: nothing to deliver
             await self._publish_result(finished)
@@ -182,11 +234,50 @@ class Executor:
         await msg.ack()
         await self.policies.after_end(finished, job)
 
-    async def _claim_lost(self, run: Run, job, msg) -> None:
+    async def _record_end(self, run: Run, fields: dict) -> Run | None:
+        """`finish`, tried again while the database is away (transient errors) for up to
+        `outcome_keep_s`: an attempt that ran must not run again because its end went unwritten.
+        None: the claim is no longer ours (or the outcome could not be written in time)."""
+        give_up = time.monotonic() + self.settings.outcome_keep_s
+        delay = 0.1
+        while True:
+            try:
+                return await self.ledger.finish(run.id, self.node, run.attempt, **fields)
+            except Exception as err:
+                if not is_transient(err):
+                    log.error("executor: cannot record the end of run %s", run.id, exc_info=err)
+                    return None
+                if time.monotonic() + delay > give_up:
+                    log.error("executor: gave up recording the end of run %s after %.0fs (%s)",
+                              run.id, self.settings.outcome_keep_s, err)
+                    return None
+                log.warning("executor: recording the end of run %s failed (%s); keeping it, again in %.1fs",
+                            run.id, err, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.heartbeat_s)
+
+    async def _keep_acking(self, msg) -> None:
+        """Push the message's ack deadline out every heartbeat, never waiting on the database."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(msg.in_progress(), timeout=self.settings.heartbeat_s)
+
+    async def _claim_lost(self, run: Run, job, msg, claim: "ClaimKeeper") -> None:
         """The attempt's claim is gone: the overlap policy `replace` cancelled the run (confirm
         the stop, so the run replacing it starts), or another executor took it over (stay
-        silent: this attempt's result is void)."""
-        if await self.ledger.stopped(run.id, self.node, run.attempt):
+        silent: this attempt's result is void), or it could not be renewed in time and the
+        agent was stopped (the claim lapses; the message comes back when it has)."""
+        if claim.expired:
+            log.warning("executor: run %s: stopped the agent; its claim could not be renewed for %.1fs",
+                        run.id, self.settings.claim_lease_s - self.margin_s)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=self.margin_s + self.settings.heartbeat_s)
+            return
+        stopped = False
+        with contextlib.suppress(Exception):  # the database may still be away; the claim lapses then
+            stopped = await self.ledger.stopped(run.id, self.node, run.attempt)
+        if stopped:
             log.info("executor: run %s stopped: replaced by a newer run of %s", run.id, job.slug)
             await msg.ack()
             return
@@ -240,27 +331,6 @@ class Executor:
             await runner
         return None
 
-    async def _keep_claim(self, run: Run, msg, stop_attempt: asyncio.Event) -> None:
-        """Renew the claim and the ack deadline well inside both; flag a lost claim."""
-        failures = 0
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_s)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
-            try:
-                if not await self.ledger.heartbeat(run.id, self.node, run.attempt, self.lease):
-                    stop_attempt.set()
-                    return
-                failures = 0
-            except Exception as err:
-                # The database is away. Keep running while the lease may still hold; past it,
-                # another executor may have taken over, so stop.
-                failures += 1
-                log.warning("executor: heartbeat for run %s failed (%s)", run.id, err)
-                if failures * self.settings.heartbeat_s >= self.settings.claim_lease_s:
-                    stop_attempt.set()
-                    return
-
     async def _publish_result(self, run: Run) -> None:
         result = RunResult(run_id=run.id, job_id=run.job_id, tenant=run.tenant, slug=run.slug,
                            status=run.status.value, attempt=run.attempt, exit_code=run.exit_code,
@@ -282,3 +352,62 @@ class Executor:
         with contextlib.suppress(Exception):  # events are for observers; never block a run on them
             await self.nc.publish(names.event(run.tenant, kind), event.encode(),
                                   headers={names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant})
+
+
+class ClaimKeeper:
+    """Renews one attempt's claim and holds its local deadline.
+
+    The ledger stamps `claim_until` with the database's clock when a renewal arrives, which is
+    after we sent it: so our claim holds at least `lease` past the monotonic instant we sent the
+    last renewal that succeeded. The agent is stopped (`stop`, with `expired`) `margin` before
+    that, whatever the database does; a renewal stuck on a stalled server is never awaited past
+    it. A renewal the ledger refuses (someone else owns the run) sets `stop` at once.
+    """
+
+    def __init__(self, executor: Executor, run: Run, sent: float) -> None:
+        self.executor, self.run = executor, run
+        self.lease_s = executor.settings.claim_lease_s
+        self.stop = asyncio.Event()
+        self.expired = False
+        # The claim was written at or after this instant, with the full lease.
+        self.deadline = sent + self.lease_s - executor.margin_s
+
+    async def keep(self) -> None:
+        ex = self.executor
+        beat_s = ex.settings.heartbeat_s
+        next_beat = time.monotonic() + beat_s
+        pending: asyncio.Task | None = None
+        sent = 0.0
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= self.deadline:
+                    self.expired = True
+                    self.stop.set()
+                    return
+                if pending is None and now >= next_beat:
+                    sent = now
+                    pending = asyncio.create_task(
+                        ex.ledger.heartbeat(self.run.id, ex.node, self.run.attempt, ex.lease))
+                wake = min(self.deadline, next_beat if pending is None else self.deadline) - now
+                if pending is not None:
+                    await asyncio.wait({pending}, timeout=max(wake, 0.01))
+                    if not pending.done():
+                        continue
+                    try:
+                        if not pending.result():
+                            self.stop.set()  # the ledger says the claim is no longer ours
+                            return
+                        self.deadline = max(self.deadline, sent + self.lease_s - ex.margin_s)
+                    except Exception as err:
+                        log.warning("executor: renewing the claim on run %s failed (%s); stopping its agent in %.1fs "
+                                    "unless a renewal succeeds", self.run.id, err, self.deadline - time.monotonic())
+                    pending = None
+                    next_beat = sent + beat_s
+                else:
+                    await asyncio.sleep(max(wake, 0.01))
+        finally:
+            if pending is not None and not pending.done():
+                # Let it finish on its own (its statement has a deadline): cancelling a
+                # statement mid-flight would only leave its connection in doubt.
+                pending.add_done_callback(lambda t: t.cancelled() or t.exception())

@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import asyncpg
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from kjob.errors import InvalidInput
@@ -51,8 +52,29 @@ def normalize_url(url: str) -> str:
     return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
 
 
-def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
+#: Deadlines of every statement, unless the caller sets its own (DatabaseSettings holds the node's).
+STATEMENT_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0
+POOL_TIMEOUT_S = 10.0
+
+
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = 20,
+    statement_timeout_s: float | None = STATEMENT_TIMEOUT_S,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    pool_timeout_s: float = POOL_TIMEOUT_S,
+) -> AsyncEngine:
     """An async engine for `url` (any form `normalize_url` accepts).
+
+    Every call has a deadline: a stalled server (SIGSTOPped, a black-holed connection) must
+    surface as an error the caller can act on, never as an await that outlives the executor's
+    claim. asyncpg's `command_timeout` bounds each statement on the client side, where a
+    paused or unreachable server cannot stop it from firing; PostgreSQL's own
+    `statement_timeout` (a little longer) frees the server from statements nobody waits for any
+    more; connecting and waiting for a pooled connection have theirs. `statement_timeout_s=None`
+    lifts the statement deadlines (migrations may build indexes for minutes).
 
     No `pool_pre_ping`: it would add a round trip to every statement of the hot path. After a
     PostgreSQL restart, the first disconnect error invalidates the whole pool (SQLAlchemy does
@@ -60,7 +82,10 @@ def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
     """
     normalized = normalize_url(url)
     parsed = make_url(normalized)
-    connect_args: dict[str, object] = {}
+    connect_args: dict[str, object] = {"timeout": connect_timeout_s}
+    if statement_timeout_s is not None:
+        connect_args["command_timeout"] = statement_timeout_s
+        connect_args["server_settings"] = {"statement_timeout": str(int(statement_timeout_s * 1000) + 1000)}
     if not {"ssl", "sslmode"} & set(parsed.query) and (parsed.host in (None, "", "localhost", "127.0.0.1", "::1")):
         # asyncpg tries TLS first by default: on loopback that is a wasted round trip per connect.
         connect_args["ssl"] = False
@@ -71,8 +96,40 @@ def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
         # ticker sharing one engine, a small pool would connect and disconnect all day.
         max_overflow=pool_size * 2,
         pool_recycle=1800,
+        pool_timeout=pool_timeout_s,
         connect_args=connect_args,
     )
+
+
+#: SQLSTATE classes a retry may get past: 08 connection exception; 57 operator intervention
+#: (shutdown, a terminated backend, our own statement timeout); 53 insufficient resources
+#: (too many connections); 40 serialization failure or deadlock.
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "57", "53", "40")
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a database call may pass if tried again: the server, or the way to it, is away
+    (disconnects, deadlines, a server starting or shutting down). Anything else is a statement
+    the database refuses (a constraint, a foreign key to a deleted job, a bug): it fails the
+    same way every time, and must not be retried forever."""
+    if isinstance(err, (OSError, TimeoutError)):
+        return True
+    if isinstance(err, DBAPIError):
+        if err.connection_invalidated:
+            return True
+        # SQLAlchemy's adapter error; the asyncpg error it stands for is its cause.
+        inner = getattr(err.orig, "__cause__", None) or err.orig
+        if inner is not None and inner is not err and is_transient(inner):
+            return True
+        sqlstate = getattr(err.orig, "sqlstate", None) or getattr(inner, "sqlstate", None)
+        if sqlstate:
+            return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
+        return isinstance(err, (OperationalError, InterfaceError))
+    if isinstance(err, asyncpg.PostgresError):
+        return (err.sqlstate or "")[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    # asyncpg's client-side errors: the connection closed or is unusable ("another operation
+    # is in progress" after a cancelled statement).
+    return isinstance(err, asyncpg.InterfaceError)
 
 
 def alembic_config() -> Config:
@@ -97,6 +154,8 @@ async def migrate(engine_or_url: AsyncEngine | str) -> str:
     """
 
     def upgrade(conn: Connection) -> str | None:
+        # A migration may build an index for minutes: lift the node's statement deadline here.
+        conn.execute(text("SET LOCAL statement_timeout = 0"))
         conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID})
         config = alembic_config()
         config.attributes["connection"] = conn
@@ -123,7 +182,7 @@ async def _engine(engine_or_url: AsyncEngine | str) -> AsyncIterator[AsyncEngine
     if isinstance(engine_or_url, AsyncEngine):
         yield engine_or_url
         return
-    engine = create_engine(engine_or_url, pool_size=1)
+    engine = create_engine(engine_or_url, pool_size=1, statement_timeout_s=None)
     try:
         yield engine
     finally:

@@ -27,14 +27,14 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kjob.errors import NotFound
-from kjob.model.job import Job
-from kjob.model.run import FINAL_STATUSES, Attempt, DeliveryStatus, Run, RunStatus, Trigger
+from kjob.model.job import Job, RetryPolicy
+from kjob.model.run import FINAL_STATUSES, Attempt, DeliveryStatus, Run, RunStatus, Trigger, should_retry
 from kjob.store.audit import Actor, record_by
 from kjob.store.jobs import job_from_dict
 from kjob.store.quotas import check_running
 from kjob.store import overlap
 from kjob.store.overlap import Deferred, Skipped
-from kjob.store.tables import job_dispatch_targets, job_runs, missed_ranges, run_attempts, run_logs
+from kjob.store.tables import job_dispatch_targets, job_runs, jobs, missed_ranges, run_attempts, run_logs
 
 OPEN = (RunStatus.scheduled.value, RunStatus.running.value, RunStatus.retrying.value)
 
@@ -105,26 +105,30 @@ RETURNING r.*, x.channel
 FINAL_VALUES = tuple(s.value for s in FINAL_STATUSES)
 
 
+#: A run's delivery once it ended: `pending` if its job posts results somewhere; a job whose
+#: channel is `none` has nothing to deliver, which says so rather than `pending`.
+_DELIVERY_AFTER_END = """CASE
+            WHEN (SELECT kind FROM job_dispatch_targets t WHERE t.job_id = r.job_id) IN ('relay', 'webhook')
+                THEN 'pending'
+            ELSE 'none' END"""
+
 _FINISH_SQL = """
 WITH fin AS (
     UPDATE job_runs r SET
         status = $4, exit_code = $5, error = $6, reason = $7, output_excerpt = $8, output_bytes = $9,
-        claimed_by = NULL, claim_until = NULL, next_attempt_at = $10,
-        finished_at = CASE WHEN $10::timestamptz IS NULL THEN $11::timestamptz ELSE r.finished_at END,
-        -- a job whose channel is `none` has nothing to deliver: say so rather than `pending`
-        delivery_status = CASE
-            WHEN $10::timestamptz IS NOT NULL THEN r.delivery_status
-            WHEN (SELECT kind FROM job_dispatch_targets t WHERE t.job_id = r.job_id) IN ('relay', 'webhook')
-                THEN 'pending'
-            ELSE 'none' END
+        claimed_by = NULL, claim_until = NULL,
+        -- the database's clock, as for claims: a node whose clock is off must not move retries
+        next_attempt_at = CASE WHEN $10::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => $10::float8) END,
+        finished_at = CASE WHEN $10::float8 IS NULL THEN now() ELSE r.finished_at END,
+        delivery_status = CASE WHEN $10::float8 IS NOT NULL THEN r.delivery_status ELSE """ + _DELIVERY_AFTER_END + """ END
     WHERE r.id = $1 AND r.claimed_by = $2 AND r.attempt = $3 AND r.status = 'running'
     RETURNING r.*
 ), attempt AS (
-    UPDATE run_attempts a SET status = $12, finished_at = $11, exit_code = $5, reason = $7
+    UPDATE run_attempts a SET status = $11, finished_at = now(), exit_code = $5, reason = $7
     FROM fin WHERE a.run_id = fin.id AND a.attempt = $3
 ), log AS (
     INSERT INTO run_logs (run_id, output, output_bytes, dropped_bytes)
-    SELECT fin.id, $13, $9, $14 FROM fin
+    SELECT fin.id, $12, $9, $13 FROM fin
     ON CONFLICT (run_id) DO UPDATE
         SET output = EXCLUDED.output, output_bytes = EXCLUDED.output_bytes, dropped_bytes = EXCLUDED.dropped_bytes
 )
@@ -137,7 +141,8 @@ SELECT * FROM fin
 _CLAIM_SQL = text("""
 WITH claimed AS (
     UPDATE job_runs SET status = 'running', attempt = attempt + 1, lost_attempts = lost_attempts + :lost,
-        claimed_by = :executor, claim_until = :until, started_at = :now, next_attempt_at = NULL
+        claimed_by = :executor, claim_until = CAST(:now AS timestamptz) + make_interval(secs => CAST(:lease AS float8)), started_at = :now,
+        next_attempt_at = NULL
     WHERE id = :run_id
     RETURNING *
 ), lost AS (
@@ -150,6 +155,32 @@ WITH claimed AS (
 )
 SELECT claimed.*, row_to_json(j)::text AS job FROM claimed JOIN jobs j ON j.id = claimed.job_id
 """)
+
+
+#: The end of a run whose attempts were lost once too often (kjob.model.run.should_retry): an
+#: agent that kills its node must not crash-loop the fleet.
+_GIVE_UP_SQL = text("""
+WITH ended AS (
+    UPDATE job_runs r SET status = 'error', lost_attempts = lost_attempts + 1, claimed_by = NULL,
+        claim_until = NULL, next_attempt_at = NULL, finished_at = :now, error = :reason, reason = :reason,
+        delivery_status = """ + _DELIVERY_AFTER_END + """
+    WHERE id = :run_id
+    RETURNING r.*
+), lost AS (
+    UPDATE run_attempts a SET status = 'lost', finished_at = :now, reason = :lost_reason
+    FROM ended WHERE a.run_id = ended.id AND a.attempt = ended.attempt
+)
+SELECT * FROM ended
+""")
+
+LOST_REASON = "executor stopped renewing its claim (it died or lost the database)"
+
+
+@dataclass(frozen=True)
+class GaveUp:
+    """The run's last attempt was lost once too often: it ended now (`error`, with its reason)."""
+
+    run: Run
 
 
 class Deposed(Exception):
@@ -427,16 +458,19 @@ class RunLedger:
 
     async def claim(
         self, run_id: str, executor: str, lease: timedelta, *, max_running: int | None = None
-    ) -> Claimed | Skipped | Deferred | None:
+    ) -> Claimed | Skipped | Deferred | GaveUp | None:
         """Take the run for one attempt, or None if it is not ours to run (done, owned, early).
 
         The job's overlap policy is applied here (kjob.store.overlap): Skipped, the run is now
-        final as `skipped`; Deferred, it must wait for another run of its job to end.
+        final as `skipped`; Deferred, it must wait for another run of its job to end. GaveUp:
+        the claim found the run's attempt lost once more than its budget allows; it ended.
 
         :raises TenantBusy: `max_running` (the tenant's concurrency quota) other runs of the
             tenant are running; nothing changed, so the run can be claimed again later.
         """
-        now = utcnow()
+        # The database's clock only: claims written from each executor's own clock would let a
+        # node whose clock runs ahead see live claims as expired, and steal them.
+        now = func.now()
         claimable = or_(
             and_(job_runs.c.status == RunStatus.scheduled.value),
             and_(job_runs.c.status == RunStatus.retrying.value,
@@ -451,21 +485,31 @@ class RunLedger:
             # may, briefly: wait for it rather than skip a run that is ours to start.
             before = (await conn.execute(
                 select(job_runs.c.id, job_runs.c.job_id, job_runs.c.slot, job_runs.c.status, job_runs.c.attempt,
-                       job_runs.c.tenant)
+                       job_runs.c.tenant, job_runs.c.lost_attempts, jobs.c.spec["retries"].label("retries"),
+                       now.label("db_now"))
+                .select_from(job_runs.join(jobs, jobs.c.id == job_runs.c.job_id))
                 .where(job_runs.c.id == run_id, claimable)
-                .with_for_update()
+                .with_for_update(of=job_runs)
             )).first()
             if before is None:
                 return None
+            now = before.db_now
+            lost = before.status == RunStatus.running.value
+            if lost and not should_retry(RunStatus.lost, before.attempt, before.lost_attempts + 1,
+                                         RetryPolicy.model_validate(before.retries or {})):
+                reason = (f"gave up after {before.lost_attempts + 1} lost attempts: each time its executor "
+                          "died or lost the database while the agent ran")
+                row = (await conn.execute(_GIVE_UP_SQL, dict(
+                    run_id=run_id, now=now, reason=reason, lost_reason=LOST_REASON))).one()
+                return GaveUp(run=_run(row))
             held = await overlap.refuse_if_disabled(conn, before, now) or await overlap.settle(conn, before, policy, run_id, now)
             if held is not None:
                 return held
             if max_running is not None:
                 await check_running(conn, before.tenant, run_id, max_running)
-            lost = before.status == RunStatus.running.value
             row = (await conn.execute(_CLAIM_SQL, dict(
-                run_id=run_id, executor=executor, lost=1 if lost else 0, until=now + lease, now=now,
-                reason="executor stopped renewing its claim (it died or lost the database)",
+                run_id=run_id, executor=executor, lost=1 if lost else 0, lease=lease.total_seconds(), now=now,
+                reason=LOST_REASON,
             ))).one()
         mapping = dict(row._mapping)
         job = json.loads(mapping.pop("job"))
@@ -478,7 +522,7 @@ class RunLedger:
                 update(job_runs)
                 .where(job_runs.c.id == run_id, job_runs.c.claimed_by == executor,
                        job_runs.c.attempt == attempt, job_runs.c.status == RunStatus.running.value)
-                .values(claim_until=utcnow() + lease)
+                .values(claim_until=func.now() + lease)
             )
             return result.rowcount == 1
 
@@ -526,12 +570,13 @@ class RunLedger:
         output: str,
         output_bytes: int,
         dropped_bytes: int,
-        retry_at: datetime | None,
+        retry_in_s: float | None,
         excerpt_chars: int = 4000,
     ) -> Run | None:
         """Record the attempt's end, if our claim still holds. None: it did not (someone else
-        owns the run now, so this attempt's result is void and must not be reported)."""
-        run_status = RunStatus.retrying if retry_at is not None else status
+        owns the run now, so this attempt's result is void and must not be reported).
+        `retry_in_s`: the run is tried again this long after the database's now."""
+        run_status = RunStatus.retrying if retry_in_s is not None else status
         error = reason if status is not RunStatus.succeeded else None
         # One statement, outside an explicit transaction: the run, its attempt and its log change
         # together or not at all, in one round trip (this is on every run's path).
@@ -539,7 +584,7 @@ class RunLedger:
             raw = await conn.get_raw_connection()
             record = await raw.driver_connection.fetchrow(
                 _FINISH_SQL, run_id, executor, attempt, run_status.value, exit_code, error, reason,
-                output[:excerpt_chars], output_bytes, retry_at, utcnow(), status.value, output, dropped_bytes,
+                output[:excerpt_chars], output_bytes, retry_in_s, status.value, output, dropped_bytes,
             )
         return None if record is None else Run.model_validate(dict(record))
 

@@ -52,7 +52,7 @@ async def world(client_for, make_state) -> dict[str, Any]:
     claimed = await ledger.claim(run["id"], "test-node", timedelta(seconds=30))
     assert claimed is not None
     await ledger.finish(run["id"], "test-node", 1, status=RunStatus.succeeded, exit_code=0, reason=None,
-                        output="A-OUTPUT-MARKER\n", output_bytes=16, dropped_bytes=0, retry_at=None)
+                        output="A-OUTPUT-MARKER\n", output_bytes=16, dropped_bytes=0, retry_in_s=None)
     viewer = (await a.post("/v1/tokens", json={"role": "viewer", "name": "A-TOKEN-NAME"})).json()
     b = await client_for(B, "admin", state=state)
     return {

@@ -1,0 +1,114 @@
+"""The ticker leader SIGSTOPped past its lease while jittered slots wait to be fired: the new
+leader neither re-fires nor drops them. They are not downtime (their fire time has not come),
+so they fire at their own jittered time, as scheduled, once each, counted by the agents.
+
+Before the fix, a new leader treated such a slot (older than `late_grace_s`) as downtime, and
+the job's catch-up rule (`none` here) wrote it `missed`."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import select
+
+from kjob.bus.publish import announce_job_changed
+from kjob.bus.setup import connect
+from kjob.model.policies import fire_time
+from kjob.model.run import RunStatus, Trigger
+from kjob.model.schedule import Schedule
+from kjob.store.jobs import JobStore
+from kjob.store.tables import ticker_lease
+from tests.faults.ticker.conftest import ledger_rows
+from tests.support.nodes import SchedulerProcess
+from tests.support.pipeline import ACTOR, create_job, until
+
+pytestmark = pytest.mark.slow
+
+EVERY = 20
+JITTER = timedelta(seconds=10)
+#: Shorter than the jitter, longer than a failover: a slot still waiting for its jitter when
+#: the leader stops is older than this by the time the new leader loads.
+GRACE_S = 4
+#: The leader stops this long after a slot, when about half the jobs still wait for theirs.
+STOP_AFTER_S = 5
+JOBS = 8
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+async def leader(engine) -> tuple[str, int] | None:
+    async with engine.connect() as conn:
+        row = (await conn.execute(select(ticker_lease.c.node, ticker_lease.c.revision))).first()
+    return (row.node, row.revision) if row else None
+
+
+async def test_a_new_leader_fires_the_old_leaders_pending_jittered_slots_once(
+        tmp_path, fresh_nats, database_url, engine, recorder):
+    schedule = f"@every {EVERY}s"
+    jobs = [await create_job(engine, slug=f"jittered-{i}", prompt=recorder.script(seconds=0.05), schedule=schedule,
+                             jitter="10s", overlap="allow", catchup={"policy": "none"}) for i in range(JOBS)]
+    env = {
+        "KJOB_NATS_URL": fresh_nats.url, "KJOB_DATABASE_URL": database_url, "KJOB_ACK_WAIT_S": "6",
+        "KJOB_EXECUTOR__HEARTBEAT_S": "0.5", "KJOB_EXECUTOR__CLAIM_LEASE_S": "4", "KJOB_EXECUTOR__CLAIM_MARGIN_S": "1",
+        "KJOB_EXECUTOR__SANDBOXES": '["process"]', "KJOB_TICKER__LATE_GRACE_S": str(GRACE_S),
+        "KJOB_TICKER__RECOVER_S": "2", **recorder.env(),
+    }
+    nodes = {name: SchedulerProcess(name, tmp_path, env, roles="ticker,executor") for name in ("t-1", "t-2")}
+    try:
+        for node in nodes.values():
+            node.start()
+        first = await until(lambda: leader(engine), 40, "a leader")
+        # Stop the leader STOP_AFTER_S into a slot: the jobs whose jitter is longer wait.
+        sched = Schedule.parse(schedule)
+        slot = sched.next_slot(utcnow() + timedelta(seconds=2))
+        await asyncio.sleep((slot + timedelta(seconds=STOP_AFTER_S) - utcnow()).total_seconds())
+        nodes[first[0]].signal(signal.SIGSTOP)
+        stopped_at = utcnow()
+        pending = [j for j in jobs if fire_time(j.id, sched, "UTC", slot, JITTER) > stopped_at]
+        second = await until(lambda: _other(engine, first), 30, "a new leader")
+        assert second[0] != first[0]
+        await asyncio.sleep(1.5)
+        nodes[first[0]].signal(signal.SIGCONT)
+        # The next slot too, fired by the new leader; then end the window.
+        after = sched.next_slot(slot)
+        await asyncio.sleep(max(0.0, (after + JITTER - utcnow()).total_seconds()) + 1)
+        store = JobStore(engine)
+        nc = await connect(fresh_nats.url, "jitter-test")
+        for job in jobs:
+            await store.set_enabled(ACTOR, job.slug, False, note="end of window")
+            await announce_job_changed(nc.jetstream(), job.tenant, job.id, job.slug, "disabled")
+        await nc.close()
+
+        async def settled():
+            for job in jobs:
+                for r in await ledger_rows(engine, job.id):
+                    if r.slot <= after and not RunStatus(r.status).final:
+                        return False
+            return True
+        await until(settled, 40, "every slot of the window to end")
+    finally:
+        codes = {name: node.stop() for name, node in nodes.items()}
+        logs = {name: node.logs() for name, node in nodes.items()}
+
+    assert pending, "no slot was waiting for its jitter when the leader stopped: the test proved nothing"
+    assert all(code == 0 for code in codes.values()), (codes, logs)
+    executions = recorder.by_run()
+    for job in jobs:
+        rows = [r for r in await ledger_rows(engine, job.id) if r.slot <= after]
+        window = [r for r in rows if r.slot >= slot]
+        assert [r.slot for r in window] == [slot, after], (job.slug, [(r.slot, r.status) for r in rows])
+        for r in rows:
+            assert (r.status, r.trigger) == (RunStatus.succeeded.value, Trigger.schedule.value), \
+                (job.slug, r.slot, r.status, r.trigger, r.reason)
+            assert len(executions.get(r.id, [])) == 1, (job.slug, r.slot, executions.get(r.id))
+    assert not recorder.overlapping()
+
+
+async def _other(engine, old):
+    now = await leader(engine)
+    return now if now and now != old else None

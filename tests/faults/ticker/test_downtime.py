@@ -19,6 +19,8 @@ from kjob.store.tables import jobs
 from tests.faults.ticker.conftest import ledger_rows, node_settings, range_rows, slots_between
 from tests.support.pipeline import create_job, running_node, until
 
+GRACE = timedelta(seconds=15)  # TickerSettings.late_grace_s
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -30,83 +32,89 @@ async def down_since(engine, job, moment: datetime) -> None:
         await conn.execute(update(jobs).where(jobs.c.id == job.id).values(created_at=moment, enabled_at=moment))
 
 
-async def test_after_long_downtime_every_slot_is_run_or_missed_with_its_reason(
+async def fired_after(engine, job, moment: datetime):
+    """The first slot after `moment` that ran, once it has."""
+    rows = await ledger_rows(engine, job.id)
+    return next((r for r in rows if r.slot > moment and r.status == RunStatus.succeeded.value), None)
+
+
+async def newest_minute_ran(engine, job, started: datetime):
+    """`latest` runs the newest missed minute: as a catch-up, or as merely late (trigger
+    `schedule`) when it is younger than the grace. Returns the runs up to it that ran."""
+    newest = started.replace(second=0, microsecond=0)
+    rows = await ledger_rows(engine, job.id)
+    ran = [r for r in rows if r.slot <= newest and r.status == RunStatus.succeeded.value]
+    return ran if any(r.slot == newest for r in ran) else None
+
+
+def assert_caught_up_once(ran: list, started: datetime) -> None:
+    (minute,) = ran  # one ran, no older one
+    assert minute.trigger == (Trigger.schedule if started - minute.slot <= GRACE else Trigger.catchup).value
+
+
+async def test_every_second_job_down_20_minutes_has_every_slot_accounted_for(
         tmp_path, fresh_nats, database_url, engine, recorder, api):
-    prompt = recorder.script(seconds=0.05)
     now = utcnow()
-    seconds_job = await create_job(engine, slug="every-second", prompt=prompt)
-    minutes_job = await create_job(engine, slug="every-minute", prompt=prompt, schedule="* * * * *",
-                                   catchup={"window": "1h", "policy": "latest"})
-    huge = await create_job(engine, slug="huge-window", prompt=prompt, schedule="* * * * *")
-    bystander = await create_job(engine, slug="bystander", prompt=prompt)
-    await down_since(engine, seconds_job, now - timedelta(minutes=20))
-    await down_since(engine, minutes_job, now - timedelta(hours=20))
+    job = await create_job(engine, slug="every-second", prompt=recorder.script(seconds=0.05))
+    await down_since(engine, job, now - timedelta(minutes=20))
+    async with running_node(node_settings(tmp_path, recorder), fresh_nats.url, database_url) as node:
+        started = utcnow()
+        live = await until(lambda: fired_after(engine, job, started), 30, "the job to fire after the start")
+
+        async def final():
+            return all(RunStatus(r.status).final for r in await ledger_rows(engine, job.id) if r.slot <= live.slot)
+        await until(final, 30, "the late slots to end")
+        client = await api(node, role="viewer")
+        shown = (await client.get("/v1/jobs/every-second/missed")).json()
+
+    expected = slots_between("@every 1s", now - timedelta(minutes=20), live.slot)
+    rows = [r for r in await ledger_rows(engine, job.id) if r.slot <= live.slot]
+    ranges = await range_rows(engine, job.id)
+    in_ranges = sum(r.count for r in ranges)
+    assert len(rows) + in_ranges == len(expected), f"{len(rows)} rows + {in_ranges} in ranges for {len(expected)} slots"
+    assert len(rows) == len({r.slot for r in rows})
+    assert ranges[0].first_slot == expected[0] and all(r.count_exact for r in ranges)
+    assert ranges[-1].last_slot < rows[0].slot
+    listed = {r.slot for r in rows}
+    assert all(s in listed for s in expected if s > ranges[-1].last_slot)
+    # the late slots ran as scheduled (one that came while another ran: `skipped`, by the
+    # overlap policy), every other slot is missed, each with its reason
+    assert all(r.status in ("missed", "succeeded", "skipped") and (r.status == "succeeded" or r.reason) for r in rows)
+    assert any(r.status == "missed" and r.reason.startswith("scheduler was down at this slot") for r in rows)
+    assert [(r["count"], r["reason"]) for r in shown] == [(r.count, r.reason) for r in reversed(ranges)]
+    assert all(len(e) == 1 for e in recorder.by_run().values())
+
+
+async def test_every_minute_job_down_20_hours_runs_its_newest_missed_minute(
+        tmp_path, fresh_nats, database_url, engine, recorder):
+    now = utcnow()
+    job = await create_job(engine, slug="every-minute", prompt=recorder.script(seconds=0.05), schedule="* * * * *",
+                           catchup={"window": "1h", "policy": "latest"})
+    await down_since(engine, job, now - timedelta(hours=20))
+    async with running_node(node_settings(tmp_path, recorder), fresh_nats.url, database_url):
+        started = utcnow()
+        ran = await until(lambda: newest_minute_ran(engine, job, started), 30, "the newest missed minute to run")
+
+    assert_caught_up_once(ran, started)
+    rows = [r for r in await ledger_rows(engine, job.id) if r.slot <= ran[0].slot]
+    ranges = await range_rows(engine, job.id)
+    expected = slots_between("* * * * *", now - timedelta(hours=20), ran[0].slot)
+    assert len(rows) + sum(r.count for r in ranges) == len(expected)
+    assert [r.reason for r in ranges] == ["scheduler was down at these slots, outside the catch-up window (1h)"]
+    assert all(len(e) == 1 for e in recorder.by_run().values())
+
+
+async def test_a_stored_window_beyond_the_calendar_stops_nobody(tmp_path, fresh_nats, database_url, engine, recorder):
+    now = utcnow()
+    huge = await create_job(engine, slug="huge-window", prompt=recorder.script(seconds=0.05), schedule="* * * * *")
+    bystander = await create_job(engine, slug="bystander", prompt="true")
     await down_since(engine, huge, now - timedelta(hours=3))
     # a row stored before create-time bounds existed: the window overflows any date maths
     async with engine.begin() as conn:
         await conn.execute(text("UPDATE jobs SET spec = jsonb_set(spec, '{catchup,window}', '\"99999999d\"') "
                                 "WHERE id = :id"), {"id": huge.id})
-
-    async with running_node(node_settings(tmp_path, recorder), fresh_nats.url, database_url) as node:
+    async with running_node(node_settings(tmp_path, recorder), fresh_nats.url, database_url):
         started = utcnow()
-
-        async def live(job):
-            """The first slot the ticker fired after it started, once it ran."""
-            rows = await ledger_rows(engine, job.id)
-            return next((r for r in rows if r.slot > started and r.status == RunStatus.succeeded.value), None)
-
-        first_live = {job.slug: await until(lambda: live(job), 30, f"{job.slug} to fire after the start")
-                      for job in (seconds_job, bystander)}
-
-        # `latest` runs the newest missed minute: as a catch-up, or as merely late (trigger
-        # `schedule`) when it is younger than `late_grace_s`; no older one runs.
-        newest_minute = started.replace(second=0, microsecond=0)
-
-        async def caught_up(job):
-            rows = await ledger_rows(engine, job.id)
-            return [r for r in rows if r.slot <= newest_minute and r.status == RunStatus.succeeded.value]
-
-        catchups = {job.slug: await until(lambda: caught_up(job), 30, f"{job.slug}'s newest missed minute to run")
-                    for job in (minutes_job, huge)}
-        async def final(job, until_slot):
-            return all(RunStatus(r.status).final for r in await ledger_rows(engine, job.id) if r.slot <= until_slot)
-        await until(lambda: final(seconds_job, first_live["every-second"].slot), 30, "the late slots to end")
-        client = await api(node, role="viewer")
-        shown = (await client.get("/v1/jobs/every-second/missed")).json()
-
-    # @every 1s, down 20 min: every slot up to the first live one is in the ledger or a range
-    expected = slots_between("@every 1s", now - timedelta(minutes=20), first_live["every-second"].slot)
-    rows = [r for r in await ledger_rows(engine, seconds_job.id) if r.slot <= first_live["every-second"].slot]
-    ranges = await range_rows(engine, seconds_job.id)
-    assert len(rows) == len({r.slot for r in rows})
-    in_ranges = sum(r.count for r in ranges)
-    assert len(rows) + in_ranges == len(expected), (len(rows), in_ranges, len(expected))
-    assert ranges and ranges[0].first_slot == expected[0] and all(r.count_exact for r in ranges)
-    assert ranges[-1].last_slot < rows[0].slot
-    listed = {r.slot for r in rows}
-    assert all(s in listed for s in expected if s > ranges[-1].last_slot)
-    missed = [r for r in rows if r.status == RunStatus.missed.value]
-    assert missed and all(r.reason.startswith("scheduler was down at this slot") for r in missed)
-    # the late slots ran as scheduled (those that came while another ran: `skipped`, the
-    # overlap policy's say), every other slot is missed
-    assert all(r.status in ("missed", "succeeded", "skipped") and (r.status == "succeeded" or r.reason) for r in rows)
-    # the API shows the range
-    assert [(r["count"], r["reason"]) for r in shown] == [(r.count, r.reason) for r in reversed(ranges)]
-
-    # * * * * *, down 20 h, 1 h window, `latest`: the newest missed minute ran, not an old one
-    (minute,) = catchups["every-minute"]
-    assert minute.slot == newest_minute
-    late = started - minute.slot <= timedelta(seconds=15)
-    assert minute.trigger == (Trigger.schedule if late else Trigger.catchup).value
-    minute_rows = [r for r in await ledger_rows(engine, minutes_job.id) if r.slot <= minute.slot]
-    minute_ranges = await range_rows(engine, minutes_job.id)
-    expected_minutes = slots_between("* * * * *", now - timedelta(hours=20), minute.slot)
-    assert len(minute_rows) + sum(r.count for r in minute_ranges) == len(expected_minutes)
-    assert [r.reason for r in minute_ranges] == [
-        "scheduler was down at these slots, outside the catch-up window (1h)"]
-
-    # the 99999999-day window: clamped, settled, its newest slot run; and the bystander fired
-    assert [r.slot for r in catchups["huge-window"]] == [newest_minute]
-    assert first_live["bystander"].slot - started < timedelta(seconds=10)
-    # every run the agents report ran once
-    assert all(len(e) == 1 for e in recorder.by_run().values())
+        await until(lambda: fired_after(engine, bystander, started), 30, "the other job to fire")
+        ran = await until(lambda: newest_minute_ran(engine, huge, started), 30, "the newest missed minute to run")
+    assert_caught_up_once(ran, started)

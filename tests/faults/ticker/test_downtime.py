@@ -10,6 +10,7 @@ crashed the ticker at every start."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import text, update
@@ -17,6 +18,7 @@ from sqlalchemy import text, update
 from kjob.model.run import RunStatus, Trigger
 from kjob.store.tables import jobs
 from tests.faults.ticker.conftest import ledger_rows, node_settings, range_rows, slots_between
+from tests.cli.conftest import base_env, home, runner_for  # noqa: F401 (fixtures)
 from tests.support.pipeline import create_job, running_node, until
 
 GRACE = timedelta(seconds=15)  # TickerSettings.late_grace_s
@@ -53,7 +55,7 @@ def assert_caught_up_once(ran: list, started: datetime) -> None:
 
 
 async def test_every_second_job_down_20_minutes_has_every_slot_accounted_for(
-        tmp_path, fresh_nats, database_url, engine, recorder, api):
+        tmp_path, fresh_nats, database_url, engine, recorder, api, base_env):
     now = utcnow()
     job = await create_job(engine, slug="every-second", prompt=recorder.script(seconds=0.05))
     await down_since(engine, job, now - timedelta(minutes=20))
@@ -66,6 +68,9 @@ async def test_every_second_job_down_20_minutes_has_every_slot_accounted_for(
         await until(final, 30, "the late slots to end")
         client = await api(node, role="viewer")
         shown = (await client.get("/v1/jobs/every-second/missed")).json()
+        token = client.headers["Authorization"].removeprefix("Bearer ")
+        cli = runner_for({**base_env, "KJOB_API_URL": node.api_url, "KJOB_TOKEN": token})
+        printed = await asyncio.to_thread(cli, "runs", "every-second", "--limit", "5")
 
     expected = slots_between("@every 1s", now - timedelta(minutes=20), live.slot)
     rows = [r for r in await ledger_rows(engine, job.id) if r.slot <= live.slot]
@@ -82,6 +87,8 @@ async def test_every_second_job_down_20_minutes_has_every_slot_accounted_for(
     assert all(r.status in ("missed", "succeeded", "skipped") and (r.status == "succeeded" or r.reason) for r in rows)
     assert any(r.status == "missed" and r.reason.startswith("scheduler was down at this slot") for r in rows)
     assert [(r["count"], r["reason"]) for r in shown] == [(r.count, r.reason) for r in reversed(ranges)]
+    assert printed.exit_code == 0, printed.output
+    assert f"missed: {ranges[0].count} slots from " in printed.output, printed.output
     assert all(len(e) == 1 for e in recorder.by_run().values())
 
 

@@ -20,7 +20,7 @@ from sqlalchemy import Text, and_, cast, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kjob.model.policies import replaced_reason, skipped_reason
-from kjob.model.run import DeliveryStatus, Run, RunStatus
+from kjob.model.run import DeliveryStatus, Run, RunStatus, Trigger
 from kjob.store.tables import job_runs, jobs, run_attempts
 
 
@@ -74,7 +74,7 @@ async def refuse_if_disabled(conn: AsyncConnection, before: Any, now: datetime) 
         .where(job_runs.c.id == before.id)
         .with_for_update(read=True, of=jobs)
     )).first()
-    if row is None or row.enabled or row.trigger not in ("schedule", "catchup"):
+    if row is None or row.enabled or row.trigger not in (Trigger.schedule.value, Trigger.catchup.value):
         return None
     skipped = (await conn.execute(
         update(job_runs).where(job_runs.c.id == before.id)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+from sqlalchemy import text
+
 from kjob.config import TickerSettings
 from kjob.model.run import RunStatus, run_id_for
 from kjob.store.database import is_row_error
@@ -49,3 +51,12 @@ async def test_a_row_the_ledger_refuses_is_left_out_and_the_rest_written(engine)
     assert recorded.new == {r.run_id for i, r in enumerate(rows) if i != 5}
     written = [len(await ledger_rows(engine, j.id)) for j in jobs]
     assert written == [1, 1, 1, 1, 1, 0, 1, 1, 1]
+
+
+async def test_a_stored_row_that_no_longer_reads_is_skipped_and_the_others_listed(engine):
+    good, bad = [await create_job(engine, slug=s, prompt="true") for s in ("good", "bad")]
+    async with engine.begin() as conn:  # stored before a check that now refuses it
+        await conn.execute(text("UPDATE jobs SET spec = jsonb_set(spec, '{catchup,window}', '\"forever\"') "
+                                "WHERE id = :id"), {"id": bad.id})
+    assert [j.id for j in await JobStore(engine).list_scheduled()] == [good.id]
+    assert await JobStore(engine).get_scheduled(bad.id) is None

@@ -93,9 +93,9 @@ async def test_a_new_leader_fires_the_old_leaders_pending_jittered_slots_once(
         loaded = await fenced_at(engine)
         await asyncio.sleep(1.5)
         nodes[first[0]].signal(signal.SIGCONT)
-        # The next slot too, fired by the new leader; then end the window.
-        after = sched.next_slot(slot)
-        await asyncio.sleep(max(0.0, (after + JITTER - utcnow()).total_seconds()) + 1)
+        # Until every jitter of the slot has passed; then end the window.
+        after = slot
+        await asyncio.sleep(max(0.0, (slot + JITTER - utcnow()).total_seconds()) + 1)
         store = JobStore(engine)
         nc = await connect(fresh_nats.url, "jitter-test")
         for job in jobs:
@@ -125,8 +125,10 @@ async def test_a_new_leader_fires_the_old_leaders_pending_jittered_slots_once(
     for job in jobs:
         rows = [r for r in await ledger_rows(engine, job.id) if r.slot <= after]
         window = [r for r in rows if r.slot >= slot]
-        assert [r.slot for r in window] == [slot, after], (job.slug, [(r.slot, r.status) for r in rows])
-        for r in rows:
+        assert [r.slot for r in window] == [slot], (job.slug, [(r.slot, r.status) for r in rows])
+        # (slots before the window may be downtime of the nodes' own start: settled by the rule)
+        assert all(r.status == RunStatus.succeeded.value or r.reason for r in rows)
+        for r in window:
             if r.slot == slot and job.id in downtime:
                 assert (r.status, r.reason) == (RunStatus.missed.value, MISSED), (job.slug, r.status, r.reason)
                 continue

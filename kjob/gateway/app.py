@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter, Depends, FastAPI
 
-from kjob.gateway import errors
+from kjob.gateway import errors, ui
 from kjob.gateway.auth import authenticate, wire_security
 from kjob.gateway.limits import BodyLimit
 from kjob.gateway.routes import audit, backfill, health, jobs, metrics, quotas, runs, schedules, secrets, status, tokens
@@ -40,6 +40,7 @@ def create_app(state: GatewayState) -> FastAPI:
     app.include_router(v1)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    ui.mount(app, state)  # the web dashboard at /ui: pages over the /v1 handlers
     tracing.instrument_app(app)
     return app
 

@@ -9,6 +9,7 @@ script), POSTed with the session's CSRF token and answered with a redirect.
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
@@ -63,6 +64,8 @@ _env.filters.update(
     utc=present.utc_short,
     words=present.schedule_words,
     plural=present.plural,
+    # Plain JSON text, escaped like any other text (`tojson` writes \u003c for `<`, unreadable).
+    json=lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False, default=str),
 )
 _env.globals.update(local=present.local_text)
 

@@ -88,3 +88,20 @@ def test_csrf_tokens_are_per_session_and_next_stays_on_the_dashboard() -> None:
     assert safe_next("/ui/runs/x?y=1") == "/ui/runs/x?y=1"
     for bad in (None, "", "//evil/ui/", "https://evil/", "/v1/jobs", "/ui", "/ui\\x"):
         assert safe_next(bad) == "/ui/"
+
+
+def test_kjob_dashboard_prints_the_login_url_of_the_cli_target(tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from kjob.cli.main import app
+
+    for name in ("KJOB_API_URL", "KJOB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    env = {"KJOB_HOME": str(tmp_path), "KJOB_CONFIG": str(tmp_path / "none.toml")}
+    result = CliRunner().invoke(app, ["dashboard"], env=env)
+    assert result.exit_code == 1 and "no token" in result.output
+    (tmp_path / "api.url").write_text("http://127.0.0.1:9999")
+    (tmp_path / "admin.token").write_text("kjob_abc_def\n")
+    result = CliRunner().invoke(app, ["dashboard"], env=env)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "http://127.0.0.1:9999/ui/?token=kjob_abc_def"

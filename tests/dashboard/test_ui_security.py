@@ -112,3 +112,23 @@ async def test_headers_and_frame_ancestors_setting(make_state, monkeypatch) -> N
             assert answer.headers["x-content-type-options"] == "nosniff"
         assert (await browser.get("/ui/jobs/none-such")).status_code == 404
     assert state.settings.frame_ancestors == "'self' https://kanvas.example"
+
+
+async def test_delete_asks_for_the_slug_and_needs_an_editor(make_state) -> None:  # noqa: F811
+    state, app, token, api = await make_ui(make_state)
+    assert (await api.post("/v1/jobs", json=job_body("nightly"))).status_code == 201
+    _, operator = await state.tokens.create("acme", "operator", "ui test")
+    async with client(app, operator) as browser:
+        answer = await browser.post("/ui/jobs/nightly/delete", data={"confirm": "nightly", "csrf": csrf_token(operator)})
+        assert answer.status_code == 403 and "editor" in answer.text
+        page = await browser.get("/ui/jobs/nightly")
+        assert "Run now" in page.text and "Delete…" not in page.text and "Edit as TOML" not in page.text
+    async with client(app, token) as browser:
+        answer = await browser.post("/ui/jobs/nightly/delete", data={"confirm": "nightl", "csrf": csrf_token(token)})
+        assert answer.status_code == 422 and "type the job" in answer.text
+        assert (await api.get("/v1/jobs/nightly")).status_code == 200
+        answer = await browser.post("/ui/jobs/nightly/delete", data={"confirm": "nightly", "csrf": csrf_token(token)})
+        assert answer.status_code == 303 and answer.headers["location"] == "/ui/?done=deleted"
+    assert (await api.get("/v1/jobs/nightly")).status_code == 404
+    audit = (await api.get("/v1/audit")).json()
+    assert audit[0]["action"] == "job.delete"

@@ -9,6 +9,7 @@ script), POSTed with the session's CSRF token and answered with a redirect.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from datetime import datetime, timezone
@@ -23,6 +24,7 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kjob.errors import Forbidden, InvalidInput, KjobError, NotFound, Unauthorized
 from kjob.gateway.auth import principal_of_token
@@ -42,6 +44,8 @@ from kjob.store.tokens import Principal
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
+#: Run-history queries in flight for one jobs list (one per job; the pool has room for them).
+LIST_CONCURRENCY = 8
 #: Messages a redirect after an action may show (`?done=<key>`): fixed texts, never user input.
 DONE = {
     "paused": "Paused. No slot runs until it is resumed.",
@@ -201,6 +205,11 @@ def create_ui(state: GatewayState) -> FastAPI:
             return JSONResponse({"error": {"message": str(exc), "field": getattr(exc, "field", None)}}, status_code=code)
         return _error_page(request, code, exc)
 
+    @ui.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        message = "There is no such page." if exc.status_code == 404 else str(exc.detail)
+        return _error_page(request, exc.status_code, KjobError(message))
+
     @ui.exception_handler(DBAPIError)
     @ui.exception_handler(OSError)
     async def database_down(request: Request, exc: Exception) -> Response:
@@ -214,11 +223,9 @@ def create_ui(state: GatewayState) -> FastAPI:
 
     def _error_page(request: Request, code: int, exc: Exception) -> HTMLResponse:
         title = {401: "Log in", 403: "Not allowed", 404: "Not found", 409: "Conflict", 422: "Refused",
-                 429: "Too many requests", 500: "Internal error", 503: "Unavailable"}.get(code, "Refused")
-        if isinstance(exc, NotFound):
-            message = f"There is no {exc.kind} {exc.key!r} in this tenant."
-        else:
-            message = str(exc)
+                 405: "Not allowed", 429: "Too many requests", 500: "Internal error",
+                 503: "Unavailable"}.get(code, "Refused")
+        message = f"There is no {exc.kind} {exc.key!r} in this tenant." if isinstance(exc, NotFound) else str(exc)
         return render(None, "error.html", status_code=code, request=request, title=title, message=message)
 
     # -- login ---------------------------------------------------------------------------
@@ -266,10 +273,14 @@ def create_ui(state: GatewayState) -> FastAPI:
     async def jobs_page(request: Request) -> Response:
         s = await current(request)
         views = [_dump(j) for j in await s.call(jobs.list_jobs)]
-        rows = []
-        for job in views:
-            history = [_dump(r) for r in await s.call(runs.list_runs, slug=job["slug"], limit=50)]
-            rows.append((job, present.outcomes(history)))
+        gate = asyncio.Semaphore(LIST_CONCURRENCY)
+
+        async def summary(job: dict[str, Any]) -> present.Outcomes:
+            async with gate:
+                history = await s.call(runs.list_runs, slug=job["slug"], limit=present.STRIP)
+            return present.outcomes([_dump(r) for r in history])
+
+        rows = list(zip(views, await asyncio.gather(*(summary(j) for j in views))))
         q = request.query_params
         status_filter = q.get("status", "all") if q.get("status") in ("all", "enabled", "paused", "failing") else "all"
         sort = q.get("sort", "slug") if q.get("sort") in ("slug", "next", "last") else "slug"

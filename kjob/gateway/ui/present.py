@@ -23,6 +23,9 @@ FAILED = frozenset({RunStatus.failed, RunStatus.timed_out, RunStatus.error, RunS
 #: Statuses that never ran, whose reason the job page lists.
 NOT_RUN = frozenset({RunStatus.missed, RunStatus.skipped})
 
+#: Outcomes in a job's strip (and in the jobs list's counts).
+STRIP = 20
+
 JobFilter = Literal["all", "enabled", "paused", "failing"]
 JobSort = Literal["slug", "next", "last"]
 
@@ -182,7 +185,7 @@ def outcomes(runs: Iterable[dict[str, Any]]) -> Outcomes:
 
     last = finished[0] if finished else None
     return Outcomes(
-        strip=[RunStatus(r["status"]).value for r in reversed(finished[:20])],
+        strip=[RunStatus(r["status"]).value for r in reversed(finished[:STRIP])],
         last=RunStatus(last["status"]).value if last else None,
         last_at=(last["finished_at"] or last["slot"]) if last else None,
         last_success=first(frozenset({RunStatus.succeeded})),

@@ -40,8 +40,8 @@ def create_app(state: GatewayState) -> FastAPI:
     app.include_router(v1)
     app.include_router(health.router)
     app.include_router(metrics.router)
-    ui.mount(app, state)  # the web dashboard at /ui: pages over the /v1 handlers
     tracing.instrument_app(app)
+    ui.mount(app, state)  # the web dashboard at /ui, last: its login token must not reach the spans
     return app
 
 

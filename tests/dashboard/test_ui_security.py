@@ -13,7 +13,8 @@ from starlette.routing import Mount, Route
 
 from kjob.gateway.app import create_app
 from kjob.gateway.ui.session import COOKIE, LOGIN_COOKIE, csrf_token
-from tests.security.conftest import job_body, make_state, published, settings_for  # noqa: F401 (fixtures)
+from tests.telemetry.conftest import spans  # noqa: F401 (fixture)
+from tests.security.conftest import AUDIENCE, issuer, job_body, make_state, published, settings_for  # noqa: F401 (fixtures)
 
 
 def ui_app(app: Any) -> Any:
@@ -132,3 +133,30 @@ async def test_delete_asks_for_the_slug_and_needs_an_editor(make_state) -> None:
     assert (await api.get("/v1/jobs/nightly")).status_code == 404
     audit = (await api.get("/v1/audit")).json()
     assert audit[0]["action"] == "job.delete"
+
+
+async def test_a_jwt_logs_in_the_same_way_and_its_expiry_ends_the_session(make_state, issuer) -> None:  # noqa: F811
+    state = make_state(oidc_issuer=issuer.url, oidc_audience=AUDIENCE, oidc_jwks_refetch_s=0)
+    app = create_app(state)
+    jwt = issuer.token(tenant="acme", roles=["operator"], sub="alice")
+    async with client(app) as browser:
+        answer = await browser.get(f"/ui/?token={jwt}")
+        assert answer.status_code == 303 and answer.headers["location"] == "/ui/"
+        page = await browser.get("/ui/")
+        assert page.status_code == 200 and "acme" in page.text and "operator" in page.text
+    expired = issuer.token(exp=1)
+    async with client(app, expired) as browser:
+        answer = await browser.get("/ui/")
+        assert answer.status_code == 303 and "why=ended" in answer.headers["location"]
+
+
+async def test_a_login_url_token_reaches_no_trace_span(make_state, spans) -> None:  # noqa: F811
+    state, app, token, api = await make_ui(make_state)
+    async with client(app) as browser:
+        answer = await browser.get(f"/ui/jobs/x?token={token}&keep=1")
+        assert answer.status_code == 303 and answer.headers["location"] == "/ui/jobs/x?keep=1"
+        assert (await browser.get("/ui/jobs/x")).status_code == 404  # the cookie works
+    recorded = spans.get_finished_spans()
+    assert any("/ui" in str(s.attributes) for s in recorded), [s.name for s in recorded]
+    secret = token.rsplit("_", 1)[1]
+    assert not [s.name for s in recorded if secret in str(s.attributes) or secret in s.name]

@@ -111,7 +111,7 @@ async def current(request: Request) -> Session:
     """The request's session. A `token` in the query starts one (and the answer drops it from
     the URL); no or a stale cookie sends the browser to the login page."""
     state = _state(request)
-    offered = request.query_params.get("token")
+    offered = request.scope.get(session.SCOPE_KEY)
     if offered:
         try:
             await principal_of_token(state, offered)

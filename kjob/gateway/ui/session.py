@@ -22,11 +22,15 @@ import base64
 import hashlib
 import hmac
 import secrets
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi import Request, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kjob.config import Settings
+
+#: Where `TokenFromQuery` leaves a tokenized URL's token for the dashboard.
+SCOPE_KEY = "kjob.ui.token"
 
 COOKIE = "kjob_session"
 LOGIN_COOKIE = "kjob_login"
@@ -80,3 +84,20 @@ def without_token(request: Request) -> str:
     """The request's path and query with `token` removed: where the tokenized URL redirects."""
     query = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
     return request.url.path + (f"?{urlencode(query)}" if query else "")
+
+
+class TokenFromQuery:
+    """Takes `token` out of a dashboard URL's query before anything else sees the request (the
+    tracing middleware records the query in every span) and leaves it in the ASGI scope for
+    the dashboard, which exchanges it for the cookie. The gateway installs this outermost."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(PATH) and b"token=" in scope.get("query_string", b""):
+            pairs = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+            token = next((v for k, v in pairs if k == "token"), None)
+            rest = urlencode([(k, v) for k, v in pairs if k != "token"])
+            scope = {**scope, "query_string": rest.encode("latin-1"), SCOPE_KEY: token}
+        await self.app(scope, receive, send)

@@ -45,11 +45,34 @@ def printed_dashboard_url(up: Up) -> str:
     raise AssertionError(f"kjob up printed no dashboard URL: {up.logs()}")
 
 
+#: Problems a keyboard or screen-reader user would hit on the current page.
+A11Y_PROBLEMS = """() => {
+  const problems = [];
+  if (!document.documentElement.lang) problems.push("no lang");
+  if (document.querySelectorAll("h1").length !== 1) problems.push("not one h1");
+  for (const el of document.querySelectorAll("input:not([type=hidden]), select, textarea")) {
+    if (!el.labels || el.labels.length === 0) problems.push(`unlabelled ${el.name}`);
+  }
+  for (const el of document.querySelectorAll("button, a[href]")) {
+    if (!el.textContent.trim() && !el.getAttribute("aria-label")) problems.push(`nameless ${el.outerHTML}`);
+  }
+  for (const el of document.querySelectorAll("[tabindex]")) {
+    if (Number(el.getAttribute("tabindex")) > 0) problems.push(`tabindex>0 ${el.id}`);
+  }
+  return problems;
+}"""
+
+
 async def shoot(page: Page, name: str) -> None:
-    """The current page at both widths, full length."""
+    """The current page at both widths, full length, after checking it is accessible: every
+    field labelled, every control named, one h1, and nothing wider than the narrow screen
+    (wide tables scroll in their own region or become cards)."""
+    assert await page.evaluate(A11Y_PROBLEMS) == [], name
     for width_name, (width, height) in WIDTHS.items():
         await page.set_viewport_size({"width": width, "height": height})
         await page.screenshot(path=str(SHOTS / f"{name}-{width_name}.png"), full_page=True)
+        overflow = await page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0, f"{name} is {overflow}px wider than {width}px"
     await page.set_viewport_size({"width": 1280, "height": 860})
 
 
@@ -174,7 +197,8 @@ async def _admin_flow(browser: Browser, base: str, url: str, up: Up, gate: Path)
     assert (job["enabled"], job["paused_note"]) == (False, "migration <em>window</em>")
     await expect(page.locator("ol.nexts li")).to_have_count(0)
     await shoot(page, "job-paused")
-    await page.get_by_role("button", name="Resume").click()
+    await page.get_by_role("button", name="Resume").focus()
+    await page.keyboard.press("Enter")  # every action works from the keyboard
     await expect(page.get_by_role("status")).to_contain_text("Resumed.")
     assert up.client.get("/v1/jobs/hello").json()["enabled"] is True
     await expect(page.locator("table").last).to_contain_text("job.disable")  # the audit trail

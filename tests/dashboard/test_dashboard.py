@@ -285,9 +285,9 @@ async def _other_tenant(browser: Browser, base: str, other: str, run_id: str) ->
         response = await page.goto(path)
         assert response is not None and response.status == 404, path
         await expect(page.get_by_role("heading", level=1)).to_have_text("Not found")
+        await expect(page.get_by_role("button", name="Log out")).to_be_visible()  # still logged in
     log = await context.request.get(f"/ui/runs/{run_id}/log")
     assert log.status == 404 and "started" not in await log.text()
-    await page.goto("/ui/")
     refused = await context.request.post("/ui/jobs/hello/pause", form={"note": "x", "csrf": await form_csrf(page)})
     assert refused.status == 404
     await context.close()

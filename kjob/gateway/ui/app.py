@@ -145,7 +145,7 @@ async def acting(request: Request) -> tuple[Session, dict[str, str]]:
 
 
 def render(s: Session | None, name: str, status_code: int = 200, **context: Any) -> HTMLResponse:
-    request = s.request if s else context.pop("request")
+    request = context.pop("request", None) or s.request
     done = DONE.get(request.query_params.get("done", ""))
     html = _env.get_template(name).render(
         session=s, principal=s.principal if s else None, csrf=s.csrf if s else "", done=done, path=request.url.path,
@@ -203,30 +203,39 @@ def create_ui(state: GatewayState) -> FastAPI:
         code = status_for(exc)
         if request.url.path.endswith(("/log", "/state")):
             return JSONResponse({"error": {"message": str(exc), "field": getattr(exc, "field", None)}}, status_code=code)
-        return _error_page(request, code, exc)
+        return await _error_page(request, code, exc)
 
     @ui.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         message = "There is no such page." if exc.status_code == 404 else str(exc.detail)
-        return _error_page(request, exc.status_code, KjobError(message))
+        return await _error_page(request, exc.status_code, KjobError(message))
 
     @ui.exception_handler(DBAPIError)
     @ui.exception_handler(OSError)
     async def database_down(request: Request, exc: Exception) -> Response:
         log.warning("dashboard: database unavailable on %s: %s", request.url.path, exc)
-        return _error_page(request, 503, KjobError("the database is not answering; try again in a moment"))
+        return await _error_page(request, 503, KjobError("the database is not answering; try again in a moment"),
+                                 nav=False)
 
     @ui.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("dashboard: unhandled error on %s %s", request.method, request.url.path)
-        return _error_page(request, 500, KjobError("internal error; the server log has the details"))
+        return await _error_page(request, 500, KjobError("internal error; the server log has the details"), nav=False)
 
-    def _error_page(request: Request, code: int, exc: Exception) -> HTMLResponse:
-        title = {401: "Log in", 403: "Not allowed", 404: "Not found", 409: "Conflict", 422: "Refused",
-                 405: "Not allowed", 429: "Too many requests", 500: "Internal error",
+    async def _error_page(request: Request, code: int, exc: Exception, *, nav: bool = True) -> HTMLResponse:
+        title = {401: "Log in", 403: "Not allowed", 404: "Not found", 405: "Not allowed", 409: "Conflict",
+                 422: "Refused", 429: "Too many requests", 500: "Internal error",
                  503: "Unavailable"}.get(code, "Refused")
         message = f"There is no {exc.kind} {exc.key!r} in this tenant." if isinstance(exc, NotFound) else str(exc)
-        return render(None, "error.html", status_code=code, request=request, title=title, message=message)
+        # A logged-in user keeps the menu (and the log-out button) on an error page.
+        s = None
+        token = request.cookies.get(session.COOKIE)
+        if nav and token:
+            try:
+                s = Session(request, token, await principal_of_token(state, token))
+            except KjobError:
+                s = None
+        return render(s, "error.html", status_code=code, request=request, title=title, message=message)
 
     # -- login ---------------------------------------------------------------------------
 

@@ -123,3 +123,22 @@ def _json_lines(out) -> list[dict]:
 
 def _is_retry_line(line: dict) -> bool:
     return line["logger"] == "kjob.dispatcher.dispatcher" and "not delivered" in line["msg"]
+
+
+def test_a_node_at_info_does_not_log_each_http_request(capsys):
+    """`kjob up` at INFO printed one httpx line per Relay delivery; kjob's own lines remain."""
+    import httpx
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        run_logging.setup("INFO", "console", node="quiet-node")
+        with RecordingRelay() as relay:
+            httpx.post(f"{relay.url}/v1/dispatch", json={"channel": "kode-chat:ops", "message": {}})
+        logging.getLogger("kjob.dispatcher").info("delivered run-1")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert "delivered run-1" in err
+    assert "HTTP Request" not in err and "/v1/dispatch" not in err

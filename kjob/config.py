@@ -94,20 +94,6 @@ class QuotaSettings(BaseModel):
     tenants: dict[str, TenantQuota] = Field(default_factory=dict)
 
 
-class UiSettings(BaseModel):
-    """The web dashboard at `/ui` (docs/dashboard.md)."""
-
-    #: The CSP `frame-ancestors` sources that may embed the dashboard in a frame (e.g. kanvas:
-    #: `'self' https://kanvas.example.org`); `'none'` forbids every frame.
-    frame_ancestors: str = Field(default="'self'", pattern=r"^[^;,\r\n]+$")
-    #: The session cookie's SameSite. `none` (sent in cross-site frames) also marks it Secure,
-    #: so the dashboard must then be served over HTTPS.
-    cookie_samesite: Literal["lax", "strict", "none"] = "lax"
-    #: How long a browser session lasts before the token is asked for again (the token's own
-    #: revocation or a JWT's expiry ends it sooner).
-    session_s: int = Field(default=12 * 3600, ge=60)
-
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KJOB_", env_nested_delimiter="__", extra="ignore")
 
@@ -154,13 +140,14 @@ class Settings(BaseSettings):
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
     ticker: TickerSettings = Field(default_factory=TickerSettings)
-    ui: UiSettings = Field(default_factory=UiSettings)
-    #: `KJOB_UI_FRAME_ANCESTORS` (the issue's name) wins over `KJOB_UI__FRAME_ANCESTORS`.
-    ui_frame_ancestors: str | None = Field(default=None, pattern=r"^[^;,\r\n]+$")
-
-    @property
-    def frame_ancestors(self) -> str:
-        return self.ui_frame_ancestors or self.ui.frame_ancestors
+    #: The web dashboard at /ui (docs/dashboard.md). `frame-ancestors` sources that may embed it
+    #: in a frame (kanvas: `'self' https://kanvas.example.org`; `'none'` forbids every frame).
+    ui_frame_ancestors: str = Field(default="'self'", pattern=r"^[^;,\r\n]+$")
+    #: The session cookie's SameSite; `none` (sent in cross-site frames) also marks it Secure,
+    #: so the dashboard must then be served over HTTPS.
+    ui_cookie_samesite: Literal["lax", "strict", "none"] = "lax"
+    #: How long a browser session lasts (revoking the token, or a JWT's expiry, ends it sooner).
+    ui_session_s: int = Field(default=12 * 3600, ge=60)
 
     @classmethod
     def settings_customise_sources(

@@ -112,7 +112,7 @@ async def test_headers_and_frame_ancestors_setting(make_state, monkeypatch) -> N
             assert "script-src 'self'" in csp and "unsafe" not in csp, path
             assert answer.headers["x-content-type-options"] == "nosniff"
         assert (await browser.get("/ui/jobs/none-such")).status_code == 404
-    assert state.settings.frame_ancestors == "'self' https://kanvas.example"
+    assert state.settings.ui_frame_ancestors == "'self' https://kanvas.example"
 
 
 async def test_delete_asks_for_the_slug_and_needs_an_editor(make_state) -> None:  # noqa: F811
@@ -160,3 +160,12 @@ async def test_a_login_url_token_reaches_no_trace_span(make_state, spans) -> Non
     assert any("/ui" in str(s.attributes) for s in recorded), [s.name for s in recorded]
     secret = token.rsplit("_", 1)[1]
     assert not [s.name for s in recorded if secret in str(s.attributes) or secret in s.name]
+
+
+async def test_cookie_settings(make_state) -> None:  # noqa: F811
+    for samesite, secure in (("strict", False), ("none", True)):
+        state, app, token, api = await make_ui(make_state, ui_cookie_samesite=samesite, ui_session_s=600)
+        async with client(app) as browser:
+            cookie = (await browser.get(f"/ui/?token={token}")).headers["set-cookie"]
+        assert f"SameSite={samesite}" in cookie and "Max-Age=600" in cookie
+        assert ("Secure" in cookie) is secure  # browsers drop SameSite=None cookies that are not Secure

@@ -179,7 +179,7 @@ def _instant(text: str, tz: str, field: str) -> datetime:
 def create_ui(state: GatewayState) -> FastAPI:
     ui = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     ui.state.gateway = state
-    ui.add_middleware(SecurityHeaders, frame_ancestors=state.settings.frame_ancestors)
+    ui.add_middleware(SecurityHeaders, frame_ancestors=state.settings.ui_frame_ancestors)
     ui.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @ui.exception_handler(StartSession)

@@ -3,7 +3,7 @@
 - **Login.** A tokenized URL (`/ui/...?token=<API token or JWT>`, what `kjob up` prints) or
   the login form's pasted token is verified with `kjob.gateway.auth.principal_of_token`, the
   function `/v1` uses for its bearer header. The answer sets the `kjob_session` cookie
-  (HttpOnly, SameSite per `KJOB_UI__COOKIE_SAMESITE`, Path=/ui, Secure over HTTPS) and
+  (HttpOnly, SameSite per `KJOB_UI_COOKIE_SAMESITE`, Path=/ui, Secure over HTTPS) and
   redirects to the same page without the token, so the token is in no address bar, history
   entry or Referer after login.
 - **Every request** verifies the cookie's token again, so a revoked token (or an expired JWT)
@@ -55,18 +55,18 @@ def new_login_nonce() -> str:
 
 def _secure(request: Request, settings: Settings) -> bool:
     # SameSite=None cookies are dropped by browsers unless Secure.
-    return request.url.scheme == "https" or settings.ui.cookie_samesite == "none"
+    return request.url.scheme == "https" or settings.ui_cookie_samesite == "none"
 
 
 def set_session(response: Response, request: Request, settings: Settings, token: str) -> None:
-    response.set_cookie(COOKIE, token, max_age=settings.ui.session_s, path=PATH, httponly=True,
-                        samesite=settings.ui.cookie_samesite, secure=_secure(request, settings))
+    response.set_cookie(COOKIE, token, max_age=settings.ui_session_s, path=PATH, httponly=True,
+                        samesite=settings.ui_cookie_samesite, secure=_secure(request, settings))
     response.delete_cookie(LOGIN_COOKIE, path=PATH)
 
 
 def set_login_nonce(response: Response, request: Request, settings: Settings, nonce: str) -> None:
     response.set_cookie(LOGIN_COOKIE, nonce, max_age=3600, path=PATH, httponly=True,
-                        samesite=settings.ui.cookie_samesite, secure=_secure(request, settings))
+                        samesite=settings.ui_cookie_samesite, secure=_secure(request, settings))
 
 
 def end_session(response: Response) -> None:

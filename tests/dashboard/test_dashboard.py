@@ -23,6 +23,10 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
         "--disable-component-update", "--disable-sync"]
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "dashboard"
 WIDTHS = {"wide": (1280, 860), "narrow": (390, 844)}
+# Deadlines, not sleeps: each expectation waits up to this long for its condition (a loaded
+# CI machine runs the browser, kjob and PostgreSQL on two cores).
+expect.set_options(timeout=15_000)
+
 #: Any script that runs in the page would set this; escaping means none ever does.
 XSS = "<script>window.kjobPwned = 1</script><img src=x onerror=\"window.kjobPwned = 2\">"
 

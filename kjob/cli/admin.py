@@ -11,7 +11,8 @@ import typer
 
 from kjob.cli.output import Col, Format, WideOpt, api, dump, print_json, print_table, say, when
 from kjob.errors import InvalidInput
-from kjob.store.secrets import check_name, generate_key
+from kjob.model.secrets import check_name
+from kjob.store.secrets import generate_key
 from kjob.store.tokens import ROLES
 
 OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for programs")]

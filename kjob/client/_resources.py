@@ -36,7 +36,7 @@ from kjob.model.views import (
     StatusView,
     TokenView,
 )
-from kjob.store.secrets import check_name
+from kjob.model.secrets import check_name
 
 #: A job as the client takes it: a JobSpec, or the fields of one (as in a job file or the API).
 SpecLike = JobSpec | Mapping[str, Any]

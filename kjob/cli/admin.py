@@ -54,7 +54,7 @@ def token_list(tenant: TenantOpt = None, output: OutputOpt = Format.table, wide:
         return
     rows = [[t.id, t.tenant, t.role, t.name or None, when(t.created_at, wide), when(t.revoked_at, wide)]
             for t in tokens]
-    columns = [Col("ID"), Col("TENANT", flex=True), Col("ROLE"), Col("NAME", flex=True), Col("CREATED (UTC)"),
+    columns = [Col("ID"), Col("TENANT", flex=1), Col("ROLE"), Col("NAME", flex=1), Col("CREATED (UTC)"),
                Col("REVOKED (UTC)")]
     print_table(columns, rows, wide=wide)
 
@@ -142,8 +142,8 @@ def audit(
         say("nothing in the audit log" + (f" about {slug}" if slug else ""))
     else:
         rows = [[when(e.at, wide), e.actor, e.action, e.target, _change(e.change)] for e in entries]
-        columns = [Col("AT (UTC)"), Col("WHO", flex=True), Col("ACTION"), Col("TARGET", flex=True),
-                   Col("CHANGE", flex=True)]
+        columns = [Col("AT (UTC)"), Col("WHO", flex=2, min=14), Col("ACTION"), Col("TARGET", flex=2, min=14),
+                   Col("CHANGE", flex=1)]
         print_table(columns, rows, wide=wide)
 
 

@@ -68,14 +68,16 @@ def local_text(moment: datetime, tz: str) -> str:
 @dataclass(frozen=True)
 class Col:
     header: str
-    #: May be cut short (ending in "…") so the table fits the terminal; other columns never are.
-    flex: bool = False
+    #: 0: never cut. 1: cut short (ending in "…") so the table fits the terminal. 2: cut only
+    #: when the columns of 1 are down to their minimum (a name, which should stay readable).
+    flex: int = 0
     right: bool = False
+    #: The fewest characters a cut leaves.
+    min: int = 8
 
 
-#: Two spaces between columns; a flexible column is never cut below this many characters.
+#: Two spaces between columns.
 GAP = "  "
-MIN_FLEX = 8
 
 
 def terminal_width() -> int:
@@ -84,16 +86,17 @@ def terminal_width() -> int:
 
 
 def _fit(widths: list[int], columns: Sequence[Col], width: int) -> list[int]:
-    """Narrow the flexible columns, the widest first, until the table fits `width`."""
+    """Narrow the flexible columns, the widest of the lowest level first, until the table fits."""
     widths = list(widths)
     excess = sum(widths) + len(GAP) * (len(widths) - 1) - width
-    while excess > 0:
-        flexible = [i for i, c in enumerate(columns) if c.flex and widths[i] > max(MIN_FLEX, len(c.header))]
-        if not flexible:
-            break
-        widest = max(flexible, key=lambda i: widths[i])
-        widths[widest] -= 1
-        excess -= 1
+    for level in (1, 2):
+        while excess > 0:
+            cuttable = [i for i, c in enumerate(columns) if c.flex == level and widths[i] > max(c.min, len(c.header))]
+            if not cuttable:
+                break
+            widest = max(cuttable, key=lambda i: widths[i])
+            widths[widest] -= 1
+            excess -= 1
     return widths
 
 
@@ -138,8 +141,8 @@ def slots_table(slots: Iterable[datetime], tz: str, title: str | None = None) ->
 
 
 def jobs_table(jobs: Iterable[JobView], wide: bool = False) -> None:
-    columns = [Col("SLUG"), Col("SCHEDULE", flex=True), Col("TIMEZONE", flex=True), Col("AGENT"), Col("ENABLED"),
-               Col("NEXT FIRE (UTC)")]
+    columns = [Col("SLUG", flex=2, min=16), Col("SCHEDULE", flex=1), Col("TIMEZONE", flex=1), Col("AGENT"),
+               Col("ENABLED"), Col("NEXT FIRE (UTC)")]
     extra = [Col("SANDBOX"), Col("OUTPUT"), Col("DESCRIPTION")] if wide else []
     rows = []
     for job in jobs:

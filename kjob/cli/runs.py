@@ -40,7 +40,7 @@ def outcome(run: RunView) -> str:
 
 def runs_table(runs: list[RunView], wide: bool = False) -> None:
     columns = [Col("RUN"), Col("SLOT (UTC)"), Col("TRIGGER"), Col("STATUS"), Col("EXIT", right=True), Col("TOOK"),
-               Col("DELIVERY"), Col("REASON", flex=True)]
+               Col("DELIVERY"), Col("REASON", flex=1)]
     if wide:
         columns[6:6] = [Col("TRY", right=True), Col("STARTED (UTC)")]
     rows = []

@@ -38,7 +38,7 @@ def _nodes(nodes: list[dict[str, Any]], wide: bool) -> None:
         boxes += [f"{k}: unavailable" for k in n.get("sandboxes_unavailable", {})]
         rows.append([n["node"], ",".join(n.get("roles", [])), "yes" if n.get("leading") else "",
                      ", ".join(boxes) or None, n.get("seen", "") if wide else n.get("seen", "")[11:19]])
-    print_table([Col("NODE", flex=True), Col("ROLES", flex=True), Col("LEADING"), Col("SANDBOXES", flex=True),
+    print_table([Col("NODE", flex=1), Col("ROLES", flex=1), Col("LEADING"), Col("SANDBOXES", flex=1),
                  Col("SEEN (UTC)")], rows, wide=wide, title="nodes")
 
 
@@ -53,7 +53,7 @@ def _streams(streams: dict[str, dict[str, Any]], wide: bool) -> None:
         c = s.get("consumer") or {}
         rows.append([name, s["messages"], s["replicas"], c.get("name"), c.get("pending"), c.get("ack_pending"),
                      c.get("redelivered")])
-    columns = [Col(h, flex=h in ("STREAM", "CONSUMER"), right=i in (1, 2, 4, 5, 6)) for i, h in enumerate(headers)]
+    columns = [Col(h, flex=int(h in ("STREAM", "CONSUMER")), right=i in (1, 2, 4, 5, 6)) for i, h in enumerate(headers)]
     print_table(columns, rows, wide=wide, title="streams")
 
 

@@ -7,10 +7,13 @@ from types import TracebackType
 
 from kjob.client._config import DEFAULT_ATTEMPTS, DEFAULT_TIMEOUT_S, resolve
 from kjob.client._drivers import AsyncDriver, SyncDriver
+from kjob.client._ops import D
 from kjob.client._resources import Api
 from kjob.config import Settings
 
-_DOC = """{kind} client of the kjob API.
+
+class _Connected(Api[D]):
+    """{kind} client of the kjob API.
 
     `url` and `token` default as the CLI's (`KJOB_API_URL`, `KJOB_TOKEN`, config.toml, else the
     files `kjob up` writes under `KJOB_HOME`). `timeout_s` bounds each request; an idempotent
@@ -19,17 +22,21 @@ _DOC = """{kind} client of the kjob API.
     Resources: `jobs`, `runs`, `tokens`, `secrets`, `audit`, `quotas`; and `status()`.
     """
 
-
-class Client(Api[SyncDriver]):
-    __doc__ = _DOC.format(kind="A blocking")
+    _driver_type: type[D]
 
     def __init__(self, url: str | None = None, token: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  attempts: int = DEFAULT_ATTEMPTS, settings: Settings | None = None) -> None:
-        super().__init__(SyncDriver(resolve(url, token, settings), timeout_s, attempts))
+        super().__init__(self._driver_type(resolve(url, token, settings), timeout_s, attempts))
 
     @property
     def url(self) -> str:
+        """The API's base URL this client talks to."""
         return self._driver.target.url
+
+
+class Client(_Connected[SyncDriver]):
+    __doc__ = (_Connected.__doc__ or "").format(kind="A blocking")
+    _driver_type = SyncDriver
 
     def close(self) -> None:
         self._driver.close()
@@ -41,16 +48,9 @@ class Client(Api[SyncDriver]):
         self.close()
 
 
-class AsyncClient(Api[AsyncDriver]):
-    __doc__ = _DOC.format(kind="An asyncio")
-
-    def __init__(self, url: str | None = None, token: str | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 attempts: int = DEFAULT_ATTEMPTS, settings: Settings | None = None) -> None:
-        super().__init__(AsyncDriver(resolve(url, token, settings), timeout_s, attempts))
-
-    @property
-    def url(self) -> str:
-        return self._driver.target.url
+class AsyncClient(_Connected[AsyncDriver]):
+    __doc__ = (_Connected.__doc__ or "").format(kind="An asyncio")
+    _driver_type = AsyncDriver
 
     async def aclose(self) -> None:
         await self._driver.close()

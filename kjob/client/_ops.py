@@ -14,6 +14,7 @@ The overloads on `__get__` give each client its own, exact signatures (mypy and 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, TypeVar, overload
 
@@ -31,12 +32,13 @@ class Resource(Generic[D]):
         self._driver: D = driver
 
 
-def _bound(method: Callable[..., Any], call: Callable[..., Any]) -> Callable[..., Any]:
+def _bound(method: Callable[..., Any], signature: inspect.Signature, call: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def bound(*args: Any, **kwargs: Any) -> Any:
         return call(*args, **kwargs)
 
-    del bound.__wrapped__  # help() shows the caller's signature, without `self`
+    del bound.__wrapped__
+    bound.__signature__ = signature  # type: ignore[attr-defined]
     return bound
 
 
@@ -49,12 +51,16 @@ class _Binding(Generic[P, R]):
     def __init__(self, method: Callable[Concatenate[Any, P], R]) -> None:
         self.method = method
         functools.update_wrapper(self, method)  # type: ignore[arg-type]
+        # help() shows the caller's signature: without `self`, and without the plan it returns
+        sig = inspect.signature(method)
+        self.signature = sig.replace(parameters=list(sig.parameters.values())[1:],
+                                     return_annotation=inspect.Signature.empty)
 
     def _bind(self, obj: Resource[Any] | None) -> Any:
         if obj is None:
             return self
         send, method = getattr(obj._driver, self.via), self.method
-        return _bound(method, lambda *a, **k: send(method(obj, *a, **k)))
+        return _bound(method, self.signature, lambda *a, **k: send(method(obj, *a, **k)))
 
 
 class operation(_Binding[P, Flow[T]], Generic[P, T]):

@@ -152,7 +152,7 @@ def list_jobs(output: OutputOpt = Format.table, wide: WideOpt = False) -> None:
         jobs_table(jobs, wide)
 
 
-def inspect(slug: SlugArg, output: OutputOpt = Format.table) -> None:
+def inspect(slug: SlugArg, output: OutputOpt = Format.table, wide: WideOpt = False) -> None:
     """Show a job and its next fire times, in its zone and in UTC."""
     with api() as kjob:
         job = kjob.jobs.get(slug)
@@ -160,7 +160,7 @@ def inspect(slug: SlugArg, output: OutputOpt = Format.table) -> None:
     if output is Format.json:
         print_json({**dump(job), "next_fires": [utc_text(f) for f in fires]})
         return
-    console().print(job_table(dump(job)))
+    console(wide).print(job_table(dump(job)))  # long values (prompt, output) fold at the edge unless wide
     say("")
     if not job.enabled:
         say("next fire times: none while the job is disabled (`kjob enable` resumes it from now)")

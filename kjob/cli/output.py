@@ -46,9 +46,9 @@ def dump(data: BaseModel | Iterable[BaseModel]) -> Any:
     return [d.model_dump(mode="json") for d in data]
 
 
-def console() -> Console:
+def console(wide: bool = False) -> Console:
     # Built per call: the CLI runner of the tests swaps sys.stdout between commands.
-    return Console(highlight=False, soft_wrap=False)
+    return Console(highlight=False, soft_wrap=False, width=WIDE_WIDTH if wide else None)
 
 
 def print_json(data: Any) -> None:
@@ -75,6 +75,9 @@ class Col:
     #: The fewest characters a cut leaves.
     min: int = 8
 
+
+#: The width `--wide` lays rich output out in: wide enough that nothing folds.
+WIDE_WIDTH = 100_000
 
 #: Two spaces between columns.
 GAP = "  "

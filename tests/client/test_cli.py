@@ -78,6 +78,11 @@ def test_every_listing_fits_80_columns_and_wide_shows_everything(kjob: Kjob) -> 
     fits(kjob("next", "*/15 9-17 * * MON-FRI", "--tz", LONG_ZONE))
     inspect = fits(kjob("inspect", LONG_SLUG))
     assert any(line.startswith("slug") and LONG_SLUG in line for line in inspect)
+    prompt = "echo audited; exit 3 " + "and so on " * 10
+    kjob("update", LONG_SLUG, "--set", f"prompt={prompt}")
+    assert not any(prompt.strip() in line for line in fits(kjob("inspect", LONG_SLUG)))  # folded at 80
+    assert any(line.startswith("prompt") and line.rstrip().endswith(prompt.strip())
+               for line in kjob("inspect", LONG_SLUG, "--wide").stdout.splitlines())
     status = fits(kjob("status"))
     assert status[0].startswith("ticker leader: ") and "nodes" in status and "streams" in status
 

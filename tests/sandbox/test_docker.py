@@ -80,12 +80,6 @@ async def test_failed_pull_is_a_start_error(docker_sandbox: DockerSandbox, tmp_p
     assert outcome.start_error and "could not pull" in outcome.start_error and image in outcome.start_error
 
 
-async def test_host_network_is_refused(docker_sandbox: DockerSandbox, tmp_path: Path) -> None:
-    outcome = await docker_sandbox.run(make_launch(["true"], tmp_path, SPEC, spec={"network": "host"}), Sink())
-
-    assert outcome.start_error and "'host'" in outcome.start_error
-
-
 async def test_container_is_labelled_and_hardened_while_it_runs(
     docker_sandbox: DockerSandbox, docker_api: aiodocker.Docker, tmp_path: Path
 ) -> None:
@@ -151,11 +145,3 @@ async def test_custom_work_dir_is_writable_and_home(docker_sandbox: DockerSandbo
     outcome = await docker_sandbox.run(launch, Sink())
 
     assert outcome.output.split() == ["/srv/job", "/srv/job"]
-
-
-async def test_unknown_network_is_a_start_error(docker_sandbox: DockerSandbox, tmp_path: Path) -> None:
-    launch = make_launch(["true"], tmp_path, SPEC, spec={"network": "kjob-no-such-network"})
-
-    outcome = await docker_sandbox.run(launch, Sink())
-
-    assert outcome.start_error and "kjob-no-such-network" in outcome.start_error

@@ -72,29 +72,36 @@ def host_dir() -> Iterator[Path]:
 async def test_host_filesystem_is_read_only_outside_the_work_dir(backend: Backend, host_dir: Path) -> None:
     host_file = host_dir / "host-file"
     host_file.write_text("original")
-    script = f"echo changed > {host_file}; echo host=$?; echo x > new; echo work=$?; echo x > /tmp/t; echo tmp=$?"
+    script = (f"cat {host_file}; echo changed > {host_file}; echo host=$?; echo x > /usr/kjob-test; echo usr=$?; "
+              "echo x > new; echo work=$?; echo x > /tmp/t; echo tmp=$?")
 
     outcome = await backend.sandbox.run(backend.launch(["sh", "-c", script]), Sink())
 
     results = outcome.output.split()
-    assert "host=0" not in results and "work=0" in results and "tmp=0" in results, outcome.output
-    assert "Read-only file system" in outcome.output
-    assert host_file.read_text() == "original"
+    assert "host=0" not in results and "usr=0" not in results, outcome.output
+    assert "work=0" in results and "tmp=0" in results, outcome.output
+    assert "original" not in outcome.output  # /var is not in the sandbox at all
+    assert host_file.read_text() == "original" and not Path("/usr/kjob-test").exists()
 
 
-async def test_the_kjob_home_is_hidden_from_agents(bwrap_sandbox: ProcessSandbox, host_dir: Path) -> None:
+async def test_the_kjob_home_is_hidden_from_agents(host_dir: Path) -> None:
+    """The kjob home is never in a sandbox, not even under a directory the operator shares."""
     home = host_dir / "kjob-home"
     home.mkdir()
     (home / "admin.token").write_text("top-secret-token")
-    hiding = ProcessSandbox(hide=[home])
+    host_dir.chmod(0o755)  # the agent's uid may enter the shared dir
+    home.chmod(0o755)
+    (home / "admin.token").chmod(0o644)
+    sharing = ProcessSandbox(extra_binds=[host_dir])
+    hiding = ProcessSandbox(extra_binds=[host_dir], hide=[home])
+    await sharing.start()
     await hiding.start()
-    launch = make_launch(["sh", "-c", f"cat {home}/admin.token; echo ok > here && echo wrote"], home / "work")
+    launch = make_launch(["sh", "-c", f"cat {home}/admin.token"], home / "work")
 
     hidden = await hiding.run(launch, Sink())
-    visible = await bwrap_sandbox.run(launch, Sink())  # the same run, without `hide`
+    visible = await sharing.run(launch, Sink())  # the same run, without `hide`
 
     assert "top-secret-token" not in hidden.output and "No such file" in hidden.output
-    assert "wrote" in hidden.output  # the work dir inside the hidden home still works
     assert "top-secret-token" in visible.output
 
 

@@ -162,3 +162,26 @@ async def test_agents_die_with_a_killed_executor(bwrap_sandbox: ProcessSandbox, 
         return not processes_with(f"sleep {marker}")
 
     await eventually(gone)  # bwrap --die-with-parent, and its pid namespace takes the children
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the per-attempt uids are for an executor that runs as root")
+async def test_a_root_executor_runs_each_attempt_as_a_uid_of_its_own(bwrap_sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    marker = str(90_000 + secrets.randbelow(9_000))
+    sinks = [Sink(), Sink()]
+    attempts = [asyncio.create_task(bwrap_sandbox.run(make_launch(["sh", "-c", f"id -u; echo started; sleep {marker}"],
+                                                                  tmp_path, timeout=timedelta(seconds=3)), sink))
+                for sink in sinks]
+    for sink in sinks:
+        await sink.wait_for("started")
+    # Counted from outside: the host kernel's view of the agents' processes.
+    host_uids = set()
+    for line in processes_with(f"sleep {marker}"):
+        pid = line.split()[1].rstrip(":")
+        host_uids.add(int(Path(f"/proc/{pid}/status").read_text().split("\nUid:")[1].split()[1]))
+    for attempt in attempts:
+        attempt.cancel()
+    await asyncio.gather(*attempts, return_exceptions=True)
+
+    inside = {int(sink.text().split()[0]) for sink in sinks}
+    assert len(host_uids) == 2 and host_uids == inside, (host_uids, inside)
+    assert all(uid >= 200_000 for uid in host_uids)

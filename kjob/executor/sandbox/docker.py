@@ -30,7 +30,7 @@ from aiodocker.stream import Stream
 
 from kjob.errors import InvalidInput, ServerError
 from kjob.executor.sandbox.base import BLOCKED_RANGES, Launch, Outcome, OutputSink, Sandbox, network_refusal
-from kjob.executor.sandbox.exits import exit_reason
+from kjob.executor.sandbox.exits import exit_reason, oom_reason
 from kjob.executor.sandbox.output import OutputCollector
 from kjob.executor.sandbox.process import LAUNCHER_ENV
 from kjob.model.durations import format_duration
@@ -227,11 +227,8 @@ class DockerSandbox(Sandbox):
             return Outcome(start_error=f"agent command {launch.argv[0]!r} could not start in image "
                                        f"{launch.spec.image!r}: {failed.group(1)}", **fields)
         if oom:
-            # The flag covers any process in the container; the agent itself may have survived.
-            reason = f"OOM killed (memory limit {launch.spec.memory})"
-            if code == 0:
-                reason = f"a process of the agent was {reason}; the agent still exited 0"
-            return Outcome(exit_code=code, reason=reason, extra={"oom_killed": "true"}, **fields)
+            return Outcome(exit_code=code, reason=oom_reason(code, launch.spec.memory), extra={"oom_killed": "true"},
+                           **fields)
         return Outcome(exit_code=code, reason=exit_reason(code), **fields)
 
     async def _image(self, docker: aiodocker.Docker, launch: Launch) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import re
@@ -30,7 +31,8 @@ from pathlib import Path
 
 from kjob.errors import InvalidInput, ServerError
 from kjob.executor.sandbox.base import BLOCKED_RANGES, Launch, Outcome, OutputSink, Sandbox, network_refusal
-from kjob.executor.sandbox.exits import exit_reason
+from kjob.executor.sandbox.cgroups import MemoryCgroups, joining_argv
+from kjob.executor.sandbox.exits import exit_reason, oom_reason
 from kjob.executor.sandbox.output import OutputCollector
 from kjob.model.durations import format_duration
 from kjob.model.sizes import parse_size
@@ -102,6 +104,7 @@ class ProcessSandbox(Sandbox):
         self.disk_bytes = disk_bytes
         self._uids = UidPool(uid_base) if os.geteuid() == 0 else None
         self._egress: Egress | None = None
+        self._memory: MemoryCgroups | None = None
         self.hide = [Path(p).resolve() for p in hide]
         self.use_bwrap = use_bwrap
         self.max_file_bytes = max_file_bytes
@@ -123,10 +126,12 @@ class ProcessSandbox(Sandbox):
         problem = await self._probe_bwrap() if self.use_bwrap else "disabled by configuration"
         if problem is None:
             self._egress = Egress.find()
+            self._memory = MemoryCgroups.find() if os.geteuid() == 0 else None
             who = "a uid of its own per attempt" if self._uids is not None else "the executor's uid"
             self._isolation_note = (
                 f"bubblewrap: user, pid, ipc, uts, net namespaces; system dirs read-only, no /run, /var, "
-                f"/home or kjob home; tmpfs work dir and /tmp; {who}; egress network "
+                f"/home or kjob home; tmpfs work dir and /tmp; {who}; memory "
+                + ("by cgroup" if self._memory else "by address-space rlimit") + "; egress network "
                 + ("via pasta" if self._egress else "unavailable (install passt)")
             )
         else:
@@ -174,6 +179,11 @@ class ProcessSandbox(Sandbox):
         return {"isolation": self._isolation_note}
 
     @property
+    def memory_cgroups(self) -> bool:
+        """Whether `sandbox.memory` is a memory cgroup here (else an address-space rlimit)."""
+        return self._memory is not None
+
+    @property
     def isolated(self) -> bool:
         return self._bwrap is not None
 
@@ -208,10 +218,28 @@ class ProcessSandbox(Sandbox):
                 start_error=f"agent command {launch.argv[0]!r} is {program}, which sandboxes do not see; install it "
                 f"under one of {', '.join(SYSTEM_DIRS)} or share its directory with executor.extra_binds"
             )
+        cgroup = None
         try:
-            limits = self._limits(launch)
+            if self._memory is not None and self._bwrap is not None and launch.spec.memory:
+                size = parse_size(launch.spec.memory, "sandbox.memory")
+                try:
+                    cgroup = self._memory.create(f"{launch.run_id}-{launch.attempt}", size)
+                except OSError as e:
+                    log.warning("process sandbox: no memory cgroup for run %s (%s); using RLIMIT_AS", launch.run_id, e)
+            limits = self._limits(launch, address_space=cgroup is None)
         except InvalidInput as e:
             return Outcome(start_error=str(e))
+        try:
+            outcome = await self._spawn(workdir, launch, on_output, uid, env, program, limits, cgroup)
+        finally:
+            if cgroup is not None and self._memory is not None:
+                self._memory.remove(cgroup)  # the attempt's processes are gone
+        return outcome
+
+    async def _spawn(
+        self, workdir: Path, launch: Launch, on_output: OutputSink, uid: int | None, env: dict[str, str],
+        program: str, limits: list[tuple[int, int, int]], cgroup: Path | None,
+    ) -> Outcome:
         argv = [program, *launch.argv[1:]]
         stdin = asyncio.subprocess.PIPE if launch.stdin is not None else asyncio.subprocess.DEVNULL
         out = asyncio.subprocess.PIPE
@@ -224,7 +252,7 @@ class ProcessSandbox(Sandbox):
                 )
             else:
                 with self._launcher(workdir, network=launch.spec.network, uid=uid, env=env, program=argv,
-                                    limits=limits) as (cmd, fds):
+                                    limits=limits, cgroup=cgroup) as (cmd, fds):
                     # prlimit sets the limits and execs the rest (bwrap dies with us): no preexec_fn,
                     # so Python spawns with vfork instead of copying the executor's page tables.
                     proc = await asyncio.create_subprocess_exec(
@@ -235,7 +263,11 @@ class ProcessSandbox(Sandbox):
                     )
         except (OSError, ValueError) as e:
             return Outcome(start_error=f"agent command {launch.argv[0]!r} could not start: {e}")
-        return await self._watch(proc, launch, on_output)
+        outcome = await self._watch(proc, launch, on_output)
+        if cgroup is not None and outcome.exit_code is not None and MemoryCgroups.oom_kills(cgroup):
+            outcome = dataclasses.replace(outcome, reason=oom_reason(outcome.exit_code, launch.spec.memory),
+                                          extra={**outcome.extra, "oom_killed": "true"})
+        return outcome
 
     def _visible(self, program: str) -> bool:
         real = Path(os.path.realpath(program))
@@ -274,7 +306,7 @@ class ProcessSandbox(Sandbox):
             reason = f"{reason}; the CPU time limit ({_cpu_limit_s(launch)} s) was reached"
         return Outcome(exit_code=code, reason=reason, **fields)
 
-    def _limits(self, launch: Launch) -> list[tuple[int, int, int]]:
+    def _limits(self, launch: Launch, *, address_space: bool = True) -> list[tuple[int, int, int]]:
         """(resource, soft, hard) for the child, never above our own hard limits (raising those
         would fail). RLIMIT_CPU's soft limit sends SIGXCPU, its hard limit SIGKILL."""
         cpu = _cpu_limit_s(launch)
@@ -283,7 +315,7 @@ class ProcessSandbox(Sandbox):
             (resource.RLIMIT_FSIZE, self.max_file_bytes, self.max_file_bytes),
             (resource.RLIMIT_CORE, 0, 0),
         ]
-        if launch.spec.memory:
+        if launch.spec.memory and address_space:  # else a memory cgroup bounds it
             size = parse_size(launch.spec.memory, "sandbox.memory")
             limits.append((resource.RLIMIT_AS, size, size))
         pids = launch.spec.pids or (DEFAULT_PIDS if self._uids is not None and self._bwrap is not None else None)
@@ -296,9 +328,9 @@ class ProcessSandbox(Sandbox):
     @contextlib.contextmanager
     def _launcher(
         self, workdir: Path | None, *, network: str, uid: int | None, env: Mapping[str, str], program: list[str],
-        limits: list[tuple[int, int, int]],
+        limits: list[tuple[int, int, int]], cgroup: Path | None = None,
     ) -> Iterator[tuple[list[str], tuple[int, ...]]]:
-        """(argv, fds to pass) of the host-side chain: [prlimit] [setpriv] [pasta] bwrap.
+        """(argv, fds to pass) of the host-side chain: [join cgroup] [prlimit] [setpriv] [pasta] bwrap.
 
         bwrap's own options, the job's environment among them, travel in a memfd (`--args`):
         not in any host process's environment or command line. The fd closes on exit."""
@@ -308,7 +340,7 @@ class ProcessSandbox(Sandbox):
             options = self._bwrap_options(workdir, network=network, uid=uid, env=env)
             os.write(fd, b"".join(o.encode() + b"\0" for o in options))
             os.lseek(fd, 0, os.SEEK_SET)
-            chain: list[str] = []
+            chain: list[str] = joining_argv(cgroup) if cgroup is not None else []
             if self._prlimit is not None:
                 chain += _prlimit_argv(self._prlimit, limits)
             if uid is not None:

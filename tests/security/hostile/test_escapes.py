@@ -193,3 +193,12 @@ def test_symlinks_out_of_the_work_dir_lead_nowhere(
     assert "end" in attack.lines(), attack
     leaks.assert_none_in(attack.output)
     assert "root:" not in attack.output  # /etc/shadow stays unreadable
+
+
+@pytest.mark.parametrize("env", [{"A=B": "x"}, {"": "x"}, {"A\x00B": "x"}, {"OK": "nul\x00inside"}, {"1ABC": "x"}],
+                         ids=["equals", "empty", "nul-key", "nul-value", "digit-first"])
+def test_env_that_no_process_could_get_is_refused_when_written(beta: Tenant, env: dict[str, str]) -> None:
+    created = beta.create(f"h-env-{os.urandom(3).hex()}", "echo x", sandbox={"env": env})
+
+    assert created.status_code == 422, created.text
+    assert created.json()["error"]["field"].startswith("sandbox.env")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install and start what the sandbox tests need on a fresh Debian machine:
-# a Docker engine, bubblewrap (process isolation) and busybox-static (the test image's rootfs);
-# passt (pasta: the process sandbox's egress network), iproute2 and iptables (egress rules),
+# a Docker engine, bubblewrap (process isolation), busybox-static (the test image's rootfs),
+# Chromium (the dashboard's browser test drives Debian's build through Playwright), passt
+# (pasta: the process sandbox's egress network), iproute2 and iptables (egress rules), and
 # gcc (the hostile-job tests build a preload library).
 # Idempotent: installs only what is missing and starts dockerd only when no engine answers.
 set -euo pipefail
@@ -15,6 +16,7 @@ missing=()
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 [ -x /bin/busybox ] || missing+=(busybox-static)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v pasta >/dev/null 2>&1 || missing+=(passt)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v iptables >/dev/null 2>&1 || missing+=(iptables)

@@ -15,6 +15,7 @@ import pytest
 
 from kjob.errors import ServerError
 from kjob.executor.sandbox import ProcessSandbox
+from kjob.executor.sandbox.process import DEFAULT_PIDS
 from kjob.model.job import SandboxSpec
 from tests.sandbox.conftest import Backend, Sink, dead_executor, eventually, make_launch, processes_with
 
@@ -202,5 +203,7 @@ async def test_a_root_executor_runs_each_attempt_as_a_uid_of_its_own(bwrap_sandb
     await asyncio.gather(*attempts, return_exceptions=True)
 
     inside = {int(sink.text().split()[0]) for sink in sinks}
+    default_pids = await bwrap_sandbox.run(make_launch(["sh", "-c", "grep processes /proc/self/limits"], tmp_path), Sink())
+    assert default_pids.output.split()[2:4] == [str(DEFAULT_PIDS)] * 2  # per attempt: the uid is its own
     assert len(host_uids) == 2 and host_uids == inside, (host_uids, inside)
     assert all(uid >= 200_000 for uid in host_uids)

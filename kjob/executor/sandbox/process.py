@@ -374,8 +374,9 @@ class ProcessSandbox(Sandbox):
         for shared in self.extra_binds:
             argv += ["--bind", str(shared), str(shared)]
         for hidden in self.hide:
-            if self._visible(str(hidden)):
-                argv += ["--tmpfs", str(hidden)] if hidden.is_dir() else ["--ro-bind", "/dev/null", str(hidden)]
+            if hidden.exists() and self._visible(str(hidden)):
+                cover = ["--size", "1048576", "--tmpfs"] if hidden.is_dir() else ["--ro-bind", "/dev/null"]
+                argv += [*cover, str(hidden)]
         if workdir is not None:
             # A tmpfs, not the host dir: its size is bounded and nothing of it reaches the host disk.
             argv += ["--size", str(self.disk_bytes), "--perms", "0700", "--tmpfs", str(workdir), "--chdir", str(workdir)]

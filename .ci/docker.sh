@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install and start what the sandbox tests need on a fresh Debian machine:
 # a Docker engine, bubblewrap (process isolation), busybox-static (the test image's rootfs) and
-# Chromium (the dashboard's browser test drives Debian's build through Playwright).
+# Chromium (the dashboard's browser test drives Debian's build through Playwright) and dbus
+# (tests/dbus start their own dbus-daemon).
 # Idempotent: installs only what is missing and starts dockerd only when no engine answers.
 set -euo pipefail
 
@@ -15,6 +16,7 @@ command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 [ -x /bin/busybox ] || missing+=(busybox-static)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v dbus-daemon >/dev/null 2>&1 || missing+=(dbus)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "docker.sh: installing ${missing[*]}"
     sudo_ env DEBIAN_FRONTEND=noninteractive apt-get update -qq

@@ -94,6 +94,26 @@ class QuotaSettings(BaseModel):
     tenants: dict[str, TenantQuota] = Field(default_factory=dict)
 
 
+class DbusSettings(BaseModel):
+    """The D-Bus service `dev.koder.scheduler` (docs/dbus.md), off unless enabled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=False, description="offer the D-Bus service on this node (`kjob up --dbus`)")
+    bus: Literal["session", "system"] = Field(
+        default="session", description="the desktop's session bus, or the system bus (the LXC pair)"
+    )
+    #: A bus address (`unix:path=...`) instead of the bus's usual one.
+    address: str | None = None
+    #: The gateway the service calls with each caller's token; the node's own API when unset.
+    api_url: str | None = None
+    #: NATS for the events behind the signals, as a user allowed `kjob.event.>` (the `observer`
+    #: of deploy/nats/nats-server.conf); the node's NATS URL when unset.
+    nats_url: str | None = None
+    #: How long a subscriber's token is trusted before it is checked again (revocation ends signals).
+    recheck_s: float = Field(default=60.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KJOB_", env_nested_delimiter="__", extra="ignore")
 
@@ -140,6 +160,7 @@ class Settings(BaseSettings):
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
     ticker: TickerSettings = Field(default_factory=TickerSettings)
+    dbus: DbusSettings = Field(default_factory=DbusSettings)
     #: The web dashboard at /ui (docs/dashboard.md). `frame-ancestors` sources that may embed it
     #: in a frame (kanvas: `'self' https://kanvas.example.org`; `'none'` forbids every frame).
     ui_frame_ancestors: str = Field(default="'self'", pattern=r"^[^;,\r\n]+$")

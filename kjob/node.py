@@ -157,6 +157,10 @@ class Node:
                     tasks["api"].result()  # raises why it could not listen
                 port = server.servers[0].sockets[0].getsockname()[1]
                 self.api_url = f"http://{_display_host(s.host)}:{port}"
+            if s.dbus.enabled:  # docs/dbus.md
+                from kjob import dbus
+
+                tasks["dbus"] = asyncio.create_task((await dbus.start(s, self.nats_url, self.api_url)).run(stop))
             from kjob.bus import presence
 
             def facts() -> dict:

@@ -56,6 +56,7 @@ def register(app: typer.Typer) -> None:
     def up(
         home: Optional[Path] = typer.Option(None, help="Where kjob keeps its data (KJOB_HOME)."),
         port: Optional[int] = typer.Option(None, help="API port (KJOB_PORT, default 8742; 0 = any free port)."),
+        dbus: bool = typer.Option(False, "--dbus", help="Also serve dev.koder.scheduler on D-Bus (KJOB_DBUS__ENABLED)."),
     ) -> None:
         """Run everything in one process: API, ticker, executor, dispatcher. Starts embedded NATS and
         PostgreSQL under the kjob home unless KJOB_NATS_URL / KJOB_DATABASE_URL point elsewhere."""
@@ -65,6 +66,8 @@ def register(app: typer.Typer) -> None:
             os.environ["KJOB_HOME"] = str(home)
         if port is not None:
             overrides["port"] = port
+        if dbus:
+            overrides["dbus"] = {"enabled": True}
         try:
             settings = Settings(**overrides)
         except Exception as err:
@@ -230,6 +233,8 @@ async def _up(settings: Settings, stop: asyncio.Event) -> None:
                               highlight=False)
             console.print(f"  data    {settings.home}", highlight=False)
             console.print(f"  NATS    {nats_url}", highlight=False)
+            if settings.dbus.enabled:
+                console.print(f"  D-Bus   dev.koder.scheduler on the {settings.dbus.bus} bus", highlight=False)
             console.print("  try     kjob create --slug hello --agent shell --schedule '@every 1m' --prompt 'echo hello'",
                           highlight=False)
             console.print("Ctrl-C stops it.", highlight=False)

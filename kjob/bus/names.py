@@ -51,10 +51,5 @@ def event(tenant: str, kind: str) -> str:
     return f"kjob.event.{tenant}.{kind}"
 
 
-def event_every_tenant(kind: str) -> str:
-    """One kind of event of all tenants (the D-Bus service filters them per subscriber)."""
-    return f"kjob.event.*.{kind}"
-
-
 def run_log(tenant: str, run_id: str) -> str:
     return f"kjob.log.{tenant}.{run_id}"

@@ -204,7 +204,7 @@ class DbusService:
         nc = await connect(self._nats_url, name="kjob-dbus")
         try:
             for kind in KINDS:
-                await nc.subscribe(names.event_every_tenant(kind), cb=received)
+                await nc.subscribe(names.event("*", kind), cb=received)
             stopper = asyncio.create_task(stop.wait())
             try:
                 while not stop.is_set():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,6 +28,16 @@ from tests.support.servers import TestDatabases
 
 KJOB = str(Path(sys.executable).with_name("kjob"))
 ERROR = "dev.koder.scheduler.Error"
+DOCS = Path(__file__).parents[2] / "docs" / "dbus.md"
+#: What each documented shell line prints, by the method it calls.
+SHAPES = {
+    "ListJobs": r'^a\(sbss\) 2 "beep" (true|false) "@every 1h" "[^"]*" "hello" true "@every 1h" "\S+Z"',
+    "RunNow": r'^s "[0-9a-f-]{36}"',
+    "InspectJob": r"^\('\{.*\"slug\": \"hello\"",
+    "Disable": r'"enabled": false',
+    "Enable": r'"enabled": true',
+    "introspect": r"\.RunNow\s+method\s+ss\s+s",
+}
 JOB = {"prompt": "echo hi", "agent": "shell", "schedule": "@every 1h"}
 
 
@@ -215,3 +226,17 @@ async def test_signals_reach_only_subscribers_of_the_tenant(kjob: Kjob, peers) -
     assert await witness.signal("JobChanged") == ["default", "beep", "enabled"]
     await mine.call("ListJobs", "s", kjob.tokens["viewer"])
     assert mine.signals.empty()
+
+
+async def test_the_shell_examples_of_the_docs_work(kjob: Kjob, bus_address: str) -> None:
+    """docs/dbus.md's busctl and gdbus lines, as written, with an editor's token."""
+    lines = [line for line in DOCS.read_text().splitlines() if line.startswith(("busctl ", "gdbus "))]
+    assert len(lines) >= 5, lines
+    env = {**os.environ, "DBUS_SESSION_BUS_ADDRESS": bus_address, "TOKEN": kjob.tokens["editor"]}
+    for line in lines:
+        done = await asyncio.to_thread(subprocess.run, ["sh", "-c", line], env=env, capture_output=True, text=True,
+                                       timeout=20)
+        assert done.returncode == 0, (line, done.stdout, done.stderr)
+        shape = next(shape for word, shape in SHAPES.items() if word in line)
+        assert re.search(shape, done.stdout), (line, done.stdout)
+    assert (await kjob.api.get("/v1/jobs/hello")).json()["enabled"] is True  # Disable, then Enable

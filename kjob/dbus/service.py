@@ -37,6 +37,7 @@ BUS_NAME = "dev.koder.scheduler"
 OBJECT_PATH = "/dev/koder/scheduler"
 INTERFACE = "dev.koder.scheduler.Jobs1"
 ERROR = "dev.koder.scheduler.Error"
+CONNECT_TIMEOUT_S = 10.0
 
 #: The gateway's status -> the D-Bus error name (ERROR.<name>); the message is the API's.
 _ERROR_NAMES = {400: "InvalidArgument", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
@@ -239,8 +240,12 @@ async def start(settings: Settings, nats_url: str, api_url: str | None) -> DbusS
         raise InvalidInput("the D-Bus service calls the API: run the api role on this node or set it", "dbus.api_url")
     where = cfg.address or f"the {cfg.bus} bus"
     try:
-        bus = await MessageBus(bus_address=cfg.address,
-                               bus_type=BusType.SYSTEM if cfg.bus == "system" else BusType.SESSION).connect()
+        # A bus whose policy rejects the replies to Hello never answers: bound the wait.
+        bus = await asyncio.wait_for(MessageBus(
+            bus_address=cfg.address, bus_type=BusType.SYSTEM if cfg.bus == "system" else BusType.SESSION,
+        ).connect(), CONNECT_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise ServerError(f"D-Bus at {where} did not answer within {CONNECT_TIMEOUT_S:.0f} s") from None
     except Exception as err:  # dbus-fast raises OSError, AuthError or ValueError for a bad address
         raise ServerError(f"cannot connect to D-Bus at {where}: {err}") from err
     try:

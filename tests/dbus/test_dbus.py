@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -22,7 +23,10 @@ import pytest
 from dbus_fast import Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from kjob import dbus
+from kjob.config import Settings
 from kjob.dbus import BUS_NAME, INTERFACE, OBJECT_PATH
+from kjob.errors import InvalidInput, ServerError
 from kjob.embedded.nats import EmbeddedNats
 from tests.support.servers import TestDatabases
 
@@ -240,3 +244,65 @@ async def test_the_shell_examples_of_the_docs_work(kjob: Kjob, bus_address: str)
         shape = next(shape for word, shape in SHAPES.items() if word in line)
         assert re.search(shape, done.stdout), (line, done.stdout)
     assert (await kjob.api.get("/v1/jobs/hello")).json()["enabled"] is True  # Disable, then Enable
+
+
+def _settings(**dbus) -> Settings:
+    return Settings(dbus={"enabled": True, **dbus})
+
+
+async def test_a_node_that_cannot_serve_the_name_says_why(kjob: Kjob, bus_address: str, tmp_path: Path) -> None:
+    unused = ("nats://127.0.0.1:9", "http://127.0.0.1:9")  # start() reaches neither
+    with pytest.raises(ServerError, match="dev.koder.scheduler is already owned on .*another kjob node"):
+        await dbus.start(_settings(address=bus_address), *unused)
+    with pytest.raises(ServerError, match="cannot connect to D-Bus at unix:path="):
+        await dbus.start(_settings(address=f"unix:path={tmp_path}/no-bus"), *unused)
+    with pytest.raises(InvalidInput, match="dbus.api_url"):
+        await dbus.start(_settings(address=bus_address), unused[0], None)
+
+
+def _system_bus(base: Path, policy: str) -> subprocess.Popen:
+    """A dbus-daemon with the default policy of /usr/share/dbus-1/system.conf (no one owns or
+    calls anything) plus `policy`, as /etc/dbus-1/system.d would add it."""
+    (base / "policy.conf").write_text(policy)
+    (base / "bus.conf").write_text(f"""<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig><type>system</type><listen>unix:path={base}/bus</listen>
+  <policy context="default">
+    <allow user="*"/><deny own="*"/><deny send_type="method_call"/><allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/><allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/><allow receive_type="method_return"/><allow receive_type="error"/>
+    <allow receive_type="signal"/><allow send_destination="org.freedesktop.DBus"/>
+  </policy>
+  <include>{base}/policy.conf</include>
+</busconfig>""")
+    proc = subprocess.Popen(["dbus-daemon", f"--config-file={base}/bus.conf", "--nofork", "--print-address"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().startswith("unix:")
+    return proc
+
+
+async def test_the_system_bus_policy_lets_the_kjob_user_own_the_name_and_anyone_call(kjob: Kjob,
+                                                                                     tmp_path: Path) -> None:
+    shipped = (Path(__file__).parents[2] / "deploy" / "dbus" / "dev.koder.scheduler.conf").read_text()
+    api_url = str(kjob.api.base_url).rstrip("/")
+    for user, owns in (("nobody", False), (pwd.getpwuid(os.getuid()).pw_name, True)):
+        base = tmp_path / user
+        base.mkdir()
+        daemon = _system_bus(base, shipped.replace('user="kjob"', f'user="{user}"'))
+        settings = _settings(bus="system", address=f"unix:path={base}/bus")
+        try:
+            if not owns:
+                with pytest.raises(ServerError, match="does not let kjob own .*deploy/dbus/dev.koder.scheduler.conf"):
+                    await dbus.start(settings, "nats://127.0.0.1:9", api_url)
+                continue
+            service = await dbus.start(settings, "nats://127.0.0.1:9", api_url)
+            caller = Peer(await MessageBus(bus_address=f"unix:path={base}/bus").connect())
+            try:
+                rows = await caller.call("ListJobs", "s", kjob.tokens["viewer"])
+                assert {row[0] for row in rows} == {"hello", "beep"}
+            finally:
+                caller.bus.disconnect()
+                service._bus.disconnect()
+        finally:
+            daemon.terminate()
+            daemon.wait(10)

@@ -67,9 +67,12 @@ class Kjob:
     tokens: dict[str, str] = field(default_factory=dict)
 
     async def token(self, role: str, tenant: str | None = None) -> str:
+        return (await self.new_token(role, tenant))["secret"]
+
+    async def new_token(self, role: str, tenant: str | None = None) -> dict:
         answer = await self.api.post("/v1/tokens", json={"role": role, "name": "dbus test", "tenant": tenant})
         assert answer.status_code == 201, answer.text
-        return answer.json()["secret"]
+        return answer.json()
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +85,8 @@ async def kjob(bus_address: str, template_databases: TestDatabases,
     nats = EmbeddedNats(base / "nats").start()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KJOB_")}
     env.update(KJOB_HOME=str(home), KJOB_NATS_URL=nats.url, KJOB_DATABASE_URL=await template_databases.create(),
-               KJOB_EXECUTOR__SANDBOXES='["process"]', DBUS_SESSION_BUS_ADDRESS=bus_address)
+               KJOB_EXECUTOR__SANDBOXES='["process"]', DBUS_SESSION_BUS_ADDRESS=bus_address,
+               KJOB_DBUS__RECHECK_S="0.001")  # every delivery checks the subscriber's token
     log_path = base / "up.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([KJOB, "up", "--dbus", "--port", "0"], env=env, stdout=log, stderr=log)
@@ -230,6 +234,19 @@ async def test_signals_reach_only_subscribers_of_the_tenant(kjob: Kjob, peers) -
     assert await witness.signal("JobChanged") == ["default", "beep", "enabled"]
     await mine.call("ListJobs", "s", kjob.tokens["viewer"])
     assert mine.signals.empty()
+
+
+async def test_a_revoked_token_gets_no_more_signals(kjob: Kjob, peers) -> None:
+    revoked, witness = await peers(), await peers()
+    token = await kjob.new_token("viewer")
+    await revoked.call("Subscribe", "s", token["secret"])  # first: the service checks it first
+    await witness.call("Subscribe", "s", kjob.tokens["viewer"])
+    assert (await kjob.api.delete(f"/v1/tokens/{token['id']}")).status_code == 204
+    await witness.call("Disable", "sss", kjob.tokens["editor"], "beep", "")
+    assert await witness.signal("JobChanged") == ["default", "beep", "disabled"]
+    await revoked.reply("Introspect", interface="org.freedesktop.DBus.Introspectable")
+    assert revoked.signals.empty()
+    await witness.call("Enable", "ss", kjob.tokens["editor"], "beep")
 
 
 async def test_the_shell_examples_of_the_docs_work(kjob: Kjob, bus_address: str) -> None:

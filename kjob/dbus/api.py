@@ -1,38 +1,30 @@
-"""The gateway as the D-Bus service calls it: one request with one caller's token.
+"""The gateway as the D-Bus service calls it: kjob's own client, with one caller's token.
 
-It wraps the CLI's client (kjob.cli.client) in a thread, so the D-Bus service and the CLI
-speak to `/v1` through the same code; when a shared client lands, only this module changes.
+The URL and the token are always both given, so the client never falls back to the node's
+own `admin.token` (a caller with an empty token gets the API's 401, nothing more).
 """
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
+import contextlib
+from collections.abc import AsyncIterator
 
-from kjob.cli.client import ApiClient, Target
-
-#: Shown in 401 messages where the CLI names the token's file.
-TOKEN_SOURCE = "the D-Bus call"
+from kjob.client import AsyncClient
 
 
 class Gateway:
     def __init__(self, url: str) -> None:
         self.url = url
 
-    async def call(self, token: str, method: str, *args: Any) -> Any:
-        """`ApiClient.<method>(*args)` as the holder of `token`.
-
-        :raises ApiError: the gateway's refusal (status, message, field).
-        :raises Unreachable: no gateway answers.
-        :raises InvalidInput: an argument the client refuses before sending (a slug with '/').
-        """
-
-        def request() -> Any:
-            with ApiClient(Target(self.url, token, TOKEN_SOURCE)) as client:
-                return getattr(client, method)(*args)
-
-        return await asyncio.to_thread(request)
+    @contextlib.asynccontextmanager
+    async def as_caller(self, token: str) -> AsyncIterator[AsyncClient]:
+        async with AsyncClient(self.url, token) as client:
+            yield client
 
     async def tenant_of(self, token: str) -> str:
-        """The token's tenant; any valid token may read its own tenant's quotas."""
-        return (await self.call(token, "request", "GET", "/v1/quotas"))["tenant"]
+        """The token's tenant; any valid token may read its own tenant's quotas.
+
+        :raises kjob.client.ApiError: Unauthorized for a token that is not (or no longer) valid.
+        """
+        async with self.as_caller(token) as client:
+            return (await client.quotas.get()).tenant

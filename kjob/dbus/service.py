@@ -14,18 +14,19 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any
+from collections.abc import AsyncIterator
+from typing import Annotated
 
 from dbus_fast import BusType, DBusError, ErrorType, Message, MessageType, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusBool, DBusSignature, DBusStr
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_signal
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from kjob.bus import names
 from kjob.bus.messages import Event
 from kjob.bus.setup import connect
-from kjob.cli.client import ApiError, Unreachable
+from kjob import client, errors
 from kjob.config import Settings
 from kjob.dbus.api import Gateway
 from kjob.dbus.signals import KINDS, signal_for
@@ -39,28 +40,32 @@ INTERFACE = "dev.koder.scheduler.Jobs1"
 ERROR = "dev.koder.scheduler.Error"
 CONNECT_TIMEOUT_S = 10.0
 
-#: The gateway's status -> the D-Bus error name (ERROR.<name>); the message is the API's.
-_ERROR_NAMES = {400: "InvalidArgument", 401: "Unauthorized", 403: "Forbidden", 404: "NotFound",
-                409: "Conflict", 413: "InvalidArgument", 422: "InvalidArgument", 429: "RateLimited"}
+#: kjob.client's exceptions -> the D-Bus error name (ERROR.<name>), most specific first; the
+#: message is the API's.
+_ERROR_NAMES = ((client.RateLimited, "RateLimited"), (client.Conflict, "Conflict"),
+                (client.Unauthorized, "Unauthorized"), (client.Forbidden, "Forbidden"),
+                (client.NotFound, "NotFound"), (errors.InvalidInput, "InvalidArgument"),
+                (client.ServerUnavailable, "Unavailable"))
 
 JobRows = Annotated[list[tuple[str, bool, str, str]], DBusSignature("a(sbss)")]
 
 
 def dbus_error(err: Exception) -> DBusError:
-    if isinstance(err, ApiError):
-        name = _ERROR_NAMES.get(err.status, "Unavailable" if err.status >= 500 else "Failed")
-    elif isinstance(err, InvalidInput):
-        name = "InvalidArgument"
-    else:
-        name = "Unavailable"
+    name = next((name for kind, name in _ERROR_NAMES if isinstance(err, kind)), "Failed")
     return DBusError(f"{ERROR}.{name}", str(err))
 
 
-async def _as_dbus(call) -> Any:
+@contextlib.asynccontextmanager
+async def _as_dbus():
+    """kjob's refusals as D-Bus errors (anything else is a bug: dbus-fast logs it)."""
     try:
-        return await call
-    except (ApiError, Unreachable, InvalidInput) as err:
+        yield
+    except (client.ApiError, errors.InvalidInput) as err:
         raise dbus_error(err) from None
+
+
+def _json(view: BaseModel) -> str:
+    return json.dumps(view.model_dump(mode="json"))
 
 
 class JobsInterface(ServiceInterface):
@@ -68,33 +73,39 @@ class JobsInterface(ServiceInterface):
         super().__init__(INTERFACE)
         self._gateway = gateway
 
-    async def _call(self, token: str, method: str, *args: Any) -> Any:
-        return await _as_dbus(self._gateway.call(token, method, *args))
+    @contextlib.asynccontextmanager
+    async def _as(self, token: str) -> AsyncIterator[client.AsyncClient]:
+        async with _as_dbus(), self._gateway.as_caller(token) as api:
+            yield api
 
     @dbus_method()
     async def ListJobs(self, token: DBusStr) -> JobRows:
         """(slug, enabled, schedule, next fire in UTC or "") of every job of the token's tenant."""
-        jobs = await self._call(token, "list_jobs")
-        return [(j["slug"], bool(j["enabled"]), j["schedule"], j.get("next_fire") or "") for j in jobs]
+        async with self._as(token) as api:
+            return [(job.slug, job.enabled, job.schedule, job.next_fire or "") async for job in api.jobs.list()]
 
     @dbus_method()
     async def InspectJob(self, token: DBusStr, slug: DBusStr) -> DBusStr:
-        """The job as JSON, exactly as `GET /v1/jobs/{slug}` answers."""
-        return json.dumps(await self._call(token, "get_job", slug))
+        """The job as JSON, as `GET /v1/jobs/{slug}` answers."""
+        async with self._as(token) as api:
+            return _json(await api.jobs.get(slug))
 
     @dbus_method()
     async def RunNow(self, token: DBusStr, slug: DBusStr) -> DBusStr:
         """Start a manual run; answers its run id."""
-        return (await self._call(token, "run_now", slug))["id"]
+        async with self._as(token) as api:
+            return (await api.runs.run_now(slug)).id
 
     @dbus_method()
     async def Enable(self, token: DBusStr, slug: DBusStr) -> DBusStr:
-        return json.dumps(await self._call(token, "set_enabled", slug, True))
+        async with self._as(token) as api:
+            return _json(await api.jobs.enable(slug))
 
     @dbus_method()
     async def Disable(self, token: DBusStr, slug: DBusStr, note: DBusStr) -> DBusStr:
         """An empty note is none."""
-        return json.dumps(await self._call(token, "set_enabled", slug, False, note or None))
+        async with self._as(token) as api:
+            return _json(await api.jobs.disable(slug, note=note or None))
 
     # Subscribe and Unsubscribe need the caller's unique bus name, which dbus-fast does not give
     # interface methods: Subscriptions.handle answers them before these are reached. They are
@@ -154,7 +165,8 @@ class Subscriptions:
 
     async def _subscribe(self, msg: Message) -> None:
         try:
-            tenant = await _as_dbus(self._gateway.tenant_of(msg.body[0]))
+            async with _as_dbus():
+                tenant = await self._gateway.tenant_of(msg.body[0])
         except DBusError as err:
             self._bus.send(Message.new_error(msg, err.type, err.text))
             return
@@ -178,12 +190,11 @@ class Subscriptions:
             return True
         try:
             await self._gateway.tenant_of(sub.token)
-        except ApiError as err:
-            if err.status == 401:
-                log.info("dbus: dropping subscriber %s: its token is no longer valid", name)
-                self.by_name.pop(name, None)
+        except client.Unauthorized:
+            log.info("dbus: dropping subscriber %s: its token is no longer valid", name)
+            self.by_name.pop(name, None)
             return False
-        except (Unreachable, InvalidInput):
+        except client.ApiError:
             return False
         sub.checked_at = time.monotonic()
         return True

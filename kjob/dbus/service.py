@@ -19,7 +19,7 @@ from typing import Annotated
 
 from dbus_fast import BusType, DBusError, ErrorType, Message, MessageType, NameFlag, RequestNameReply
 from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import DBusBool, DBusSignature, DBusStr
+from dbus_fast.annotations import DBusSignature, DBusStr
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_signal
 from pydantic import BaseModel, ValidationError
 

@@ -50,6 +50,12 @@ _ERROR_NAMES = ((client.RateLimited, "RateLimited"), (client.Conflict, "Conflict
 JobRows = Annotated[list[tuple[str, bool, str, str]], DBusSignature("a(sbss)")]
 
 
+def to_bus_daemon(member: str, arg: str) -> Message:
+    """A call of the bus itself (org.freedesktop.DBus) with one string argument."""
+    return Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
+                   member=member, signature="s", body=[arg])
+
+
 def dbus_error(err: Exception) -> DBusError:
     name = next((name for kind, name in _ERROR_NAMES if isinstance(err, kind)), "Failed")
     return DBusError(f"{ERROR}.{name}", str(err))
@@ -170,6 +176,10 @@ class Subscriptions:
         except DBusError as err:
             self._bus.send(Message.new_error(msg, err.type, err.text))
             return
+        # The peer may have left while the API answered; its NameOwnerChanged is then past.
+        owner = await self._bus.call(to_bus_daemon("GetNameOwner", msg.sender))
+        if owner.message_type == MessageType.ERROR:
+            return
         self.by_name[msg.sender] = Subscriber(msg.body[0], tenant, time.monotonic())
         self._bus.send(Message.new_method_return(msg, "s", [tenant]))
 
@@ -264,9 +274,8 @@ async def start(settings: Settings, nats_url: str, api_url: str | None) -> DbusS
         subscriptions = Subscriptions(bus, gateway, cfg.recheck_s)
         bus.add_message_handler(subscriptions.handle)
         bus.export(OBJECT_PATH, JobsInterface(gateway))
-        reply = await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                                       interface="org.freedesktop.DBus", member="AddMatch", signature="s",
-                                       body=["type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged'"]))
+        reply = await bus.call(to_bus_daemon(
+            "AddMatch", "type='signal',sender='org.freedesktop.DBus',member='NameOwnerChanged'"))
         if reply.message_type == MessageType.ERROR:
             raise ServerError(f"D-Bus at {where} refused a match rule: {reply.body}")
         try:

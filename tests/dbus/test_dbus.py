@@ -26,6 +26,7 @@ from dbus_fast.aio import MessageBus
 from kjob import dbus
 from kjob.config import Settings
 from kjob.dbus import BUS_NAME, INTERFACE, OBJECT_PATH
+from kjob.dbus.service import to_bus_daemon
 from kjob.errors import InvalidInput, ServerError
 from kjob.embedded.nats import EmbeddedNats
 from tests.support.servers import TestDatabases
@@ -210,9 +211,7 @@ async def test_signals_reach_only_subscribers_of_the_tenant(kjob: Kjob, peers) -
     assert await mine.call("Subscribe", "s", kjob.tokens["viewer"]) == "default"
     assert await theirs.call("Subscribe", "s", kjob.tokens["other"]) == "other"
     # A peer that only listens, as it would for a broadcast signal: it must get nothing.
-    await listener.bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                                    interface="org.freedesktop.DBus", member="AddMatch", signature="s",
-                                    body=[f"type='signal',interface='{INTERFACE}'"]))
+    await listener.bus.call(to_bus_daemon("AddMatch", f"type='signal',interface='{INTERFACE}'"))
 
     run_id = await mine.call("RunNow", "ss", kjob.tokens["editor"], "beep")
     assert await mine.signal("RunFinished") == ["default", "beep", run_id, "succeeded"]

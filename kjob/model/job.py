@@ -32,6 +32,11 @@ SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 MAX_PROMPT_BYTES = 64 * 1024
 MAX_TIMEOUT = timedelta(hours=24)
 _NO_JITTER = timedelta(0)
+#: A POSIX environment variable name; `A=B`, NUL or an empty name could never be set.
+ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: What a job may ask of the network; `host` only for tenants the operator allows
+#: (`executor.host_network_tenants`), see docs/sandboxes.md.
+NetworkMode = Literal["none", "egress", "host"]
 
 
 def _to_timedelta(value: Any) -> Any:
@@ -50,6 +55,16 @@ Duration = Annotated[
 ]
 
 
+def check_env(env: Mapping[str, str]) -> None:
+    """Raise ValueError unless every key is a variable name and no value holds a NUL byte
+    (neither can reach a process: the run would fail every time)."""
+    for key, value in env.items():
+        if not ENV_NAME_PATTERN.match(key):
+            raise ValueError(f"{key!r} is not an environment variable name (letters, digits, '_', not starting with a digit)")
+        if "\x00" in value:
+            raise ValueError(f"the value of {key} holds a NUL byte, which no environment variable can carry")
+
+
 def check_timezone(name: str) -> str:
     """Return `name` if it is an IANA zone this machine knows, else raise InvalidInput."""
     zone(name)
@@ -65,7 +80,7 @@ class SandboxSpec(_Strict):
 
     backend: Literal["process", "docker"] = "process"
     image: str | None = Field(default=None, validate_default=True)
-    network: str = "none"
+    network: NetworkMode = "none"
     memory: str | None = None
     cpus: float | None = Field(default=None, gt=0)
     pids: int | None = Field(default=None, gt=0)
@@ -81,6 +96,12 @@ class SandboxSpec(_Strict):
                 parse_size(v)
             except InvalidInput as e:
                 raise ValueError(e.message) from None
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        check_env(v)
         return v
 
     @field_validator("image")

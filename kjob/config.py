@@ -161,6 +161,11 @@ class Settings(BaseSettings):
         return self.home / "api.url"
 
     @property
+    def credentials_file(self) -> Path:
+        """Passwords of `kjob up`'s embedded PostgreSQL and NATS users (mode 0600)."""
+        return self.home / "credentials.toml"
+
+    @property
     def secret_key_file(self) -> Path:
         return self.home / "secret.key"
 

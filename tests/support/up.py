@@ -1,0 +1,60 @@
+"""`kjob up` as a user runs it: a real process on a home of the test's, started and stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+KJOB = str(Path(sys.executable).with_name("kjob"))
+
+
+class Up:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, **extra_env: str) -> "Up":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KJOB_")}
+        # No late grace: a downtime goes through the catch-up rule (tests/pipeline/test_up.py).
+        env.update(KJOB_HOME=str(self.home), KJOB_EXECUTOR__SANDBOXES='["process"]', KJOB_TICKER__LATE_GRACE_S="0")
+        env.update(extra_env)
+        (self.home / "api.url").unlink(missing_ok=True)
+        self.log = open(self.home.parent / f"{self.home.name}-up.log", "ab")
+        self.proc = subprocess.Popen([KJOB, "up", "--port", "0"], env=env, stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 60
+        while not (self.home / "api.url").exists() or not (self.home / "api.url").read_text():
+            assert self.proc.poll() is None, f"kjob up exited: {self.logs()}"
+            assert time.monotonic() < deadline, f"kjob up not ready in 60s: {self.logs()}"
+            time.sleep(0.1)
+        self.client = httpx.Client(base_url=(self.home / "api.url").read_text().strip(),
+                                   headers={"Authorization": f"Bearer {(self.home / 'admin.token').read_text().strip()}"})
+        return self
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.client.close()
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+    def logs(self) -> str:
+        return (self.home.parent / f"{self.home.name}-up.log").read_text(errors="replace")[-3000:]
+
+
+def processes_using(path: Path) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in cmd and "pytest" not in cmd:
+            found.append(f"{pid}: {cmd}")
+    return found

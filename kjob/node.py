@@ -144,7 +144,7 @@ class Node:
                 from kjob.dispatcher.relay import RelayClient
 
                 nc, js = bus_of("dispatcher")
-                relay = RelayClient(s.relay_url, s.relay_token, s.dispatcher.timeout_s)
+                relay = RelayClient(s.relay_url, s.relay_token, s.dispatcher.timeout_s, s.dispatcher.allow_list())
                 closers.append(relay.aclose)
                 dispatcher = Dispatcher(nc=nc, js=js, ledger=ledger, relay=relay, settings=s.dispatcher,
                                         bus=bus, log_url_base=s.public_url or self._own_api_url(), node=self.name)

@@ -7,10 +7,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from kjob.dispatcher.relay import channel_kind
+from kjob.dispatcher.relay import WEBHOOK_PREFIX, channel_kind
+from kjob.dispatcher.targets import check_target_at_create
 from kjob.errors import InvalidInput
 from kjob.executor.agents import AgentRegistry
 from kjob.model.job import JobSpec
+from kjob.model.targets import AllowList
 from kjob.model.schedule import Schedule
 
 
@@ -38,6 +40,18 @@ def check_job(
     timing_changed = previous is None or (previous.schedule, previous.timezone) != (spec.schedule, spec.timezone)
     if timing_changed:
         Schedule.parse(spec.schedule).check_future(now)
+
+
+async def check_target(spec: JobSpec, allow: AllowList) -> None:
+    """Refuse a webhook to the node's own or private addresses (kjob.model.targets), checked on
+    what its host resolves to now; the dispatcher checks again at every connect.
+
+    Also with a Relay configured, which then delivers webhooks: it may sit on the same network.
+
+    :raises InvalidInput: field `output.channel`.
+    """
+    if spec.output.channel.startswith(WEBHOOK_PREFIX):
+        await check_target_at_create(spec.output.channel[len(WEBHOOK_PREFIX):], allow)
 
 
 def check_storable(value: Any, path: str) -> None:

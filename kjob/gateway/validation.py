@@ -13,6 +13,7 @@ from kjob.errors import InvalidInput
 from kjob.executor.agents import AgentRegistry
 from kjob.model.job import JobSpec
 from kjob.model.targets import AllowList
+from kjob.model.text import find_bad_text
 from kjob.model.schedule import Schedule
 
 
@@ -55,15 +56,9 @@ async def check_target(spec: JobSpec, allow: AllowList) -> None:
 
 
 def check_storable(value: Any, path: str) -> None:
-    """Refuse NUL characters anywhere in the job: PostgreSQL text and JSONB cannot hold them,
-    and the store would fail with a server error instead of naming the field."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise InvalidInput("holds a NUL character (\\0), which cannot be stored; remove it", path or None)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            check_storable(key, path)
-            check_storable(item, f"{path}.{key}" if path else str(key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            check_storable(item, f"{path}.{i}")
+    """Refuse NUL characters and lone surrogates anywhere in `value`: PostgreSQL text and JSONB
+    cannot hold them, and the store would fail with a server error instead of naming the field."""
+    found = find_bad_text(value, path)
+    if found:
+        field, problem = found
+        raise InvalidInput(problem, field)

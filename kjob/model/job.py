@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Mapping
 from uuid import UUID
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -66,6 +67,17 @@ Duration = Annotated[
     BeforeValidator(_to_timedelta),
     PlainSerializer(format_duration, return_type=str, when_used="json-unless-none"),
 ]
+
+
+def at_most(limit: timedelta, what: str) -> AfterValidator:
+    """A Duration's upper bound (Annotated[Duration, at_most(...)]), said in its message."""
+
+    def check(value: timedelta) -> timedelta:
+        if value > limit:
+            raise ValueError(f"{what} can be at most {format_duration(limit)}")
+        return value
+
+    return AfterValidator(check)
 
 
 def check_timezone(name: str) -> str:
@@ -149,22 +161,8 @@ class RetryPolicy(_Strict):
 
     max: int = Field(default=0, ge=0, le=20)
     backoff: Literal["exponential", "fixed"] = "exponential"
-    initial_delay: Duration = timedelta(seconds=10)
-    max_delay: Duration = timedelta(minutes=10)
-
-    @field_validator("initial_delay")
-    @classmethod
-    def _initial(cls, v: timedelta) -> timedelta:
-        if v > MAX_RETRY_DELAY:
-            raise ValueError("the first retry delay can be at most 24h")
-        return v
-
-    @field_validator("max_delay")
-    @classmethod
-    def _max(cls, v: timedelta) -> timedelta:
-        if v > MAX_RETRY_MAX_DELAY:
-            raise ValueError("the longest retry delay can be at most 7d")
-        return v
+    initial_delay: Annotated[Duration, at_most(MAX_RETRY_DELAY, "the first retry delay")] = timedelta(seconds=10)
+    max_delay: Annotated[Duration, at_most(MAX_RETRY_MAX_DELAY, "the longest retry delay")] = timedelta(minutes=10)
 
     def delay(self, attempt: int) -> timedelta:
         """The wait before attempt `attempt + 1`, after attempt `attempt` (1-based) failed."""
@@ -181,15 +179,8 @@ class CatchupPolicy(_Strict):
     ledger as `missed` with its reason.
     """
 
-    window: Duration = timedelta(hours=1)
+    window: Annotated[Duration, at_most(MAX_CATCHUP_WINDOW, "the catch-up window")] = timedelta(hours=1)
     policy: Literal["latest", "all", "none"] = "latest"
-
-    @field_validator("window")
-    @classmethod
-    def _window(cls, v: timedelta) -> timedelta:
-        if v > MAX_CATCHUP_WINDOW:
-            raise ValueError(f"the catch-up window can be at most {MAX_CATCHUP_WINDOW.days}d")
-        return v
 
 
 class HistoryPolicy(_Strict):

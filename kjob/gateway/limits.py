@@ -84,7 +84,7 @@ def _bad_json_text(scope: Scope, body: bytes) -> tuple[str, str] | None:
 
 
 async def _answer(send: Send, status: int, message: str, field: str | None) -> None:
-    body = json.dumps({"error": {"message": message, "field": field}}).encode()
+    body = json.dumps({"error": {"message": message, "field": field}}, separators=(",", ":")).encode()
     await send(
         {
             "type": "http.response.start",

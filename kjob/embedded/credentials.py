@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from kjob.embedded.nats import NATS_USERS
+from kjob.embedded.nats import NATS_USERS, PASSWORD_PATTERN
 from kjob.errors import ServerError
 from kjob.private_files import write_private
 
@@ -24,8 +24,10 @@ _HEADER = (
 )
 
 
-def _password() -> str:
-    return secrets.token_urlsafe(32)
+def new_password() -> str:
+    """192 random bits, spelled so that nats-server reads it back from its environment as the
+    same string: a letter first, then hex (a leading `-` or digit would be read as a number)."""
+    return "k" + secrets.token_hex(24)
 
 
 @dataclass(frozen=True)
@@ -46,13 +48,17 @@ class EmbeddedCredentials:
                                   "restore it from a backup, or remove it and the data it protected") from None
         postgres = dict(data.get("postgres") or {})
         nats = dict(data.get("nats") or {})
+        # A NATS password nats-server would misread is replaced: the server learns it anew each start.
+        for user in NATS_USERS:
+            if not PASSWORD_PATTERN.fullmatch(str(nats.get(user) or "")):
+                nats.pop(user, None)
         changed = not path.exists() or not postgres.get("password") or any(not nats.get(u) for u in NATS_USERS)
         postgres.setdefault("user", "postgres")
         if not postgres.get("password"):
-            postgres["password"] = _password()
+            postgres["password"] = new_password()
         for user in NATS_USERS:
             if not nats.get(user):
-                nats[user] = _password()
+                nats[user] = new_password()
         if changed:
             write_private(path, _HEADER + _toml({"postgres": postgres, "nats": nats}))
         elif path.stat().st_mode & 0o077:

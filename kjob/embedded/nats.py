@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,6 +31,8 @@ DEFAULT_CLUSTER_NAME = "kjob"
 PERMISSIONS_FILE = Path(__file__).resolve().parents[1] / "bus" / "nats-server.conf"
 #: The users PERMISSIONS_FILE defines: kjob's roles, and `observer` for other services.
 NATS_USERS = ("ticker", "executor", "dispatcher", "api", "observer")
+#: Passwords nats-server reads back from `$VARIABLES` unchanged (`-1` or `12k` would be numbers).
+PASSWORD_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9]*")
 
 
 def password_env(users: Mapping[str, str]) -> dict[str, str]:
@@ -86,6 +89,9 @@ class EmbeddedNats(EmbeddedServer):
             missing = set(NATS_USERS) - self.users.keys()
             if missing:
                 raise InvalidInput(f"no password for the NATS user(s) {sorted(missing)}", "users")
+            if not all(PASSWORD_PATTERN.fullmatch(pw) for pw in self.users.values()):
+                raise InvalidInput("NATS passwords must be a letter then letters and digits "
+                                   "(kjob.embedded.credentials.new_password)", "users")
             config_file = config_file or PERMISSIONS_FILE
             env = {**(env or {}), **password_env(self.users)}
         self.monitor_port: int | None = None if self.users else free_port(host)

@@ -6,7 +6,6 @@ their role (an observer publishes nothing; an executor cannot schedule runs)."""
 from __future__ import annotations
 
 import json
-import secrets
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import nats
 import pytest
 
 from kjob.embedded import EmbeddedNats
+from kjob.embedded.credentials import new_password
 from kjob.embedded.nats import NATS_USERS, PERMISSIONS_FILE
 from kjob.model.run import DeliveryStatus
 from kjob.store.tokens import TokenStore
@@ -28,7 +28,7 @@ USERS = NATS_USERS
 @pytest.fixture
 def secured_nats(tmp_path: Path):
     assert CONFIG.resolve() == PERMISSIONS_FILE  # production's file is the one `kjob up` uses
-    passwords = {user: secrets.token_hex(12) for user in USERS}
+    passwords = {user: new_password() for user in USERS}
     with EmbeddedNats(tmp_path / "nats", users=passwords) as server:
         server.urls = {user: server.url_for(user) for user in USERS}
         yield server

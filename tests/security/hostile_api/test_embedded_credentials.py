@@ -199,3 +199,21 @@ async def test_nothing_of_kjob_up_listens_without_credentials(tmp_path: Path) ->
             30, "a run after the restart")
     finally:
         assert up.stop() == 0, up.logs()
+
+
+def test_the_credentials_file_is_private_stable_and_completed(tmp_path: Path) -> None:
+    from kjob.embedded.credentials import EmbeddedCredentials
+    from kjob.embedded.nats import PASSWORD_PATTERN
+
+    path = tmp_path / "credentials.toml"
+    first = EmbeddedCredentials.ensure(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert EmbeddedCredentials.ensure(path) == first
+    assert all(PASSWORD_PATTERN.fullmatch(pw) for pw in [first.postgres_password, *first.nats.values()])
+    # an older or hand-edited file: a user missing, a password nats-server would read as a number
+    path.write_text(f'[postgres]\npassword = "{first.postgres_password}"\n[nats]\napi = "-12"\n')
+    path.chmod(0o644)
+    again = EmbeddedCredentials.ensure(path)
+    assert again.postgres_password == first.postgres_password
+    assert set(again.nats) == set(ROLE_USERS) and again.nats["api"] != "-12"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

@@ -117,12 +117,9 @@ class SandboxSpec(_Strict):
 
     @field_validator("workdir")
     @classmethod
-    def _workdir(cls, v: str | None, info: ValidationInfo) -> str | None:
+    def _workdir(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        if info.data.get("backend", "process") == "process":
-            raise ValueError("the process backend runs each attempt in a work dir of its own; "
-                             "sandbox.workdir is the docker backend's (a path in the container)")
         if (not v.startswith("/") or len(v) > MAX_WORKDIR_CHARS or posixpath.normpath(v) != v
                 or v.startswith("//") or not re.fullmatch(r"[A-Za-z0-9._/-]+", v)):
             raise ValueError(f"{v!r} is not a plain absolute path in the container, e.g. '/work' "
@@ -283,11 +280,17 @@ class JobSpec(_Strict):
     def _storable(self) -> "JobSpec":
         # What the author wrote; a stored Job was checked when it was written (and the ticker
         # loads 100,000 of them).
-        if type(self) is JobSpec:
-            found = find_bad_text(self.model_dump())
-            if found:
-                field, problem = found
-                raise PydanticCustomError("unstorable_text", "{problem}", {"problem": problem, "field": field or ""})
+        if type(self) is not JobSpec:
+            return self
+        found = find_bad_text(self.model_dump())
+        if found:
+            field, problem = found
+            raise PydanticCustomError("unstorable_text", "{problem}", {"problem": problem, "field": field or ""})
+        if self.sandbox.backend == "process" and self.sandbox.workdir is not None:
+            # Here, not on SandboxSpec: jobs stored before this check (where it was ignored) still load.
+            raise PydanticCustomError(
+                "workdir_process", "the process backend runs each attempt in a work dir of its own; "
+                "sandbox.workdir is the docker backend's (a path in the container)", {"field": "sandbox.workdir"})
         return self
 
 

@@ -1,11 +1,12 @@
 """What a request may carry, enforced before any endpoint reads it: a cap on bodies, and no
-text the store cannot hold (NUL, lone surrogates: kjob.model.text) in a JSON body, a path
+text the store cannot hold (NUL, lone surrogates: kjob.model.text) in a JSON or form body, a path
 parameter or a query parameter. Each is refused with kjob's JSON error naming the field, so
 no input reaches PostgreSQL only to come back as a 500."""
 
 from __future__ import annotations
 
 import json
+from urllib.parse import parse_qsl
 
 from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -68,13 +69,19 @@ class BodyLimit:
 
 
 def _bad_json_text(scope: Scope, body: bytes) -> tuple[str, str] | None:
-    """(field, why) of the first unstorable string of a JSON body; None also for a body that
-    is not JSON (the endpoint answers that one, 400)."""
-    if not body or b"json" not in dict(scope["headers"]).get(b"content-type", b"application/json"):
+    """(field, why) of the first unstorable string of a JSON or form body (the dashboard's);
+    None also for a body that cannot be parsed (the endpoint answers that one, 400)."""
+    content_type = dict(scope["headers"]).get(b"content-type", b"application/json")
+    if not body:
         return None
-    try:
-        value = json.loads(body)
-    except ValueError:
+    if content_type.startswith(b"application/x-www-form-urlencoded"):
+        value: object = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
+    elif b"json" in content_type:
+        try:
+            value = json.loads(body)
+        except ValueError:
+            return None
+    else:
         return None
     found = find_bad_text(value)
     if found is None:

@@ -127,6 +127,9 @@ async def test_bad_text_and_numbers_in_other_bodies_are_a_4xx(client_for) -> Non
         answer = await admin.request(method, path, content=body, headers=raw)
         assert answer.status_code == 422, (method, path, body, answer.status_code, answer.text)
         assert answer.json()["error"]["field"] == field, (method, path, body, answer.json())
+    # a form body (the dashboard's) is checked the same way, before any page reads it
+    form = await admin.post("/ui/login", content="token=a%00b", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 422 and form.json()["error"]["field"] == "token", form.text
     for query in ("n=99999999999999999999", "n=-1", "after=0001-01-01T00:00:00Z", "after=9999-12-31T23:59:59Z",
                   "schedule=@every%2099999999d"):
         params = "schedule=@hourly&" + query if not query.startswith("schedule") else query

@@ -102,10 +102,13 @@ _ITEM = re.compile(r"^(?:(\*|\?)|([A-Za-z0-9]+)(?:-([A-Za-z0-9]+))?)(?:/(.*))?$"
 def zone(name: str) -> ZoneInfo:
     """The IANA zone `name`. Raises ScheduleError (field `timezone`) if this machine has no such zone."""
     try:
+        # OSError: a name too long for a file name (zoneinfo looks it up as a file); it would
+        # otherwise pass for a failing disk, or the gateway's "database unavailable".
         return _zone(name)
-    except (ZoneInfoNotFoundError, ValueError, TypeError):
+    except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):
+        shown = name if len(name) <= 80 else name[:77] + "..."
         raise ScheduleError(
-            f"unknown time zone {name!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'",
+            f"unknown time zone {shown!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'",
             "timezone",
         ) from None
 

@@ -37,6 +37,7 @@ UNBOUNDED: list[tuple[str, dict[str, Any], str]] = [
     ("pause_after_failures huge", {"pause_after_failures": 10**30}, "pause_after_failures"),
     ("@every of 270,000 years", {"schedule": "@every 99999999d"}, "schedule"),
     ("@once in year 9999", {"schedule": "@once 9999-12-31T23:59Z"}, "schedule"),
+    ("a time zone too long for a file name", {"timezone": "9" * 400 + "state"}, "timezone"),
     ("a NUL in the prompt", {"prompt": "echo \x00"}, "prompt"),
     ("a NUL in a label key", {"labels": {"a\x00": "b"}}, "labels"),
     ("a lone surrogate in the description", {"description": "\ud800"}, "description"),
@@ -96,6 +97,7 @@ async def test_bad_text_in_any_path_or_query_is_a_4xx(client_for) -> None:
             ("GET", f"/v1/audit?slug={bad}", None), ("GET", f"/v1/jobs/real/runs?limit={bad}", None),
             ("GET", f"/v1/schedules/preview?schedule={bad}", None),
             ("GET", f"/v1/schedules/preview?schedule=@hourly&tz={bad}", None),
+            ("GET", f"/v1/schedules/preview?schedule=@hourly&tz={'x' * 300}{bad}", None),
             ("GET", f"/v1/schedules/preview?schedule=@hourly&after={bad}", None),
         ]:
             answer = await admin.request(method, path, json=body)

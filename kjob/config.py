@@ -48,6 +48,19 @@ class ExecutorSettings(BaseModel):
         description="host directories the operator shares read-write with every process sandbox, at the same path "
         "(e.g. a tools cache); nothing else of the host's writable state is visible to agents",
     )
+    host_network_tenants: list[str] = Field(
+        default=[],
+        description="tenants whose jobs may set sandbox.network = \"host\" (the node's own network, its "
+        "loopback services included); checked when a job is written and again when it runs",
+    )
+    sandbox_disk: str = Field(
+        default="512m", pattern=r"^[0-9]+[kmgKMG]?$",
+        description="size of each sandbox's work dir and of its /tmp (each a tmpfs: RAM, no host disk)",
+    )
+    sandbox_uid_base: int = Field(
+        default=200_000, ge=1000, le=2**31 - 100_000,
+        description="when the executor runs as root, process sandboxes run as uids from here up, one per attempt in flight",
+    )
 
 
 class DispatcherSettings(BaseModel):

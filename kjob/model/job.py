@@ -51,6 +51,11 @@ SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/li
                "/sys", "/usr", "/var", "/tmp")
 MAX_WORKDIR_CHARS = 255
 _NO_JITTER = timedelta(0)
+#: A POSIX environment variable name; `A=B`, NUL or an empty name could never be set.
+ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: What a job may ask of the network; `host` only for tenants the operator allows
+#: (`executor.host_network_tenants`), see docs/sandboxes.md.
+NetworkMode = Literal["none", "egress", "host"]
 
 
 def _to_timedelta(value: Any) -> Any:
@@ -80,6 +85,16 @@ def at_most(limit: timedelta, what: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+def check_env(env: Mapping[str, str]) -> None:
+    """Raise ValueError unless every key is a variable name and no value holds a NUL byte
+    (neither can reach a process: the run would fail every time)."""
+    for key, value in env.items():
+        if not ENV_NAME_PATTERN.match(key):
+            raise ValueError(f"{key!r} is not an environment variable name (letters, digits, '_', not starting with a digit)")
+        if "\x00" in value:
+            raise ValueError(f"the value of {key} holds a NUL byte, which no environment variable can carry")
+
+
 def check_timezone(name: str) -> str:
     """Return `name` if it is an IANA zone this machine knows, else raise InvalidInput."""
     zone(name)
@@ -95,7 +110,7 @@ class SandboxSpec(_Strict):
 
     backend: Literal["process", "docker"] = "process"
     image: str | None = Field(default=None, validate_default=True)
-    network: str = "none"
+    network: NetworkMode = "none"
     memory: str | None = None
     cpus: float | None = Field(default=None, gt=0, le=MAX_CPUS, allow_inf_nan=False)
     pids: int | None = Field(default=None, gt=0, le=MAX_PIDS)
@@ -126,6 +141,12 @@ class SandboxSpec(_Strict):
                              "(no '..', '.', '//' or trailing '/')")
         if v == "/" or any(v == d or v.startswith(d + "/") for d in SYSTEM_DIRS):
             raise ValueError(f"{v!r} would hide the container's system files; use a directory of its own, e.g. '/work'")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        check_env(v)
         return v
 
     @field_validator("image")

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 ROLES = ("ticker", "executor", "dispatcher", "api")
@@ -69,6 +69,25 @@ class DispatcherSettings(BaseModel):
     retry_initial_s: float = Field(default=1.0, gt=0)
     retry_max_s: float = Field(default=10.0, gt=0)
     give_up_after_s: float = Field(default=86_400.0, gt=0, description="then the delivery is marked failed")
+    allow_private_targets: list[str] = Field(
+        default=[],
+        description="networks (CIDR or address) and host names a job's webhook may reach although they are "
+        "loopback, link-local or private (docs/security.md); checked when a job is saved and at every connect",
+    )
+
+    @field_validator("allow_private_targets")
+    @classmethod
+    def _targets_parse(cls, v: list[str]) -> list[str]:
+        from kjob.model.targets import AllowList
+
+        AllowList.parse(v)
+        return v
+
+    def allow_list(self):
+        """`allow_private_targets`, parsed (a kjob.model.targets.AllowList)."""
+        from kjob.model.targets import AllowList
+
+        return AllowList.parse(self.allow_private_targets)
 
 
 class TickerSettings(BaseModel):
@@ -201,6 +220,11 @@ class Settings(BaseSettings):
     @property
     def api_url_file(self) -> Path:
         return self.home / "api.url"
+
+    @property
+    def credentials_file(self) -> Path:
+        """Passwords of `kjob up`'s embedded PostgreSQL and NATS users (mode 0600)."""
+        return self.home / "credentials.toml"
 
     @property
     def secret_key_file(self) -> Path:

@@ -1,7 +1,7 @@
 """Compact records of slots missed during a long downtime: one row per job, range and reason.
 
 Revision ID: 0006
-Revises: 0017 (main's head when merged; the lead re-chains the numbers)
+Revises: 0005
 Create Date: 2026-12-01
 """
 
@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision = "0006"
-down_revision = "0017"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

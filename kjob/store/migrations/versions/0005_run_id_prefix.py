@@ -1,7 +1,7 @@
 """Short run ids: an index that serves `id LIKE 'prefix%'`, so a run named by the start of its
 id is found without reading the whole ledger.
 
-Revision ID: 0017
+Revision ID: 0005
 Revises: 0004
 Create Date: 2026-12-01
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0017"
+revision = "0005"
 down_revision = "0004"
 branch_labels = None
 depends_on = None

@@ -149,7 +149,7 @@ class Executor:
         transient = is_transient(err)
         delay = min(2.0 * msg.metadata.num_delivered, 30.0) if transient else 300.0
         if transient:
-            log.warning("executor: cannot claim run %s (%s); again in %.0fs", due.run_id, err, delay)
+            log.warning("executor: cannot claim run %s (%r); again in %.0fs", due.run_id, err, delay)
         else:
             log.error("executor: claiming run %s failed permanently; again in %.0fs", due.run_id, delay, exc_info=err)
         with contextlib.suppress(Exception):
@@ -206,6 +206,7 @@ class Executor:
                 reason = f"timed out after {job.timeout}"
             if status is RunStatus.failed and not reason:
                 reason = f"exit code {outcome.exit_code}"
+            claim.agent_done = True  # from now on the keeper only renews: no agent left to stop
             retry = should_retry(status, run.attempt, run.lost_attempts, job.retries)
             retry_in = job.retries.delay(run.attempt).total_seconds() if retry else None
             # The claim keeper and the acker go on while the end is recorded: the claim stays
@@ -248,10 +249,10 @@ class Executor:
                     log.error("executor: cannot record the end of run %s", run.id, exc_info=err)
                     return None
                 if time.monotonic() + delay > give_up:
-                    log.error("executor: gave up recording the end of run %s after %.0fs (%s)",
+                    log.error("executor: gave up recording the end of run %s after %.0fs (%r)",
                               run.id, self.settings.outcome_keep_s, err)
                     return None
-                log.warning("executor: recording the end of run %s failed (%s); keeping it, again in %.1fs",
+                log.warning("executor: recording the end of run %s failed (%r); keeping it, again in %.1fs",
                             run.id, err, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.heartbeat_s)
@@ -369,6 +370,8 @@ class ClaimKeeper:
         self.lease_s = executor.settings.claim_lease_s
         self.stop = asyncio.Event()
         self.expired = False
+        #: The agent ended: keep renewing (its end is still to be written), stop nothing.
+        self.agent_done = False
         # The claim was written at or after this instant, with the full lease.
         self.deadline = sent + self.lease_s - executor.margin_s
 
@@ -381,7 +384,7 @@ class ClaimKeeper:
         try:
             while True:
                 now = time.monotonic()
-                if now >= self.deadline:
+                if now >= self.deadline and not self.agent_done:
                     self.expired = True
                     self.stop.set()
                     return
@@ -389,7 +392,8 @@ class ClaimKeeper:
                     sent = now
                     pending = asyncio.create_task(
                         ex.ledger.heartbeat(self.run.id, ex.node, self.run.attempt, ex.lease))
-                wake = min(self.deadline, next_beat if pending is None else self.deadline) - now
+                deadline = self.deadline if not self.agent_done else now + beat_s
+                wake = min(deadline, next_beat if pending is None else deadline) - now
                 if pending is not None:
                     await asyncio.wait({pending}, timeout=max(wake, 0.01))
                     if not pending.done():
@@ -400,7 +404,7 @@ class ClaimKeeper:
                             return
                         self.deadline = max(self.deadline, sent + self.lease_s - ex.margin_s)
                     except Exception as err:
-                        log.warning("executor: renewing the claim on run %s failed (%s); stopping its agent in %.1fs "
+                        log.warning("executor: renewing the claim on run %s failed (%r); stopping its agent in %.1fs "
                                     "unless a renewal succeeds", self.run.id, err, self.deadline - time.monotonic())
                     pending = None
                     next_beat = sent + beat_s

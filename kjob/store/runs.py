@@ -369,7 +369,12 @@ class RunLedger:
             and_(job_runs.c.status == RunStatus.scheduled.value),
             and_(job_runs.c.status == RunStatus.retrying.value,
                  or_(job_runs.c.next_attempt_at.is_(None), job_runs.c.next_attempt_at <= now)),
-            and_(job_runs.c.status == RunStatus.running.value, job_runs.c.claim_until < now),
+            # A lapsed claim is taken over only `lease / 2` after it lapsed: the owner stopped its
+            # agent before the lapse (kjob.executor.executor.ClaimKeeper), and after a stall of the
+            # database this is its time to renew, or to write the end of an attempt that ran to it,
+            # before anyone may run the attempt again.
+            and_(job_runs.c.status == RunStatus.running.value,
+                 job_runs.c.claim_until < now - lease / 2),
         )
         async with self.engine.begin() as conn:
             policy = await overlap.lock_job(conn, run_id)

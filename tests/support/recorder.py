@@ -245,7 +245,8 @@ class Recorder:
         return pairs
 
     def running(self) -> list[Execution]:
-        return [e for e in self.executions() if not e.finished]
+        """Executions that neither reached their end nor died (yet)."""
+        return [e for e in self.executions() if not e.finished and e.died is None]
 
 
 def peer_parent(pid: int) -> int | None:

@@ -1,0 +1,280 @@
+"""The fault suite's world: a PostgreSQL of its own (to pause, restart and cut off), NATS, two
+`kjob server` nodes, a recorder the agents report to, and every-second jobs. `verdict()` then
+holds the ledger against what the agents themselves reported, slot by slot."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import AsyncIterator
+
+from sqlalchemy import select, text
+
+from kjob.bus.publish import announce_job_changed
+from kjob.bus.setup import connect
+from kjob.embedded import EmbeddedPostgres
+from kjob.model.job import Job
+from kjob.model.run import RunStatus
+from kjob.store.database import create_engine, migrate
+from kjob.store.jobs import JobStore
+from kjob.store.tables import job_runs, run_attempts, ticker_lease
+from tests.support.nodes import SchedulerProcess
+from tests.support.pipeline import ACTOR, create_job, until
+from tests.support.recorder import Execution, Recorder
+
+#: Short leases and heartbeats, so that each fault plays out in seconds. The claim lease is
+#: what a stall must outlast to matter; the statement deadline is well inside it.
+FAST_ENV = {
+    "KJOB_ACK_WAIT_S": "8",
+    "KJOB_EXECUTOR__HEARTBEAT_S": "0.5",
+    "KJOB_EXECUTOR__CLAIM_LEASE_S": "4",
+    "KJOB_EXECUTOR__CLAIM_MARGIN_S": "1.2",
+    "KJOB_EXECUTOR__SANDBOXES": '["process"]',
+    "KJOB_EXECUTOR__CONCURRENCY": "16",
+    "KJOB_TICKER__RECOVER_S": "2",
+    "KJOB_DATABASE__STATEMENT_TIMEOUT_S": "2",
+    "KJOB_DATABASE__CONNECT_TIMEOUT_S": "2",
+    "KJOB_DATABASE__POOL_TIMEOUT_S": "3",
+    "KJOB_LOG_LEVEL": "INFO",
+}
+LEASE_S = float(FAST_ENV["KJOB_EXECUTOR__CLAIM_LEASE_S"])
+NODES = ("node-a", "node-b")
+#: Final statuses a slot may end in without its agent having run, each with its reason.
+NOT_RUN = {RunStatus.missed.value, RunStatus.skipped.value}
+
+
+@dataclass
+class Verdict:
+    """What the ledger and the recorder say about every slot of the window."""
+
+    slots: int = 0
+    ran_once: int = 0
+    not_run: int = 0  #: missed/skipped, with a reason
+    problems: list[str] = field(default_factory=list)
+    #: executions per slot: {0: n, 1: n, 2: n} (only completed executions count)
+    histogram: dict[int, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (f"{self.slots} slots: {self.ran_once} ran once, {self.not_run} not run (with a reason); "
+                f"completed executions per slot: {dict(sorted(self.histogram.items()))}")
+
+    def check(self) -> None:
+        print(self.summary())
+        assert not self.problems, f"{len(self.problems)} problem(s) in {self.slots} slots:\n" + "\n".join(self.problems[:40])
+
+
+class FaultCluster:
+    def __init__(self, base: Path, nats_url: str, *, pg: EmbeddedPostgres | None = None) -> None:
+        self.base = base
+        self.nats_url = nats_url
+        self.pg = pg or EmbeddedPostgres(base / "pg", durable=False, settings={"max_connections": "200"})
+        self.recorder = Recorder()
+        self.engine = None
+        self.db_url = ""
+        self.nodes: dict[str, SchedulerProcess] = {}
+        self.jobs: list[Job] = []
+
+    async def start(self, node_env: dict[str, dict[str, str]] | None = None, db_urls: dict[str, str] | None = None) -> None:
+        if not self.pg.running:
+            await asyncio.to_thread(self.pg.start)
+        self.db_url = self.pg.ensure_database("faults")
+        await migrate(self.db_url)
+        self.engine = create_engine(self.db_url, pool_size=2, statement_timeout_s=5)
+        self.recorder.start()
+        for name in NODES:
+            env = {**FAST_ENV, **self.recorder.env(), "KJOB_NATS_URL": self.nats_url,
+                   "KJOB_DATABASE_URL": (db_urls or {}).get(name, self.db_url), **(node_env or {}).get(name, {})}
+            self.nodes[name] = SchedulerProcess(name, self.base, env)
+        for node in self.nodes.values():
+            node.start()
+        await self.leader(timeout=60)
+
+    async def close(self) -> dict[str, int | None]:
+        codes = {name: await asyncio.to_thread(node.stop) for name, node in self.nodes.items()}
+        if self.engine is not None:
+            await self.engine.dispose()
+        self.recorder.close()
+        await asyncio.to_thread(self.pg.stop)
+        return codes
+
+    # -- the workload ---------------------------------------------------------------------
+
+    async def add_jobs(self, n: int = 3, seconds: float = 0.3, slug: str = "beat", **fields) -> list[Job]:
+        # overlap "allow": a run held up by a fault must not turn later slots into `skipped`;
+        # exactly-once is what is tested here, the overlap policy has its own tests.
+        jobs = [await create_job(self.engine, slug=f"{slug}-{i}", prompt=self.recorder.script(seconds),
+                                 schedule="@every 1s", overlap="allow", **fields) for i in range(n)]
+        nc = await connect(self.nats_url, "faults-test")
+        for job in jobs:
+            await announce_job_changed(nc.jetstream(), job.tenant, job.id, job.slug, "created")
+        await nc.close()
+        self.jobs += jobs
+        return jobs
+
+    async def executions_done(self, n: int, timeout: float = 60) -> None:
+        """Wait until `n` more executions ran to their end."""
+        target = len(self.recorder.completed()) + n
+        await until(lambda: _ready(len(self.recorder.completed()) >= target), timeout,
+                    f"{n} more executions to end (nodes' logs: {self.tails()})")
+
+    async def running_now(self, timeout: float = 30) -> list[Execution]:
+        """Wait until some agent is running, and return those that are."""
+        return await until(lambda: _ready(self.recorder.running()), timeout, "an agent to be running")
+
+    async def leader(self, timeout: float = 30) -> str:
+        async def read():
+            try:
+                async with self.engine.connect() as conn:
+                    row = (await conn.execute(select(ticker_lease.c.node))).first()
+                return row.node if row else None
+            except Exception:
+                return None
+        return await until(read, timeout, "a ticker leader")
+
+    async def end_window(self, timeout: float = 90) -> None:
+        """Disable the jobs, then wait until every run is final and no agent runs."""
+        store = JobStore(self.engine)
+        nc = await connect(self.nats_url, "faults-test")
+        for job in self.jobs:
+            await _retry(lambda: store.set_enabled(ACTOR, job.slug, False, note="end of the fault window"))
+            await announce_job_changed(nc.jetstream(), job.tenant, job.id, job.slug, "disabled")
+        await nc.close()
+
+        state: dict = {}
+
+        async def settled():
+            try:
+                async with self.engine.connect() as conn:
+                    state["open"] = (await conn.execute(text(
+                        "SELECT id, slug, status, attempt, claimed_by, claim_until, now() AS now FROM job_runs "
+                        "WHERE status IN ('scheduled','running','retrying') ORDER BY slot LIMIT 10"))).all()
+            except Exception as err:
+                state["open"] = repr(err)
+                return False
+            state["running"] = self.recorder.running()
+            return not state["open"] and not state["running"]
+        try:
+            await until(settled, timeout, "every run final and no agent running")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\nopen runs: {state.get('open')}\nagents running: {state.get('running')}"
+                                 f"\nnodes' logs: {self.tails()}") from None
+
+    def tails(self, n: int = 1500) -> str:
+        return " | ".join(f"{name}: ...{node.logs(n)}" for name, node in self.nodes.items())
+
+    # -- faults ---------------------------------------------------------------------------
+
+    def pg_pause(self) -> None:
+        os.killpg(self.pg.pid, signal.SIGSTOP)  # the postmaster leads its session: all backends
+
+    def pg_resume(self) -> None:
+        os.killpg(self.pg.pid, signal.SIGCONT)
+
+    async def pg_restart(self) -> None:
+        await asyncio.to_thread(self.pg.stop)
+        await asyncio.to_thread(self.pg.start)
+
+    # -- the verdict --------------------------------------------------------------------------
+
+    async def verdict(self) -> Verdict:
+        async with self.engine.connect() as conn:
+            runs = (await conn.execute(select(job_runs).where(job_runs.c.job_id.in_([j.id for j in self.jobs]))
+                                       .order_by(job_runs.c.slot))).all()
+            attempts = (await conn.execute(select(run_attempts).where(
+                run_attempts.c.run_id.in_([r.id for r in runs])))).all()
+        return judge(self.jobs, runs, attempts, self.recorder)
+
+
+def judge(jobs: list[Job], runs, attempts, recorder: Recorder) -> Verdict:
+    """For every slot: exactly one execution that ran to its end (or none, with the ledger
+    saying why), no two executions of one run overlapping, and the ledger agreeing."""
+    verdict = Verdict()
+    executions = recorder.by_run()
+    tried: dict[str, dict[int, object]] = {}
+    for a in attempts:
+        tried.setdefault(a.run_id, {})[a.attempt] = a
+    known = {r.id for r in runs}
+    for run_id, execs in executions.items():
+        if run_id not in known:
+            verdict.problems.append(f"agent ran for run {run_id}, which the ledger does not hold: {execs}")
+    for job in jobs:
+        mine = [r for r in runs if r.job_id == job.id]
+        slots = [r.slot for r in mine]
+        holes = [(a, b) for a, b in zip(slots, slots[1:]) if b - a != timedelta(seconds=1)]
+        if holes:
+            verdict.problems.append(f"{job.slug}: slots missing from the ledger between {holes[:5]}")
+        for r in mine:
+            verdict.slots += 1
+            execs = executions.get(r.id, [])
+            done = [e for e in execs if e.finished]
+            verdict.histogram[len(done)] = verdict.histogram.get(len(done), 0) + 1
+            where = f"{job.slug} slot {r.slot:%H:%M:%S} run {r.id} ({r.status}, attempt {r.attempt}, {r.reason!r})"
+            for a, b in _overlaps(execs):
+                verdict.problems.append(f"{where}: executions overlap: attempt {a.attempt} on {a.node} "
+                                        f"[{a.started:.2f}, {a.stopped(0):.2f}] and attempt {b.attempt} on {b.node} "
+                                        f"[{b.started:.2f}, {b.stopped(0):.2f}]")
+            if r.status == RunStatus.succeeded.value:
+                if len(done) != 1:
+                    verdict.problems.append(f"{where}: {len(done)} executions ran to their end: "
+                                            + ", ".join(f"attempt {e.attempt} on {e.node}" for e in done))
+                    continue
+                if done[0].attempt != r.attempt:
+                    verdict.problems.append(f"{where}: the ledger's attempt {r.attempt} succeeded, "
+                                            f"but the agent ran to its end in attempt {done[0].attempt}")
+                verdict.ran_once += 1
+            elif r.status in NOT_RUN:
+                if execs:
+                    verdict.problems.append(f"{where}: the ledger says it did not run, the agent ran {len(execs)}x")
+                elif not r.reason:
+                    verdict.problems.append(f"{where}: not run, and no reason")
+                else:
+                    verdict.not_run += 1
+            else:
+                # Ended otherwise (error after lost attempts, ...): never silently, never after a full run.
+                if done:
+                    verdict.problems.append(f"{where}: ended {r.status} although the agent ran to its end "
+                                            f"{len(done)}x")
+                elif not r.reason:
+                    verdict.problems.append(f"{where}: ended {r.status} without a reason")
+                else:
+                    verdict.not_run += 1
+            for e in execs:  # every execution the agents saw is an attempt the ledger knows
+                if e.attempt not in tried.get(r.id, {}):
+                    verdict.problems.append(f"{where}: the agent ran attempt {e.attempt}, the ledger has no such attempt")
+    return verdict
+
+
+def _overlaps(execs: list[Execution]) -> list[tuple[Execution, Execution]]:
+    import time
+    now = time.monotonic()
+    return [(a, b) for i, a in enumerate(execs) for b in execs[i + 1:] if a.overlaps(b, now)]
+
+
+async def _ready(value):
+    return value
+
+
+async def _retry(fn, attempts: int = 20):
+    for i in range(attempts):
+        try:
+            return await fn()
+        except Exception:
+            if i == attempts - 1:
+                raise
+            await asyncio.sleep(0.5)
+
+
+@asynccontextmanager
+async def fault_cluster(base: Path, nats_url: str, **start) -> AsyncIterator[FaultCluster]:
+    cluster = FaultCluster(base, nats_url)
+    try:
+        await cluster.start(**start)
+        yield cluster
+    finally:
+        codes = await cluster.close()
+        cluster.exit_codes = codes  # type: ignore[attr-defined]

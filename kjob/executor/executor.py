@@ -411,7 +411,7 @@ class ClaimKeeper:
                 else:
                     await asyncio.sleep(max(wake, 0.01))
         finally:
-            if pending is not None and not pending.done():
+            if pending is not None:
                 # Let it finish on its own (its statement has a deadline): cancelling a
                 # statement mid-flight would only leave its connection in doubt.
                 pending.add_done_callback(lambda t: t.cancelled() or t.exception())

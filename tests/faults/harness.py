@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import signal
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,14 +27,15 @@ from kjob.store.tables import job_runs, run_attempts, ticker_lease
 from tests.support.nodes import SchedulerProcess
 from tests.support.pipeline import ACTOR, create_job, until
 from tests.support.recorder import Execution, Recorder
+from tests.support.tcpproxy import TcpProxy
 
 #: Short leases and heartbeats, so that each fault plays out in seconds. The claim lease is
 #: what a stall must outlast to matter; the statement deadline is well inside it.
 FAST_ENV = {
     "KJOB_ACK_WAIT_S": "8",
     "KJOB_EXECUTOR__HEARTBEAT_S": "0.5",
-    "KJOB_EXECUTOR__CLAIM_LEASE_S": "4",
-    "KJOB_EXECUTOR__CLAIM_MARGIN_S": "1.2",
+    "KJOB_EXECUTOR__CLAIM_LEASE_S": "6",
+    "KJOB_EXECUTOR__CLAIM_MARGIN_S": "2",
     "KJOB_EXECUTOR__SANDBOXES": '["process"]',
     "KJOB_EXECUTOR__CONCURRENCY": "16",
     "KJOB_TICKER__RECOVER_S": "2",
@@ -41,6 +43,9 @@ FAST_ENV = {
     "KJOB_DATABASE__CONNECT_TIMEOUT_S": "2",
     "KJOB_DATABASE__POOL_TIMEOUT_S": "3",
     "KJOB_LOG_LEVEL": "INFO",
+    # Less flapping of the ticker's leadership on a loaded machine; failover has its own tests.
+    "KJOB_TICKER__LEASE_TTL_S": "3",
+    "KJOB_TICKER__LEASE_RENEW_S": "0.5",
 }
 LEASE_S = float(FAST_ENV["KJOB_EXECUTOR__CLAIM_LEASE_S"])
 NODES = ("node-a", "node-b")
@@ -69,27 +74,43 @@ class Verdict:
 
 
 class FaultCluster:
-    def __init__(self, base: Path, nats_url: str, *, pg: EmbeddedPostgres | None = None) -> None:
+    """`nats`: an EmbeddedNats or a NatsCluster (then streams are R3)."""
+
+    def __init__(self, base: Path, nats, *, pg: EmbeddedPostgres | None = None) -> None:
         self.base = base
-        self.nats_url = nats_url
+        self.nats = nats
+        self.nats_url = nats.url
         self.pg = pg or EmbeddedPostgres(base / "pg", durable=False, settings={"max_connections": "200"})
+        self.proxy: TcpProxy | None = None
         self.recorder = Recorder()
         self.engine = None
         self.db_url = ""
         self.nodes: dict[str, SchedulerProcess] = {}
         self.jobs: list[Job] = []
 
-    async def start(self, node_env: dict[str, dict[str, str]] | None = None, db_urls: dict[str, str] | None = None) -> None:
+    async def start(self, *, skewed: dict[str, float] | None = None, proxied: str | None = None) -> None:
+        """`skewed`: node name -> seconds its wall clock is ahead (faketime; its monotonic clock
+        stays true). `proxied`: the node that reaches PostgreSQL through `self.proxy`."""
         if not self.pg.running:
             await asyncio.to_thread(self.pg.start)
         self.db_url = self.pg.ensure_database("faults")
         await migrate(self.db_url)
-        self.engine = create_engine(self.db_url, pool_size=2, statement_timeout_s=5)
+        self.engine = create_engine(self.db_url, pool_size=2)
         self.recorder.start()
+        if proxied:
+            self.proxy = TcpProxy(self.pg.host, self.pg.port).start()
+        replicas = {"KJOB_STREAM_REPLICAS": str(len(self.nats.nodes))} if hasattr(self.nats, "nodes") else {}
         for name in NODES:
-            env = {**FAST_ENV, **self.recorder.env(), "KJOB_NATS_URL": self.nats_url,
-                   "KJOB_DATABASE_URL": (db_urls or {}).get(name, self.db_url), **(node_env or {}).get(name, {})}
-            self.nodes[name] = SchedulerProcess(name, self.base, env)
+            db_url = self.db_url
+            if name == proxied:
+                db_url = self.db_url.replace(f":{self.pg.port}/", f":{self.proxy.port}/")
+            env = {**FAST_ENV, **replicas, **self.recorder.env(), "KJOB_NATS_URL": self.nats_url, "KJOB_DATABASE_URL": db_url}
+            wrapper = None
+            if skewed and name in skewed:
+                # The wall clock only: asyncio's timers (monotonic) stay true, as on a real host.
+                env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
+                wrapper = ["faketime", "-m", "-f", f"{skewed[name]:+.0f}s"]
+            self.nodes[name] = SchedulerProcess(name, self.base, env, wrapper=wrapper)
         for node in self.nodes.values():
             node.start()
         await self.leader(timeout=60)
@@ -99,16 +120,19 @@ class FaultCluster:
         if self.engine is not None:
             await self.engine.dispose()
         self.recorder.close()
+        if self.proxy is not None:
+            self.proxy.close()
         await asyncio.to_thread(self.pg.stop)
         return codes
 
     # -- the workload ---------------------------------------------------------------------
 
-    async def add_jobs(self, n: int = 3, seconds: float = 0.3, slug: str = "beat", **fields) -> list[Job]:
+    async def add_jobs(self, n: int = 3, seconds: float = 0.3, slug: str = "beat", schedule: str = "@every 1s",
+                       **fields) -> list[Job]:
         # overlap "allow": a run held up by a fault must not turn later slots into `skipped`;
         # exactly-once is what is tested here, the overlap policy has its own tests.
         jobs = [await create_job(self.engine, slug=f"{slug}-{i}", prompt=self.recorder.script(seconds),
-                                 schedule="@every 1s", overlap="allow", **fields) for i in range(n)]
+                                 schedule=schedule, overlap="allow", **fields) for i in range(n)]
         nc = await connect(self.nats_url, "faults-test")
         for job in jobs:
             await announce_job_changed(nc.jetstream(), job.tenant, job.id, job.slug, "created")
@@ -205,7 +229,8 @@ def judge(jobs: list[Job], runs, attempts, recorder: Recorder) -> Verdict:
     for job in jobs:
         mine = [r for r in runs if r.job_id == job.id]
         slots = [r.slot for r in mine]
-        holes = [(a, b) for a, b in zip(slots, slots[1:]) if b - a != timedelta(seconds=1)]
+        every = timedelta(seconds=float(job.schedule.split()[1].rstrip("s")))  # "@every Ns"
+        holes = [(a, b) for a, b in zip(slots, slots[1:]) if b - a != every]
         if holes:
             verdict.problems.append(f"{job.slug}: slots missing from the ledger between {holes[:5]}")
         for r in mine:
@@ -270,11 +295,101 @@ async def _retry(fn, attempts: int = 20):
 
 
 @asynccontextmanager
-async def fault_cluster(base: Path, nats_url: str, **start) -> AsyncIterator[FaultCluster]:
-    cluster = FaultCluster(base, nats_url)
+async def fault_cluster(base: Path, nats, **start) -> AsyncIterator[FaultCluster]:
+    cluster = FaultCluster(base, nats)
     try:
         await cluster.start(**start)
         yield cluster
     finally:
-        codes = await cluster.close()
-        cluster.exit_codes = codes  # type: ignore[attr-defined]
+        cluster.exit_codes = await cluster.close()  # type: ignore[attr-defined]
+
+
+# -- the faults: each plays out while agents run, and leaves the cluster able to go on ---------
+
+#: How long a stall or partition lasts: past every claim's lease (so the agents must be stopped
+#: by their executors' own deadlines), and within the takeover grace of half a lease after it,
+#: in which an owner writes the ends it kept (kjob.store.runs.RunLedger.claim).
+STALL_S = LEASE_S * 1.2
+
+
+async def pg_pause(c: FaultCluster) -> None:
+    """PostgreSQL SIGSTOPped past the claim lease, while a 10 s agent has just started."""
+    await until(lambda: _ready([e for e in c.recorder.running() if e.job and e.job.startswith("slow")
+                                and time.monotonic() - e.started < 1.5]), 30, "a slow agent that just started")
+    c.pg_pause()
+    await asyncio.sleep(STALL_S)
+    c.pg_resume()
+
+
+async def pg_terminate_at_end(c: FaultCluster, seconds: float = 8.0) -> None:
+    """kjob's backends terminated as agents exit (pg_terminate_backend), for `seconds`."""
+    def terminate(execution: Execution) -> None:
+        c.pg.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                  "WHERE datname = 'faults' AND pid <> pg_backend_pid()")
+    c.recorder.on_end = terminate
+    await asyncio.sleep(seconds)
+    c.recorder.on_end = None
+
+
+async def pg_restart(c: FaultCluster) -> None:
+    await c.pg_restart()
+
+
+async def pg_partition(c: FaultCluster) -> None:
+    """node-a's connections to PostgreSQL black-holed past the lease (start the cluster
+    with `proxied="node-a"`)."""
+    assert c.proxy is not None
+    c.proxy.blackhole()
+    await asyncio.sleep(STALL_S)
+    c.proxy.heal()
+
+
+async def nats_restart(c: FaultCluster) -> None:
+    servers = getattr(c.nats, "nodes", [c.nats])
+    for server in servers:
+        await asyncio.to_thread(server.stop)
+    for server in servers:
+        await asyncio.to_thread(server.launch if len(servers) > 1 else server.start)
+    if len(servers) > 1:
+        for server in servers:
+            await asyncio.to_thread(server.wait_ready, 30)
+
+
+async def nats_node_lost(c: FaultCluster) -> None:
+    """One node of the R3 cluster killed; the cluster runs on two for a while; it comes back."""
+    victim = c.nats.nodes[1]
+    await asyncio.to_thread(victim.kill)
+    await c.executions_done(4)
+    await asyncio.to_thread(victim.start)
+
+
+async def executor_sigkill(c: FaultCluster) -> None:
+    """The node running an agent is SIGKILLed mid-run, and restarted after the run's claim lapsed."""
+    running = await c.running_now()
+    victim = c.nodes[running[0].node or NODES[0]]
+    await asyncio.to_thread(victim.kill)
+    await asyncio.sleep(LEASE_S * 1.5)
+    victim.start()
+
+
+FAULTS = {
+    "pg_pause": pg_pause,
+    "pg_terminate_at_end": pg_terminate_at_end,
+    "pg_restart": pg_restart,
+    "nats_restart": nats_restart,
+    "executor_sigkill": executor_sigkill,
+}
+
+
+async def exercise(c: FaultCluster, fault, before: int = 6, after: int = 8) -> Verdict:
+    """Several every-second jobs (and one whose agent works for 10 s): a few ends, the fault
+    while agents run, a few more ends, then the window closes and the verdict is drawn."""
+    if not c.jobs:
+        await c.add_jobs(3, 0.3)
+        await c.add_jobs(1, 10, slug="slow", schedule="@every 4s")
+    await c.executions_done(before)
+    await c.running_now()
+    await fault(c)
+    await c.executions_done(after)
+    await c.end_window()
+    return await c.verdict()

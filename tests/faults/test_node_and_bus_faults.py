@@ -1,0 +1,47 @@
+"""Faults of the nodes and of NATS under a live cluster, counted by the agents themselves: an
+executor SIGKILLed mid-run, a node whose wall clock runs 30 s ahead, a NATS restart, and one
+NATS node lost from an R3 cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.faults.harness import exercise, executor_sigkill, fault_cluster, nats_node_lost, nats_restart
+
+pytestmark = pytest.mark.slow
+
+
+async def test_executor_sigkilled_mid_run(tmp_path, fresh_nats):
+    async with fault_cluster(tmp_path, fresh_nats) as c:
+        verdict = await exercise(c, executor_sigkill)
+    verdict.check()
+    assert c.exit_codes["node-a"] == 0 and c.exit_codes["node-b"] == 0, c.tails()
+
+
+async def test_one_node_clock_30s_ahead(tmp_path, fresh_nats):
+    """Claims and deadlines use the database's clock: a node whose clock runs ahead must not
+    see the other's live claims as expired and steal them."""
+    async def nothing_but_time(c) -> None:
+        await c.executions_done(8)
+
+    async with fault_cluster(tmp_path, fresh_nats, skewed={"node-b": 30}) as c:
+        verdict = await exercise(c, nothing_but_time)
+    verdict.check()
+    assert {e.node for e in c.recorder.completed()} == {"node-a", "node-b"}
+    skewed = [e for e in c.recorder.completed() if e.node == "node-b"]
+    assert all(e.start_wall - c.recorder.wall_at(e.started) > 20 for e in skewed[:3]), "node-b's clock was not ahead"
+    assert all(code == 0 for code in c.exit_codes.values()), c.tails()
+
+
+async def test_nats_restart(tmp_path, fresh_nats):
+    async with fault_cluster(tmp_path, fresh_nats) as c:
+        verdict = await exercise(c, nats_restart)
+    verdict.check()
+    assert all(code == 0 for code in c.exit_codes.values()), c.tails()
+
+
+async def test_nats_node_lost_in_r3(tmp_path, nats_cluster):
+    async with fault_cluster(tmp_path, nats_cluster(3)) as c:
+        verdict = await exercise(c, nats_node_lost)
+    verdict.check()
+    assert all(code == 0 for code in c.exit_codes.values()), c.tails()

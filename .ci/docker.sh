@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install and start what the sandbox tests need on a fresh Debian machine:
-# a Docker engine, bubblewrap (process isolation) and busybox-static (the test image's rootfs).
+# a Docker engine, bubblewrap (process isolation), busybox-static (the test image's rootfs) and
+# faketime (the fault suite runs one node with its wall clock ahead).
 # Idempotent: installs only what is missing and starts dockerd only when no engine answers.
 set -euo pipefail
 
@@ -13,6 +14,7 @@ missing=()
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 [ -x /bin/busybox ] || missing+=(busybox-static)
+command -v faketime >/dev/null 2>&1 || missing+=(faketime)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "docker.sh: installing ${missing[*]}"
     sudo_ env DEBIAN_FRONTEND=noninteractive apt-get update -qq

@@ -133,12 +133,18 @@ class FaultCluster:
         # exactly-once is what is tested here, the overlap policy has its own tests.
         jobs = [await create_job(self.engine, slug=f"{slug}-{i}", prompt=self.recorder.script(seconds),
                                  schedule=schedule, overlap="allow", **fields) for i in range(n)]
-        nc = await connect(self.nats_url, "faults-test")
-        for job in jobs:
-            await announce_job_changed(nc.jetstream(), job.tenant, job.id, job.slug, "created")
-        await nc.close()
+        await self._announce(jobs, "created")
         self.jobs += jobs
         return jobs
+
+    async def _announce(self, jobs: list[Job], kind: str) -> None:
+        """Tell the ticker at once (it would find out at its next resync); NATS may be recovering."""
+        nc = await connect(self.nats_url, "faults-test")
+        try:
+            for job in jobs:
+                await _retry(lambda: announce_job_changed(nc.jetstream(), job.tenant, job.id, job.slug, kind))
+        finally:
+            await nc.close()
 
     async def executions_done(self, n: int, timeout: float = 60) -> None:
         """Wait until `n` more executions ran to their end."""
@@ -163,11 +169,9 @@ class FaultCluster:
     async def end_window(self, timeout: float = 90) -> None:
         """Disable the jobs, then wait until every run is final and no agent runs."""
         store = JobStore(self.engine)
-        nc = await connect(self.nats_url, "faults-test")
         for job in self.jobs:
             await _retry(lambda: store.set_enabled(ACTOR, job.slug, False, note="end of the fault window"))
-            await announce_job_changed(nc.jetstream(), job.tenant, job.id, job.slug, "disabled")
-        await nc.close()
+        await self._announce(self.jobs, "disabled")
 
         state: dict = {}
 
@@ -187,6 +191,18 @@ class FaultCluster:
         except AssertionError as err:
             raise AssertionError(f"{err}\nopen runs: {state.get('open')}\nagents running: {state.get('running')}"
                                  f"\nnodes' logs: {self.tails()}") from None
+
+    def clock_ahead(self, name: str) -> float:
+        """How far ahead of ours the node's wall clock ran when it started: its first log line
+        against the instant we started it."""
+        import re
+        node = self.nodes[name]
+        for line in node.log_path.read_text(errors="replace").splitlines():
+            found = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})", line)
+            if found:
+                logged = datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                return logged - node.started_at
+        raise AssertionError(f"{name} logged no timestamped line")
 
     def tails(self, n: int = 1500) -> str:
         return " | ".join(f"{name}: ...{node.logs(n)}" for name, node in self.nodes.items())
@@ -381,12 +397,13 @@ FAULTS = {
 }
 
 
-async def exercise(c: FaultCluster, fault, before: int = 6, after: int = 8) -> Verdict:
-    """Several every-second jobs (and one whose agent works for 10 s): a few ends, the fault
-    while agents run, a few more ends, then the window closes and the verdict is drawn."""
+async def exercise(c: FaultCluster, fault, before: int = 6, after: int = 8, slow: bool = False) -> Verdict:
+    """Several every-second jobs (and with `slow`, one whose agent works for 10 s): a few ends,
+    the fault while agents run, a few more ends, then the window closes and the verdict is drawn."""
     if not c.jobs:
         await c.add_jobs(3, 0.3)
-        await c.add_jobs(1, 10, slug="slow", schedule="@every 4s")
+        if slow:
+            await c.add_jobs(1, 10, slug="slow", schedule="@every 4s")
     await c.executions_done(before)
     await c.running_now()
     await fault(c)

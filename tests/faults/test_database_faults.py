@@ -15,7 +15,7 @@ async def test_postgres_paused_longer_than_the_claim_lease(tmp_path, fresh_nats)
     """Defect 1: a stalled database ran an agent twice, in parallel (the heartbeat hung, the
     claim expired, another executor took the run while the first agent still ran)."""
     async with fault_cluster(tmp_path, fresh_nats) as c:
-        verdict = await exercise(c, pg_pause)
+        verdict = await exercise(c, pg_pause, slow=True)
     verdict.check()
     assert all(code == 0 for code in c.exit_codes.values()), c.tails()
 

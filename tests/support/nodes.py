@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class SchedulerProcess:
     def start(self) -> "SchedulerProcess":
         (self.base / self.name).mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
+        self.started_at = time.time()
         self.proc = subprocess.Popen([*self.wrapper, KJOB, "server", "--roles", self.roles], env=self.env,
                                      stdout=log, stderr=log)
         return self

@@ -105,12 +105,12 @@ class FaultCluster:
             if name == proxied:
                 db_url = self.db_url.replace(f":{self.pg.port}/", f":{self.proxy.port}/")
             env = {**FAST_ENV, **replicas, **self.recorder.env(), "KJOB_NATS_URL": self.nats_url, "KJOB_DATABASE_URL": db_url}
-            wrapper = None
             if skewed and name in skewed:
-                # The wall clock only: asyncio's timers (monotonic) stay true, as on a real host.
-                env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
-                wrapper = ["faketime", "-m", "-f", f"{skewed[name]:+.0f}s"]
-            self.nodes[name] = SchedulerProcess(name, self.base, env, wrapper=wrapper)
+                # libfaketime (Debian's faketime) preloaded into the node itself (the `faketime`
+                # command would stand between us and it, and eat our signals). The wall clock
+                # only: asyncio's timers (monotonic) stay true, as on a real host.
+                env.update(LD_PRELOAD=_libfaketime(), FAKETIME=f"{skewed[name]:+.0f}s", FAKETIME_DONT_FAKE_MONOTONIC="1")
+            self.nodes[name] = SchedulerProcess(name, self.base, env)
         for node in self.nodes.values():
             node.start()
         await self.leader(timeout=60)
@@ -192,6 +192,14 @@ class FaultCluster:
             raise AssertionError(f"{err}\nopen runs: {state.get('open')}\nagents running: {state.get('running')}"
                                  f"\nnodes' logs: {self.tails()}") from None
 
+    async def restart(self, name: str) -> None:
+        """Start a stopped node again, and wait until it runs (a SIGTERM before it installed its
+        handlers would kill it outright)."""
+        node = self.nodes[name]
+        before = node.logs(10**7).count("kjob node running")
+        node.start()
+        await until(lambda: _ready(node.logs(10**7).count("kjob node running") > before), 60, f"{name} to run again")
+
     def clock_ahead(self, name: str) -> float:
         """How far ahead of ours the node's wall clock ran when it started: its first log line
         against the instant we started it."""
@@ -228,6 +236,13 @@ class FaultCluster:
             attempts = (await conn.execute(select(run_attempts).where(
                 run_attempts.c.run_id.in_([r.id for r in runs])))).all()
         return judge(self.jobs, runs, attempts, self.recorder)
+
+
+def _libfaketime() -> str:
+    import glob
+    found = glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1")
+    assert found, "libfaketime is missing: install Debian's faketime (.ci/docker.sh does)"
+    return found[0]
 
 
 def judge(jobs: list[Job], runs, attempts, recorder: Recorder) -> Verdict:
@@ -380,28 +395,42 @@ async def nats_node_lost(c: FaultCluster) -> None:
 
 
 async def executor_sigkill(c: FaultCluster) -> None:
-    """The node running an agent is SIGKILLed mid-run, and restarted after the run's claim lapsed."""
-    running = await c.running_now()
-    victim = c.nodes[running[0].node or NODES[0]]
-    await asyncio.to_thread(victim.kill)
+    """A node SIGKILLed while its agents are mid-run (each started less than a second ago,
+    none just ended: an agent that ended a moment before its executor died may run again, as
+    nothing recorded it), and restarted after their claims lapsed."""
+    def victim() -> str | None:
+        now = time.monotonic()
+        for name in NODES:
+            mine = [e for e in c.recorder.executions() if e.node == name]
+            running = [e for e in mine if not e.finished and e.died is None]
+            if running and all(now - e.started < 1.0 for e in running) and \
+                    not any(e.ended and now - e.ended < 2.0 for e in mine):
+                return name
+        return None
+    name = await until(lambda: _ready(victim()), 30, "a node whose agents all just started")
+    await asyncio.to_thread(c.nodes[name].kill)
     await asyncio.sleep(LEASE_S * 1.5)
-    victim.start()
+    await c.restart(name)
 
 
+#: The faults bench/chaos.py draws from (pg_partition needs `proxied="node-a"`, pg_pause a slow job).
 FAULTS = {
     "pg_pause": pg_pause,
     "pg_terminate_at_end": pg_terminate_at_end,
     "pg_restart": pg_restart,
+    "pg_partition": pg_partition,
     "nats_restart": nats_restart,
     "executor_sigkill": executor_sigkill,
 }
 
 
-async def exercise(c: FaultCluster, fault, before: int = 6, after: int = 8, slow: bool = False) -> Verdict:
-    """Several every-second jobs (and with `slow`, one whose agent works for 10 s): a few ends,
+async def exercise(c: FaultCluster, fault, before: int = 6, after: int = 8, slow: bool = False,
+                   beats: int = 3) -> Verdict:
+    """`beats` every-second jobs (and with `slow`, one whose agent works for 10 s): a few ends,
     the fault while agents run, a few more ends, then the window closes and the verdict is drawn."""
     if not c.jobs:
-        await c.add_jobs(3, 0.3)
+        if beats:
+            await c.add_jobs(beats, 0.3)
         if slow:
             await c.add_jobs(1, 10, slug="slow", schedule="@every 4s")
     await c.executions_done(before)

@@ -12,8 +12,11 @@ pytestmark = pytest.mark.slow
 
 
 async def test_executor_sigkilled_mid_run(tmp_path, fresh_nats):
+    """The killed node's agents die with it; each of their runs is run again, once, elsewhere."""
     async with fault_cluster(tmp_path, fresh_nats) as c:
-        verdict = await exercise(c, executor_sigkill)
+        await c.add_jobs(3, 1.5, slug="work", schedule="@every 4s")
+        verdict = await exercise(c, executor_sigkill, before=3, after=6)
+    assert sum(1 for e in c.recorder.executions() if e.died is not None) >= 1, "no agent was killed mid-run"
     verdict.check()
     assert c.exit_codes["node-a"] == 0 and c.exit_codes["node-b"] == 0, c.tails()
 
@@ -28,7 +31,8 @@ async def test_one_node_clock_30s_ahead(tmp_path, fresh_nats):
         verdict = await exercise(c, nothing_but_time)
     verdict.check()
     assert {e.node for e in c.recorder.completed()} == {"node-a", "node-b"}
-    assert c.clock_ahead("node-b") > 25 and abs(c.clock_ahead("node-a")) < 10, "node-b's clock was not ahead"
+    # Both started together: node-b's first log line is stamped about 30 s after node-a's.
+    assert c.clock_ahead("node-b") - c.clock_ahead("node-a") > 20, "node-b's clock was not ahead"
     assert all(code == 0 for code in c.exit_codes.values()), c.tails()
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 import sys
+import time
 from pathlib import Path
 
 KJOB = str(Path(sys.executable).with_name("kjob"))
@@ -15,11 +15,8 @@ KJOB = str(Path(sys.executable).with_name("kjob"))
 class SchedulerProcess:
     """One `kjob server` process with its own name and env; restartable under the same name."""
 
-    def __init__(self, name: str, base: Path, env: dict[str, str], roles: str = "ticker,executor,dispatcher",
-                 wrapper: list[str] | None = None) -> None:
+    def __init__(self, name: str, base: Path, env: dict[str, str], roles: str = "ticker,executor,dispatcher") -> None:
         self.name, self.base, self.roles = name, base, roles
-        #: A command the node runs under (e.g. `faketime` for a node whose clock is off).
-        self.wrapper = list(wrapper or [])
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("KJOB_")},
             "KJOB_HOME": str(base / name),
@@ -33,9 +30,8 @@ class SchedulerProcess:
     def start(self) -> "SchedulerProcess":
         (self.base / self.name).mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.started_at = time.time()
-        self.proc = subprocess.Popen([*self.wrapper, KJOB, "server", "--roles", self.roles], env=self.env,
-                                     stdout=log, stderr=log)
+        self.started_at = time.time()  # when this node was last started, by our clock
+        self.proc = subprocess.Popen([KJOB, "server", "--roles", self.roles], env=self.env, stdout=log, stderr=log)
         return self
 
     def signal(self, sig: int) -> None:

@@ -424,7 +424,7 @@ FAULTS = {
 }
 
 
-async def exercise(c: FaultCluster, fault, before: int = 6, after: int = 8, slow: bool = False,
+async def exercise(c: FaultCluster, fault, before: int = 4, after: int = 6, slow: bool = False,
                    beats: int = 3) -> Verdict:
     """`beats` every-second jobs (and with `slow`, one whose agent works for 10 s): a few ends,
     the fault while agents run, a few more ends, then the window closes and the verdict is drawn."""

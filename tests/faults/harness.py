@@ -32,7 +32,9 @@ from tests.support.tcpproxy import TcpProxy
 #: Short leases and heartbeats, so that each fault plays out in seconds. The claim lease is
 #: what a stall must outlast to matter; the statement deadline is well inside it.
 FAST_ENV = {
-    "KJOB_ACK_WAIT_S": "8",
+    # Shorter than a stall: a message whose ack deadline waited on the database would be
+    # redelivered during it (it must not be: the ack deadline is renewed apart from the database).
+    "KJOB_ACK_WAIT_S": "4",
     "KJOB_EXECUTOR__HEARTBEAT_S": "0.5",
     "KJOB_EXECUTOR__CLAIM_LEASE_S": "6",
     "KJOB_EXECUTOR__CLAIM_MARGIN_S": "2",
@@ -340,7 +342,8 @@ async def fault_cluster(base: Path, nats, **start) -> AsyncIterator[FaultCluster
 #: How long a stall or partition lasts: past every claim's lease (so the agents must be stopped
 #: by their executors' own deadlines), and within the takeover grace of half a lease after it,
 #: in which an owner writes the ends it kept (kjob.store.runs.RunLedger.claim).
-STALL_S = LEASE_S * 1.2
+#: FAULTS_STALL_S overrides it, to show what a longer stall does (README: "Left").
+STALL_S = float(os.environ.get("FAULTS_STALL_S") or LEASE_S * 1.2)
 
 
 async def pg_pause(c: FaultCluster) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install and start what the sandbox tests need on a fresh Debian machine:
-# a Docker engine, bubblewrap (process isolation), busybox-static (the test image's rootfs) and
-# faketime (the fault suite runs one node with its wall clock ahead).
+# a Docker engine, bubblewrap (process isolation), busybox-static (the test image's rootfs),
+# Chromium (the dashboard's browser test drives Debian's build through Playwright) and faketime
+# (the fault suite runs one node with its wall clock ahead).
 # Idempotent: installs only what is missing and starts dockerd only when no engine answers.
 set -euo pipefail
 
@@ -14,6 +15,7 @@ missing=()
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 [ -x /bin/busybox ] || missing+=(busybox-static)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v faketime >/dev/null 2>&1 || missing+=(faketime)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "docker.sh: installing ${missing[*]}"

@@ -26,7 +26,7 @@ from kjob.config import DispatcherSettings
 from kjob.dispatcher.relay import RelayClient
 from kjob.errors import RelayRejected, RelayUnavailable
 from kjob.model.policies import PAUSED_NOTICE, pause_alert, pause_note
-from kjob.model.run import DeliveryStatus, dispatch_payload
+from kjob.model.run import DeliveryStatus, dispatch_payload, run_page_url
 from kjob.store.runs import RunLedger
 from kjob.telemetry import metrics, tracing
 
@@ -80,7 +80,7 @@ class Dispatcher:
             return
         run = delivery.run
         payload = dispatch_payload(run.slug, delivery.channel, run.status, run.output_excerpt or "",
-                                   f"{self.log_url_base}/v1/runs/{run.id}/logs")
+                                   run_page_url(self.log_url_base, run.id))
         try:
             await self.relay.dispatch(delivery.channel, payload, run.id)
         except RelayRejected as err:
@@ -121,7 +121,7 @@ class Dispatcher:
             await msg.ack()  # an unknown notice (a newer node's), a deleted job, or nowhere to send it
             return
         failures = result.failures or 0
-        log_url = f"{self.log_url_base}/v1/runs/{result.run_id}/logs"
+        log_url = run_page_url(self.log_url_base, result.run_id)
         payload = pause_alert(result.slug, delivery.channel, failures, pause_note(failures, result.run_id), log_url)
         try:
             await self.relay.dispatch(delivery.channel, payload, f"{result.run_id}.{result.notice}")

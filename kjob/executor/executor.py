@@ -196,7 +196,7 @@ class Executor:
         acker = asyncio.create_task(self._keep_acking(msg))
         keeper = asyncio.create_task(claim.keep())
         try:
-            outcome = await self._run_sandbox(claimed, claim.stop)
+            outcome = await self._run_sandbox(claimed, claim)
             if outcome is None:
                 await self._claim_lost(run, job, msg, claim)
                 return
@@ -284,7 +284,7 @@ class Executor:
             return
         log.warning("executor: lost the claim on run %s; its result is void", run.id)
 
-    async def _run_sandbox(self, claimed: Claimed, stop_attempt: asyncio.Event) -> Outcome | None:
+    async def _run_sandbox(self, claimed: Claimed, claim: "ClaimKeeper") -> Outcome | None:
         """The attempt's Outcome, or None if the claim was lost while it ran."""
         run, job = claimed.run, claimed.job
         try:
@@ -317,8 +317,13 @@ class Executor:
 
         live = LiveMask(masker, on_output)  # every captured byte passes the mask of the secret values
         runner = asyncio.create_task(sandbox.run(launch, live.write))
-        lost = asyncio.create_task(stop_attempt.wait())
+        lost = asyncio.create_task(claim.stop.wait())
         done, _ = await asyncio.wait({runner, lost}, return_when=asyncio.FIRST_COMPLETED)
+        if runner not in done and claim.expired:
+            # Our own deadline, and the claim holds `margin` longer: an agent that is already
+            # ending (it ran to its end, and is exiting) gets half of that to finish by itself,
+            # rather than be killed and run again. The other half is for killing it.
+            done, _ = await asyncio.wait({runner}, timeout=self.margin_s / 2)
         if runner in done:
             lost.cancel()
             await live.flush()
@@ -384,15 +389,16 @@ class ClaimKeeper:
         try:
             while True:
                 now = time.monotonic()
-                if now >= self.deadline and not self.agent_done:
+                if now >= self.deadline and not (self.expired or self.agent_done):
+                    # Stop the agent; go on renewing: an agent that ends during its kill grace
+                    # has its end written while the claim is still ours.
                     self.expired = True
                     self.stop.set()
-                    return
                 if pending is None and now >= next_beat:
                     sent = now
                     pending = asyncio.create_task(
                         ex.ledger.heartbeat(self.run.id, ex.node, self.run.attempt, ex.lease))
-                deadline = self.deadline if not self.agent_done else now + beat_s
+                deadline = now + beat_s if self.expired or self.agent_done else self.deadline
                 wake = min(deadline, next_beat if pending is None else deadline) - now
                 if pending is not None:
                     await asyncio.wait({pending}, timeout=max(wake, 0.01))

@@ -113,9 +113,13 @@ class FaultCluster:
                 # only: asyncio's timers (monotonic) stay true, as on a real host.
                 env.update(LD_PRELOAD=_libfaketime(), FAKETIME=f"{skewed[name]:+.0f}s", FAKETIME_DONT_FAKE_MONOTONIC="1")
             self.nodes[name] = SchedulerProcess(name, self.base, env)
-        for node in self.nodes.values():
-            node.start()
+        # A skewed node starts first, and leads: its ticker then judges the others' claims by
+        # its clock too (the recovery loop re-publishes what looks stranded to it).
+        order = sorted(self.nodes, key=lambda n: n not in (skewed or {}))
+        self.nodes[order[0]].start()
         await self.leader(timeout=60)
+        for name in order[1:]:
+            self.nodes[name].start()
 
     async def close(self) -> dict[str, int | None]:
         codes = {name: await asyncio.to_thread(node.stop) for name, node in self.nodes.items()}

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.harness import exercise, executor_sigkill, fault_cluster, nats_node_lost, nats_restart
+from tests.faults.harness import _ready, exercise, executor_sigkill, fault_cluster, nats_node_lost, nats_restart
+from tests.support.pipeline import until
 
 pytestmark = pytest.mark.slow
 
@@ -22,13 +23,17 @@ async def test_executor_sigkilled_mid_run(tmp_path, fresh_nats):
 
 
 async def test_one_node_clock_30s_ahead(tmp_path, fresh_nats):
-    """Claims and deadlines use the database's clock: a node whose clock runs ahead must not
-    see the other's live claims as expired and steal them."""
+    """Claims and deadlines use the database's clock: a node whose clock runs ahead (here also
+    the ticker leader, whose recovery loop re-publishes what looks stranded by its clock) must
+    not see the other's live claims as expired and steal them."""
     async def nothing_but_time(c) -> None:
-        await c.executions_done(8)
+        # both nodes at work, node-a's slow agents among them, for a while
+        await until(lambda: _ready(len({e.job for e in c.recorder.executions() if e.node == "node-a"}) >= 3),
+                    60, "node-a to run agents of several jobs")
+        await c.executions_done(12)
 
     async with fault_cluster(tmp_path, fresh_nats, skewed={"node-b": 30}) as c:
-        verdict = await exercise(c, nothing_but_time)
+        verdict = await exercise(c, nothing_but_time, slow=True)
     verdict.check()
     assert {e.node for e in c.recorder.completed()} == {"node-a", "node-b"}
     # Both started together: node-b's first log line is stamped about 30 s after node-a's.

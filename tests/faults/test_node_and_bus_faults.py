@@ -23,9 +23,8 @@ async def test_executor_sigkilled_mid_run(tmp_path, fresh_nats):
 
 
 async def test_one_node_clock_30s_ahead(tmp_path, fresh_nats):
-    """Claims and deadlines use the database's clock: a node whose clock runs ahead (here also
-    the ticker leader, whose recovery loop re-publishes what looks stranded by its clock) must
-    not see the other's live claims as expired and steal them."""
+    """Claims and deadlines use the database's clock: a node whose clock runs ahead must not
+    see the other's live claims as expired and steal them."""
     async def nothing_but_time(c) -> None:
         # both nodes at work, node-a's slow agents among them, for a while
         await until(lambda: _ready(len({e.job for e in c.recorder.executions() if e.node == "node-a"}) >= 3),

@@ -341,11 +341,23 @@ class Executor:
         result = RunResult(run_id=run.id, job_id=run.job_id, tenant=run.tenant, slug=run.slug,
                            status=run.status.value, attempt=run.attempt, exit_code=run.exit_code,
                            finished_at=run.finished_at or utcnow())
-        await self.js.publish(
-            names.run_result(run.tenant), result.encode(),
-            headers={"Nats-Msg-Id": f"{run.id}.result", names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant,
-                     **tracing.headers()},
-        )
+        headers = {"Nats-Msg-Id": f"{run.id}.result", names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant,
+                   **tracing.headers()}
+        # A stream that is electing a leader (a NATS node lost) answers nothing for a few
+        # seconds: try again within the ack deadline rather than leave the result to a
+        # redelivery of the due message (the Msg-Id makes a repeat harmless).
+        give_up = time.monotonic() + self.bus.ack_wait_s / 2
+        delay = 0.2
+        while True:
+            try:
+                await self.js.publish(names.run_result(run.tenant), result.encode(), headers=headers)
+                return
+            except Exception as err:
+                if time.monotonic() + delay > give_up:
+                    raise
+                log.warning("executor: publishing the result of run %s failed (%r); again in %.1fs", run.id, err, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _log_end(self, run: Run) -> None:
         with contextlib.suppress(Exception):

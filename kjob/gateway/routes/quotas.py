@@ -5,34 +5,17 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel
 
 from kjob.gateway.auth import Viewer, gateway_state
 from kjob.gateway.state import GatewayState
+from kjob.model.views import QuotaLimits, QuotaUsage, QuotaView
 from kjob.store.quotas import usage
 
 router = APIRouter(tags=["quotas"])
 State = Annotated[GatewayState, Depends(gateway_state)]
 
 
-class QuotaLimits(BaseModel):
-    max_jobs: int
-    #: None: no limit.
-    max_concurrent_runs: int | None
-    min_interval_s: float
-    run_now_per_minute: int
 
-
-class QuotaUsage(BaseModel):
-    jobs: int
-    concurrent_runs: int
-    run_now_last_minute: int
-
-
-class QuotaView(BaseModel):
-    tenant: str
-    limits: QuotaLimits
-    usage: QuotaUsage
 
 
 @router.get("/quotas", response_model=QuotaView)

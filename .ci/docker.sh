@@ -3,8 +3,8 @@
 # a Docker engine, bubblewrap (process isolation), busybox-static (the test image's rootfs),
 # Chromium (the dashboard's browser test drives Debian's build through Playwright), passt
 # (pasta: the process sandbox's egress network), iproute2 and iptables (egress rules),
-# gcc (the hostile-job tests build a preload library) and dbus (tests/dbus start their own
-# dbus-daemon).
+# gcc (the hostile-job tests build a preload library), dbus (tests/dbus start their own
+# dbus-daemon) and faketime (the fault suite runs one node with its wall clock ahead).
 # Idempotent: installs only what is missing and starts dockerd only when no engine answers.
 set -euo pipefail
 
@@ -24,6 +24,7 @@ command -v iptables >/dev/null 2>&1 || missing+=(iptables)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
 command -v dbus-daemon >/dev/null 2>&1 || missing+=(dbus)
+command -v faketime >/dev/null 2>&1 || missing+=(faketime)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "docker.sh: installing ${missing[*]}"
     sudo_ env DEBIAN_FRONTEND=noninteractive apt-get update -qq

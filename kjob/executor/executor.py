@@ -149,7 +149,7 @@ class Executor:
         transient = is_transient(err)
         delay = min(2.0 * msg.metadata.num_delivered, 30.0) if transient else 300.0
         if transient:
-            log.warning("executor: cannot claim run %s (%s); again in %.0fs", due.run_id, err, delay)
+            log.warning("executor: cannot claim run %s (%r); again in %.0fs", due.run_id, err, delay)
         else:
             log.error("executor: claiming run %s failed permanently; again in %.0fs", due.run_id, delay, exc_info=err)
         with contextlib.suppress(Exception):
@@ -196,7 +196,7 @@ class Executor:
         acker = asyncio.create_task(self._keep_acking(msg))
         keeper = asyncio.create_task(claim.keep())
         try:
-            outcome = await self._run_sandbox(claimed, claim.stop)
+            outcome = await self._run_sandbox(claimed, claim)
             if outcome is None:
                 await self._claim_lost(run, job, msg, claim)
                 return
@@ -206,6 +206,7 @@ class Executor:
                 reason = f"timed out after {job.timeout}"
             if status is RunStatus.failed and not reason:
                 reason = f"exit code {outcome.exit_code}"
+            claim.agent_done = True  # from now on the keeper only renews: no agent left to stop
             retry = should_retry(status, run.attempt, run.lost_attempts, job.retries)
             retry_in = job.retries.delay(run.attempt).total_seconds() if retry else None
             # The claim keeper and the acker go on while the end is recorded: the claim stays
@@ -248,10 +249,10 @@ class Executor:
                     log.error("executor: cannot record the end of run %s", run.id, exc_info=err)
                     return None
                 if time.monotonic() + delay > give_up:
-                    log.error("executor: gave up recording the end of run %s after %.0fs (%s)",
+                    log.error("executor: gave up recording the end of run %s after %.0fs (%r)",
                               run.id, self.settings.outcome_keep_s, err)
                     return None
-                log.warning("executor: recording the end of run %s failed (%s); keeping it, again in %.1fs",
+                log.warning("executor: recording the end of run %s failed (%r); keeping it, again in %.1fs",
                             run.id, err, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.heartbeat_s)
@@ -283,7 +284,7 @@ class Executor:
             return
         log.warning("executor: lost the claim on run %s; its result is void", run.id)
 
-    async def _run_sandbox(self, claimed: Claimed, stop_attempt: asyncio.Event) -> Outcome | None:
+    async def _run_sandbox(self, claimed: Claimed, claim: "ClaimKeeper") -> Outcome | None:
         """The attempt's Outcome, or None if the claim was lost while it ran."""
         run, job = claimed.run, claimed.job
         try:
@@ -316,8 +317,13 @@ class Executor:
 
         live = LiveMask(masker, on_output)  # every captured byte passes the mask of the secret values
         runner = asyncio.create_task(sandbox.run(launch, live.write))
-        lost = asyncio.create_task(stop_attempt.wait())
+        lost = asyncio.create_task(claim.stop.wait())
         done, _ = await asyncio.wait({runner, lost}, return_when=asyncio.FIRST_COMPLETED)
+        if runner not in done and claim.expired:
+            # Our own deadline, and the claim holds `margin` longer: an agent that is already
+            # ending (it ran to its end, and is exiting) gets half of that to finish by itself,
+            # rather than be killed and run again. The other half is for killing it.
+            done, _ = await asyncio.wait({runner}, timeout=self.margin_s / 2)
         if runner in done:
             lost.cancel()
             await live.flush()
@@ -335,11 +341,23 @@ class Executor:
         result = RunResult(run_id=run.id, job_id=run.job_id, tenant=run.tenant, slug=run.slug,
                            status=run.status.value, attempt=run.attempt, exit_code=run.exit_code,
                            finished_at=run.finished_at or utcnow())
-        await self.js.publish(
-            names.run_result(run.tenant), result.encode(),
-            headers={"Nats-Msg-Id": f"{run.id}.result", names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant,
-                     **tracing.headers()},
-        )
+        headers = {"Nats-Msg-Id": f"{run.id}.result", names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant,
+                   **tracing.headers()}
+        # A stream that is electing a leader (a NATS node lost) answers nothing for a few
+        # seconds: try again within the ack deadline rather than leave the result to a
+        # redelivery of the due message (the Msg-Id makes a repeat harmless).
+        give_up = time.monotonic() + self.bus.ack_wait_s / 2
+        delay = 0.2
+        while True:
+            try:
+                await self.js.publish(names.run_result(run.tenant), result.encode(), headers=headers)
+                return
+            except Exception as err:
+                if time.monotonic() + delay > give_up:
+                    raise
+                log.warning("executor: publishing the result of run %s failed (%r); again in %.1fs", run.id, err, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _log_end(self, run: Run) -> None:
         with contextlib.suppress(Exception):
@@ -369,6 +387,8 @@ class ClaimKeeper:
         self.lease_s = executor.settings.claim_lease_s
         self.stop = asyncio.Event()
         self.expired = False
+        #: The agent ended: keep renewing (its end is still to be written), stop nothing.
+        self.agent_done = False
         # The claim was written at or after this instant, with the full lease.
         self.deadline = sent + self.lease_s - executor.margin_s
 
@@ -381,15 +401,17 @@ class ClaimKeeper:
         try:
             while True:
                 now = time.monotonic()
-                if now >= self.deadline:
+                if now >= self.deadline and not (self.expired or self.agent_done):
+                    # Stop the agent; go on renewing: an agent that ends during its kill grace
+                    # has its end written while the claim is still ours.
                     self.expired = True
                     self.stop.set()
-                    return
                 if pending is None and now >= next_beat:
                     sent = now
                     pending = asyncio.create_task(
                         ex.ledger.heartbeat(self.run.id, ex.node, self.run.attempt, ex.lease))
-                wake = min(self.deadline, next_beat if pending is None else self.deadline) - now
+                deadline = now + beat_s if self.expired or self.agent_done else self.deadline
+                wake = min(deadline, next_beat if pending is None else deadline) - now
                 if pending is not None:
                     await asyncio.wait({pending}, timeout=max(wake, 0.01))
                     if not pending.done():
@@ -400,14 +422,14 @@ class ClaimKeeper:
                             return
                         self.deadline = max(self.deadline, sent + self.lease_s - ex.margin_s)
                     except Exception as err:
-                        log.warning("executor: renewing the claim on run %s failed (%s); stopping its agent in %.1fs "
+                        log.warning("executor: renewing the claim on run %s failed (%r); stopping its agent in %.1fs "
                                     "unless a renewal succeeds", self.run.id, err, self.deadline - time.monotonic())
                     pending = None
                     next_beat = sent + beat_s
                 else:
                     await asyncio.sleep(max(wake, 0.01))
         finally:
-            if pending is not None and not pending.done():
+            if pending is not None:
                 # Let it finish on its own (its statement has a deadline): cancelling a
                 # statement mid-flight would only leave its connection in doubt.
                 pending.add_done_callback(lambda t: t.cancelled() or t.exception())

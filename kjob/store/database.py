@@ -15,7 +15,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -89,7 +89,7 @@ def create_engine(
     if not {"ssl", "sslmode"} & set(parsed.query) and (parsed.host in (None, "", "localhost", "127.0.0.1", "::1")):
         # asyncpg tries TLS first by default: on loopback that is a wasted round trip per connect.
         connect_args["ssl"] = False
-    return create_async_engine(
+    engine = create_async_engine(
         normalized,
         pool_size=pool_size,
         # Overflow connections are closed when returned: with executors, dispatchers and the
@@ -99,6 +99,44 @@ def create_engine(
         pool_timeout=pool_timeout_s,
         connect_args=connect_args,
     )
+    event.listen(engine.sync_engine, "handle_error", _drop_connections_in_doubt)
+    return engine
+
+
+def _drop_connections_in_doubt(ctx) -> None:
+    """A statement that timed out, or a connection whose protocol state is off (asyncpg:
+    "another operation is in progress"), must not go back to the pool: the next caller would
+    inherit the half-finished exchange. SQLAlchemy only knows the driver's disconnect messages;
+    say so here too, for that one connection (the others are fine)."""
+    if ctx.is_disconnect:
+        return
+    if _in_doubt(ctx.original_exception):
+        ctx.is_disconnect = True
+        ctx.invalidate_pool_on_disconnect = False
+
+
+def _in_doubt(err: BaseException | None) -> bool:
+    while err is not None:
+        if isinstance(err, (TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError,
+                            asyncpg.PostgresConnectionError)):
+            return True
+        err = err.__cause__
+    return False
+
+
+@asynccontextmanager
+async def raw_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connection]:
+    """The asyncpg connection under a pooled one, for the hot statements sent without
+    SQLAlchemy. Its errors bypass SQLAlchemy's handling, so one that leaves the connection in
+    doubt invalidates it here rather than pool it."""
+    async with engine.connect() as conn:
+        raw = await conn.get_raw_connection()
+        try:
+            yield raw.driver_connection
+        except BaseException as err:
+            if _in_doubt(err) or not isinstance(err, Exception):
+                await conn.invalidate()
+            raise
 
 
 #: SQLSTATE classes a retry may get past: 08 connection exception; 57 operator intervention
@@ -129,7 +167,7 @@ def is_transient(err: BaseException) -> bool:
         return (err.sqlstate or "")[:2] in _TRANSIENT_SQLSTATE_CLASSES
     # asyncpg's client-side errors: the connection closed or is unusable ("another operation
     # is in progress" after a cancelled statement).
-    return isinstance(err, asyncpg.InterfaceError)
+    return isinstance(err, (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError))
 
 
 def alembic_config() -> Config:

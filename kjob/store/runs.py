@@ -28,8 +28,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kjob.errors import InvalidInput, NotFound
 from kjob.model.job import Job, RetryPolicy
-from kjob.model.run import FINAL_STATUSES, Attempt, DeliveryStatus, Run, RunStatus, Trigger, run_id_prefix, should_retry
+from kjob.model.run import (
+    FINAL_STATUSES, Attempt, DeliveryStatus, Run, RunStatus, Trigger, run_id_prefix, should_retry,
+)
 from kjob.store.audit import Actor, record_by
+from kjob.store.database import raw_connection
 from kjob.store.jobs import job_from_dict
 from kjob.store.quotas import check_running
 from kjob.store import overlap
@@ -282,9 +285,8 @@ class RunLedger:
             [DeliveryStatus.none.value if f else DeliveryStatus.pending.value for f in final],
             fence,
         )
-        async with self.engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            record = await raw.driver_connection.fetchrow(_RECORD_SLOTS_SQL, *params)
+        async with raw_connection(self.engine) as raw:
+            record = await raw.fetchrow(_RECORD_SLOTS_SQL, *params)
         if not record["fenced_in"]:
             raise Deposed(f"ticker revision {fence} no longer holds the ledger fence")
         return Recorded(set(record["ids"]), set(record["gone"]))
@@ -322,18 +324,16 @@ class RunLedger:
         """Write a new leader's fencing token. False if a newer leader already holds it (or an
         older one renewed it within `stale_after_s`, which only happens if NATS lost the lease
         bucket and revisions restarted)."""
-        async with self.engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            return await raw.driver_connection.fetchval(_TAKE_LEASE_SQL, revision, node, stale_after_s) is not None
+        async with raw_connection(self.engine) as raw:
+            return await raw.fetchval(_TAKE_LEASE_SQL, revision, node, stale_after_s) is not None
 
     async def mark_published(self, run_ids: Iterable[str], at: datetime | None = None) -> None:
         """Record when the stream acknowledged the due messages (`at`; default now)."""
         ids = list(run_ids)
         if not ids:
             return
-        async with self.engine.begin() as conn:
-            raw = await conn.get_raw_connection()
-            await raw.driver_connection.execute(
+        async with raw_connection(self.engine) as raw:
+            await raw.execute(
                 "UPDATE job_runs SET published_at = $2 WHERE id = ANY($1::text[]) AND published_at IS NULL",
                 ids, at or utcnow(),
             )
@@ -479,7 +479,12 @@ class RunLedger:
             and_(job_runs.c.status == RunStatus.scheduled.value),
             and_(job_runs.c.status == RunStatus.retrying.value,
                  or_(job_runs.c.next_attempt_at.is_(None), job_runs.c.next_attempt_at <= now)),
-            and_(job_runs.c.status == RunStatus.running.value, job_runs.c.claim_until < now),
+            # A lapsed claim is taken over only `lease / 2` after it lapsed: the owner stopped its
+            # agent before the lapse (kjob.executor.executor.ClaimKeeper), and after a stall of the
+            # database this is its time to renew, or to write the end of an attempt that ran to it,
+            # before anyone may run the attempt again.
+            and_(job_runs.c.status == RunStatus.running.value,
+                 job_runs.c.claim_until < now - lease / 2),
         )
         async with self.engine.begin() as conn:
             policy = await overlap.lock_job(conn, run_id)
@@ -584,9 +589,8 @@ class RunLedger:
         error = reason if status is not RunStatus.succeeded else None
         # One statement, outside an explicit transaction: the run, its attempt and its log change
         # together or not at all, in one round trip (this is on every run's path).
-        async with self.engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            record = await raw.driver_connection.fetchrow(
+        async with raw_connection(self.engine) as raw:
+            record = await raw.fetchrow(
                 _FINISH_SQL, run_id, executor, attempt, run_status.value, exit_code, error, reason,
                 output[:excerpt_chars], output_bytes, retry_in_s, status.value, output, dropped_bytes,
             )
@@ -613,9 +617,8 @@ class RunLedger:
         none, or another dispatcher is delivering it now. Two dispatchers holding the same result
         (a redelivery past the ack deadline) then never POST it at the same time. A finished
         run's claim columns are free: the executor clears them when it records the end."""
-        async with self.engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            record = await raw.driver_connection.fetchrow(_CLAIM_DELIVERY_SQL, run_id, owner, lease_s, list(FINAL_VALUES))
+        async with raw_connection(self.engine) as raw:
+            record = await raw.fetchrow(_CLAIM_DELIVERY_SQL, run_id, owner, lease_s, list(FINAL_VALUES))
         if record is None:
             return None
         mapping = dict(record)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 KJOB = str(Path(sys.executable).with_name("kjob"))
@@ -29,6 +30,7 @@ class SchedulerProcess:
     def start(self) -> "SchedulerProcess":
         (self.base / self.name).mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
+        self.started_at = time.time()  # when this node was last started, by our clock
         self.proc = subprocess.Popen([KJOB, "server", "--roles", self.roles], env=self.env, stdout=log, stderr=log)
         return self
 

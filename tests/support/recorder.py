@@ -37,6 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 _CLIENT = r'''
 import json, os, socket, sys, time
@@ -128,7 +129,11 @@ class Recorder:
         self._lock = threading.Lock()
         self._executions: list[Execution] = []
         self._open: dict[tuple[str, int, int], Execution] = {}
+        self._last_end: Execution | None = None
         self.errors: list[str] = []
+        #: Called (in the recorder's thread) on each `end` before the agent hears back: a test
+        #: can strike at the instant an attempt ends.
+        self.on_end: Callable[[Execution], None] | None = None
         self._server: socketserver.ThreadingUnixStreamServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -149,6 +154,10 @@ class Recorder:
                     recorder.errors.append(f"{err!r} on {line!r}")
                     self.wfile.write(b"error\n")
                     return
+                hook = recorder.on_end
+                if execution is None and hook is not None:
+                    with contextlib.suppress(Exception):
+                        hook(recorder._last_end)
                 self.wfile.write(b"ok\n")
                 self.wfile.flush()
                 if execution is not None:  # a start: the agent's holder keeps this open till it dies
@@ -202,6 +211,7 @@ class Recorder:
                 if execution is None:
                     raise ValueError(f"`end` without a `start` for {key}")
                 execution.ended, execution.end_wall = received, float(msg.get("wall") or 0)
+                self._last_end = execution
                 if execution._holder is not None:  # let the holder go: the agent ends normally
                     with contextlib.suppress(OSError):
                         execution._holder.shutdown(socket.SHUT_RDWR)
@@ -244,8 +254,14 @@ class Recorder:
                 pairs += [(a, b) for b in runs[i + 1:] if a.overlaps(b, now)]
         return pairs
 
+    @staticmethod
+    def wall_at(mono: float) -> float:
+        """The recorder's (true) wall clock at one of its monotonic readings."""
+        return time.time() - (time.monotonic() - mono)
+
     def running(self) -> list[Execution]:
-        return [e for e in self.executions() if not e.finished]
+        """Executions that neither reached their end nor died (yet)."""
+        return [e for e in self.executions() if not e.finished and e.died is None]
 
 
 def peer_parent(pid: int) -> int | None:

@@ -1,0 +1,78 @@
+"""Chaos benchmark: the fault suite's faults at random, round after round, on one live cluster;
+then every slot's executions as the agents themselves counted them, as a histogram.
+
+    .venv/bin/python bench/chaos.py [--faults 50] [--seed 1]
+
+Two `kjob server` nodes (node-a reaches PostgreSQL through a proxy that can black-hole it,
+node-b's wall clock runs 30 s ahead under faketime), an embedded nats-server and PostgreSQL,
+three every-second jobs and one whose agent works for 10 s (tests/faults/harness.py). Each
+round: one fault (PostgreSQL paused past the claim lease, backends terminated as attempts end,
+PostgreSQL restarted, node-a partitioned from PostgreSQL, NATS restarted, a node SIGKILLed
+mid-run), then a few executions ending normally. Target: every slot 1, none 0 without a ledger
+reason, none 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kjob.embedded import EmbeddedNats  # noqa: E402
+from tests.faults.harness import FAULTS, FaultCluster  # noqa: E402
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--faults", type=int, default=10, help="rounds, one random fault each")
+    parser.add_argument("--seed", type=int, default=None)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="kjob-chaos-") as tmp:
+        base = Path(tmp)
+        nats = EmbeddedNats(base / "nats").start()
+        cluster = FaultCluster(base, nats)
+        counts: dict[str, int] = {}
+        try:
+            await cluster.start(proxied="node-a", skewed={"node-b": 30})
+            await cluster.add_jobs(3, 0.3)
+            await cluster.add_jobs(1, 10, slug="slow", schedule="@every 4s")
+            await cluster.executions_done(6, timeout=120)
+            for round_no in range(1, args.faults + 1):
+                name = rng.choice(sorted(FAULTS))
+                counts[name] = counts.get(name, 0) + 1
+                print(f"round {round_no}/{args.faults}: {name}", flush=True)
+                await cluster.running_now(timeout=60)
+                await FAULTS[name](cluster)
+                await cluster.executions_done(4, timeout=120)
+            await cluster.end_window(timeout=180)
+            verdict = await cluster.verdict()
+        finally:
+            codes = await cluster.close()
+            nats.stop()
+    print()
+    print(f"faults: {', '.join(f'{k} x{v}' for k, v in sorted(counts.items()))}; "
+          f"{time.monotonic() - started:.0f} s; node exit codes {codes}")
+    print(f"slots: {verdict.slots}; ran once: {verdict.ran_once}; not run, with a ledger reason: {verdict.not_run}")
+    print("completed executions per slot (target: all 1; 0 only with a reason; never 2):")
+    width = max(verdict.histogram.values(), default=1)
+    for n in sorted(verdict.histogram):
+        count = verdict.histogram[n]
+        print(f"  {n}: {count:6d} {'#' * max(1, round(40 * count / width))}")
+    doubled = sum(v for k, v in verdict.histogram.items() if k >= 2)
+    silent = sum(1 for p in verdict.problems if "no reason" in p)
+    print(f"doubled slots: {doubled} (target 0); silently lost slots: {silent} (target 0); "
+          f"other problems: {len(verdict.problems) - silent - doubled}")
+    for problem in verdict.problems[:20]:
+        print("  " + problem)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

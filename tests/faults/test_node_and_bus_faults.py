@@ -1,0 +1,54 @@
+"""Faults of the nodes and of NATS under a live cluster, counted by the agents themselves: an
+executor SIGKILLed mid-run, a node whose wall clock runs 30 s ahead, a NATS restart, and one
+NATS node lost from an R3 cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.faults.harness import _ready, exercise, executor_sigkill, fault_cluster, nats_node_lost, nats_restart
+from tests.support.pipeline import until
+
+pytestmark = pytest.mark.slow
+
+
+async def test_executor_sigkilled_mid_run(tmp_path, fresh_nats):
+    """The killed node's agents die with it; each of their runs is run again, once, elsewhere."""
+    async with fault_cluster(tmp_path, fresh_nats) as c:
+        await c.add_jobs(3, 1.5, slug="work", schedule="@every 4s")
+        verdict = await exercise(c, executor_sigkill, before=3, after=6)
+    assert sum(1 for e in c.recorder.executions() if e.died is not None) >= 1, "no agent was killed mid-run"
+    verdict.check()
+    assert c.exit_codes["node-a"] == 0 and c.exit_codes["node-b"] == 0, c.tails()
+
+
+async def test_one_node_clock_30s_ahead(tmp_path, fresh_nats):
+    """Claims and deadlines use the database's clock: a node whose clock runs ahead must not
+    see the other's live claims as expired and steal them."""
+    async def nothing_but_time(c) -> None:
+        # both nodes at work, node-a's slow agents among them, for a while
+        await until(lambda: _ready(len({e.job for e in c.recorder.executions() if e.node == "node-a"}) >= 3),
+                    60, "node-a to run agents of several jobs")
+        await c.executions_done(12)
+
+    async with fault_cluster(tmp_path, fresh_nats, skewed={"node-b": 30}) as c:
+        verdict = await exercise(c, nothing_but_time, slow=True)
+    verdict.check()
+    assert {e.node for e in c.recorder.completed()} == {"node-a", "node-b"}
+    # Both started together: node-b's first log line is stamped about 30 s after node-a's.
+    assert c.clock_ahead("node-b") - c.clock_ahead("node-a") > 20, "node-b's clock was not ahead"
+    assert all(code == 0 for code in c.exit_codes.values()), c.tails()
+
+
+async def test_nats_restart(tmp_path, fresh_nats):
+    async with fault_cluster(tmp_path, fresh_nats) as c:
+        verdict = await exercise(c, nats_restart)
+    verdict.check()
+    assert all(code == 0 for code in c.exit_codes.values()), c.tails()
+
+
+async def test_nats_node_lost_in_r3(tmp_path, nats_cluster):
+    async with fault_cluster(tmp_path, nats_cluster(3)) as c:
+        verdict = await exercise(c, nats_node_lost)
+    verdict.check()
+    assert all(code == 0 for code in c.exit_codes.values()), c.tails()

@@ -48,6 +48,12 @@ class ExecutorSettings(BaseModel):
         description="host directories the operator shares read-write with every process sandbox, at the same path "
         "(e.g. a tools cache); nothing else of the host's writable state is visible to agents",
     )
+    # Agent runs (kjob.executor.agent_run, docs/agents.md)
+    workspace_roots: list[Path] = Field(
+        default=[], description="local directories a job's `workspace.git` may clone from (URLs are always allowed)"
+    )
+    workspace_timeout_s: float = Field(default=120.0, gt=0, description="a workspace clone taking longer fails the run")
+    workspace_max_bytes: int = Field(default=512 * 1024**2, ge=1024, description="a workspace clone larger fails the run")
 
 
 class DispatcherSettings(BaseModel):

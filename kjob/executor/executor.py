@@ -28,6 +28,8 @@ from kjob.bus.consume import consume
 from kjob.bus.setup import BusSettings, ensure_consumer
 from kjob.config import ExecutorSettings
 from kjob.executor.agents import AgentRegistry
+from kjob.executor.agent_run import AgentRun
+from kjob.model.agent_report import verdict_status
 from kjob.executor.sandbox.base import Launch, Outcome, Sandbox
 from kjob.model.run import DeliveryStatus, Run, RunStatus, attempt_status, should_retry
 from kjob.executor.secrets import LiveMask, SecretResolver, SecretsUnavailable
@@ -36,6 +38,7 @@ from kjob.executor.policies import RunPolicies
 from kjob.model.policies import defer_delay
 from kjob.store.runs import Claimed, Deferred, RunLedger, Skipped
 from kjob.store.secrets import SecretStore
+from kjob.store.usage import UsageStore
 from kjob.telemetry import metrics, tracing
 from kjob.telemetry.logging import agent_output
 
@@ -73,6 +76,7 @@ class Executor:
         self.secrets = secrets or SecretResolver(SecretStore(ledger.engine, None))
         self.quotas = quotas or Quotas()
         self.policies = RunPolicies(js=js, ledger=ledger)
+        self.usage = UsageStore(ledger.engine)
         self.lease = timedelta(seconds=settings.claim_lease_s)
         self.in_flight = 0
 
@@ -145,17 +149,26 @@ class Executor:
         await self._event(run, "run_started", f"attempt {run.attempt}")
         stop_attempt = asyncio.Event()
         keeper = asyncio.create_task(self._keep_claim(run, msg, stop_attempt))
+        agent_run = self._agent_run(job)
         try:
-            outcome = await self._run_sandbox(claimed, stop_attempt)
+            outcome = await self._run_sandbox(claimed, stop_attempt, agent_run)
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
+        if agent_run is not None:  # what the agent said: its answer, verdict and usage
+            report = agent_run.report()
+            with contextlib.suppress(Exception):  # usage is bookkeeping; the run's end matters more
+                await self.usage.record(run_id=run.id, attempt=run.attempt, tenant=job.tenant, job_id=job.id,
+                                        agent=job.agent, report=report)
+                metrics.agent_usage(job.tenant, job.slug, job.agent, report.usage)
         if outcome is None:
             await self._claim_lost(run, job, msg)
             return
         status = attempt_status(outcome.exit_code, outcome.timed_out, outcome.start_error)
         reason = outcome.start_error or outcome.reason
+        if agent_run is not None and outcome.start_error is None:
+            status, reason = verdict_status(status, reason, report, agent_run.budget_reason, agent_run.result_error)
         if status is RunStatus.timed_out and not reason:
             reason = f"timed out after {job.timeout}"
         if status is RunStatus.failed and not reason:
@@ -192,13 +205,23 @@ class Executor:
             return
         log.warning("executor: lost the claim on run %s; its result is void", run.id)
 
-    async def _run_sandbox(self, claimed: Claimed, stop_attempt: asyncio.Event) -> Outcome | None:
+    def _agent_run(self, job) -> AgentRun | None:
+        if job.agent not in self.agents:
+            return None
+        s = self.settings
+        return AgentRun(self.agents.get(job.agent), job, stdout_cap=s.output_cap_bytes,
+                        clone_timeout_s=s.workspace_timeout_s, clone_max_bytes=s.workspace_max_bytes,
+                        local_roots=s.workspace_roots)
+
+    async def _run_sandbox(self, claimed: Claimed, stop_attempt: asyncio.Event,
+                           agent_run: AgentRun | None = None) -> Outcome | None:
         """The attempt's Outcome, or None if the claim was lost while it ran."""
         run, job = claimed.run, claimed.job
         try:
             agent = self.agents.get(job.agent)
             argv, stdin, env = self.agents.render(
-                agent, prompt=job.prompt, run_id=run.id, slug=job.slug, tenant=job.tenant, attempt=run.attempt
+                agent, prompt=job.prompt, run_id=run.id, slug=job.slug, tenant=job.tenant, attempt=run.attempt,
+                limits=job.limits.model_dump(exclude_none=True),
             )
         except Exception as err:
             return Outcome(start_error=f"agent {job.agent!r} cannot start: {err}")
@@ -210,15 +233,22 @@ class Executor:
             job_env, masker = await self.secrets.environment(job.tenant, job.sandbox.env)
         except SecretsUnavailable as err:
             return Outcome(start_error=str(err))
+        hooks = {}
+        if agent_run is not None and sandbox.name == "process":  # the work dir is the host's
+            hooks = {"prepare": agent_run.prepare, "collect": agent_run.collect}
+        elif job.workspace is not None:
+            return Outcome(start_error=f"workspace needs the process backend; the {sandbox.name} backend has none yet")
         launch = Launch(
             run_id=run.id, tenant=job.tenant, job_slug=job.slug, attempt=run.attempt,
             argv=argv, stdin=stdin, env={**job_env, **env}, spec=job.sandbox,
-            timeout=job.timeout, output_cap_bytes=self.settings.output_cap_bytes, work_root=self.work_root,
+            timeout=job.timeout, output_cap_bytes=self.settings.output_cap_bytes, work_root=self.work_root, **hooks,
         )
         log_subject = names.run_log(job.tenant, run.id)
 
         async def on_output(stream: str, text: str) -> None:
             agent_output(stream, text)  # the file sink, when one is configured
+            if agent_run is not None:
+                agent_run.feed(stream, text)
             with contextlib.suppress(Exception):  # live logs are best effort; the ledger keeps the output
                 await self.nc.publish(log_subject, text.encode(), headers={
                     "Kjob-Stream": stream, names.HDR_RUN_ID: run.id, names.HDR_TENANT: job.tenant})
@@ -226,7 +256,16 @@ class Executor:
         live = LiveMask(masker, on_output)  # every captured byte passes the mask of the secret values
         runner = asyncio.create_task(sandbox.run(launch, live.write))
         lost = asyncio.create_task(stop_attempt.wait())
-        done, _ = await asyncio.wait({runner, lost}, return_when=asyncio.FIRST_COMPLETED)
+        over = asyncio.create_task(agent_run.exceeded.wait() if agent_run else asyncio.Event().wait())
+        done, _ = await asyncio.wait({runner, lost, over}, return_when=asyncio.FIRST_COMPLETED)
+        if over in done and runner not in done:  # over its budget: stop the agent, keep the run
+            lost.cancel()
+            runner.cancel()
+            with contextlib.suppress(BaseException):
+                await runner
+            await live.flush()
+            return Outcome(exit_code=None, reason=agent_run.budget_reason if agent_run else None)
+        over.cancel()
         if runner in done:
             lost.cancel()
             await live.flush()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import re
@@ -145,7 +146,16 @@ class ProcessSandbox(Sandbox):
             raise RuntimeError("ProcessSandbox.run() before start()")
         workdir = _make_workdir(launch)
         try:
-            return await self._run_in(workdir, launch, on_output)
+            if launch.prepare is not None:  # the executor's hook: kjob.executor.agent_run
+                try:
+                    extra = await launch.prepare(workdir)
+                except Exception as e:
+                    return Outcome(start_error=str(e))
+                launch = dataclasses.replace(launch, env={**launch.env, **extra})
+            outcome = await self._run_in(workdir, launch, on_output)
+            if launch.collect is not None:
+                await launch.collect(workdir)
+            return outcome
         finally:
             await asyncio.shield(asyncio.to_thread(shutil.rmtree, workdir, True))
 

@@ -1,0 +1,55 @@
+"""The real agent CLIs (installed by .ci/agents.sh, pinned and cached) and a model API on loopback."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import json
+
+from tests.support.modelapi import ModelAPI, Reply
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def agent_bin() -> Path:
+    """The directory holding `claude` and `codex`; installing them if this machine has not yet."""
+    out = subprocess.run(["bash", str(REPO / ".ci" / "agents.sh")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f".ci/agents.sh failed: {out.stderr[-2000:]}"
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def model_api() -> Iterator[ModelAPI]:
+    with ModelAPI(default=Reply.answer("nothing scripted")) as api:
+        yield api
+
+
+@pytest.fixture
+def agents_file(tmp_path: Path, agent_bin: Path, model_api: ModelAPI) -> Path:
+    """The packaged claude and codex entries, with the CLIs by absolute path and the endpoint
+    on the test's model API: what an operator's own agents file does for their endpoint."""
+    import tomllib
+    from importlib import resources
+
+    packaged = tomllib.loads(resources.files("kjob").joinpath("agents.toml").read_text())["agents"]
+    claude = {**packaged["claude"], "base_url": model_api.url}
+    claude["command"] = [str(agent_bin / "claude"), *claude["command"][1:]]
+    codex = {**packaged["codex"], "base_url": f"{model_api.url}/v1", "model": "gpt-5-codex",
+             "price": {"input": 1.25, "output": 10.0}}
+    codex["command"] = [str(agent_bin / "codex"), *codex["command"][1:]]
+    path = tmp_path / "agents.toml"
+    path.write_text("".join(_table(f"agents.{name}", entry) for name, entry in (("claude", claude), ("codex", codex))))
+    return path
+
+
+def _table(name: str, entry: dict) -> str:
+    """One TOML table; JSON's strings, numbers and arrays are TOML's too."""
+    def value(v):
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        return json.dumps(v)
+    return f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in entry.items()) + "\n"

@@ -1,0 +1,155 @@
+"""Real agent CLIs end to end: a job with agent = "claude" or "codex" runs the real CLI in the
+process sandbox against a scripted model API on loopback; Relay gets the agent's answer, the
+ledger its tokens and cost; budgets stop agents; notify = on_change stays silent on repeats."""
+
+from __future__ import annotations
+
+import subprocess
+
+from sqlalchemy import select
+
+from kjob.model.run import DeliveryStatus, RunStatus
+from kjob.store.runs import RunLedger
+from kjob.store.tables import run_usage
+from tests.support.modelapi import Reply
+from tests.support.pipeline import create_job, fast_settings, running_node, runs_of, until
+from tests.support.relay import RecordingRelay
+
+#: The model's answer must reach the loopback server: no network namespace of its own.
+NET = {"network": "host", "env": {"ANTHROPIC_API_KEY": "sk-test", "OPENAI_API_KEY": "sk-test"}}
+
+
+async def _run_once(node, engine, job, timeout=60):
+    run = await RunLedger(engine).create_manual(job)
+    await node.publish_due(run)
+
+    async def done():
+        [r] = [r for r in await runs_of(engine, job) if r.id == run.id]
+        return r if r.status.final and r.delivery_status is not DeliveryStatus.pending else None
+    return await until(done, timeout, f"run {run.id} of {job.slug} final and dispatched")
+
+
+async def _usage(engine, run_id):
+    async with engine.connect() as conn:
+        return (await conn.execute(select(run_usage).where(run_usage.c.run_id == run_id))).one()
+
+
+async def test_claude_and_codex_answers_reach_relay_with_their_usage_in_the_ledger(
+        tmp_path, fresh_nats, database_url, engine, model_api, agents_file):
+    model_api.script(Reply.answer("Claude: the build is green.", input_tokens=1234, output_tokens=56))
+    with RecordingRelay() as relay:
+        settings = fast_settings(tmp_path, relay_url=relay.url)
+        settings.executor.agents_file = agents_file
+        claude = await create_job(engine, slug="claude-job", agent="claude", prompt="is the build green?",
+                                  schedule="@every 1h", sandbox=NET, output={"channel": "ops"})
+        codex = await create_job(engine, slug="codex-job", agent="codex", prompt="is the build green?",
+                                 schedule="@every 1h", sandbox=NET, output={"channel": "ops"})
+        async with running_node(settings, fresh_nats.url, database_url) as node:
+            c_run = await _run_once(node, engine, claude)
+            model_api.script(Reply.answer("Codex: all 212 tests pass.", input_tokens=4000, output_tokens=100))
+            x_run = await _run_once(node, engine, codex)
+        bodies = {q.idempotency_key: q.json["message"] for q in relay.accepted}
+    assert c_run.status is RunStatus.succeeded and x_run.status is RunStatus.succeeded, (c_run, x_run)
+    # what the user sees in chat: the answer, not the agent's JSON stream
+    assert bodies[c_run.id]["body"].split("\n\nFull log:")[0] == "Claude: the build is green."
+    assert bodies[x_run.id]["body"].split("\n\nFull log:")[0] == "Codex: all 212 tests pass."
+    assert bodies[c_run.id]["title"] == "[claude-job] completed"
+    cu, xu = await _usage(engine, c_run.id), await _usage(engine, x_run.id)
+    assert (cu.tokens_in, cu.tokens_out, cu.turns) == (1234, 56, 1)
+    assert cu.cost_usd and cu.cost_usd > 0 and cu.model  # claude's own figure
+    assert (xu.tokens_in, xu.tokens_out, xu.turns, xu.model) == (4000, 100, 1, "gpt-5-codex")
+    assert abs(xu.cost_usd - (4000 * 1.25 + 100 * 10.0) / 1e6) < 1e-9  # priced from the entry's `price`
+    # both CLIs really talked to the model API, with the job's prompt
+    assert "is the build green?" in str(model_api.calls("/v1/messages")[0].body)
+    assert "is the build green?" in str(model_api.calls("/v1/responses")[0].body)
+
+
+async def test_budgets_stop_both_agents_with_the_figure(tmp_path, fresh_nats, database_url, engine, model_api,
+                                                        agents_file):
+    # the model never stops asking for tools: only a budget ends the run
+    model_api.default = Reply.call("Bash", {"command": "echo hi", "description": "hi"})
+    with RecordingRelay() as relay:
+        settings = fast_settings(tmp_path, relay_url=relay.url)
+        settings.executor.agents_file = agents_file
+        claude = await create_job(engine, slug="claude-loop", agent="claude", prompt="loop", schedule="@every 1h",
+                                  sandbox=NET, output={"channel": "ops"}, limits={"max_turns": 2})
+        codex = await create_job(engine, slug="codex-loop", agent="codex", prompt="loop", schedule="@every 1h",
+                                 sandbox=NET, output={"channel": "ops"}, limits={"max_turns": 2})
+        async with running_node(settings, fresh_nats.url, database_url) as node:
+            c_run = await _run_once(node, engine, claude)
+            claude_calls = len(model_api.calls("/v1/messages"))
+            model_api.default = Reply.call("exec_command", {"cmd": "echo hi"})
+            x_run = await _run_once(node, engine, codex)
+            codex_calls = len(model_api.calls("/v1/responses"))
+        titles = {q.idempotency_key: q.json["message"] for q in relay.accepted}
+    assert c_run.status is RunStatus.budget_exceeded and "maximum number of turns (2)" in c_run.reason, c_run
+    assert claude_calls == 2  # claude honoured --max-turns itself
+    assert x_run.status is RunStatus.budget_exceeded and "over max_turns 2" in x_run.reason, x_run
+    assert 3 <= codex_calls <= 5  # kjob stopped codex at its third tool call, not the model's 600th
+    assert c_run.attempt == 1 and x_run.attempt == 1  # no retry spends the budget again
+    assert titles[x_run.id]["status"] == "failed"
+
+
+async def test_on_change_sends_a_changed_answer_only_and_the_quiet_marker_never(
+        tmp_path, fresh_nats, database_url, engine, model_api, agents_file):
+    with RecordingRelay() as relay:
+        settings = fast_settings(tmp_path, relay_url=relay.url)
+        settings.executor.agents_file = agents_file
+        job = await create_job(engine, slug="watch", agent="claude", prompt="anything new?", schedule="@every 1h",
+                               sandbox=NET, output={"channel": "ops", "notify": "on_change"})
+        async with running_node(settings, fresh_nats.url, database_url) as node:
+            runs = []
+            for answer in ("3 open incidents", "3 open  incidents\n", "2 open incidents", "NO_REPLY"):
+                model_api.script(Reply.answer(answer))
+                runs.append(await _run_once(node, engine, job))
+        sent = [q.json["message"]["body"].split("\n\nFull log:")[0] for q in relay.accepted]
+    assert sent == ["3 open incidents", "2 open incidents"]
+    first, same, changed, quiet = runs
+    assert same.delivery_status is DeliveryStatus.suppressed and f"unchanged since run {first.id}" in same.delivery_error
+    assert changed.delivery_status is DeliveryStatus.delivered
+    assert quiet.delivery_status is DeliveryStatus.suppressed and "quiet marker" in quiet.delivery_error
+    assert all(r.status is RunStatus.succeeded for r in runs)
+
+
+async def test_workspace_is_a_fresh_clone_and_the_shell_agent_reports_through_kjob_result(
+        tmp_path, fresh_nats, database_url, engine):
+    bare = tmp_path / "repo.git"
+    src = tmp_path / "src"
+    git = lambda *a, cwd=None: subprocess.run(["git", *a], cwd=cwd, check=True, capture_output=True)  # noqa: E731
+    git("init", "--bare", "-b", "main", str(bare))
+    git("clone", str(bare), str(src))
+    (src / "README").write_text("v1\n")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "add", "README", cwd=src)
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-m", "v1", cwd=src)
+    git("push", "origin", "main", cwd=src)
+    script = (
+        'test -z "$(git status --porcelain)" || exit 9; echo dirty >> README; '
+        'printf \'{"status":"success","body":"README says %s","tokens":{"input":7,"output":3},"cost_usd":0.25}\' '
+        '"$(head -1 README)" > "$KJOB_RESULT"; echo chatter that is not the answer'
+    )
+    with RecordingRelay() as relay:
+        settings = fast_settings(tmp_path, relay_url=relay.url)
+        settings.executor.workspace_roots = [tmp_path]
+        job = await create_job(engine, slug="ws", prompt=script, schedule="@every 1h",
+                               workspace={"git": str(bare), "ref": "main"}, output={"channel": "ops"})
+        async with running_node(settings, fresh_nats.url, database_url) as node:
+            first = await _run_once(node, engine, job)
+            (src / "README").write_text("v2\n")
+            git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-am", "v2", cwd=src)
+            git("push", "origin", "main", cwd=src)
+            second = await _run_once(node, engine, job)
+        sent = [q.json["message"]["body"].split("\n\nFull log:")[0] for q in relay.accepted]
+    # each run starts from a clean clone of the branch as it is now (the first run's edit is gone)
+    assert first.status is RunStatus.succeeded and second.status is RunStatus.succeeded, (first, second)
+    assert sent == ["README says v1", "README says v2"]
+    usage = await _usage(engine, second.id)
+    assert (usage.tokens_in, usage.tokens_out, usage.cost_usd) == (7, 3, 0.25)
+
+
+async def test_a_workspace_outside_the_allowed_roots_is_refused(tmp_path, fresh_nats, database_url, engine):
+    settings = fast_settings(tmp_path)
+    job = await create_job(engine, slug="ws-no", prompt="true", schedule="@every 1h",
+                           workspace={"git": "/etc", "ref": "main"})
+    async with running_node(settings, fresh_nats.url, database_url) as node:
+        run = await _run_once(node, engine, job, timeout=20)
+    assert run.status is RunStatus.error and "outside executor.workspace_roots" in run.reason

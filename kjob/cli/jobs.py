@@ -165,6 +165,11 @@ def inspect(slug: SlugArg, output: OutputOpt = Format.table) -> None:
         return
     out = console()
     out.print(job_table(job))
+    if usage := job.get("usage_7d"):  # the agent's spend, when the server records it
+        cost = usage.get("cost_usd")
+        say(f"last 7 days: {usage['attempts']} attempts, {usage.get('tokens_in') or 0} tokens in, "
+            f"{usage.get('tokens_out') or 0} out, {usage.get('turns') or 0} turns, "
+            f"${cost or 0:.4f}")
     out.print()
     if not job["enabled"]:
         say("next fire times: none while the job is disabled (`kjob enable` resumes it from now)")

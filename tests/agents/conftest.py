@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sysconfig
 from pathlib import Path
 from typing import Iterator
 
@@ -41,8 +42,12 @@ def agents_file(tmp_path: Path, agent_bin: Path, model_api: ModelAPI) -> Path:
     codex = {**packaged["codex"], "base_url": f"{model_api.url}/v1", "model": "gpt-5-codex",
              "price": {"input": 1.25, "output": 10.0}}
     codex["command"] = [str(agent_bin / "codex"), *codex["command"][1:]]
+    llm = {**packaged["llm"], "base_url": f"{model_api.url}/v1", "model": "gpt-4o-mini",
+           "price": {"input": 0.15, "output": 0.6}}
+    llm["command"] = [str(Path(sysconfig.get_path("scripts")) / "llm"), *llm["command"][1:]]
     path = tmp_path / "agents.toml"
-    path.write_text("".join(_table(f"agents.{name}", entry) for name, entry in (("claude", claude), ("codex", codex))))
+    entries = (("claude", claude), ("codex", codex), ("llm", llm))
+    path.write_text("".join(_table(f"agents.{name}", entry) for name, entry in entries))
     return path
 
 

@@ -11,8 +11,9 @@ from sqlalchemy import select
 from kjob.model.run import DeliveryStatus, RunStatus
 from kjob.store.runs import RunLedger
 from kjob.store.tables import run_usage
+from kjob.store.secrets import SecretBox, SecretStore, generate_key
 from tests.support.modelapi import Reply
-from tests.support.pipeline import create_job, fast_settings, running_node, runs_of, until
+from tests.support.pipeline import ACTOR, create_job, fast_settings, running_node, runs_of, until
 from tests.support.relay import RecordingRelay
 
 #: The model's answer must reach the loopback server: no network namespace of its own.
@@ -153,3 +154,26 @@ async def test_a_workspace_outside_the_allowed_roots_is_refused(tmp_path, fresh_
     async with running_node(settings, fresh_nats.url, database_url) as node:
         run = await _run_once(node, engine, job, timeout=20)
     assert run.status is RunStatus.error and "outside executor.workspace_roots" in run.reason
+
+
+async def test_llm_against_an_openai_compatible_endpoint_with_its_key_from_a_secret(
+        tmp_path, fresh_nats, database_url, engine, model_api, agents_file):
+    key = generate_key()
+    await SecretStore(engine, SecretBox(key)).set(ACTOR, "openai", "sk-from-the-secret-store")
+    model_api.script(Reply.answer("Disk usage is at 71%.", input_tokens=300, output_tokens=12))
+    with RecordingRelay() as relay:
+        settings = fast_settings(tmp_path, relay_url=relay.url, secret_key=key)
+        settings.executor.agents_file = agents_file
+        job = await create_job(engine, slug="llm-job", agent="llm", prompt="how full is the disk?",
+                               schedule="@every 1h", output={"channel": "ops"},
+                               sandbox={"network": "host", "env": {"OPENAI_API_KEY": "secret:openai"}})
+        async with running_node(settings, fresh_nats.url, database_url) as node:
+            run = await _run_once(node, engine, job)
+        [body] = [q.json["message"]["body"].split("\n\nFull log:")[0] for q in relay.accepted]
+    assert run.status is RunStatus.succeeded and body == "Disk usage is at 71%."
+    [call] = model_api.calls("/v1/chat/completions")
+    assert call.headers["authorization"] == "Bearer sk-from-the-secret-store"
+    assert call.body["messages"][-1]["content"] == "how full is the disk?"
+    usage = await _usage(engine, run.id)
+    assert (usage.tokens_in, usage.tokens_out, usage.turns, usage.model) == (300, 12, 1, "gpt-4o-mini")
+    assert abs(usage.cost_usd - (300 * 0.15 + 12 * 0.6) / 1e6) < 1e-12

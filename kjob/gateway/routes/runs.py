@@ -21,6 +21,7 @@ from kjob.gateway.tenant_checks import run_now_guard
 from kjob.gateway.state import GatewayState
 from kjob.model.run import Attempt, Run
 from kjob.store.runs import RunLedger
+from kjob.store.usage import UsageStore
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +30,20 @@ State = Annotated[GatewayState, Depends(gateway_state)]
 
 
 class RunView(Run):
-    """A ledger row, plus how long it ran (seconds, null until finished)."""
+    """A ledger row, plus how long it ran (seconds, null until finished) and what its agent
+    reported over all its attempts (tokens_in, tokens_out, cost_usd, turns, model, agent;
+    null when no agent report was recorded)."""
 
     duration_s: float | None = None
+    usage: dict | None = None
 
 
 class RunDetail(RunView):
     attempts: list[Attempt] = []
 
 
-def run_view(run: Run) -> RunView:
-    return RunView.model_validate({**dict(run), "duration_s": run.duration()})
+def run_view(run: Run, usage: dict | None = None) -> RunView:
+    return RunView.model_validate({**dict(run), "duration_s": run.duration(), "usage": usage})
 
 
 def _ledger(state: GatewayState) -> RunLedger:
@@ -72,14 +76,17 @@ async def list_runs(
 ) -> list[RunView]:
     """The job's runs, newest slot first."""
     job = await state.jobs.get(principal.tenant, slug)
-    return [run_view(r) for r in await _ledger(state).list_for_job(job.id, limit)]
+    runs = await _ledger(state).list_for_job(job.id, limit)
+    usage = await UsageStore(state.ledger.engine).of_runs([r.id for r in runs])
+    return [run_view(r, usage.get(r.id)) for r in runs]
 
 
 @router.get("/runs/{run_id}", response_model=RunDetail)
 async def get_run(run_id: str, principal: Viewer, state: State) -> RunDetail:
     ledger = _ledger(state)
     run = await ledger.get(principal.tenant, run_id)
-    return RunDetail.model_validate({**dict(run_view(run)), "attempts": await ledger.attempts(run_id)})
+    usage = (await UsageStore(ledger.engine).of_runs([run_id])).get(run_id)
+    return RunDetail.model_validate({**dict(run_view(run, usage)), "attempts": await ledger.attempts(run_id)})
 
 
 # `Response`, not PlainTextResponse: the route's class would also make its JSON errors text/plain

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from kjob.model.run import DeliveryStatus, RunStatus
 from kjob.store.runs import RunLedger
 from kjob.store.tables import run_usage
+from kjob.store.usage import UsageStore
 from kjob.store.secrets import SecretBox, SecretStore, generate_key
 from tests.support.modelapi import Reply
 from tests.support.pipeline import ACTOR, create_job, fast_settings, running_node, runs_of, until
@@ -177,3 +178,20 @@ async def test_llm_against_an_openai_compatible_endpoint_with_its_key_from_a_sec
     usage = await _usage(engine, run.id)
     assert (usage.tokens_in, usage.tokens_out, usage.turns, usage.model) == (300, 12, 1, "gpt-4o-mini")
     assert abs(usage.cost_usd - (300 * 0.15 + 12 * 0.6) / 1e6) < 1e-12
+
+
+async def test_an_agent_that_reports_failure_fails_even_when_it_exits_0(tmp_path, fresh_nats, database_url, engine):
+    script = ('echo \'{"status":"failed","body":"the deploy is broken","cost_usd":0.5,"turns":2}\' > "$KJOB_RESULT"; '
+              'echo noise; exit 0')
+    with RecordingRelay() as relay:
+        settings = fast_settings(tmp_path, relay_url=relay.url)
+        job = await create_job(engine, slug="says-failed", prompt=script, schedule="@every 1h",
+                               output={"channel": "ops", "notify": "on_failure"})
+        async with running_node(settings, fresh_nats.url, database_url) as node:
+            run = await _run_once(node, engine, job)
+        [message] = [q.json["message"] for q in relay.accepted]
+    assert run.status is RunStatus.failed and run.exit_code == 0 and "reported a failure" in run.reason
+    assert message["status"] == "failed" and message["body"].startswith("the deploy is broken\n\nFull log:")
+    week = await UsageStore(engine).job_week(job.id)
+    assert (week["attempts"], week["cost_usd"], week["turns"]) == (1, 0.5, 2)
+    assert (await UsageStore(engine).of_runs([run.id]))[run.id]["cost_usd"] == 0.5

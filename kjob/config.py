@@ -81,6 +81,7 @@ class TenantQuota(BaseModel):
     max_concurrent_runs: int | None = Field(default=None, ge=1)
     min_interval_s: float | None = Field(default=None, ge=0)
     run_now_per_minute: int | None = Field(default=None, ge=0)
+    max_cost_usd_per_day: float | None = Field(default=None, gt=0)
 
 
 class QuotaSettings(BaseModel):
@@ -97,6 +98,11 @@ class QuotaSettings(BaseModel):
     )
     min_interval_s: float = Field(default=1.0, ge=0, description="the shortest gap a schedule may have between slots")
     run_now_per_minute: int = Field(default=60, ge=0, description="run-now requests per tenant per minute")
+    max_cost_usd_per_day: float | None = Field(
+        default=None, gt=0,
+        description="USD a tenant's agents may spend per UTC day (as they report it); past it runs are recorded "
+                    "`skipped` and one alert per job and day goes to the job's channel; unset: no cap",
+    )
     tenants: dict[str, TenantQuota] = Field(default_factory=dict)
 
 

@@ -86,7 +86,10 @@ class Dispatcher:
         # The agent's answer, not its raw output, when its adapter or result file gave one.
         answer = await self.usage.for_delivery(run.id, run.attempt, run.job_id)
         body = answer.answer if answer.answer is not None else (run.output_excerpt or "")
-        decision = decide(policy=answer.policy, quiet=answer.quiet, succeeded=run.status is RunStatus.succeeded,
+        # A run skipped at the cost cap is an alert: sent once a day per job, whatever the policy.
+        alert = run.status is RunStatus.skipped and answer.answer is not None
+        decision = decide(policy="on_change" if alert else answer.policy, quiet=answer.quiet,
+                          succeeded=alert or run.status is RunStatus.succeeded,
                           answer=body, agent_notify=answer.notify, last_sent_hash=answer.last_sent_hash,
                           last_sent_run=answer.last_sent_run)
         if not decision.send:

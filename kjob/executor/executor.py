@@ -29,7 +29,7 @@ from kjob.bus.setup import BusSettings, ensure_consumer
 from kjob.config import ExecutorSettings
 from kjob.executor.agents import AgentRegistry
 from kjob.executor.agent_run import AgentRun
-from kjob.model.agent_report import verdict_status
+from kjob.model.agent_report import AgentReport, verdict_status
 from kjob.executor.sandbox.base import Launch, Outcome, Sandbox
 from kjob.model.run import DeliveryStatus, Run, RunStatus, attempt_status, should_retry
 from kjob.executor.secrets import LiveMask, SecretResolver, SecretsUnavailable
@@ -147,6 +147,21 @@ class Executor:
         run, job = claimed.run, claimed.job
         tracing.annotate(attempt=run.attempt, backend=job.sandbox.backend)
         await self._event(run, "run_started", f"attempt {run.attempt}")
+        over_cap = await self._over_cost_cap(job)
+        if over_cap is not None:  # the tenant's agents spent their day's budget: record, alert once
+            with contextlib.suppress(Exception):
+                await self.usage.record(run_id=run.id, attempt=run.attempt, tenant=job.tenant, job_id=job.id,
+                                        agent=job.agent, report=AgentReport(answer=over_cap))
+            finished = await self.ledger.finish(
+                run.id, self.node, run.attempt, status=RunStatus.skipped, exit_code=None, reason=over_cap,
+                output="", output_bytes=0, dropped_bytes=0, retry_at=None)
+            if finished is not None:
+                metrics.slots_missed("cost_cap")
+                if finished.delivery_status is DeliveryStatus.pending:
+                    await self._publish_result(finished)
+                await self._event(finished, "run_finished", finished.status.value)
+            await msg.ack()
+            return
         stop_attempt = asyncio.Event()
         keeper = asyncio.create_task(self._keep_claim(run, msg, stop_attempt))
         agent_run = self._agent_run(job)
@@ -204,6 +219,18 @@ class Executor:
             await msg.ack()
             return
         log.warning("executor: lost the claim on run %s; its result is void", run.id)
+
+    async def _over_cost_cap(self, job) -> str | None:
+        """Why the run must not start: its tenant's agents spent its daily cost cap (UTC day)."""
+        cap = self.quotas.limits(job.tenant).max_cost_usd_per_day
+        if cap is None:
+            return None
+        day = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+        spent = await self.usage.tenant_cost_since(job.tenant, day)
+        if spent < cap:
+            return None
+        return (f"not run: tenant {job.tenant}'s daily cost cap of ${cap:g} is reached "
+                f"(${spent:.2f} spent on {day:%Y-%m-%d} UTC); runs resume tomorrow")
 
     def _agent_run(self, job) -> AgentRun | None:
         if job.agent not in self.agents:

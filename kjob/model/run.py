@@ -115,6 +115,7 @@ RELAY_STATUS = {
     RunStatus.lost: ("failed", "failed"),
     RunStatus.timed_out: ("timeout", "timeout"),
     RunStatus.budget_exceeded: ("stopped at its budget", "failed"),
+    RunStatus.skipped: ("skipped", "failed"),  # only the cost-cap alert is sent for a skipped run
 }
 
 

@@ -74,7 +74,7 @@ CONSUMERS = {
 }
 
 #: Reasons for `slots_missed`: the ticker's, and the overlap policy's.
-MISSED_REASONS = ("outside_catchup_window", "catchup_policy", "overlap", "disabled")
+MISSED_REASONS = ("outside_catchup_window", "catchup_policy", "overlap", "disabled", "cost_cap")
 
 
 class Metrics:

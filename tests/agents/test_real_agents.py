@@ -8,6 +8,7 @@ import subprocess
 
 from sqlalchemy import select
 
+from kjob.config import QuotaSettings
 from kjob.model.run import DeliveryStatus, RunStatus
 from kjob.store.runs import RunLedger
 from kjob.store.tables import run_usage
@@ -195,3 +196,19 @@ async def test_an_agent_that_reports_failure_fails_even_when_it_exits_0(tmp_path
     week = await UsageStore(engine).job_week(job.id)
     assert (week["attempts"], week["cost_usd"], week["turns"]) == (1, 0.5, 2)
     assert (await UsageStore(engine).of_runs([run.id]))[run.id]["cost_usd"] == 0.5
+
+
+async def test_the_tenant_daily_cost_cap_skips_runs_with_one_alert(tmp_path, fresh_nats, database_url, engine):
+    script = 'echo \'{"body":"spent","cost_usd":0.5}\' > "$KJOB_RESULT"'
+    with RecordingRelay() as relay:
+        settings = fast_settings(tmp_path, relay_url=relay.url, quotas=QuotaSettings(max_cost_usd_per_day=0.4))
+        job = await create_job(engine, slug="spender", prompt=script, schedule="@every 1h", output={"channel": "ops"})
+        async with running_node(settings, fresh_nats.url, database_url) as node:
+            runs = [await _run_once(node, engine, job) for _ in range(3)]
+        sent = [q.json["message"] for q in relay.accepted]
+    ran, capped, capped_again = runs
+    assert ran.status is RunStatus.succeeded
+    assert capped.status is RunStatus.skipped and "daily cost cap of $0.4 is reached ($0.50 spent" in capped.reason
+    assert capped_again.status is RunStatus.skipped and capped_again.delivery_status is DeliveryStatus.suppressed
+    assert [m["body"].split("\n\nFull log:")[0] for m in sent] == ["spent", capped.reason]
+    assert sent[1]["title"] == "[spender] skipped"

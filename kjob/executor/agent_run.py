@@ -43,6 +43,8 @@ class AgentRun:
         self._result_raw: bytes | None = None
         self._partial = {"stdout": "", "stderr": ""}
         self._stdout: list[str] = []
+        self._all: list[str] = []  #: both streams, for the log of an attempt kjob stopped itself
+        self._all_chars = 0
         self._stdout_chars = 0
         self._stdout_cap = stdout_cap
         self._clone_timeout_s, self._clone_max_bytes = clone_timeout_s, clone_max_bytes
@@ -51,6 +53,9 @@ class AgentRun:
     # -- output --------------------------------------------------------------------------
 
     def feed(self, stream: str, text: str) -> None:
+        if self._all_chars < self._stdout_cap:
+            self._all.append(text[: self._stdout_cap - self._all_chars])
+            self._all_chars += len(self._all[-1])
         if stream == "stdout" and self._stdout_chars < self._stdout_cap:
             self._stdout.append(text[: self._stdout_cap - self._stdout_chars])
             self._stdout_chars += len(self._stdout[-1])
@@ -78,6 +83,10 @@ class AgentRun:
             self.budget_reason = f"cost ${self.stream.cost_usd:.4f}: over max_cost_usd {limits.max_cost_usd}"
         if self.budget_reason:
             self.exceeded.set()
+
+    def output(self) -> str:
+        """What the agent printed so far (both streams, masked, up to the cap)."""
+        return "".join(self._all)
 
     def report(self) -> AgentReport:
         """The adapter's report, the result file over it, priced from tokens if need be."""

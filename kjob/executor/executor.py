@@ -291,7 +291,10 @@ class Executor:
             with contextlib.suppress(BaseException):
                 await runner
             await live.flush()
-            return Outcome(exit_code=None, reason=agent_run.budget_reason if agent_run else None)
+            assert agent_run is not None
+            output = agent_run.output()
+            return Outcome(exit_code=None, reason=agent_run.budget_reason, output=output,
+                           output_bytes=len(output.encode()))
         over.cancel()
         if runner in done:
             lost.cancel()

@@ -89,6 +89,8 @@ async def test_budgets_stop_both_agents_with_the_figure(tmp_path, fresh_nats, da
     assert claude_calls == 2  # claude honoured --max-turns itself
     assert x_run.status is RunStatus.budget_exceeded and "over max_turns 2" in x_run.reason, x_run
     assert 3 <= codex_calls <= 5  # kjob stopped codex at its third tool call, not the model's 600th
+    log, _, _ = await RunLedger(engine).log("default", x_run.id)
+    assert log.count("command_execution") >= 3  # the stopped agent's output is kept for its log
     assert c_run.attempt == 1 and x_run.attempt == 1  # no retry spends the budget again
     assert titles[x_run.id]["status"] == "failed"
 

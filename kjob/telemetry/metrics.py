@@ -105,7 +105,7 @@ class Metrics:
         self.delivery_failed = meter.create_counter("kjob.delivery.failures", "{run}",
                                                     EXPORTED["kjob_delivery_failures_total"])
         self.agent_tokens = meter.create_counter("kjob.agent.tokens", "{token}", EXPORTED["kjob_agent_tokens_total"])
-        self.agent_cost = meter.create_counter("kjob.agent.cost_usd", "USD", EXPORTED["kjob_agent_cost_usd_total"])
+        self.agent_cost = meter.create_counter("kjob.agent.cost_usd", "{USD}", EXPORTED["kjob_agent_cost_usd_total"])
         self.agent_turns = meter.create_counter("kjob.agent.turns", "{turn}", EXPORTED["kjob_agent_turns_total"])
         self.leader = meter.create_gauge("kjob.ticker.leader", "1", EXPORTED["kjob_ticker_leader"])
         self.leader_changes = meter.create_counter("kjob.ticker.leader_changes", "{change}",

@@ -78,15 +78,22 @@ async def test_budgets_stop_both_agents_with_the_figure(tmp_path, fresh_nats, da
                                   sandbox=NET, output={"channel": "ops"}, limits={"max_turns": 2})
         codex = await create_job(engine, slug="codex-loop", agent="codex", prompt="loop", schedule="@every 1h",
                                  sandbox=NET, output={"channel": "ops"}, limits={"max_turns": 2})
+        spender = await create_job(engine, slug="claude-spend", agent="claude", prompt="loop", schedule="@every 1h",
+                                   sandbox=NET, output={"channel": "ops"}, limits={"max_cost_usd": 0.03})
         async with running_node(settings, fresh_nats.url, database_url) as node:
             c_run = await _run_once(node, engine, claude)
             claude_calls = len(model_api.calls("/v1/messages"))
+            model_api.default = Reply.call("Bash", {"command": "echo hi", "description": "hi"},
+                                           input_tokens=1000, output_tokens=100)
+            s_run = await _run_once(node, engine, spender)
             model_api.default = Reply.call("exec_command", {"cmd": "echo hi"})
             x_run = await _run_once(node, engine, codex)
             codex_calls = len(model_api.calls("/v1/responses"))
         titles = {q.idempotency_key: q.json["message"] for q in relay.accepted}
     assert c_run.status is RunStatus.budget_exceeded and "maximum number of turns (2)" in c_run.reason, c_run
     assert claude_calls == 2  # claude honoured --max-turns itself
+    assert s_run.status is RunStatus.budget_exceeded and "maximum budget ($0.03)" in s_run.reason, s_run
+    assert (await _usage(engine, s_run.id)).cost_usd >= 0.03  # what it spent is in the ledger
     assert x_run.status is RunStatus.budget_exceeded and "over max_turns 2" in x_run.reason, x_run
     assert 3 <= codex_calls <= 5  # kjob stopped codex at its third tool call, not the model's 600th
     log, _, _ = await RunLedger(engine).log("default", x_run.id)

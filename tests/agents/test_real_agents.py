@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import subprocess
 
+import httpx
+
 from sqlalchemy import select
 
 from kjob.config import QuotaSettings
 from kjob.model.run import DeliveryStatus, RunStatus
 from kjob.store.runs import RunLedger
 from kjob.store.tables import run_usage
-from kjob.store.usage import UsageStore
+from kjob.store.tokens import TokenStore
 from kjob.store.secrets import SecretBox, SecretStore, generate_key
 from tests.support.modelapi import Reply
 from tests.support.pipeline import ACTOR, create_job, fast_settings, running_node, runs_of, until
@@ -197,14 +199,20 @@ async def test_an_agent_that_reports_failure_fails_even_when_it_exits_0(tmp_path
         settings = fast_settings(tmp_path, relay_url=relay.url)
         job = await create_job(engine, slug="says-failed", prompt=script, schedule="@every 1h",
                                output={"channel": "ops", "notify": "on_failure"})
+        _, secret = await TokenStore(engine).create("default", "viewer")
         async with running_node(settings, fresh_nats.url, database_url) as node:
             run = await _run_once(node, engine, job)
+            async with httpx.AsyncClient(base_url=node.api_url, headers={"Authorization": f"Bearer {secret}"}) as http:
+                [listed] = (await http.get("/v1/jobs/says-failed/runs")).json()
+                one = (await http.get(f"/v1/runs/{run.id}")).json()
+                week = (await http.get("/v1/jobs/says-failed")).json()["usage_7d"]
         [message] = [q.json["message"] for q in relay.accepted]
     assert run.status is RunStatus.failed and run.exit_code == 0 and "reported a failure" in run.reason
     assert message["status"] == "failed" and message["body"].startswith("the deploy is broken\n\nFull log:")
-    week = await UsageStore(engine).job_week(job.id)
-    assert (week["attempts"], week["cost_usd"], week["turns"]) == (1, 0.5, 2)
-    assert (await UsageStore(engine).of_runs([run.id]))[run.id]["cost_usd"] == 0.5
+    # the API (and so `kjob runs -o json`, `kjob inspect`) shows what the run cost
+    assert listed["usage"] == one["usage"] == {"agent": "shell", "model": None, "tokens_in": None, "tokens_out": None,
+                                               "cost_usd": 0.5, "turns": 2}
+    assert (week["days"], week["attempts"], week["cost_usd"], week["turns"]) == (7, 1, 0.5, 2)
 
 
 async def test_the_tenant_daily_cost_cap_skips_runs_with_one_alert(tmp_path, fresh_nats, database_url, engine):

@@ -151,6 +151,10 @@ def formatter(fmt: str, node: str | None = None) -> logging.Formatter:
     raise InvalidInput(f"unknown log format {fmt!r}; set KJOB_LOG_FORMAT to json or console", "log_format")
 
 
+#: Loggers held at WARNING (or the configured level, if higher).
+CHATTY_LIBRARIES = ("alembic", "httpx", "httpcore")
+
+
 def setup(level: str = "INFO", fmt: str = "console", node: str | None = None) -> logging.Handler:
     """Configure the process's logging: one stderr handler on the root logger, replacing any
     handler an earlier `setup` installed. Returns the handler."""
@@ -166,8 +170,10 @@ def setup(level: str = "INFO", fmt: str = "console", node: str | None = None) ->
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric)
-    # Alembic narrates every migration step at INFO; a start-up needs none of it.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Libraries that narrate at INFO: Alembic every migration step, httpx every request (one
+    # line per Relay delivery); kjob logs what matters of both itself.
+    for chatty in CHATTY_LIBRARIES:
+        logging.getLogger(chatty).setLevel(max(numeric, logging.WARNING))
     return handler
 
 

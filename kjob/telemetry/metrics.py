@@ -30,6 +30,7 @@ from opentelemetry.sdk.metrics.export import MetricReader
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from kjob.bus import names
+from kjob.model.run import FINAL_STATUSES, Trigger
 from kjob.telemetry.tracing import make_resource, otlp_configured
 
 if TYPE_CHECKING:
@@ -75,6 +76,9 @@ CONSUMERS = {
 
 #: Reasons for `slots_missed`: the ticker's, and the overlap policy's.
 MISSED_REASONS = ("outside_catchup_window", "catchup_policy", "overlap", "disabled", "cost_cap")
+#: Results of `delivery_attempt` and reasons of `delivery_failed`.
+DELIVERY_RESULTS = ("delivered", "rejected", "unavailable")
+DELIVERY_FAILURES = ("rejected", "gave_up")
 
 
 class Metrics:
@@ -122,6 +126,25 @@ class Metrics:
                                       EXPORTED["kjob_executor_slots_in_use"])
         meter.create_observable_gauge("kjob.executor.slots", [self._observe_capacity], "{run}",
                                       EXPORTED["kjob_executor_slots"])
+        self._start_at_zero()
+
+    def _start_at_zero(self) -> None:
+        """Export every counter series a node can produce at 0 from the start: a series that
+        first appears with its first event shows "No data" in the dashboards until then, and
+        `rate()` or `increase()` alerts cannot fire on the first increment."""
+        for status in sorted(s.value for s in FINAL_STATUSES):
+            self.runs.add(0, {"status": status})
+        for trigger in Trigger:
+            for republish in (False, True):
+                self.published.add(0, {"trigger": trigger.value, "republish": republish})
+        for reason in MISSED_REASONS:
+            self.missed.add(0, {"reason": reason})
+        for result in DELIVERY_RESULTS:
+            self.delivery.add(0, {"result": result})
+        for reason in DELIVERY_FAILURES:
+            self.delivery_failed.add(0, {"reason": reason})
+        self.retried.add(0)
+        self.lost.add(0)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus exposition and its content type."""
@@ -289,6 +312,8 @@ async def poll_consumers(js: "JetStreamContext", roles: Iterable[str], stop: asy
     next round, with one warning until it can be read again."""
     consumers = [CONSUMERS[role] for role in roles if role in CONSUMERS]
     failing: set[str] = set()
+    for _, durable in consumers:  # a series from the start (see Metrics._start_at_zero)
+        consumer_state(durable, 0, 0, 0)
     # Wait first: the roles create their consumers as they start.
     while not await _stopped_within(stop, interval_s):
         for stream, durable in consumers:

@@ -92,10 +92,13 @@ async def test_agent_output_and_node_lines_about_a_run_carry_its_ids(tmp_path, f
             job = await create_job(engine, slug="chatty", prompt="echo to-stdout; echo to-stderr >&2",
                                    output={"channel": "kode-chat:ops"})
             async with running_node(settings, fresh_nats.url, database_url):
-                async def delivered():
+                async def delivered_after_a_retry():
+                    # The job fires every second: the run Relay refused is not always the first
+                    # one delivered, so follow the run the dispatcher's retry line names.
+                    retried = {l.get("run_id") for l in _json_lines(out) if _is_retry_line(l)}
                     return next((r for r in await runs_of(engine, job)
-                                 if r.delivery_status is DeliveryStatus.delivered), None)
-                run = await until(delivered, 20, "a run delivered after one Relay failure")
+                                 if r.delivery_status is DeliveryStatus.delivered and r.id in retried), None)
+                run = await until(delivered_after_a_retry, 20, "a run delivered after one Relay failure")
     finally:
         kjob_logger.removeHandler(handler)
         kjob_logger.setLevel(old_level)
@@ -109,7 +112,33 @@ async def test_agent_output_and_node_lines_about_a_run_carry_its_ids(tmp_path, f
         assert (record["tenant"], record["job"], record["trace_id"]) == ("default", "chatty", tracing.trace_id_hex(run.id))
 
     # the dispatcher's line about the retry names the run without being told in the message
-    lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    [retry] = [l for l in lines if l["logger"] == "kjob.dispatcher.dispatcher" and "not delivered" in l["msg"]]
+    [retry] = [l for l in _json_lines(out) if _is_retry_line(l)]
     assert (retry["run_id"], retry["tenant"], retry["job"], retry["trace_id"]) == (
         run.id, "default", "chatty", tracing.trace_id_hex(run.id))
+
+
+def _json_lines(out) -> list[dict]:
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def _is_retry_line(line: dict) -> bool:
+    return line["logger"] == "kjob.dispatcher.dispatcher" and "not delivered" in line["msg"]
+
+
+def test_a_node_at_info_does_not_log_each_http_request(capsys):
+    """`kjob up` at INFO printed one httpx line per Relay delivery; kjob's own lines remain."""
+    import httpx
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        run_logging.setup("INFO", "console", node="quiet-node")
+        with RecordingRelay() as relay:
+            httpx.post(f"{relay.url}/v1/dispatch", json={"channel": "kode-chat:ops", "message": {}})
+        logging.getLogger("kjob.dispatcher").info("delivered run-1")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert "delivered run-1" in err
+    assert "HTTP Request" not in err and "/v1/dispatch" not in err

@@ -38,10 +38,7 @@ async def test_metrics_count_the_run_and_observe_its_fire_lag(tmp_path, fresh_na
     with RecordingRelay() as relay:
         settings = fast_settings(tmp_path, relay_url=relay.url, node_name="metrics-node", metrics_poll_s=0.2)
         job = await create_job(engine, slug="counted", prompt="echo counted", output={"channel": "kode-chat:ops"})
-        # Metrics are the process's: earlier tests may have counted runs, so compare with now,
-        # and mark the consumer gauges so a value from this node's poller can be told apart.
-        for consumer in ("kjob-executor", "kjob-dispatcher"):
-            metrics.consumer_state(consumer, -1, -1, -1)
+        # Metrics are the process's: earlier tests may have counted runs, so compare with now.
         before = samples(metrics.render()[0].decode())
         async with running_node(settings, fresh_nats.url, database_url) as node, \
                 httpx.AsyncClient(base_url=node.api_url) as client:
@@ -50,12 +47,10 @@ async def test_metrics_count_the_run_and_observe_its_fire_lag(tmp_path, fresh_na
                 return [r for r in await runs_of(engine, job) if r.delivery_status is DeliveryStatus.delivered]
             await until(delivered, 20, "a delivered run")
 
-            async def consumers_sampled():
-                now = await scrape(client)
-                polled = all(value(now, "kjob_consumer_pending", consumer=c) >= 0
-                             for c in ("kjob-executor", "kjob-dispatcher"))
-                return polled and now
-            after = await until(consumers_sampled, 5, "both consumers' backlog sampled on /metrics")
+            after = await scrape(client)
+            # the backlog's real values: test_consumer_backlog_is_exported_from_the_start_then_sampled
+            for consumer in ("kjob-executor", "kjob-dispatcher"):
+                assert ("kjob_consumer_pending", frozenset({("consumer", consumer)})) in after
 
     def grew(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -71,3 +66,58 @@ async def test_metrics_count_the_run_and_observe_its_fire_lag(tmp_path, fresh_na
     assert value(after, "kjob_executor_slots", node="metrics-node") == settings.executor.concurrency
     assert ("kjob_executor_slots_in_use", frozenset({("node", "metrics-node")})) in after
     assert value(after, "kjob_consumer_redelivered", consumer="kjob-executor") >= 0
+
+
+def test_a_fresh_node_exports_every_counter_at_zero():
+    """Dashboards and `rate()` alerts need the series before the first failure, not after it."""
+    fresh = metrics.Metrics()
+    scrape = samples(fresh.render()[0].decode())
+    for name, labels in [
+        ("kjob_slots_missed_total", {"reason": "outside_catchup_window"}),
+        ("kjob_slots_missed_total", {"reason": "overlap"}),
+        ("kjob_attempts_lost_total", {}),
+        ("kjob_attempts_retried_total", {}),
+        ("kjob_delivery_failures_total", {"reason": "gave_up"}),
+        ("kjob_delivery_failures_total", {"reason": "rejected"}),
+        ("kjob_delivery_attempts_total", {"result": "unavailable"}),
+        ("kjob_runs_total", {"status": "failed"}),
+        ("kjob_runs_total", {"status": "missed"}),
+        ("kjob_runs_published_total", {"trigger": "catchup", "republish": "true"}),
+    ]:
+        assert scrape.get((name, frozenset(labels.items()))) == 0.0, f"{name}{labels} is not exported at 0"
+
+
+async def test_consumer_backlog_is_exported_from_the_start_then_sampled(fresh_nats):
+    """The poller's series exist at 0 before its first round, then carry the real backlog."""
+    import asyncio
+
+    import nats
+
+    from kjob.bus import names
+    from kjob.bus.setup import BusSettings, ensure_consumer, ensure_streams
+
+    previous = metrics.install(metrics.Metrics())
+    nc = await nats.connect(fresh_nats.url)
+    stop = asyncio.Event()
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, 1)
+        await ensure_consumer(js, names.RUNS_STREAM, names.EXECUTOR_CONSUMER, names.RUN_DUE_ALL, BusSettings())
+        for n in range(3):
+            await js.publish(names.run_due("backlog"), b"{}", headers={"Nats-Msg-Id": f"backlog-{n}"})
+        poller = asyncio.create_task(metrics.poll_consumers(js, ["executor"], stop, 0.2))
+        await asyncio.sleep(0)
+        first = samples(metrics.render()[0].decode())
+        assert value(first, "kjob_consumer_pending", consumer=names.EXECUTOR_CONSUMER) == 0.0
+        assert ("kjob_consumer_pending", frozenset({("consumer", names.DISPATCHER_CONSUMER)})) not in first
+
+        async def sampled():
+            now = samples(metrics.render()[0].decode())
+            return value(now, "kjob_consumer_pending", consumer=names.EXECUTOR_CONSUMER) == 3
+        await until(sampled, 5, "the executor consumer's backlog of 3 on /metrics")
+        stop.set()
+        await poller
+    finally:
+        stop.set()
+        await nc.close()
+        metrics.install(previous)

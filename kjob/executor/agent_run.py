@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -120,14 +121,12 @@ class AgentRun:
         return {"KJOB_RESULT": str(private / RESULT_FILE), "HOME": str(private / "home")}
 
     async def collect(self, workdir: Path) -> None:
-        path = workdir / KJOB_DIR / RESULT_FILE
         try:
-            with path.open("rb") as f:
-                self._result_raw = f.read(256 * 1024 + 1)
+            self._result_raw = _read_own_file(workdir, KJOB_DIR, RESULT_FILE, 256 * 1024 + 1)
         except FileNotFoundError:
             return
         except OSError as e:
-            self.result_error = f"$KJOB_RESULT could not be read: {e.strerror}"
+            self.result_error = f"$KJOB_RESULT could not be read: {e.strerror or e}"
 
     async def _clone(self, workdir: Path) -> None:
         spec = self.job.workspace
@@ -179,6 +178,26 @@ class AgentRun:
                 proc.kill()
                 return True
         return False
+
+
+def _read_own_file(workdir: Path, directory: str, name: str, limit: int) -> bytes | None:
+    """Up to `limit` bytes of `workdir/directory/name`, never through a symlink: the agent owns
+    the work dir, and the executor reading a link to the kjob home would hand its secrets to
+    the agent's Relay body. Anything but a regular file is refused."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    dir_fd = os.open(workdir, flags | os.O_DIRECTORY)
+    try:
+        sub_fd = os.open(directory, flags | os.O_DIRECTORY, dir_fd=dir_fd)
+        try:
+            fd = os.open(name, flags | os.O_NONBLOCK, dir_fd=sub_fd)
+        finally:
+            os.close(sub_fd)
+    finally:
+        os.close(dir_fd)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(f"{directory}/{name} is not a regular file")
+        return f.read(limit)
 
 
 def _size(root: Path) -> int:

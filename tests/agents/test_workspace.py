@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from datetime import datetime, timezone
 from uuid import uuid4
@@ -53,3 +54,29 @@ async def test_an_unknown_ref_fails_with_gits_reason(tmp_path):
     (tmp_path / "w").mkdir()
     with pytest.raises(WorkspaceError, match="ref nope"):
         await _agent_run(tmp_path, str(bare), ref="nope").prepare(tmp_path / "w")
+
+
+async def test_the_result_file_is_never_read_through_a_symlink(tmp_path):
+    # the agent owns its work dir: a link to a host file (the kjob home's secret key) must not
+    # become the Relay body, whether the file or its directory is the link
+    secret = tmp_path / "elsewhere" / "result.json"
+    secret.parent.mkdir()
+    secret.write_text('{"body": "the node secret"}')
+
+    def link_file(work):
+        (work / ".kjob" / "result.json").symlink_to(secret)
+
+    def link_dir(work):
+        shutil.rmtree(work / ".kjob")
+        (work / ".kjob").symlink_to(secret.parent)
+
+    for plant in (link_file, link_dir):
+        work = tmp_path / plant.__name__
+        work.mkdir()
+        agent_run = _agent_run(tmp_path, "https://git.example/r.git")
+        agent_run.job = agent_run.job.model_copy(update={"workspace": None})
+        await agent_run.prepare(work)
+        plant(work)
+        await agent_run.collect(work)
+        assert agent_run.report().answer is None
+        assert "could not be read" in (agent_run.result_error or "")

@@ -142,7 +142,9 @@ class AgentRun:
             source = f"file://{path}"  # so --depth is honoured and no object is hard-linked
         with tempfile.TemporaryDirectory(prefix="kjob-git-") as home:
             env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": home, "GIT_TERMINAL_PROMPT": "0",
-                   "GIT_CONFIG_NOSYSTEM": "1", "GIT_ASKPASS": "/bin/false", "LANG": "C"}
+                   "GIT_CONFIG_NOSYSTEM": "1", "GIT_ASKPASS": "/bin/false", "LANG": "C",
+                   # the clone runs on the host: no `ext::` or other transport that runs commands
+                   "GIT_ALLOW_PROTOCOL": "https:http:ssh:git:file"}
             git = shutil.which("git", path=env["PATH"])
             if git is None:
                 raise WorkspaceError("git is not installed on this node; the workspace cannot be cloned")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install and start what the sandbox tests need on a fresh Debian machine:
-# a Docker engine, bubblewrap (process isolation) and busybox-static (the test image's rootfs).
+# a Docker engine, bubblewrap (process isolation), busybox-static (the test image's rootfs) and
+# Chromium (the dashboard's browser test drives Debian's build through Playwright).
 # Idempotent: installs only what is missing and starts dockerd only when no engine answers.
 set -euo pipefail
 
@@ -13,6 +14,7 @@ missing=()
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 [ -x /bin/busybox ] || missing+=(busybox-static)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "docker.sh: installing ${missing[*]}"
     sudo_ env DEBIAN_FRONTEND=noninteractive apt-get update -qq

@@ -152,6 +152,14 @@ class Settings(BaseSettings):
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
     ticker: TickerSettings = Field(default_factory=TickerSettings)
+    #: The web dashboard at /ui (docs/dashboard.md). `frame-ancestors` sources that may embed it
+    #: in a frame (kanvas: `'self' https://kanvas.example.org`; `'none'` forbids every frame).
+    ui_frame_ancestors: str = Field(default="'self'", pattern=r"^[^;,\r\n]+$")
+    #: The session cookie's SameSite; `none` (sent in cross-site frames) also marks it Secure,
+    #: so the dashboard must then be served over HTTPS.
+    ui_cookie_samesite: Literal["lax", "strict", "none"] = "lax"
+    #: How long a browser session lasts (revoking the token, or a JWT's expiry, ends it sooner).
+    ui_session_s: int = Field(default=12 * 3600, ge=60)
 
     @classmethod
     def settings_customise_sources(

@@ -14,7 +14,7 @@ import typer
 from pydantic import ValidationError
 from typer.core import TyperGroup
 
-from kjob.cli import admin, jobs, policies, runs, serve, status
+from kjob.cli import admin, dashboard, jobs, policies, runs, serve, status
 from kjob.config import config_file
 from kjob.errors import KjobError
 from kjob.model.job import validation_error
@@ -65,6 +65,7 @@ status.register(app)
 policies.register(app)
 serve.register(app)
 admin.register(app)
+dashboard.register(app)
 
 
 def main() -> None:

@@ -219,6 +219,12 @@ async def _up(settings: Settings, stop: asyncio.Event) -> None:
             settings.api_url_file.write_text(url or "")
             console.print(f"[bold green]kjob is up[/bold green]  API {url}", highlight=False)
             console.print(f"  token   {settings.token_file}", highlight=False)
+            if url:
+                from kjob.gateway.ui import dashboard_url
+
+                # soft_wrap: the URL must stay on one line to be clicked or copied.
+                console.print(f"  dashboard {dashboard_url(url, settings.token_file.read_text().strip())}",
+                              highlight=False, soft_wrap=True)
             if not settings.secret_key:
                 console.print(f"  secrets key {settings.secret_key_file} (back it up: stored secrets need it)",
                               highlight=False)

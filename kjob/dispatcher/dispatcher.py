@@ -26,9 +26,8 @@ from kjob.config import DispatcherSettings
 from kjob.dispatcher.relay import RelayClient
 from kjob.errors import RelayRejected, RelayUnavailable
 from kjob.model.policies import PAUSED_NOTICE, pause_alert, pause_note
-from kjob.model.run import DeliveryStatus, dispatch_payload
 from kjob.model.notify import decide
-from kjob.model.run import RunStatus
+from kjob.model.run import DeliveryStatus, RunStatus, dispatch_payload, run_page_url
 from kjob.store.runs import RunLedger
 from kjob.store.usage import UsageStore
 from kjob.telemetry import metrics, tracing
@@ -98,7 +97,7 @@ class Dispatcher:
             await msg.ack()
             return
         payload = dispatch_payload(run.slug, delivery.channel, run.status, body,
-                                   f"{self.log_url_base}/v1/runs/{run.id}/logs")
+                                   run_page_url(self.log_url_base, run.id))
         try:
             await self.relay.dispatch(delivery.channel, payload, run.id)
         except RelayRejected as err:
@@ -139,7 +138,7 @@ class Dispatcher:
             await msg.ack()  # an unknown notice (a newer node's), a deleted job, or nowhere to send it
             return
         failures = result.failures or 0
-        log_url = f"{self.log_url_base}/v1/runs/{result.run_id}/logs"
+        log_url = run_page_url(self.log_url_base, result.run_id)
         payload = pause_alert(result.slug, delivery.channel, failures, pause_note(failures, result.run_id), log_url)
         try:
             await self.relay.dispatch(delivery.channel, payload, f"{result.run_id}.{result.notice}")

@@ -11,7 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter, Depends, FastAPI
 
-from kjob.gateway import errors
+from kjob.gateway import errors, ui
 from kjob.gateway.auth import authenticate, wire_security
 from kjob.gateway.limits import BodyLimit
 from kjob.gateway.routes import audit, backfill, health, jobs, metrics, quotas, runs, schedules, secrets, status, tokens
@@ -41,6 +41,7 @@ def create_app(state: GatewayState) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     tracing.instrument_app(app)
+    ui.mount(app, state)  # the web dashboard at /ui, last: its login token must not reach the spans
     return app
 
 

@@ -76,8 +76,17 @@ async def authenticate(
             "missing bearer token: send 'Authorization: Bearer <token>' "
             "(`kjob up` writes an admin token to $KJOB_HOME/admin.token)"
         )
-    token = credentials.credentials
-    state = gateway_state(request)
+    return await principal_of_token(gateway_state(request), credentials.credentials)
+
+
+async def principal_of_token(state: GatewayState, token: str) -> Principal:
+    """The principal of a bearer token, however it reached the gateway: the `Authorization`
+    header of /v1, or the dashboard's session cookie (kjob.gateway.ui.session), so both follow
+    one rule and a revoked token ends a browser session at its next request.
+
+    :raises Unauthorized: unknown or revoked token, or a JWT that fails verification.
+    :raises Forbidden: a valid JWT without a usable tenant or kjob role.
+    """
     if state.oidc is not None and looks_like_jwt(token):
         return await state.oidc.verify(token)
     principal = await state.tokens.verify(token)

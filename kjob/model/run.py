@@ -119,6 +119,11 @@ RELAY_STATUS = {
 }
 
 
+def run_page_url(base: str, run_id: str) -> str:
+    """The "Full log" link of a run: its dashboard page, which asks a browser to log in first."""
+    return f"{base.rstrip('/')}/ui/runs/{run_id}"
+
+
 def dispatch_payload(slug: str, channel: str, status: RunStatus, stdout: str, log_url: str) -> dict[str, Any]:
     """The body of Relay's `POST /v1/dispatch` (RFC section 7) for a finished run."""
     word, relay_status = RELAY_STATUS.get(status, ("failed", "failed"))

@@ -41,7 +41,7 @@ async def test_every_second_job_runs_each_slot_once_and_reaches_relay_once(tmp_p
     assert body["message"]["title"] == "[tick] completed"
     assert body["message"]["status"] == "success"
     assert body["message"]["body"].startswith(f"tick-{delivered[0].id}")
-    assert f"/v1/runs/{delivered[0].id}/logs" in body["message"]["body"]
+    assert f"/ui/runs/{delivered[0].id}" in body["message"]["body"]
 
 
 async def test_failing_and_sleeping_prompts_report_failed_and_timeout(tmp_path, fresh_nats, database_url, engine):

@@ -20,14 +20,16 @@ KJOB = str(Path(sys.executable).with_name("kjob"))
 
 
 class Up:
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
         self.home = home
+        self.env = env or {}  # more KJOB_* settings for this process
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Up":
         env = {k: v for k, v in os.environ.items() if not k.startswith("KJOB_")}
         # No late grace: the 4 s downtime below must go through the catch-up rule.
         env.update(KJOB_HOME=str(self.home), KJOB_EXECUTOR__SANDBOXES='["process"]', KJOB_TICKER__LATE_GRACE_S="0")
+        env.update(self.env)
         (self.home / "api.url").unlink(missing_ok=True)
         self.log = open(self.home.parent / f"{self.home.name}-up.log", "ab")
         self.proc = subprocess.Popen([KJOB, "up", "--port", "0"], env=env, stdout=self.log, stderr=self.log)

@@ -68,7 +68,7 @@ async def test_a_job_failing_n_times_in_a_row_is_paused_and_its_channel_alerted_
     last = alert.idempotency_key.removesuffix(".paused")
     assert alert.idempotency_key == f"{last}.paused" and last in {r.id for r in failed}
     assert alert.json["channel"] == "ops" and alert.json["message"]["status"] == "failed"
-    assert stopped.paused_note in alert.json["message"]["body"] and f"/v1/runs/{last}/logs" in alert.json["message"]["body"]
+    assert stopped.paused_note in alert.json["message"]["body"] and f"/ui/runs/{last}" in alert.json["message"]["body"]
     # every failed run's own result was delivered too, once each
     results = Counter(q.idempotency_key for q in relay.accepted if q.json["message"]["title"] == "[broken] failed")
     assert set(results) == {r.id for r in failed} and set(results.values()) == {1}

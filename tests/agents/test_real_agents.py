@@ -206,6 +206,8 @@ async def test_an_agent_that_reports_failure_fails_even_when_it_exits_0(tmp_path
                 [listed] = (await http.get("/v1/jobs/says-failed/runs")).json()
                 one = (await http.get(f"/v1/runs/{run.id}")).json()
                 week = (await http.get("/v1/jobs/says-failed")).json()["usage_7d"]
+            async with httpx.AsyncClient(base_url=node.api_url, follow_redirects=True) as browser:
+                page = (await browser.get(f"/ui/runs/{run.id}?token={secret}")).text
         [message] = [q.json["message"] for q in relay.accepted]
     assert run.status is RunStatus.failed and run.exit_code == 0 and "reported a failure" in run.reason
     assert message["status"] == "failed" and message["body"].startswith("the deploy is broken\n\nFull log:")
@@ -213,6 +215,8 @@ async def test_an_agent_that_reports_failure_fails_even_when_it_exits_0(tmp_path
     assert listed["usage"] == one["usage"] == {"agent": "shell", "model": None, "tokens_in": None, "tokens_out": None,
                                                "cost_usd": 0.5, "turns": 2}
     assert (week["days"], week["attempts"], week["cost_usd"], week["turns"]) == (7, 1, 0.5, 2)
+    # and so does the dashboard, whose Relay preview is the answer, not the output
+    assert "Agent usage" in page and "$0.5000" in page and "the deploy is broken" in page
 
 
 async def test_the_tenant_daily_cost_cap_skips_runs_with_one_alert(tmp_path, fresh_nats, database_url, engine):

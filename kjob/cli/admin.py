@@ -197,6 +197,7 @@ def quota(output: OutputOpt = Format.table) -> None:
         ["concurrent runs", usage["concurrent_runs"], limits["max_concurrent_runs"] or "no limit"],
         ["run-now per minute", usage["run_now_last_minute"], limits["run_now_per_minute"]],
         ["minimum schedule interval", "", f"{limits['min_interval_s']:g}s"],
+        ["agent cost today (USD)", f"{usage.get('cost_usd_today', 0):.2f}", limits.get("max_cost_usd_per_day") or "no cap"],
     ]
     console().print(_table([f"QUOTA ({view['tenant']})", "USED", "LIMIT"], rows))
 

@@ -224,9 +224,13 @@ async def test_the_tenant_daily_cost_cap_skips_runs_with_one_alert(tmp_path, fre
     with RecordingRelay() as relay:
         settings = fast_settings(tmp_path, relay_url=relay.url, quotas=QuotaSettings(max_cost_usd_per_day=0.4))
         job = await create_job(engine, slug="spender", prompt=script, schedule="@every 1h", output={"channel": "ops"})
+        _, secret = await TokenStore(engine).create("default", "viewer")
         async with running_node(settings, fresh_nats.url, database_url) as node:
             runs = [await _run_once(node, engine, job) for _ in range(3)]
+            async with httpx.AsyncClient(base_url=node.api_url, headers={"Authorization": f"Bearer {secret}"}) as http:
+                quota = (await http.get("/v1/quotas")).json()
         sent = [q.json["message"] for q in relay.accepted]
+    assert (quota["limits"]["max_cost_usd_per_day"], quota["usage"]["cost_usd_today"]) == (0.4, 0.5)
     ran, capped, capped_again = runs
     assert ran.status is RunStatus.succeeded
     assert capped.status is RunStatus.skipped and "daily cost cap of $0.4 is reached ($0.50 spent" in capped.reason

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
@@ -10,6 +11,7 @@ from pydantic import BaseModel
 from kjob.gateway.auth import Viewer, gateway_state
 from kjob.gateway.state import GatewayState
 from kjob.store.quotas import usage
+from kjob.store.usage import UsageStore
 
 router = APIRouter(tags=["quotas"])
 State = Annotated[GatewayState, Depends(gateway_state)]
@@ -21,12 +23,16 @@ class QuotaLimits(BaseModel):
     max_concurrent_runs: int | None
     min_interval_s: float
     run_now_per_minute: int
+    #: None: no cap (docs/agents.md).
+    max_cost_usd_per_day: float | None = None
 
 
 class QuotaUsage(BaseModel):
     jobs: int
     concurrent_runs: int
     run_now_last_minute: int
+    #: What the tenant's agents reported spending since 00:00 UTC.
+    cost_usd_today: float = 0.0
 
 
 class QuotaView(BaseModel):
@@ -46,6 +52,9 @@ async def quotas(principal: Viewer, state: State) -> QuotaView:
             max_concurrent_runs=limits.max_concurrent_runs,
             min_interval_s=limits.min_interval.total_seconds(),
             run_now_per_minute=limits.run_now_per_minute,
+            max_cost_usd_per_day=limits.max_cost_usd_per_day,
         ),
-        usage=QuotaUsage(**await usage(state.engine, principal.tenant)),
+        usage=QuotaUsage(**await usage(state.engine, principal.tenant), cost_usd_today=await UsageStore(
+            state.engine).tenant_cost_since(principal.tenant, datetime.now(timezone.utc).replace(
+                hour=0, minute=0, second=0, microsecond=0))),
     )

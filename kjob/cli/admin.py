@@ -4,43 +4,21 @@
 from __future__ import annotations
 
 import getpass
-import re
 import sys
 from typing import Annotated, Any, Optional
-from urllib.parse import quote
 
 import typer
-from rich.table import Table
 
-from kjob.cli.client import ApiClient, resolve
-from kjob.cli.output import Format, console, print_json, say
-from kjob.config import Settings
+from kjob.cli.output import Col, Format, WideOpt, api, dump, print_json, print_table, say, when
 from kjob.errors import InvalidInput
-from kjob.model.job import SLUG_PATTERN
-from kjob.store.secrets import check_name, generate_key
+from kjob.model.secrets import check_name
+from kjob.store.secrets import generate_key
 from kjob.store.tokens import ROLES
 
 OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for programs")]
 TenantOpt = Annotated[
     Optional[str], typer.Option(help="another tenant (admins of the admin tenant only) [default: your token's]")
 ]
-
-
-def _client() -> ApiClient:
-    return ApiClient(resolve(Settings()))
-
-
-def _table(columns: list[str], rows: list[list[Any]]) -> Table:
-    table = Table()
-    for name in columns:
-        table.add_column(name, overflow="fold")
-    for row in rows:
-        table.add_row(*("-" if v is None else str(v) for v in row))
-    return table
-
-
-def _short(instant: str | None) -> str | None:
-    return instant[:19].replace("T", " ") if instant else None
 
 
 # --- tokens ------------------------------------------------------------------------------------
@@ -56,28 +34,29 @@ def token_create(
     output: OutputOpt = Format.table,
 ) -> None:
     """Create a token. Its secret is printed once, alone on stdout: store it now."""
-    body: dict[str, Any] = {"role": role, "name": name, **({"tenant": tenant} if tenant else {})}
-    with _client() as api:
-        token = api.request("POST", "/v1/tokens", json=body)
+    with api() as kjob:
+        token = kjob.tokens.create(role, name=name, tenant=tenant)  # type: ignore[arg-type]
     if output is Format.json:
-        print_json(token)
+        print_json(dump(token))
         return
-    typer.echo(f"created token {token['id']} (tenant {token['tenant']}, role {token['role']}); "
+    typer.echo(f"created token {token.id} (tenant {token.tenant}, role {token.role}); "
                "its secret is shown only this once:", err=True)
-    say(token["secret"])
+    say(token.secret)
 
 
 @token_app.command("list")
-def token_list(tenant: TenantOpt = None, output: OutputOpt = Format.table) -> None:
+def token_list(tenant: TenantOpt = None, output: OutputOpt = Format.table, wide: WideOpt = False) -> None:
     """The tenant's tokens (never their secrets), revoked ones included."""
-    with _client() as api:
-        tokens = api.request("GET", "/v1/tokens", params={"tenant": tenant} if tenant else None)
+    with api() as kjob:
+        tokens = kjob.tokens.list(tenant=tenant)
     if output is Format.json:
-        print_json(tokens)
+        print_json(dump(tokens))
         return
-    rows = [[t["id"], t["tenant"], t["role"], t["name"] or None, _short(t["created_at"]), _short(t["revoked_at"])]
+    rows = [[t.id, t.tenant, t.role, t.name or None, when(t.created_at, wide), when(t.revoked_at, wide)]
             for t in tokens]
-    console().print(_table(["ID", "TENANT", "ROLE", "NAME", "CREATED (UTC)", "REVOKED (UTC)"], rows))
+    columns = [Col("ID"), Col("TENANT", flex=1), Col("ROLE"), Col("NAME", flex=1), Col("CREATED (UTC)"),
+               Col("REVOKED (UTC)")]
+    print_table(columns, rows, wide=wide)
 
 
 @token_app.command("revoke")
@@ -86,19 +65,14 @@ def token_revoke(
     tenant: TenantOpt = None,
 ) -> None:
     """Revoke a token at once."""
-    with _client() as api:
-        api.request("DELETE", f"/v1/tokens/{quote(token_id, safe='')}", params={"tenant": tenant} if tenant else None)
+    with api() as kjob:
+        kjob.tokens.revoke(token_id, tenant=tenant)
     say(f"revoked token {token_id}")
 
 
 # --- secrets -----------------------------------------------------------------------------------
 
 secret_app = typer.Typer(help="Secrets jobs reference from sandbox.env as \"secret:NAME\".", no_args_is_help=True)
-
-
-def _name(name: str) -> str:
-    check_name(name)  # here, not only at the server: a '/' would reach another route
-    return quote(name, safe="")
 
 
 def read_value() -> str:
@@ -113,34 +87,34 @@ def read_value() -> str:
 @secret_app.command("set")
 def secret_set(name: Annotated[str, typer.Argument(help="letters, digits, '_', '.', '-'")]) -> None:
     """Create or replace a secret; the value is read from stdin, never from the command line."""
-    path = f"/v1/secrets/{_name(name)}"
+    check_name(name)  # before reading the value, which may be typed at a prompt
     value = read_value()
     if not value:
         raise InvalidInput("no value on stdin; pipe it in, e.g. `printf %s \"$TOKEN\" | kjob secret set NAME`", "value")
-    with _client() as api:
-        api.request("PUT", path, json={"value": value})
+    with api() as kjob:
+        kjob.secrets.set(name, value)
     say(f"secret {name} set; reference it in a job as sandbox.env VAR = \"secret:{name}\"")
 
 
 @secret_app.command("list")
-def secret_list(output: OutputOpt = Format.table) -> None:
+def secret_list(output: OutputOpt = Format.table, wide: WideOpt = False) -> None:
     """The tenant's secrets (names only)."""
-    with _client() as api:
-        secrets = api.request("GET", "/v1/secrets")
+    with api() as kjob:
+        secrets = kjob.secrets.list()
     if output is Format.json:
-        print_json(secrets)
+        print_json(dump(secrets))
     elif not secrets:
         say("no secrets yet; add one with `kjob secret set NAME` (value on stdin)")
     else:
-        rows = [[s["name"], _short(s["created_at"]), _short(s["updated_at"])] for s in secrets]
-        console().print(_table(["NAME", "CREATED (UTC)", "UPDATED (UTC)"], rows))
+        rows = [[s.name, when(s.created_at, wide), when(s.updated_at, wide)] for s in secrets]
+        print_table([Col("NAME"), Col("CREATED (UTC)"), Col("UPDATED (UTC)")], rows, wide=wide)
 
 
 @secret_app.command("delete")
 def secret_delete(name: Annotated[str, typer.Argument(help="the secret's name")]) -> None:
     """Delete a secret (refused while jobs reference it)."""
-    with _client() as api:
-        api.request("DELETE", f"/v1/secrets/{_name(name)}")
+    with api() as kjob:
+        kjob.secrets.delete(name)
     say(f"deleted secret {name}")
 
 
@@ -157,20 +131,20 @@ def audit(
     slug: Annotated[Optional[str], typer.Option(help="only what happened to this job")] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=1000, help="how many, newest first")] = 50,
     output: OutputOpt = Format.table,
+    wide: WideOpt = False,
 ) -> None:
     """Who changed what in your tenant, newest first."""
-    if slug is not None and not re.match(SLUG_PATTERN, slug):
-        raise InvalidInput(f"{slug!r} cannot be a job's slug: slugs are lowercase letters, digits and '-'", "slug")
-    params: dict[str, Any] = {"limit": limit, **({"slug": slug} if slug else {})}
-    with _client() as api:
-        entries = api.request("GET", "/v1/audit", params=params)
+    with api() as kjob:
+        entries = kjob.audit.list(slug=slug, limit=limit)
     if output is Format.json:
-        print_json(entries)
+        print_json(dump(entries))
     elif not entries:
         say("nothing in the audit log" + (f" about {slug}" if slug else ""))
     else:
-        rows = [[_short(e["at"]), e["actor"], e["action"], e["target"], _change(e.get("change"))] for e in entries]
-        console().print(_table(["AT (UTC)", "WHO", "ACTION", "TARGET", "CHANGE"], rows))
+        rows = [[when(e.at, wide), e.actor, e.action, e.target, _change(e.change)] for e in entries]
+        columns = [Col("AT (UTC)"), Col("WHO", flex=2, min=14), Col("ACTION"), Col("TARGET", flex=2, min=14),
+                   Col("CHANGE", flex=1)]
+        print_table(columns, rows, wide=wide)
 
 
 def _change(change: dict[str, Any] | None) -> str | None:
@@ -186,20 +160,20 @@ def _change(change: dict[str, Any] | None) -> str | None:
 
 def quota(output: OutputOpt = Format.table) -> None:
     """Your tenant's quotas and what it uses of them now."""
-    with _client() as api:
-        view = api.request("GET", "/v1/quotas")
+    with api() as kjob:
+        view = kjob.quotas.get()
     if output is Format.json:
-        print_json(view)
+        print_json(dump(view))
         return
-    limits, usage = view["limits"], view["usage"]
+    limits, usage = view.limits, view.usage
     rows = [
-        ["jobs", usage["jobs"], limits["max_jobs"]],
-        ["concurrent runs", usage["concurrent_runs"], limits["max_concurrent_runs"] or "no limit"],
-        ["run-now per minute", usage["run_now_last_minute"], limits["run_now_per_minute"]],
-        ["minimum schedule interval", "", f"{limits['min_interval_s']:g}s"],
-        ["agent cost today (USD)", f"{usage.get('cost_usd_today', 0):.2f}", limits.get("max_cost_usd_per_day") or "no cap"],
+        ["jobs", usage.jobs, limits.max_jobs],
+        ["concurrent runs", usage.concurrent_runs, limits.max_concurrent_runs or "no limit"],
+        ["run-now per minute", usage.run_now_last_minute, limits.run_now_per_minute],
+        ["minimum schedule interval", "", f"{limits.min_interval_s:g}s"],
+        ["agent cost today (USD)", f"{usage.cost_usd_today:.2f}", limits.max_cost_usd_per_day or "no cap"],
     ]
-    console().print(_table([f"QUOTA ({view['tenant']})", "USED", "LIMIT"], rows))
+    print_table([Col(f"QUOTA ({view.tenant})"), Col("USED", right=True), Col("LIMIT", right=True)], rows)
 
 
 def register(app: typer.Typer) -> None:

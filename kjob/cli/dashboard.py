@@ -6,7 +6,7 @@ import webbrowser
 
 import typer
 
-from kjob.cli.client import resolve
+from kjob.client._config import resolve
 from kjob.config import Settings
 from kjob.errors import Unauthorized
 from kjob.gateway.ui import dashboard_url
@@ -18,7 +18,7 @@ def dashboard(
     """Print the dashboard URL of the gateway the CLI talks to, with the CLI's token in it once:
     the browser trades it for a session cookie and drops it from the address bar. Keep the URL
     as private as the token."""
-    target = resolve(Settings())
+    target = resolve(settings=Settings())
     if not target.token:
         raise Unauthorized(f"no token: set KJOB_TOKEN or run `kjob up` (it writes {target.token_source})")
     url = dashboard_url(target.url, target.token)

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import re
 import sys
+import tomllib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from kjob.cli.client import ApiClient, ApiError, resolve
-from kjob.cli.output import Format, console, job_table, jobs_table, print_json, say, slots_table
+from kjob.cli.output import Format, WideOpt, api, console, dump, job_table, jobs_table, print_json, say, slots_table
 from kjob.cli.policies import OverlapOpt, policy_fields
-from kjob.config import Settings
+from kjob.client import InvalidInput as ApiInvalidInput
+from kjob.client import JobView
 from kjob.errors import InvalidInput
 from kjob.model.job import JobSpec, parse_job
 from kjob.model.jobfile import load_jobs, load_jobs_file
@@ -27,14 +28,10 @@ OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table for peo
 SlugArg = Annotated[str, typer.Argument(help="the job's slug")]
 
 
-def _client() -> ApiClient:
-    return ApiClient(resolve(Settings()))
-
-
-def _fire_text(job: dict[str, Any]) -> str:
-    if not job["enabled"]:
+def _fire_text(job: JobView) -> str:
+    if not job.enabled:
         return "disabled: no fire times until enabled"
-    return f"next fire {job['next_fire']}" if job.get("next_fire") else "no fire time left"
+    return f"next fire {job.next_fire}" if job.next_fire else "no fire time left"
 
 
 def sandbox_spec(text: str) -> dict[str, str]:
@@ -104,9 +101,9 @@ def create(
         pause_after_failures=pause_after_failures, keep_runs=keep_runs, keep_days=keep_days,
     ))
     spec = parse_job(data)  # refuse bad input before touching the network, with the API's words
-    with _client() as api:
-        job = api.create_job(spec.model_dump(mode="json"))
-    say(f"created {job['slug']}; {_fire_text(job)}")
+    with api() as kjob:
+        job = kjob.jobs.create(spec)
+    say(f"created {job.slug}; {_fire_text(job)}")
 
 
 def _read_jobs(file: str) -> list[JobSpec]:
@@ -130,60 +127,90 @@ def apply(
 ) -> None:
     """Create or update the jobs of a file. Idempotent; a bad file changes nothing."""
     specs = _read_jobs(file)  # every job is validated here, and again by the API, before any is written
-    with _client() as api:
+    with api() as kjob:
         try:
-            results = api.apply_jobs([s.model_dump(mode="json") for s in specs])
-        except ApiError as e:
+            results = kjob.jobs.apply(specs)
+        except ApiInvalidInput as e:
             e.field = file_field(e.field, len(specs))
             raise
     if output is Format.json:
-        print_json([{"slug": r["job"]["slug"], "action": r["action"]} for r in results])
+        print_json([{"slug": r.job.slug, "action": r.action} for r in results])
         return
     for r in results:
-        say(f"{r['action']:<9} {r['job']['slug']}")
+        say(f"{r.action:<9} {r.job.slug}")
 
 
-def list_jobs(output: OutputOpt = Format.table) -> None:
+def list_jobs(output: OutputOpt = Format.table, wide: WideOpt = False) -> None:
     """List the jobs of your tenant."""
-    with _client() as api:
-        jobs = api.list_jobs()
+    with api() as kjob:
+        jobs = list(kjob.jobs.list())
     if output is Format.json:
-        print_json(jobs)
+        print_json(dump(jobs))
     elif not jobs:
         say("no jobs yet: create one with `kjob create` or `kjob apply -f FILE`")
     else:
-        console().print(jobs_table(jobs))
+        jobs_table(jobs, wide)
 
 
-def inspect(slug: SlugArg, output: OutputOpt = Format.table) -> None:
+def inspect(slug: SlugArg, output: OutputOpt = Format.table, wide: WideOpt = False) -> None:
     """Show a job and its next fire times, in its zone and in UTC."""
-    with _client() as api:
-        job = api.get_job(slug)
-        fires = api.preview(job["schedule"], job["timezone"], INSPECT_SLOTS) if job["enabled"] else []
+    with api() as kjob:
+        job = kjob.jobs.get(slug)
+        fires = kjob.jobs.preview(job.schedule, tz=job.timezone, n=INSPECT_SLOTS) if job.enabled else []
     if output is Format.json:
-        print_json({**job, "next_fires": fires})
+        print_json({**dump(job), "next_fires": [utc_text(f) for f in fires]})
         return
-    out = console()
-    out.print(job_table(job))
-    if usage := job.get("usage_7d"):  # the agent's spend, when the server records it
-        cost = usage.get("cost_usd")
-        say(f"last 7 days: {usage['attempts']} attempts, {usage.get('tokens_in') or 0} tokens in, "
-            f"{usage.get('tokens_out') or 0} out, {usage.get('turns') or 0} turns, "
-            f"${cost or 0:.4f}")
-    out.print()
-    if not job["enabled"]:
+    console(wide).print(job_table(dump(job)))  # long values (prompt, output) fold at the edge unless wide
+    if job.usage_7d:  # the agents' spend, when the server records it (docs/agents.md)
+        u = job.usage_7d
+        say(f"last 7 days: {u['attempts']} attempts, {u.get('tokens_in') or 0} tokens in, "
+            f"{u.get('tokens_out') or 0} out, {u.get('turns') or 0} turns, ${u.get('cost_usd') or 0:.4f}")
+    say("")
+    if not job.enabled:
         say("next fire times: none while the job is disabled (`kjob enable` resumes it from now)")
     elif not fires:
         say("next fire times: none: the schedule has no slot left")
     else:
-        out.print(slots_table(fires, job["timezone"], title=f"next {len(fires)} fire times"))
+        slots_table(fires, job.timezone, title=f"next {len(fires)} fire times")
+
+
+def update(
+    slug: SlugArg,
+    set_: Annotated[list[str], typer.Option(
+        "--set", metavar="FIELD=VALUE",
+        help="a field to change, as in a job file: schedule='0 8 * * *', timeout=1h, retries.max=3, "
+             "labels.team=ops (TOML values; a bare word is text); repeat for more")],
+) -> None:
+    """Change some fields of a job, keeping the others."""
+    changes: dict[str, Any] = {}
+    for item in set_:
+        key, value = _assignment(item)
+        parts = key.split(".")
+        target = changes
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = value
+    with api() as kjob:
+        job = kjob.jobs.update(slug, changes)
+    say(f"updated {job.slug}; {_fire_text(job)}")
+
+
+def _assignment(item: str) -> tuple[str, Any]:
+    """`FIELD=VALUE` with VALUE read as a TOML value, or as text when it is not one."""
+    key, sep, text = item.partition("=")
+    if not sep or not re.fullmatch(r"[a-z_]+(\.[A-Za-z0-9_-]+)*", key):
+        raise InvalidInput(f"{item!r} is not FIELD=VALUE, e.g. timeout=1h or retries.max=3", "set")
+    try:
+        return key, tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, text
 
 
 def enable(slug: SlugArg) -> None:
     """Enable a job. Only slots after now run: no burst of missed ones."""
-    with _client() as api:
-        job = api.set_enabled(slug, True)
-    say(f"enabled {job['slug']}; {_fire_text(job)}")
+    with api() as kjob:
+        job = kjob.jobs.enable(slug)
+    say(f"enabled {job.slug}; {_fire_text(job)}")
 
 
 def disable(
@@ -191,9 +218,9 @@ def disable(
     note: Annotated[str | None, typer.Option(help="why it is paused; shown by inspect")] = None,
 ) -> None:
     """Pause a job."""
-    with _client() as api:
-        job = api.set_enabled(slug, False, note=note)
-    say(f"disabled {job['slug']}")
+    with api() as kjob:
+        job = kjob.jobs.disable(slug, note=note)
+    say(f"disabled {job.slug}")
 
 
 def delete(
@@ -201,13 +228,13 @@ def delete(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation")] = False,
 ) -> None:
     """Delete a job and its run history. Asks first unless --yes."""
-    with _client() as api:
-        job = api.get_job(slug)  # a missing job fails before the question, not after
-        if not yes and not typer.confirm(f"Delete job {job['slug']!r} and its run history?", default=False):
-            say(f"not deleted: {job['slug']}")
+    with api() as kjob:
+        job = kjob.jobs.get(slug)  # a missing job fails before the question, not after
+        if not yes and not typer.confirm(f"Delete job {job.slug!r} and its run history?", default=False):
+            say(f"not deleted: {job.slug}")
             raise typer.Exit(1)
-        api.delete_job(slug)
-    say(f"deleted {job['slug']}")
+        kjob.jobs.delete(slug)
+    say(f"deleted {job.slug}")
 
 
 def next_fires(
@@ -220,13 +247,13 @@ def next_fires(
     output: OutputOpt = Format.table,
 ) -> None:
     """Show when a schedule fires. Needs no server."""
-    slots = [utc_text(s) for s in preview(expr, tz, after, count, now=datetime.now(timezone.utc))]
+    slots = preview(expr, tz, after, count, now=datetime.now(timezone.utc))
     if output is Format.json:
-        print_json(slots)
+        print_json([utc_text(s) for s in slots])
     elif not slots:
         say("no fire time after that instant")
     else:
-        console().print(slots_table(slots, tz))
+        slots_table(slots, tz)
 
 
 def register(app: typer.Typer) -> None:
@@ -234,6 +261,7 @@ def register(app: typer.Typer) -> None:
     app.command()(apply)
     app.command("list")(list_jobs)
     app.command()(inspect)
+    app.command()(update)
     app.command()(enable)
     app.command()(disable)
     app.command()(delete)

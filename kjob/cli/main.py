@@ -8,7 +8,8 @@ for a refused or failed action, 2 for a command line that does not parse.
 from __future__ import annotations
 
 import tomllib
-from typing import Any
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -59,6 +60,23 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _version(show: bool) -> None:
+    if show:
+        typer.echo(f"kjob {kjob_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Cluster-wide, multi-tenant cron for AI agents."""
+
+
 jobs.register(app)
 runs.register(app)
 status.register(app)
@@ -66,6 +84,13 @@ policies.register(app)
 serve.register(app)
 admin.register(app)
 dashboard.register(app)
+
+
+def kjob_version() -> str:
+    try:
+        return version("koder-scheduler")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
 
 
 def main() -> None:

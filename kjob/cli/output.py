@@ -1,21 +1,29 @@
-"""How the CLI prints: rich tables for people, plain JSON for programs (`-o json`).
+"""How the CLI prints: tables for people, plain JSON for programs (`-o json`).
 
-The JSON shapes are a contract (docs/cli.md); tables are not and may change.
+Tables fit the terminal (80 columns when piped): one line a row, narrow values, and long free
+text cut short with "…"; `--wide` prints every value whole, with more columns. The JSON shapes
+are a contract (docs/cli.md); tables are not and may change.
 """
 
 from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Iterable
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
+from kjob.client import Client
+from kjob.model.run import utc_text
 from kjob.model.schedule import zone
+from kjob.model.views import JobView
 
 
 class Format(str, enum.Enum):
@@ -23,9 +31,24 @@ class Format(str, enum.Enum):
     json = "json"
 
 
-def console() -> Console:
+WideOpt = Annotated[bool, typer.Option("--wide", "-w", help="every value whole, and more columns")]
+
+
+def api() -> Client:
+    """The client of the API for one command: URL and token as docs/cli.md says."""
+    return Client()
+
+
+def dump(data: BaseModel | Iterable[BaseModel]) -> Any:
+    """A model (or several) as the API's JSON."""
+    if isinstance(data, BaseModel):
+        return data.model_dump(mode="json")
+    return [d.model_dump(mode="json") for d in data]
+
+
+def console(wide: bool = False) -> Console:
     # Built per call: the CLI runner of the tests swaps sys.stdout between commands.
-    return Console(highlight=False, soft_wrap=False)
+    return Console(highlight=False, soft_wrap=False, width=WIDE_WIDTH if wide else None)
 
 
 def print_json(data: Any) -> None:
@@ -42,35 +65,100 @@ def local_text(moment: datetime, tz: str) -> str:
     return moment.astimezone(zone(tz)).strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
-def parse_utc(text: str) -> datetime:
-    return datetime.fromisoformat(text)
+@dataclass(frozen=True)
+class Col:
+    header: str
+    #: 0: never cut. 1: cut short (ending in "…") so the table fits the terminal. 2: cut only
+    #: when the columns of 1 are down to their minimum (a name, which should stay readable).
+    flex: int = 0
+    right: bool = False
+    #: The fewest characters a cut leaves.
+    min: int = 8
 
 
-def slots_table(slots: Iterable[str], tz: str, title: str | None = None) -> Table:
-    """UTC instants (`...Z`) shown in `tz` and in UTC, numbered."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("#", justify="right")
-    table.add_column(f"local ({tz})", no_wrap=True)
-    table.add_column("UTC", no_wrap=True)
-    for i, slot in enumerate(slots, 1):
-        table.add_row(str(i), local_text(parse_utc(slot), tz), slot)
-    return table
+#: The width `--wide` lays rich output out in: wide enough that nothing folds.
+WIDE_WIDTH = 100_000
+
+#: Two spaces between columns.
+GAP = "  "
 
 
-def jobs_table(jobs: list[dict[str, Any]]) -> Table:
-    table = Table()
-    for name in ("SLUG", "SCHEDULE", "TIMEZONE", "AGENT", "ENABLED", "NEXT FIRE (UTC)"):
-        table.add_column(name, overflow="fold")
+def terminal_width() -> int:
+    """COLUMNS, else the terminal's width, else 80 (piped output)."""
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+def _fit(widths: list[int], columns: Sequence[Col], width: int) -> list[int]:
+    """Narrow the flexible columns, the widest of the lowest level first, until the table fits."""
+    widths = list(widths)
+    excess = sum(widths) + len(GAP) * (len(widths) - 1) - width
+    for level in (1, 2):
+        while excess > 0:
+            cuttable = [i for i, c in enumerate(columns) if c.flex == level and widths[i] > max(c.min, len(c.header))]
+            if not cuttable:
+                break
+            widest = max(cuttable, key=lambda i: widths[i])
+            widths[widest] -= 1
+            excess -= 1
+    return widths
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def table(columns: Sequence[Col], rows: Iterable[Sequence[object]], *, wide: bool = False) -> str:
+    """Plain aligned columns, one line a row: every value on one line, the flexible columns
+    cut short to fit the terminal unless `wide`. None prints as "-"."""
+    cells = [["-" if v is None else str(v).replace("\n", " ") for v in row] for row in rows]
+    widths = [max([len(c.header), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    if not wide:
+        widths = _fit(widths, columns, terminal_width())
+
+    def line(values: Sequence[str]) -> str:
+        parts = [_cut(v, w).rjust(w) if c.right else _cut(v, w).ljust(w) for v, w, c in zip(values, widths, columns)]
+        return GAP.join(parts).rstrip()
+
+    return "\n".join([line([c.header for c in columns]), *(line(r) for r in cells)])
+
+
+def print_table(columns: Sequence[Col], rows: Iterable[Sequence[object]], *, wide: bool = False,
+                title: str | None = None) -> None:
+    if title:
+        say(title)
+    say(table(columns, rows, wide=wide))
+
+
+def when(instant: object, wide: bool) -> str | None:
+    """An instant for a table: `11-26 07:33:22` (UTC) narrow, as the API wrote it when wide."""
+    if instant is None:
+        return None
+    text = instant if isinstance(instant, str) else utc_text(instant)  # type: ignore[arg-type]
+    return text if wide else text[5:19].replace("T", " ")
+
+
+def slots_table(slots: Iterable[datetime], tz: str, title: str | None = None) -> None:
+    """UTC instants shown in `tz` and in UTC, numbered."""
+    rows = [[i, local_text(slot, tz), utc_text(slot)] for i, slot in enumerate(slots, 1)]
+    print_table([Col("#", right=True), Col(f"LOCAL ({tz})"), Col("UTC")], rows, title=title)
+
+
+def jobs_table(jobs: Iterable[JobView], wide: bool = False) -> None:
+    columns = [Col("SLUG", flex=2, min=16), Col("SCHEDULE", flex=1), Col("TIMEZONE", flex=1), Col("AGENT"),
+               Col("ENABLED"), Col("NEXT FIRE (UTC)")]
+    extra = [Col("SANDBOX"), Col("OUTPUT"), Col("DESCRIPTION")] if wide else []
+    rows = []
     for job in jobs:
-        table.add_row(
-            job["slug"],
-            job["schedule"],
-            job["timezone"],
-            job["agent"],
-            "yes" if job["enabled"] else "no",
-            job.get("next_fire") or "-",
-        )
-    return table
+        fire = job.next_fire if wide or not job.next_fire else job.next_fire[:19].replace("T", " ")
+        row: list[object] = [job.slug, job.schedule, job.timezone, job.agent, "yes" if job.enabled else "no", fire]
+        if wide:
+            row += [_sandbox(job.sandbox.backend, job.sandbox.image), job.output.channel, job.description or None]
+        rows.append(row)
+    print_table(columns + extra, rows, wide=wide)
+
+
+def _sandbox(backend: str, image: str | None) -> str:
+    return backend + (f" ({image})" if image else "")
 
 
 def job_table(job: dict[str, Any]) -> Table:
@@ -88,7 +176,7 @@ def job_table(job: dict[str, Any]) -> Table:
         ("schedule", job["schedule"]),
         ("timezone", job["timezone"]),
         ("agent", job["agent"]),
-        ("sandbox", sandbox["backend"] + (f" ({sandbox['image']})" if sandbox.get("image") else "")),
+        ("sandbox", _sandbox(sandbox["backend"], sandbox.get("image"))),
         ("output", job["output"]["channel"]),
         ("retries", f"{retries['max']} ({retries['backoff']})"),
         ("timeout", job["timeout"]),

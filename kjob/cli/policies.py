@@ -7,9 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kjob.cli.client import ApiClient, resolve
-from kjob.cli.output import Format, print_json, say
-from kjob.config import Settings
+from kjob.cli.output import Format, api, dump, print_json, say
 from kjob.model.policies import OVERLAP_POLICIES
 
 OverlapOpt = Annotated[
@@ -50,20 +48,19 @@ def backfill(
 ) -> None:
     """Run the job's slots of a past range (at most 1000). Slots already in the ledger are not
     run again. The runs follow the job's overlap policy unless --overlap names another."""
-    with ApiClient(resolve(Settings())) as api:
-        result = api.backfill(slug, start, end, overlap)
+    with api() as kjob:
+        result = kjob.runs.backfill(slug, start, end, overlap=overlap)  # type: ignore[arg-type]
     if output is Format.json:
-        print_json(result)
+        print_json(dump(result))
         return
-    if not result["slots"]:
+    if not result.slots:
         say(f"no slot of {slug} in that range: nothing to run")
         return
-    say(f"backfill of {slug}: {result['queued']} runs queued, {result['existing']} slots already in the ledger "
-        f"(not run again); overlap {result['overlap']}")
-    if result["overlap"] == "skip" and result["queued"] > 1:
+    say(f"backfill of {slug}: {result.queued} runs queued, {result.existing} slots already in the ledger "
+        f"(not run again); overlap {result.overlap}")
+    if result.overlap == "skip" and result.queued > 1:
         say("note: under overlap 'skip' a run that finds another still running is skipped; "
             "--overlap queue runs them one after another")
-
 
 def register(app: typer.Typer) -> None:
     app.command()(backfill)

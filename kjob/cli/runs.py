@@ -1,47 +1,56 @@
-"""The run commands: run-now (optionally waiting for the outcome), runs (history), logs."""
+"""The run commands: run-now (optionally waiting for the outcome), runs (history), logs.
+
+Run ids may be given short, as tables show them (like git's hashes): the gateway resolves any
+prefix of at least 4 characters that starts only one of the tenant's runs."""
 
 from __future__ import annotations
 
+import itertools
 import sys
-import time
-from typing import Annotated, Any
+from collections.abc import Iterable
+from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from kjob.cli.client import ApiClient, resolve
-from kjob.cli.output import Format, console, print_json, say
-from kjob.config import Settings
-from kjob.model.run import FINAL_STATUSES, RunStatus
+from kjob.cli.output import Col, Format, WideOpt, api, console, dump, print_json, print_table, say, when
+from kjob.client import RunStatus, RunView, WaitTimedOut
+from kjob.model.run import SHORT_RUN_ID
 
 OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for programs")]
-FINAL = {s.value for s in FINAL_STATUSES}
+RunIdArg = Annotated[str, typer.Argument(help="the run id, or its first 4 or more characters (see `kjob runs SLUG`)")]
 
 
-def _client() -> ApiClient:
-    return ApiClient(resolve(Settings()))
+def took(run: RunView) -> str | None:
+    """`0.4s`, `12.3s`, `5m03s`, `2h01m`: how long the run ran."""
+    d = run.duration_s
+    if d is None:
+        return None
+    if d < 60:
+        return f"{d:.1f}s"
+    minutes, seconds = divmod(int(d), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
-def _duration(run: dict[str, Any]) -> str:
-    d = run.get("duration_s")
-    return "-" if d is None else f"{d:.1f}s"
+def outcome(run: RunView) -> str:
+    """One line saying how a run ended and why: `run d05cc3de failed (exit code 2): ...`."""
+    detail = f" (exit code {run.exit_code})" if run.exit_code not in (None, 0) else ""
+    reason = f": {run.reason}" if run.reason and run.status is not RunStatus.succeeded else ""
+    return f"run {run.id[:SHORT_RUN_ID]} {run.status.value}{detail}{reason}"
 
 
-def runs_table(runs: list[dict[str, Any]]) -> Table:
-    table = Table()
-    table.add_column("RUN ID", no_wrap=True)
-    for name in ("SLOT (UTC)", "TRIGGER", "STATUS", "TRY", "STARTED", "TOOK", "DELIVERY"):
-        table.add_column(name, overflow="fold")
+def runs_table(runs: list[RunView], wide: bool = False) -> None:
+    columns = [Col("RUN"), Col("SLOT (UTC)"), Col("TRIGGER"), Col("STATUS"), Col("EXIT", right=True), Col("TOOK"),
+               Col("DELIVERY"), Col("REASON", flex=1)]
+    if wide:
+        columns[6:6] = [Col("TRY", right=True), Col("STARTED (UTC)")]
+    rows = []
     for r in runs:
-        status = r["status"] + (f" ({r['reason']})" if r["status"] in ("missed", "skipped") and r.get("reason") else "")
-        table.add_row(r["id"], _short(r["slot"]), r["trigger"], status, str(r["attempt"]), _short(r.get("started_at")),
-                      _duration(r), r["delivery_status"])
-    return table
-
-
-def _short(instant: str | None) -> str:
-    """`2026-11-26T07:33:22.014014Z` -> `11-26 07:33:22`: the table is read by people, -o json by programs."""
-    return "-" if not instant else instant[5:19].replace("T", " ")
+        row: list[object] = [r.id if wide else r.id[:SHORT_RUN_ID], when(r.slot, wide), r.trigger.value,
+                             r.status.value, r.exit_code, took(r), r.delivery_status.value, r.reason or r.error]
+        if wide:
+            row[6:6] = [r.attempt, when(r.started_at, wide)]
+        rows.append(row)
+    print_table(columns, rows, wide=wide)
 
 
 def run_now(
@@ -51,29 +60,23 @@ def run_now(
     output: OutputOpt = Format.table,
 ) -> None:
     """Run a job now, outside its schedule."""
-    with _client() as api:
-        run = api.run_now(slug)
+    with api() as kjob:
+        run = kjob.runs.run_now(slug)
         if not wait:
-            print_json(run) if output is Format.json else say(f"started run {run['id']} of {slug}")
+            print_json(dump(run)) if output is Format.json else say(f"started run {run.id} of {slug}")
             return
-        deadline = time.monotonic() + timeout
-        with console().status(f"running {slug} (run {run['id']})…", spinner="dots"):
-            while run["status"] not in FINAL:
-                if time.monotonic() > deadline:
-                    raise typer.Exit(_exit(f"error: run {run['id']} still {run['status']} after {timeout:.0f}s; "
-                                           f"follow it with `kjob logs -f {run['id']}`"))
-                time.sleep(0.25)
-                run = api.get_run(run["id"])
-        log = api.logs(run["id"])
+        try:
+            with console().status(f"running {slug} (run {run.id[:SHORT_RUN_ID]})…", spinner="dots"):
+                run = kjob.runs.wait(run.id, timeout_s=timeout)
+        except WaitTimedOut as e:
+            raise typer.Exit(_exit(f"error: {e}; follow it with `kjob logs -f {run.id[:SHORT_RUN_ID]}`")) from None
+        log = list(kjob.runs.logs(run.id))
     if output is Format.json:
-        print_json({**run, "output": log})
+        print_json({**dump(run), "output": "".join(f"{line}\n" for line in log)})
     else:
-        if log:
-            sys.stdout.write(log if log.endswith("\n") else log + "\n")
-        detail = f" (exit code {run['exit_code']})" if run.get("exit_code") not in (None, 0) else ""
-        reason = f": {run['reason']}" if run.get("reason") and run["status"] != "succeeded" else ""
-        say(f"run {run['id']} {run['status']}{detail}{reason} after {run['attempt']} attempt(s), {_duration(run)}")
-    if run["status"] != RunStatus.succeeded.value:
+        _write(log)
+        say(f"{outcome(run)} after {run.attempt} attempt(s), {took(run) or '-'}")
+    if run.status is not RunStatus.succeeded:
         raise typer.Exit(1)
 
 
@@ -82,34 +85,39 @@ def _exit(message: str) -> int:
     return 1
 
 
+def _write(lines: Iterable[str]) -> None:
+    for line in lines:
+        sys.stdout.write(f"{line}\n")
+        sys.stdout.flush()
+
+
 def runs(
     slug: Annotated[str, typer.Argument(help="the job's slug")],
-    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=1000, help="how many, newest first")] = 20,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="how many, newest first")] = 20,
     output: OutputOpt = Format.table,
+    wide: WideOpt = False,
 ) -> None:
-    """A job's run history, newest first."""
-    with _client() as api:
-        history = api.list_runs(slug, limit)
+    """A job's run history, newest first: how each run ended (exit code) and why."""
+    with api() as kjob:
+        history = list(itertools.islice(kjob.runs.list(slug, page_size=min(limit, 1000)), limit))
     if output is Format.json:
-        print_json(history)
+        print_json(dump(history))
     elif not history:
         say(f"no runs of {slug} yet; start one with `kjob run-now {slug}`")
     else:
-        console().print(runs_table(history))
+        runs_table(history, wide)
 
 
 def logs(
-    run_id: Annotated[str, typer.Argument(help="the run id (see `kjob runs SLUG`)")],
+    run_id: RunIdArg,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="stream live output until the run ends")] = False,
 ) -> None:
-    """A run's output (stdout and stderr)."""
-    with _client() as api:
-        if follow:
-            for chunk in api.follow_logs(run_id):
-                sys.stdout.write(chunk)
-                sys.stdout.flush()
-        else:
-            sys.stdout.write(api.logs(run_id))
+    """A run's output (stdout and stderr); for a run that did not succeed, why, and exit 1."""
+    with api() as kjob:
+        _write(kjob.runs.logs(run_id, follow=follow))
+        run = kjob.runs.get(run_id)
+    if run.status.final and run.status is not RunStatus.succeeded:
+        raise typer.Exit(_exit(outcome(run)))
 
 
 def register(app: typer.Typer) -> None:

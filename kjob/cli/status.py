@@ -5,56 +5,56 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from kjob.cli.client import ApiClient, resolve
-from kjob.cli.output import Format, console, print_json, say
-from kjob.config import Settings
+from kjob.cli.output import Col, Format, WideOpt, api, dump, print_json, print_table, say
 
 
 def status(
     output: Annotated[Format, typer.Option("--output", "-o", help="table for people, json for programs")] = Format.table,
+    wide: WideOpt = False,
 ) -> None:
     """Show the cluster: nodes and their roles, the ticker leader, stream and consumer backlog."""
-    with ApiClient(resolve(Settings())) as api:
-        data = api.status()
+    with api() as kjob:
+        view = kjob.status()
     if output is Format.json:
-        print_json(data)
+        print_json(dump(view))
         return
-    out = console()
-    leader = data.get("leader")
+    leader = view.leader
     if leader:
-        say(f"ticker leader: {leader['node']} (lease revision {leader['revision']}, renewed {leader['lease_age_s']:.1f}s ago)")
+        say(f"ticker leader: {leader.node} (lease revision {leader.revision}, renewed {leader.lease_age_s:.1f}s ago)")
     else:
         say("ticker leader: none: no node runs the ticker role, or an election is under way")
-    out.print(_nodes(data["nodes"]))
-    out.print(_streams(data["streams"]))
+    say("")
+    _nodes(view.nodes, wide)
+    say("")
+    _streams(view.streams, wide)
 
 
-def _nodes(nodes: list[dict[str, Any]]) -> Table:
-    table = Table(title="nodes", title_justify="left")
-    for name in ("NODE", "ROLES", "LEADING", "SANDBOXES", "SEEN"):
-        table.add_column(name, overflow="fold")
+def _nodes(nodes: list[dict[str, Any]], wide: bool) -> None:
+    rows = []
     for n in nodes:
-        boxes = [f"{k} ({', '.join(f'{a}={b}' for a, b in v.items())})" if v else k for k, v in n.get("sandboxes", {}).items()]
+        boxes = [f"{k} ({', '.join(f'{a}={b}' for a, b in v.items())})" if v and wide else k
+                 for k, v in n.get("sandboxes", {}).items()]
         boxes += [f"{k}: unavailable" for k in n.get("sandboxes_unavailable", {})]
-        table.add_row(n["node"], ",".join(n.get("roles", [])), "yes" if n.get("leading") else "",
-                      "\n".join(boxes) or "-", n.get("seen", "")[11:19])
-    return table
+        rows.append([n["node"], ",".join(n.get("roles", [])), "yes" if n.get("leading") else "",
+                     ", ".join(boxes) or None, n.get("seen", "") if wide else n.get("seen", "")[11:19]])
+    print_table([Col("NODE", flex=1), Col("ROLES", flex=1), Col("LEADING"), Col("SANDBOXES", flex=1),
+                 Col("SEEN (UTC)")], rows, wide=wide, title="nodes")
 
 
-def _streams(streams: dict[str, dict[str, Any]]) -> Table:
-    table = Table(title="streams", title_justify="left")
-    for name in ("STREAM", "MESSAGES", "REPLICAS", "CONSUMER", "PENDING", "ACK PENDING", "REDELIVERED"):
-        table.add_column(name)
+def _streams(streams: dict[str, dict[str, Any]], wide: bool) -> None:
+    headers = (["STREAM", "MESSAGES", "REPLICAS", "CONSUMER", "PENDING", "ACK PENDING", "REDELIVERED"] if wide
+               else ["STREAM", "MSGS", "REPL", "CONSUMER", "PENDING", "UNACKED", "REDELIV"])
+    rows = []
     for name, s in streams.items():
         if not s.get("exists"):
-            table.add_row(name, "missing", "", "", "", "", "")
+            rows.append([name, "missing", "", "", "", "", ""])
             continue
         c = s.get("consumer") or {}
-        table.add_row(name, str(s["messages"]), str(s["replicas"]), c.get("name", "-"), str(c.get("pending", "-")),
-                      str(c.get("ack_pending", "-")), str(c.get("redelivered", "-")))
-    return table
+        rows.append([name, s["messages"], s["replicas"], c.get("name"), c.get("pending"), c.get("ack_pending"),
+                     c.get("redelivered")])
+    columns = [Col(h, flex=int(h in ("STREAM", "CONSUMER")), right=i in (1, 2, 4, 5, 6)) for i, h in enumerate(headers)]
+    print_table(columns, rows, wide=wide, title="streams")
 
 
 def register(app: typer.Typer) -> None:

@@ -2,7 +2,11 @@
 
 Every error answer has the same JSON shape, whatever raised it:
 
-    {"error": {"message": "<what is wrong and what to do>", "field": "<dotted field or null>"}}
+    {"error": {"message": "<what is wrong and what to do>", "field": "<dotted field or null>",
+               "kind": "<what went wrong, for programs>"}}
+
+`kind` tells apart what one status covers (409: `conflict` or `quota_exceeded`), so a client
+(kjob.client) raises the exception a caller catches by kind without reading the message.
 
     kjob.errors.InvalidInput (incl. ScheduleError, JobFileError)   422
     malformed JSON body                                            400 (field "body")
@@ -37,6 +41,7 @@ from kjob.errors import (
     InvalidInput,
     KjobError,
     NotFound,
+    QuotaExceeded,
     RateLimited,
     ServerError,
     Unauthorized,
@@ -56,6 +61,13 @@ _STATUS: tuple[tuple[type[KjobError], int], ...] = (
     (ServerError, 503),
 )
 
+#: The `kind` of each status, and of the exceptions more specific than their status says.
+_KINDS: dict[int, str] = {
+    400: "invalid_input", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "not_found",
+    409: "conflict", 413: "invalid_input", 422: "invalid_input", 429: "rate_limited", 503: "unavailable",
+    500: "internal",
+}
+
 #: Where FastAPI says a request value came from; the field name is what follows.
 _SOURCES = frozenset({"body", "query", "path", "header", "cookie"})
 
@@ -63,6 +75,9 @@ _SOURCES = frozenset({"body", "query", "path", "header", "cookie"})
 class ErrorDetail(BaseModel):
     message: str
     field: str | None = None
+    #: invalid_input, unauthorized, forbidden, not_found, conflict, quota_exceeded,
+    #: rate_limited, unavailable or internal.
+    kind: str | None = None
 
 
 class ErrorBody(BaseModel):
@@ -89,13 +104,14 @@ V1_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def error_body(message: str, field: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "field": field}}
+def error_body(message: str, field: str | None = None, kind: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "field": field, "kind": kind}}
 
 
-def error_response(status: int, message: str, field: str | None = None) -> JSONResponse:
+def error_response(status: int, message: str, field: str | None = None, kind: str | None = None) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(error_body(message, field), status_code=status, headers=headers)
+    body = error_body(message, field, kind or _KINDS.get(status, "internal" if status >= 500 else "invalid_input"))
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def status_for(exc: KjobError) -> int:
@@ -117,7 +133,7 @@ async def _kjob_error(request: Request, exc: Exception) -> JSONResponse:
         response = error_response(status, str(exc))
         response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
         return response
-    return error_response(status, str(exc))
+    return error_response(status, str(exc), kind="quota_exceeded" if isinstance(exc, QuotaExceeded) else None)
 
 
 async def _request_invalid(request: Request, exc: Exception) -> JSONResponse:

@@ -189,3 +189,18 @@ class Attempt(BaseModel):
     finished_at: datetime | None = None
     exit_code: int | None = None
     reason: str | None = None
+
+
+#: How many leading characters of a run id tables show, and the fewest a prefix may have:
+#: like git's short hashes, any unambiguous prefix of at least MIN_RUN_ID_PREFIX names a run.
+SHORT_RUN_ID = 8
+MIN_RUN_ID_PREFIX = 4
+
+
+def run_id_prefix(text: str) -> str | None:
+    """`text` as the start of a run id (lowercased), or None when it cannot be one: too short,
+    a whole id already, or characters no run id has (ids are UUIDs: hex digits and '-')."""
+    prefix = text.lower()
+    if not MIN_RUN_ID_PREFIX <= len(prefix) < 36 or prefix.strip("0123456789abcdef-"):
+        return None
+    return prefix

@@ -211,10 +211,15 @@ class JobStore:
         return job_from_row(row) if row is not None else None
 
     # `builtins.list` below: inside the class, `list` is the method.
-    async def list(self, tenant: str) -> builtins.list[Job]:
-        """The tenant's jobs, by slug."""
+    async def list(self, tenant: str, *, after: str | None = None, limit: int | None = None) -> builtins.list[Job]:
+        """The tenant's jobs, by slug; a page of them with `after` (the last slug of the page
+        before) and `limit`."""
         async with self.engine.connect() as conn:
             query = _many_jobs_query().where(jobs.c.tenant == tenant).order_by(jobs.c.slug)
+            if after is not None:
+                query = query.where(jobs.c.slug > after)
+            if limit is not None:
+                query = query.limit(limit)
             rows = (await conn.execute(query)).all()
         return jobs_from_rows(rows)
 
@@ -240,7 +245,7 @@ class JobStore:
             job = await self._insert(conn, actor, spec)
         if job is None:
             raise Conflict(
-                f"a job named {spec.slug!r} already exists; change it with update/apply, "
+                f"a job named {spec.slug!r} already exists; change it with `kjob update` or `kjob apply`, "
                 "or pick another slug"
             )
         return job

@@ -26,9 +26,9 @@ from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from kjob.errors import NotFound
+from kjob.errors import InvalidInput, NotFound
 from kjob.model.job import Job
-from kjob.model.run import FINAL_STATUSES, Attempt, DeliveryStatus, Run, RunStatus, Trigger
+from kjob.model.run import FINAL_STATUSES, Attempt, DeliveryStatus, Run, RunStatus, Trigger, run_id_prefix
 from kjob.store.audit import Actor, record_by
 from kjob.store.jobs import job_from_dict
 from kjob.store.quotas import check_running
@@ -159,6 +159,10 @@ class Claimed:
 class Delivery:
     run: Run
     channel: str
+
+
+#: How many runs an ambiguous short id error names.
+AMBIGUOUS_SHOWN = 3
 
 
 def _run(row) -> Run:
@@ -487,20 +491,38 @@ class RunLedger:
     # -- readers (gateway) ----------------------------------------------------------------
 
     async def get(self, tenant: str, run_id: str) -> Run:
+        """The tenant's run `run_id`, or the one run whose id starts with it (a short id).
+
+        :raises NotFound: no run of the tenant has that id or prefix.
+        :raises InvalidInput: (field `run_id`) the prefix starts several of the tenant's runs.
+        """
         async with self.engine.connect() as conn:
             row = (await conn.execute(
                 select(job_runs).where(job_runs.c.id == run_id, job_runs.c.tenant == tenant)
             )).first()
+            prefix = run_id_prefix(run_id) if row is None else None
+            if prefix is not None:
+                rows = (await conn.execute(
+                    select(job_runs).where(job_runs.c.id.like(f"{prefix}%"), job_runs.c.tenant == tenant)
+                    .order_by(job_runs.c.id).limit(AMBIGUOUS_SHOWN)
+                )).all()
+                if len(rows) > 1:
+                    many = "at least " if len(rows) == AMBIGUOUS_SHOWN else ""
+                    shown = ", ".join(r.id[:12] for r in rows)
+                    raise InvalidInput(f"{run_id!r} is the start of {many}{len(rows)} runs ({shown}); "
+                                       "give more of the id", "run_id")
+                row = rows[0] if rows else None
         if row is None:
             raise NotFound("run", run_id)
         return _run(row)
 
-    async def list_for_job(self, job_id: UUID, limit: int = 50) -> list[Run]:
+    async def list_for_job(self, job_id: UUID, limit: int = 50, before: datetime | None = None) -> list[Run]:
+        """The job's runs, newest slot first; with `before`, only older slots (the next page)."""
+        query = select(job_runs).where(job_runs.c.job_id == job_id)
+        if before is not None:
+            query = query.where(job_runs.c.slot < before)
         async with self.engine.connect() as conn:
-            rows = await conn.execute(
-                select(job_runs).where(job_runs.c.job_id == job_id)
-                .order_by(job_runs.c.slot.desc()).limit(limit)
-            )
+            rows = await conn.execute(query.order_by(job_runs.c.slot.desc()).limit(limit))
             return [_run(r) for r in rows]
 
     async def attempts(self, run_id: str) -> list[Attempt]:
@@ -512,7 +534,7 @@ class RunLedger:
 
     async def log(self, tenant: str, run_id: str) -> tuple[str, int, int]:
         """(output, total bytes, dropped bytes) of the run's last attempt; empty if none yet."""
-        await self.get(tenant, run_id)
+        run_id = (await self.get(tenant, run_id)).id  # a short id names the whole one
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(run_logs).where(run_logs.c.run_id == run_id))).first()
         if row is None:

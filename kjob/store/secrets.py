@@ -19,7 +19,6 @@ from __future__ import annotations
 import builtins
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,12 +31,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kjob.config import Settings
 from kjob.errors import Conflict, InvalidInput, NotFound, ServerError
+from kjob.model.secrets import check_name
 from kjob.store.audit import Actor, record_by
 from kjob.store.tables import jobs, tenant_secrets
 
 #: What marks an env value as a reference: `"secret:<name>"`.
 REFERENCE_PREFIX = "secret:"
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MAX_VALUE_BYTES = 64 * 1024
 KEYGEN_HINT = "generate one with `kjob secret keygen`"
 
@@ -50,16 +49,6 @@ class SecretKeyMissing(ServerError):
             "secrets are not configured on this server: set KJOB_SECRET_KEY on every node "
             f"({KEYGEN_HINT}), or let `kjob up` create $KJOB_HOME/secret.key"
         )
-
-
-def check_name(name: str, field: str = "name") -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise InvalidInput(
-            f"{name!r} is not a secret name: use 1-64 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit",
-            field,
-        )
-    return name
 
 
 def references(env: Mapping[str, str], field: str = "sandbox.env") -> dict[str, str]:

@@ -113,6 +113,9 @@ Index(
     job_runs.c.slot,
     postgresql_where=text("status IN ('scheduled','running','retrying') OR claimed_by IS NOT NULL"),
 )
+#: Short run ids (`kjob logs d05cc3de`): `id LIKE 'prefix%'` reads this range instead of the
+#: whole ledger; the primary key's collation-aware order cannot serve LIKE.
+Index("ix_job_runs_id_prefix", job_runs.c.id, postgresql_ops={"id": "text_pattern_ops"})
 
 #: One row per attempt of a run: the history behind `job_runs.attempt`.
 run_attempts = Table(

@@ -24,6 +24,7 @@ from kjob.gateway.app import create_app
 from kjob.gateway.state import GatewayState
 from kjob.store.database import create_engine
 from kjob.store.jobs import JobStore
+from kjob.store.runs import RunLedger
 from kjob.store.tokens import TokenStore
 
 START_DEADLINE_S = 10.0
@@ -112,6 +113,7 @@ class GatewayServer:
             engine=engine,
             jobs=JobStore(engine),
             tokens=TokenStore(engine),
+            ledger=RunLedger(engine),
             agents=AgentRegistry.load(None),
             relay_configured=self._relay_configured,
         )

@@ -7,35 +7,19 @@ this job?" is what anyone looking after a job needs to answer.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel
 
 from kjob.gateway.auth import Viewer, gateway_state
 from kjob.gateway.state import GatewayState
 from kjob.model.job import SLUG_PATTERN
+from kjob.model.views import AuditView
 from kjob.store.audit import list_audit
 
 router = APIRouter(tags=["audit"])
 State = Annotated[GatewayState, Depends(gateway_state)]
 
-
-class AuditView(BaseModel):
-    id: int
-    at: datetime
-    tenant: str
-    #: Who: `token:<id>` for a kjob API token, `oidc:<sub>` for an OpenID Connect token.
-    actor: str
-    token_id: str | None = None
-    #: `<kind>.<verb>`: job.create, job.update, job.delete, job.enable, job.disable, job.run,
-    #: job.backfill, token.create, token.revoke, secret.set, secret.delete.
-    action: str
-    #: `job/<slug>`, `token/<id>` or `secret/<name>`.
-    target: str
-    #: What changed (for updates `{field: {"from": ..., "to": ...}}`); never a secret.
-    change: dict[str, Any] | None = None
 
 
 @router.get("/audit", response_model=list[AuditView])

@@ -24,6 +24,7 @@ from kjob.gateway.state import GatewayState
 from kjob.model.policies import OverlapPolicy, backfill_slots
 from kjob.model.run import Run
 from kjob.model.schedule import Schedule
+from kjob.model.views import BackfillResult
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,6 @@ class BackfillRequest(BaseModel):
         default=None, description="overlap policy for these runs; the job's own when unset"
     )
 
-
-class BackfillResult(BaseModel):
-    #: Slots of the job in the range.
-    slots: int
-    #: New runs, published to the executors.
-    queued: int
-    #: Slots the ledger already held: not run again.
-    existing: int
-    #: The overlap policy the new runs start under.
-    overlap: OverlapPolicy
-    run_ids: list[str]
 
 
 @router.post("/jobs/{slug}/backfill", status_code=status.HTTP_202_ACCEPTED, response_model=BackfillResult)

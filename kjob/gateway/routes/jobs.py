@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Response, status
+from fastapi import APIRouter, Body, Depends, Query, Response, status
 from pydantic import BaseModel, Field
 
 from kjob.errors import InvalidInput, NotFound
@@ -23,6 +23,7 @@ from kjob.store.usage import UsageStore
 from kjob.model.job import Job, JobSpec, merge_job
 from kjob.model.run import utc_text
 from kjob.model.schedule import Schedule
+from kjob.model.views import ApplyResult, JobView
 from kjob.store.tokens import Principal
 
 log = logging.getLogger(__name__)
@@ -30,22 +31,9 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["jobs"])
 
 State = Annotated[GatewayState, Depends(gateway_state)]
-ApplyAction = Literal["created", "updated", "unchanged"]
 
 
-class JobView(Job):
-    """A stored job as the API shows it: the JobSpec fields, what the store assigned, and
-    `next_fire`, the next slot as `YYYY-MM-DDTHH:MM:SSZ` (null when disabled or when the
-    schedule has no slot left)."""
 
-    next_fire: str | None = None
-    #: What the job's agents reported over the last 7 days (GET /jobs/{slug} only).
-    usage_7d: dict | None = None
-
-
-class ApplyResult(BaseModel):
-    action: ApplyAction
-    job: JobView
 
 
 class ApplyRequest(BaseModel):
@@ -123,10 +111,16 @@ async def create_job(spec: JobSpec, principal: Editor, state: State) -> JobView:
 
 
 @router.get("/jobs", response_model=list[JobView])
-async def list_jobs(principal: Viewer, state: State) -> list[JobView]:
-    """The tenant's jobs, by slug."""
+async def list_jobs(
+    principal: Viewer,
+    state: State,
+    limit: Annotated[int | None, Query(ge=1, le=1000, description="at most this many; default all")] = None,
+    after: Annotated[str | None, Query(description="only slugs after this one: the last of the page before")] = None,
+) -> list[JobView]:
+    """The tenant's jobs, by slug. Paged with `limit` and `after`: a page shorter than `limit`
+    is the last."""
     now = now_utc()
-    return [job_view(job, now) for job in await state.jobs.list(principal.tenant)]
+    return [job_view(job, now) for job in await state.jobs.list(principal.tenant, after=after, limit=limit)]
 
 
 @router.post("/jobs:apply", response_model=ApplyResponse)

@@ -6,10 +6,10 @@ from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel
 
 from kjob.gateway.auth import Viewer, gateway_state
 from kjob.gateway.state import GatewayState
+from kjob.model.views import QuotaLimits, QuotaUsage, QuotaView
 from kjob.store.quotas import usage
 from kjob.store.usage import UsageStore
 
@@ -17,28 +17,7 @@ router = APIRouter(tags=["quotas"])
 State = Annotated[GatewayState, Depends(gateway_state)]
 
 
-class QuotaLimits(BaseModel):
-    max_jobs: int
-    #: None: no limit.
-    max_concurrent_runs: int | None
-    min_interval_s: float
-    run_now_per_minute: int
-    #: None: no cap (docs/agents.md).
-    max_cost_usd_per_day: float | None = None
 
-
-class QuotaUsage(BaseModel):
-    jobs: int
-    concurrent_runs: int
-    run_now_last_minute: int
-    #: What the tenant's agents reported spending since 00:00 UTC.
-    cost_usd_today: float = 0.0
-
-
-class QuotaView(BaseModel):
-    tenant: str
-    limits: QuotaLimits
-    usage: QuotaUsage
 
 
 @router.get("/quotas", response_model=QuotaView)

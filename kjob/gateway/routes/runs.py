@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import datetime
 from typing import Annotated, AsyncIterator
 
 from fastapi import APIRouter, Depends, Query, Response, status
@@ -17,9 +18,10 @@ from nats.js.api import DeliverPolicy
 from kjob.bus import names
 from kjob.errors import ServerError
 from kjob.gateway.auth import Operator, Viewer, actor_of, gateway_state
-from kjob.gateway.tenant_checks import run_now_guard
 from kjob.gateway.state import GatewayState
-from kjob.model.run import Attempt, Run
+from kjob.gateway.tenant_checks import run_now_guard
+from kjob.model.run import Run
+from kjob.model.views import RunDetail, RunView, run_view
 from kjob.store.runs import RunLedger
 from kjob.store.usage import UsageStore
 
@@ -29,21 +31,7 @@ router = APIRouter(tags=["runs"])
 State = Annotated[GatewayState, Depends(gateway_state)]
 
 
-class RunView(Run):
-    """A ledger row, plus how long it ran (seconds, null until finished) and what its agent
-    reported over all its attempts (tokens_in, tokens_out, cost_usd, turns, model, agent;
-    null when no agent report was recorded)."""
 
-    duration_s: float | None = None
-    usage: dict | None = None
-
-
-class RunDetail(RunView):
-    attempts: list[Attempt] = []
-
-
-def run_view(run: Run, usage: dict | None = None) -> RunView:
-    return RunView.model_validate({**dict(run), "duration_s": run.duration(), "usage": usage})
 
 
 def _ledger(state: GatewayState) -> RunLedger:
@@ -72,21 +60,31 @@ async def run_now(slug: str, principal: Operator, state: State) -> RunView:
 
 @router.get("/jobs/{slug}/runs", response_model=list[RunView])
 async def list_runs(
-    slug: str, principal: Viewer, state: State, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+    slug: str,
+    principal: Viewer,
+    state: State,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    before: Annotated[
+        datetime | None, Query(description="only slots before this instant: the last slot of the page before")
+    ] = None,
 ) -> list[RunView]:
-    """The job's runs, newest slot first."""
+    """The job's runs, newest slot first. Paged with `limit` and `before`: a page shorter than
+    `limit` is the last."""
     job = await state.jobs.get(principal.tenant, slug)
-    runs = await _ledger(state).list_for_job(job.id, limit)
-    usage = await UsageStore(state.ledger.engine).of_runs([r.id for r in runs])
+    runs = await _ledger(state).list_for_job(job.id, limit, before)
+    usage = await UsageStore(_ledger(state).engine).of_runs([r.id for r in runs])
     return [run_view(r, usage.get(r.id)) for r in runs]
 
 
 @router.get("/runs/{run_id}", response_model=RunDetail)
 async def get_run(run_id: str, principal: Viewer, state: State) -> RunDetail:
+    """A run and its attempts. `run_id` may be a short id, as tables show it: any prefix of
+    at least 4 characters that starts only one of the tenant's runs (422 naming `run_id` when
+    it starts several)."""
     ledger = _ledger(state)
-    run = await ledger.get(principal.tenant, run_id)
-    usage = (await UsageStore(ledger.engine).of_runs([run_id])).get(run_id)
-    return RunDetail.model_validate({**dict(run_view(run, usage)), "attempts": await ledger.attempts(run_id)})
+    run = await ledger.get(principal.tenant, run_id)  # run_id may be a short id: use run.id below
+    usage = (await UsageStore(ledger.engine).of_runs([run.id])).get(run.id)
+    return RunDetail.model_validate({**dict(run_view(run, usage)), "attempts": await ledger.attempts(run.id)})
 
 
 # `Response`, not PlainTextResponse: the route's class would also make its JSON errors text/plain
@@ -104,7 +102,7 @@ async def run_logs(
     ledger = _ledger(state)
     run = await ledger.get(principal.tenant, run_id)
     if run.status.final or not follow or state.js is None:
-        output, _, dropped = await ledger.log(principal.tenant, run_id)
+        output, _, dropped = await ledger.log(principal.tenant, run.id)
         if dropped:
             output += f"\n[kjob: {dropped} more bytes were produced beyond the output cap]\n"
         return PlainTextResponse(output)

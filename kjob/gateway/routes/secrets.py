@@ -6,7 +6,6 @@ names needs viewer.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Response, status
@@ -14,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kjob.gateway.auth import Editor, Viewer, actor_of, gateway_state
 from kjob.gateway.state import GatewayState
+from kjob.model.views import SecretView
 from kjob.store.secrets import SecretStore
 
 router = APIRouter(tags=["secrets"])
@@ -25,13 +25,6 @@ class SecretValue(BaseModel):
 
     value: str = Field(description="the secret; at most 64 KiB, not empty")
 
-
-class SecretView(BaseModel):
-    """A secret as the API shows it: its name and when it was set, never its value."""
-
-    name: str
-    created_at: datetime
-    updated_at: datetime
 
 
 def _store(state: GatewayState) -> SecretStore:

@@ -7,18 +7,18 @@ revoke is in the audit log of the token's tenant. A token's secret is answered o
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from kjob.gateway.auth import Admin, actor_of, gateway_state, managed_tenant
 from kjob.gateway.state import GatewayState
+from kjob.model.views import NewToken, Role, TokenView
 
 router = APIRouter(tags=["tokens"])
 State = Annotated[GatewayState, Depends(gateway_state)]
-Role = Literal["viewer", "operator", "editor", "admin"]
+
 TenantQuery = Annotated[
     str | None, Query(description="another tenant (admins of the admin tenant only); default: your own")
 ]
@@ -32,20 +32,6 @@ class TokenRequest(BaseModel):
     tenant: str | None = Field(default=None, description="another tenant (admins of the admin tenant only)")
 
 
-class TokenView(BaseModel):
-    """A token as lists show it: never its secret."""
-
-    id: str
-    tenant: str
-    role: Role
-    name: str
-    created_at: datetime
-    revoked_at: datetime | None = None
-
-
-class NewToken(TokenView):
-    #: The bearer secret: shown this once, stored only as a hash.
-    secret: str
 
 
 @router.post("/tokens", status_code=status.HTTP_201_CREATED, response_model=NewToken)

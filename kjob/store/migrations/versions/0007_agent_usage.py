@@ -1,7 +1,7 @@
 """Agent usage and answers per attempt: tokens, cost, turns, model, and the answer Relay gets.
 
 Revision ID: 0007
-Revises: 0004
+Revises: 0017 (0004 on its own; re-chained after the merge of main)
 Create Date: 2026-12-01
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0004"
+down_revision = "0017"
 branch_labels = None
 depends_on = None
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Install and start what the sandbox tests need on a fresh Debian machine:
-# a Docker engine, bubblewrap (process isolation), busybox-static (the test image's rootfs) and
-# Chromium (the dashboard's browser test drives Debian's build through Playwright).
+# a Docker engine, bubblewrap (process isolation), busybox-static (the test image's rootfs),
+# Chromium (the dashboard's browser test drives Debian's build through Playwright), passt
+# (pasta: the process sandbox's egress network), iproute2 and iptables (egress rules),
+# gcc (the hostile-job tests build a preload library) and dbus (tests/dbus start their own
+# dbus-daemon).
 # Idempotent: installs only what is missing and starts dockerd only when no engine answers.
 set -euo pipefail
 
@@ -15,6 +18,12 @@ command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
 [ -x /bin/busybox ] || missing+=(busybox-static)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v pasta >/dev/null 2>&1 || missing+=(passt)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+command -v gcc >/dev/null 2>&1 || missing+=(gcc libc6-dev)
+command -v dbus-daemon >/dev/null 2>&1 || missing+=(dbus)
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "docker.sh: installing ${missing[*]}"
     sudo_ env DEBIAN_FRONTEND=noninteractive apt-get update -qq

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 ROLES = ("ticker", "executor", "dispatcher", "api")
@@ -48,6 +48,19 @@ class ExecutorSettings(BaseModel):
         description="host directories the operator shares read-write with every process sandbox, at the same path "
         "(e.g. a tools cache); nothing else of the host's writable state is visible to agents",
     )
+    host_network_tenants: list[str] = Field(
+        default=[],
+        description="tenants whose jobs may set sandbox.network = \"host\" (the node's own network, its "
+        "loopback services included); checked when a job is written and again when it runs",
+    )
+    sandbox_disk: str = Field(
+        default="512m", pattern=r"^[0-9]+[kmgKMG]?$",
+        description="size of each sandbox's work dir and of its /tmp (each a tmpfs: RAM, no host disk)",
+    )
+    sandbox_uid_base: int = Field(
+        default=200_000, ge=1000, le=2**31 - 100_000,
+        description="when the executor runs as root, process sandboxes run as uids from here up, one per attempt in flight",
+    )
     # Agent runs (kjob.executor.agent_run, docs/agents.md)
     workspace_roots: list[Path] = Field(
         default=[], description="local directories a job's `workspace.git` may clone from (URLs are always allowed)"
@@ -62,6 +75,25 @@ class DispatcherSettings(BaseModel):
     retry_initial_s: float = Field(default=1.0, gt=0)
     retry_max_s: float = Field(default=10.0, gt=0)
     give_up_after_s: float = Field(default=86_400.0, gt=0, description="then the delivery is marked failed")
+    allow_private_targets: list[str] = Field(
+        default=[],
+        description="networks (CIDR or address) and host names a job's webhook may reach although they are "
+        "loopback, link-local or private (docs/security.md); checked when a job is saved and at every connect",
+    )
+
+    @field_validator("allow_private_targets")
+    @classmethod
+    def _targets_parse(cls, v: list[str]) -> list[str]:
+        from kjob.model.targets import AllowList
+
+        AllowList.parse(v)
+        return v
+
+    def allow_list(self):
+        """`allow_private_targets`, parsed (a kjob.model.targets.AllowList)."""
+        from kjob.model.targets import AllowList
+
+        return AllowList.parse(self.allow_private_targets)
 
 
 class TickerSettings(BaseModel):
@@ -104,6 +136,26 @@ class QuotaSettings(BaseModel):
                     "`skipped` and one alert per job and day goes to the job's channel; unset: no cap",
     )
     tenants: dict[str, TenantQuota] = Field(default_factory=dict)
+
+
+class DbusSettings(BaseModel):
+    """The D-Bus service `dev.koder.scheduler` (docs/dbus.md), off unless enabled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=False, description="offer the D-Bus service on this node (`kjob up --dbus`)")
+    bus: Literal["session", "system"] = Field(
+        default="session", description="the desktop's session bus, or the system bus (the LXC pair)"
+    )
+    #: A bus address (`unix:path=...`) instead of the bus's usual one.
+    address: str | None = None
+    #: The gateway the service calls with each caller's token; the node's own API when unset.
+    api_url: str | None = None
+    #: NATS for the events behind the signals, as a user allowed `kjob.event.>` (the `observer`
+    #: of deploy/nats/nats-server.conf); the node's NATS URL when unset.
+    nats_url: str | None = None
+    #: How long a subscriber's token is trusted before it is checked again (revocation ends signals).
+    recheck_s: float = Field(default=60.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -152,6 +204,7 @@ class Settings(BaseSettings):
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
     ticker: TickerSettings = Field(default_factory=TickerSettings)
+    dbus: DbusSettings = Field(default_factory=DbusSettings)
     #: The web dashboard at /ui (docs/dashboard.md). `frame-ancestors` sources that may embed it
     #: in a frame (kanvas: `'self' https://kanvas.example.org`; `'none'` forbids every frame).
     ui_frame_ancestors: str = Field(default="'self'", pattern=r"^[^;,\r\n]+$")
@@ -179,6 +232,11 @@ class Settings(BaseSettings):
     @property
     def api_url_file(self) -> Path:
         return self.home / "api.url"
+
+    @property
+    def credentials_file(self) -> Path:
+        """Passwords of `kjob up`'s embedded PostgreSQL and NATS users (mode 0600)."""
+        return self.home / "credentials.toml"
 
     @property
     def secret_key_file(self) -> Path:

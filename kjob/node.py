@@ -1,4 +1,8 @@
-"""A kjob node: the chosen roles over one NATS connection and one database engine.
+"""A kjob node: the chosen roles over NATS and one database engine.
+
+Each role connects with its own URL from `nats_urls` when given (`kjob up`: its own NATS user,
+so each is held to its role's permissions), else with `nats_url`; roles with the same URL share
+one connection.
 
 `kjob up` runs every role on embedded servers; `kjob server --roles ...` runs some of them
 against external NATS and PostgreSQL. Roles share nothing but the bus and the ledger, so any
@@ -17,6 +21,9 @@ from typing import Awaitable, Callable
 import uvicorn
 
 from kjob.bus.publish import announce_job_changed, publish_due
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
 from kjob.bus.setup import BusSettings, connect, ensure_streams
 from kjob.config import ROLES, Settings
 from kjob.errors import InvalidInput, ServerError
@@ -54,6 +61,8 @@ class Node:
     roles: frozenset[str]
     nats_url: str
     database_url: str
+    #: role -> NATS URL (its user's credentials); a role not in it uses `nats_url`.
+    nats_urls: dict[str, str] = field(default_factory=dict)
     #: Set once the API listens (with its URL) or, without the api role, once roles started.
     on_ready: Callable[[str | None], Awaitable[None] | None] | None = None
     name: str = field(default_factory=socket.gethostname)
@@ -68,34 +77,39 @@ class Node:
         self.name = s.node_name or self.name
         bus = BusSettings(replicas=s.stream_replicas, ack_wait_s=s.ack_wait_s)
         engine = create_engine(self.database_url)
-        nc = None
+        connections: dict[str, NATS] = {}
         closers: list[Callable[[], Awaitable[None]]] = []
         tasks: dict[str, asyncio.Task] = {}
         try:
             await migrate(engine)
-            nc = await connect(self.nats_url, name=f"kjob-{self.name}")
-            js = nc.jetstream()
+            for url in sorted({self.nats_urls.get(role, self.nats_url) for role in self.roles}):
+                connections[url] = await connect(url, name=f"kjob-{self.name}")
+
+            def bus_of(role: str) -> tuple[NATS, JetStreamContext]:
+                conn = connections[self.nats_urls.get(role, self.nats_url)]
+                return conn, conn.jetstream()
+
+            # Any role may declare the streams and announce the node (each user may).
+            _, js = bus_of(min(self.roles))
             await ensure_streams(js, s.stream_replicas)
             jobs, ledger = JobStore(engine), RunLedger(engine)
             agents = AgentRegistry.load(s.executor.agents_file)
 
-            self._js, self._ledger = js, ledger
-
-            async def job_changed(job: Job | None, tenant: str, slug: str, kind: str) -> None:
-                await announce_job_changed(js, tenant, job.id if job is not None else None, slug, kind)
+            self._js, self._ledger = js, ledger  # publish_due: the api role's, below, when it runs here
 
             if "ticker" in self.roles:
                 from kjob.ticker.leader import Leadership
                 from kjob.ticker.role import lead_and_tick
                 from kjob.ticker.ticker import Ticker
 
+                nc, js = bus_of("ticker")
                 leadership = Leadership(js, self.name, ttl_s=s.ticker.lease_ttl_s, renew_s=s.ticker.lease_renew_s,
                                         replicas=s.stream_replicas)
                 self.leadership = leadership
                 tasks["ticker"] = asyncio.create_task(lead_and_tick(
                     leadership=leadership, ledger=ledger, stop=stop,
-                    make_ticker=lambda: Ticker(nc=nc, js=js, jobs=jobs, ledger=ledger, settings=s.ticker,
-                                               leadership=leadership),
+                    make_ticker=lambda nc=nc, js=js: Ticker(nc=nc, js=js, jobs=jobs, ledger=ledger,
+                                                            settings=s.ticker, leadership=leadership),
                 ))
             if "executor" in self.roles:
                 from kjob.executor.executor import Executor
@@ -103,6 +117,7 @@ class Node:
                 from kjob.store.quotas import Quotas
                 from kjob.executor.sandbox import make_sandboxes
 
+                nc, js = bus_of("executor")
                 sandboxes = self.sandboxes
                 unavailable = self.unavailable
                 for backend, sandbox in make_sandboxes(s).items():
@@ -128,7 +143,8 @@ class Node:
                 from kjob.dispatcher.dispatcher import Dispatcher
                 from kjob.dispatcher.relay import RelayClient
 
-                relay = RelayClient(s.relay_url, s.relay_token, s.dispatcher.timeout_s)
+                nc, js = bus_of("dispatcher")
+                relay = RelayClient(s.relay_url, s.relay_token, s.dispatcher.timeout_s, s.dispatcher.allow_list())
                 closers.append(relay.aclose)
                 dispatcher = Dispatcher(nc=nc, js=js, ledger=ledger, relay=relay, settings=s.dispatcher,
                                         bus=bus, log_url_base=s.public_url or self._own_api_url(), node=self.name)
@@ -137,12 +153,19 @@ class Node:
                 from kjob.store.retention import prune_forever
 
                 tasks["retention"] = asyncio.create_task(prune_forever(engine, stop, s.history_prune_s))
-            if self.roles & metrics.CONSUMERS.keys():
-                tasks["metrics"] = asyncio.create_task(metrics.poll_consumers(js, self.roles, stop, s.metrics_poll_s))
+            for role in sorted(self.roles & metrics.CONSUMERS.keys()):  # each reads its own consumer
+                tasks[f"metrics-{role}"] = asyncio.create_task(
+                    metrics.poll_consumers(bus_of(role)[1], {role}, stop, s.metrics_poll_s))
             server = None
             if "api" in self.roles:
                 from kjob.gateway.app import create_app
                 from kjob.gateway.state import GatewayState
+
+                _, js = bus_of("api")
+                self._js = js
+
+                async def job_changed(job: Job | None, tenant: str, slug: str, kind: str, js=js) -> None:
+                    await announce_job_changed(js, tenant, job.id if job is not None else None, slug, kind)
 
                 state = GatewayState(settings=s, engine=engine, jobs=jobs, tokens=TokenStore(engine), agents=agents,
                                      relay_configured=bool(s.relay_url), on_job_changed=job_changed,
@@ -157,6 +180,12 @@ class Node:
                     tasks["api"].result()  # raises why it could not listen
                 port = server.servers[0].sockets[0].getsockname()[1]
                 self.api_url = f"http://{_display_host(s.host)}:{port}"
+            if s.dbus.enabled:  # docs/dbus.md
+                from kjob import dbus
+
+                # It only reads events: the observer user where each role logs in as itself.
+                events_url = self.nats_urls.get("observer", self.nats_url)
+                tasks["dbus"] = asyncio.create_task((await dbus.start(s, events_url, self.api_url)).run(stop))
             from kjob.bus import presence
 
             def facts() -> dict:
@@ -168,7 +197,8 @@ class Node:
                     "leading": bool(self.leadership and self.leadership.valid()),
                 }
 
-            tasks["presence"] = asyncio.create_task(presence.announce(js, self.name, facts, stop, s.stream_replicas))
+            tasks["presence"] = asyncio.create_task(
+                presence.announce(bus_of(min(self.roles))[1], self.name, facts, stop, s.stream_replicas))
             if self.on_ready is not None:
                 result = self.on_ready(self.api_url)
                 if asyncio.iscoroutine(result):
@@ -183,9 +213,9 @@ class Node:
             for close in reversed(closers):
                 with contextlib.suppress(Exception):
                     await close()
-            if nc is not None:
+            for conn in connections.values():
                 with contextlib.suppress(Exception):
-                    await nc.drain()
+                    await conn.drain()
             await engine.dispose()
 
     async def publish_due(self, run: Run) -> None:

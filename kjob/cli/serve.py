@@ -56,6 +56,7 @@ def register(app: typer.Typer) -> None:
     def up(
         home: Optional[Path] = typer.Option(None, help="Where kjob keeps its data (KJOB_HOME)."),
         port: Optional[int] = typer.Option(None, help="API port (KJOB_PORT, default 8742; 0 = any free port)."),
+        dbus: bool = typer.Option(False, "--dbus", help="Also serve dev.koder.scheduler on D-Bus (KJOB_DBUS__ENABLED)."),
     ) -> None:
         """Run everything in one process: API, ticker, executor, dispatcher. Starts embedded NATS and
         PostgreSQL under the kjob home unless KJOB_NATS_URL / KJOB_DATABASE_URL point elsewhere."""
@@ -65,6 +66,8 @@ def register(app: typer.Typer) -> None:
             os.environ["KJOB_HOME"] = str(home)
         if port is not None:
             overrides["port"] = port
+        if dbus:
+            overrides["dbus"] = {"enabled": True}
         try:
             settings = Settings(**overrides)
         except Exception as err:
@@ -145,18 +148,28 @@ def register(app: typer.Typer) -> None:
             _fail(str(err))
 
 
+def _credentials(settings: Settings):
+    """The embedded servers' passwords (created on first use; see kjob.embedded.credentials)."""
+    from kjob.embedded.credentials import EmbeddedCredentials
+
+    return EmbeddedCredentials.ensure(settings.credentials_file)
+
+
 @contextlib.asynccontextmanager
 async def _nats(settings: Settings):
-    if settings.nats_url:
-        yield settings.nats_url
-        return
-    from kjob.embedded.nats import EmbeddedNats
+    """Yields each NATS user's URL: the configured server's for all, or the embedded one's,
+    where each role logs in as itself."""
+    from kjob.embedded.nats import NATS_USERS, EmbeddedNats
 
-    server = EmbeddedNats(settings.home / "nats", port=_saved_port(settings.home / "nats.port", 4222))
+    if settings.nats_url:
+        yield dict.fromkeys(NATS_USERS, settings.nats_url)
+        return
+    server = EmbeddedNats(settings.home / "nats", port=_saved_port(settings.home / "nats.port", 4222),
+                          users=_credentials(settings).nats)
     await asyncio.to_thread(server.start)
     (settings.home / "nats.port").write_text(str(server.port))
     try:
-        yield server.url
+        yield {user: server.url_for(user) for user in NATS_USERS}
     finally:
         await asyncio.to_thread(server.stop)
 
@@ -168,7 +181,7 @@ async def _database(settings: Settings):
         return
     from kjob.embedded.postgres import EmbeddedPostgres
 
-    server = EmbeddedPostgres(settings.home / "postgres")
+    server = EmbeddedPostgres(settings.home / "postgres", password=_credentials(settings).postgres_password)
     await asyncio.to_thread(server.start)
     try:
         yield await asyncio.to_thread(server.ensure_database, "kjob")
@@ -192,6 +205,13 @@ def _saved_port(path: Path, preferred: int) -> int:
             return free_port()
 
 
+def _without_password(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port}" if parts.password else url
+
+
 async def _up(settings: Settings, stop: asyncio.Event) -> None:
     from kjob.node import Node
     from kjob.store.database import create_engine, migrate
@@ -200,7 +220,7 @@ async def _up(settings: Settings, stop: asyncio.Event) -> None:
     settings.home.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
         with err_console.status("starting NATS (JetStream)…"):
-            nats_url = await stack.enter_async_context(_nats(settings))
+            nats_urls = await stack.enter_async_context(_nats(settings))
         with err_console.status("starting PostgreSQL…"):
             database_url = await stack.enter_async_context(_database(settings))
         with err_console.status("migrating the database…"):
@@ -229,13 +249,18 @@ async def _up(settings: Settings, stop: asyncio.Event) -> None:
                 console.print(f"  secrets key {settings.secret_key_file} (back it up: stored secrets need it)",
                               highlight=False)
             console.print(f"  data    {settings.home}", highlight=False)
-            console.print(f"  NATS    {nats_url}", highlight=False)
+            if not settings.nats_url or not settings.database_url:
+                console.print(f"  credentials {settings.credentials_file} (embedded NATS and PostgreSQL)",
+                              highlight=False)
+            console.print(f"  NATS    {_without_password(nats_urls['api'])}", highlight=False)
+            if settings.dbus.enabled:
+                console.print(f"  D-Bus   dev.koder.scheduler on the {settings.dbus.bus} bus", highlight=False)
             console.print("  try     kjob create --slug hello --agent shell --schedule '@every 1m' --prompt 'echo hello'",
                           highlight=False)
             console.print("Ctrl-C stops it.", highlight=False)
 
-        node = Node(settings=settings, roles=frozenset(ROLES), nats_url=nats_url, database_url=database_url,
-                    on_ready=ready)
+        node = Node(settings=settings, roles=frozenset(ROLES), nats_url=nats_urls["api"], nats_urls=nats_urls,
+                    database_url=database_url, on_ready=ready)
         try:
             await node.run(stop)
         finally:

@@ -7,6 +7,10 @@ One poster serves both routes. Which one a channel takes is `channel_kind`:
     anything else          POST {relay_url}/v1/dispatch (webhooks too, when a Relay is configured:
                            Relay formats and delivers them)
 
+A webhook URL is job input, so kjob connects only to an address it checked just before
+(kjob.dispatcher.targets): not loopback, link-local or private unless the operator allow-lists
+it; a refused address is a rejection. Relay's URL is the operator's configuration: trusted.
+
 Every POST carries `Idempotency-Key: <run id>`, so a receiver can drop the duplicates that
 at-least-once delivery produces (invariant 2). The Relay token goes to Relay only, never to a
 webhook. HTTP outcomes become kjob errors in exactly one place, `RelayClient._post`:
@@ -27,7 +31,9 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from kjob.dispatcher.targets import Unresolvable, pinned_request
 from kjob.errors import InvalidInput, RelayRejected, RelayUnavailable
+from kjob.model.targets import AllowList
 
 ChannelKind = Literal["none", "webhook", "relay"]
 
@@ -64,9 +70,11 @@ class RelayClient:
     """Posts run results to Relay or a webhook. One instance per dispatcher; close it after use
     (`aclose()` or `async with`)."""
 
-    def __init__(self, base_url: str | None, token: str | None, timeout_s: float) -> None:
+    def __init__(self, base_url: str | None, token: str | None, timeout_s: float,
+                 allow_private: AllowList | None = None) -> None:
         """`base_url`: Relay's base URL (e.g. `https://relay.example`), or None for no Relay.
         `timeout_s` bounds each POST as a whole: connecting, sending and reading the answer.
+        `allow_private`: the blocked webhook addresses the operator allows (none by default).
 
         :raises InvalidInput: (field `relay_url`) `base_url` is not an http(s) URL.
         """
@@ -75,6 +83,7 @@ class RelayClient:
             raise InvalidInput(f"{base_url!r} is not an http(s) URL, e.g. 'https://relay.example'", "relay_url")
         self._token = token or None
         self._timeout_s = timeout_s
+        self._allow = allow_private or AllowList()
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), headers={"User-Agent": "kjob"})
 
     @property
@@ -100,17 +109,26 @@ class RelayClient:
                 headers["Authorization"] = f"Bearer {self._token}"
             return await self._post(self._base_url + DISPATCH_PATH, payload, headers, "Relay")
         if kind == "webhook":
-            return await self._post(channel[len(WEBHOOK_PREFIX):], payload, headers, "webhook")
+            url = channel[len(WEBHOOK_PREFIX):]
+            try:
+                pinned, host, extensions = await pinned_request(url, self._allow)
+            except InvalidInput as e:
+                raise RelayRejected(e.message) from None
+            except Unresolvable as e:
+                raise RelayUnavailable(f"cannot reach webhook at {_origin(url)}: {e}") from None
+            return await self._post(pinned, payload, {**headers, **host}, "webhook", extensions, shown=url)
         raise RelayRejected("channel 'none' stores results only; there is nothing to deliver")
 
-    async def _post(self, url: str, payload: dict[str, Any], headers: dict[str, str], what: str) -> int:
-        """The one place where HTTP outcomes become kjob errors (see the module docstring)."""
+    async def _post(self, url: str, payload: dict[str, Any], headers: dict[str, str], what: str,
+                    extensions: dict[str, Any] | None = None, shown: str | None = None) -> int:
+        """The one place where HTTP outcomes become kjob errors (see the module docstring).
+        `shown`: the URL to name in messages, when `url` is its pinned address."""
         # Only scheme and host in messages: webhook paths and queries often embed secrets.
-        target = f"{what} at {_origin(url)}"
+        target = f"{what} at {_origin(shown or url)}"
         try:
             # httpx's timeout is per phase; this bounds the whole exchange, slow drips included.
             async with asyncio.timeout(self._timeout_s):
-                response = await self._http.post(url, json=payload, headers=headers)
+                response = await self._http.post(url, json=payload, headers=headers, extensions=extensions)
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as e:
             raise RelayRejected(f"cannot post to {target}: {e}") from e
         except (TimeoutError, httpx.TimeoutException) as e:

@@ -11,11 +11,19 @@ traverse only: nobody can list them), so that user can reach them. A data dir un
 therefore makes `/root` traversable.
 
 The server listens on TCP on loopback only, with no unix socket: socket paths are limited to
-107 bytes, which deep data dirs exceed. Authentication is `trust`: only local processes reach it.
+107 bytes, which deep data dirs exceed.
+
+Without a `password` (the test fixtures) authentication is initdb's `trust`. With one (what
+`kjob up` passes), every connection must log in with it (scram-sha-256): `pg_hba.conf` is
+rewritten to allow nothing else, over the unix socket or TCP, and the superuser's password is
+set in single-user mode, which listens on nothing, so no instant exists in which the server
+accepts a connection without it. A data dir made without a password (an older kjob) is
+upgraded the same way on its next start.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import pwd
@@ -25,6 +33,7 @@ import stat
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import quote
 
 from kjob.embedded._process import ChildProcess, EmbeddedServer, free_port
 from kjob.errors import InvalidInput, ServerError
@@ -41,6 +50,15 @@ SUPERUSER = "postgres"
 NOT_DURABLE_SETTINGS = {"fsync": "off", "full_page_writes": "off"}
 
 _DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+#: The whole pg_hba.conf of a server with a password: nothing connects without it.
+PASSWORD_HBA = """\
+# Written by kjob (kjob/embedded/postgres.py): every connection logs in with the password.
+local all all scram-sha-256
+host  all all all scram-sha-256
+"""
+#: Beside the data, the sha256 of the password last set: a changed password is set again.
+_PASSWORD_MARK = "kjob-password.sha256"
 
 
 def postgres_bin_dir() -> Path:
@@ -76,8 +94,10 @@ class EmbeddedPostgres(EmbeddedServer):
         port: int = 0,
         durable: bool = True,
         settings: Mapping[str, str] | None = None,
+        password: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).absolute()
+        self.password = password
         self.host = host
         self.port = port or free_port(host)
         self.durable = durable
@@ -95,7 +115,8 @@ class EmbeddedPostgres(EmbeddedServer):
         return self.url_for("postgres")
 
     def url_for(self, database: str) -> str:
-        return f"postgresql+asyncpg://{SUPERUSER}@{self.host}:{self.port}/{database}"
+        login = SUPERUSER if self.password is None else f"{SUPERUSER}:{quote(self.password, safe='')}"
+        return f"postgresql+asyncpg://{login}@{self.host}:{self.port}/{database}"
 
     def start(self, timeout: float = 30.0) -> EmbeddedPostgres:
         """Start (or restart, keeping its data) and wait until it accepts connections.
@@ -109,6 +130,8 @@ class EmbeddedPostgres(EmbeddedServer):
         self._prepare_dirs(bin_dir, owner)
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb(bin_dir, owner)
+        if self.password is not None:
+            self._require_password(bin_dir, owner)
         argv = [str(bin_dir / "postgres"), "-D", str(self.data_dir), "-h", self.host, "-p", str(self.port), "-k", ""]
         for name, value in self.settings.items():
             argv += ["-c", f"{name}={value}"]
@@ -139,7 +162,8 @@ class EmbeddedPostgres(EmbeddedServer):
             str(postgres_bin_dir() / "psql"), "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1",
             "-h", self.host, "-p", str(self.port), "-U", SUPERUSER, "-d", database, "-c", sql,
         ]
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        env = None if self.password is None else {**os.environ, "PGPASSWORD": self.password}
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
         if result.returncode != 0:
             raise ServerError(f"psql failed on {sql!r}: {result.stderr.strip()}")
         return result.stdout
@@ -176,17 +200,53 @@ class EmbeddedPostgres(EmbeddedServer):
         ]
         if not self.durable:
             argv.append("--no-sync")
-        kwargs: dict[str, object] = {}
-        if owner is not None:
-            kwargs = {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
         result = subprocess.run(
-            argv, capture_output=True, text=True, cwd=self.data_dir, timeout=120, **kwargs  # type: ignore[call-overload]
+            argv, capture_output=True, text=True, cwd=self.data_dir, timeout=120, **_as_owner(owner)  # type: ignore[call-overload]
         )
         if result.returncode != 0:
             raise ServerError(f"initdb failed for {self.data_dir}: {result.stderr.strip() or result.stdout.strip()}")
 
+    def _require_password(self, bin_dir: Path, owner: pwd.struct_passwd | None) -> None:
+        """Make the stopped server's data require `self.password` (see the module docstring)."""
+        assert self.password is not None
+        hba = self.data_dir / "pg_hba.conf"
+        mark = self.data_dir / _PASSWORD_MARK
+        digest = hashlib.sha256(self.password.encode()).hexdigest()
+        if hba.read_text() == PASSWORD_HBA and mark.exists() and mark.read_text() == digest:
+            return
+        # The password first: pg_hba.conf is only read when the server starts below.
+        sql = (f"SET password_encryption = 'scram-sha-256';\n"
+               f"ALTER ROLE {SUPERUSER} PASSWORD '{_sql_literal(self.password)}';\n")
+        argv = [str(bin_dir / "postgres"), "--single", "-D", str(self.data_dir), "-j"]
+        for name, value in self.settings.items():
+            argv += ["-c", f"{name}={value}"]
+        argv.append("postgres")
+        # -j: statements end at ";\n\n"; one statement per block, so each runs.
+        script = sql.replace(";\n", ";\n\n")
+        result = subprocess.run(argv, input=script, capture_output=True, text=True, cwd=self.data_dir, timeout=120,
+                                **_as_owner(owner))  # type: ignore[call-overload]
+        if result.returncode != 0 or "ERROR" in result.stderr:
+            raise ServerError(f"could not set the PostgreSQL password in {self.data_dir}: "
+                              f"{result.stderr.strip() or result.stdout.strip()}")
+        for path, text in ((hba, PASSWORD_HBA), (mark, digest)):
+            path.write_text(text)
+            if owner is not None:
+                os.chown(path, owner.pw_uid, owner.pw_gid)
+            path.chmod(0o600)
+
     def __repr__(self) -> str:
         return f"EmbeddedPostgres({self.host}:{self.port}, data_dir={str(self.data_dir)!r}, running={self.running})"
+
+
+def _as_owner(owner: pwd.struct_passwd | None) -> dict[str, object]:
+    """subprocess.run arguments that run a PostgreSQL tool as the data dir's owner."""
+    if owner is None:
+        return {}
+    return {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
+
+
+def _sql_literal(text: str) -> str:
+    return text.replace("'", "''")
 
 
 def _server_user() -> pwd.struct_passwd | None:

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Literal, get_args
 from kjob.errors import InvalidInput
 from kjob.executor.adapters import ADAPTERS, Adapter, Endpoint
 from kjob.model.agent_report import Price
+from kjob.model.job import ENV_NAME_PATTERN
 
 PromptMode = Literal["arg", "stdin", "env"]
 PROMPT_MODES: tuple[str, ...] = get_args(PromptMode)
@@ -41,7 +42,6 @@ AGENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 #: What every rendered agent gets in its environment; an agent's own `env` cannot set these.
 RESERVED_ENV = ("KJOB_PROMPT", "KJOB_RUN_ID", "KJOB_JOB", "KJOB_TENANT", "KJOB_ATTEMPT")
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _AGENT_KEYS = ("command", "prompt", "env", "description", "adapter", "base_url", "model", "price")
 _SETTING = "executor.agents_file"
 
@@ -138,7 +138,7 @@ def _check(agent: Agent) -> None:
     if not isinstance(agent.description, str):
         raise InvalidInput("description must be a string", "description")
     for key, value in agent.env.items():
-        if not isinstance(key, str) or not _ENV_NAME.match(key):
+        if not isinstance(key, str) or not ENV_NAME_PATTERN.match(key):
             raise InvalidInput(f"env: {key!r} is not an environment variable name", "env")
         if key in RESERVED_ENV:
             raise InvalidInput(f"{key} is set by kjob for every run; choose another name", "env")

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, FastAPI
 
 from kjob.gateway import errors, ui
 from kjob.gateway.auth import authenticate, wire_security
-from kjob.gateway.limits import BodyLimit
+from kjob.gateway.limits import BodyLimit, storable_parameters
 from kjob.gateway.routes import audit, backfill, health, jobs, metrics, quotas, runs, schedules, secrets, status, tokens
 from kjob.gateway.state import GatewayState
 from kjob.telemetry import tracing
@@ -31,7 +31,8 @@ def create_app(state: GatewayState) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimit)
     # The token dependency sits on the router, so no /v1 route can be added without it.
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)], responses=errors.V1_ERROR_RESPONSES)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(storable_parameters), Depends(authenticate)],
+                   responses=errors.V1_ERROR_RESPONSES)
     v1.include_router(jobs.router)
     v1.include_router(schedules.router)
     v1.include_router(runs.router)

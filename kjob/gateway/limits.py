@@ -1,10 +1,18 @@
-"""A cap on request bodies, enforced before any endpoint reads them."""
+"""What a request may carry, enforced before any endpoint reads it: a cap on bodies, and no
+text the store cannot hold (NUL, lone surrogates: kjob.model.text) in a JSON or form body, a path
+parameter or a query parameter. Each is refused with kjob's JSON error naming the field, so
+no input reaches PostgreSQL only to come back as a 500."""
 
 from __future__ import annotations
 
 import json
+from urllib.parse import parse_qsl
 
+from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kjob.errors import InvalidInput
+from kjob.model.text import find_bad_text, text_problem
 
 #: A job is at most a 64 KiB prompt plus small fields; a file of many jobs fits easily too.
 MAX_BODY_BYTES = 256 * 1024
@@ -40,6 +48,11 @@ class BodyLimit:
                 return
             if not message.get("more_body", False):
                 break
+        bad = _bad_json_text(scope, b"".join(chunks))
+        if bad is not None:
+            field, problem = bad
+            await _answer(send, 422, problem, field)
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -52,14 +65,50 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            {"error": {"message": f"the request body is larger than {self.max_bytes // 1024} KiB", "field": "body"}}
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _answer(send, 413, f"the request body is larger than {self.max_bytes // 1024} KiB", "body")
+
+
+def _bad_json_text(scope: Scope, body: bytes) -> tuple[str, str] | None:
+    """(field, why) of the first unstorable string of a JSON or form body (the dashboard's);
+    None also for a body that cannot be parsed (the endpoint answers that one, 400)."""
+    content_type = dict(scope["headers"]).get(b"content-type", b"application/json")
+    if not body:
+        return None
+    if content_type.startswith(b"application/x-www-form-urlencoded"):
+        value: object = dict(parse_qsl(body.decode("latin-1"), keep_blank_values=True))
+    elif b"json" in content_type:
+        try:
+            value = json.loads(body)
+        except ValueError:
+            return None
+    else:
+        return None
+    found = find_bad_text(value)
+    if found is None:
+        return None
+    field, problem = found
+    return field or "body", problem
+
+
+async def _answer(send: Send, status: int, message: str, field: str | None) -> None:
+    body = json.dumps({"error": {"message": message, "field": field}}, separators=(",", ":")).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def storable_parameters(request: Request) -> None:
+    """A dependency of every /v1 route: refuse path and query parameters holding unstorable
+    text, naming the parameter.
+
+    :raises InvalidInput: field: the parameter's name.
+    """
+    for name, value in (*request.path_params.items(), *request.query_params.multi_items()):
+        problem = text_problem(value) if isinstance(value, str) else None
+        if problem:
+            raise InvalidInput(problem, name)

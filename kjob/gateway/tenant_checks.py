@@ -25,9 +25,16 @@ async def check_job_for_tenant(
     quota does not block unrelated edits of an existing job.
 
     :raises InvalidInput: field `schedule` (fires too often), `sandbox.env.<VAR>` (a secret
-        the tenant does not have, or a bad secret name).
+        the tenant does not have, or a bad secret name), `sandbox.network` ("host" for a tenant
+        the operator did not list).
     """
     assert state.secrets is not None, "create_app wires the secret store"
+    if spec.sandbox.network == "host" and tenant not in state.settings.executor.host_network_tenants:
+        raise InvalidInput(
+            f"\"host\" (the node's own network) is not allowed for tenant {tenant!r}: the operator lists such "
+            "tenants in executor.host_network_tenants; use \"egress\" to reach the outside, or \"none\"",
+            "sandbox.network",
+        )
     if previous is None or (previous.schedule, previous.timezone) != (spec.schedule, spec.timezone):
         check_interval(spec.schedule, spec.timezone, _quotas(state).limits(tenant), now)
     refs = references(spec.sandbox.env)

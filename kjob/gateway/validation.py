@@ -7,10 +7,13 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from kjob.dispatcher.relay import channel_kind
+from kjob.dispatcher.relay import WEBHOOK_PREFIX, channel_kind
+from kjob.dispatcher.targets import check_target_at_create
 from kjob.errors import InvalidInput
 from kjob.executor.agents import AgentRegistry
 from kjob.model.job import JobSpec
+from kjob.model.targets import AllowList
+from kjob.model.text import find_bad_text
 from kjob.model.schedule import Schedule
 
 
@@ -40,16 +43,22 @@ def check_job(
         Schedule.parse(spec.schedule).check_future(now)
 
 
+async def check_target(spec: JobSpec, allow: AllowList) -> None:
+    """Refuse a webhook to the node's own or private addresses (kjob.model.targets), checked on
+    what its host resolves to now; the dispatcher checks again at every connect.
+
+    Also with a Relay configured, which then delivers webhooks: it may sit on the same network.
+
+    :raises InvalidInput: field `output.channel`.
+    """
+    if spec.output.channel.startswith(WEBHOOK_PREFIX):
+        await check_target_at_create(spec.output.channel[len(WEBHOOK_PREFIX):], allow)
+
+
 def check_storable(value: Any, path: str) -> None:
-    """Refuse NUL characters anywhere in the job: PostgreSQL text and JSONB cannot hold them,
-    and the store would fail with a server error instead of naming the field."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            raise InvalidInput("holds a NUL character (\\0), which cannot be stored; remove it", path or None)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            check_storable(key, path)
-            check_storable(item, f"{path}.{key}" if path else str(key))
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            check_storable(item, f"{path}.{i}")
+    """Refuse NUL characters and lone surrogates anywhere in `value`: PostgreSQL text and JSONB
+    cannot hold them, and the store would fail with a server error instead of naming the field."""
+    found = find_bad_text(value, path)
+    if found:
+        field, problem = found
+        raise InvalidInput(problem, field)

@@ -6,12 +6,14 @@ the CLI and job files all refuse the same input with the same message.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal, Mapping
 from uuid import UUID
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -20,18 +22,40 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from kjob.errors import InvalidInput
 from kjob.model.durations import format_duration, parse_duration
 from kjob.model.policies import MAX_JITTER, OverlapPolicy
 from kjob.model.schedule import Schedule, zone
 from kjob.model.sizes import parse_size
+from kjob.model.text import find_bad_text
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 MAX_PROMPT_BYTES = 64 * 1024
 MAX_TIMEOUT = timedelta(hours=24)
+#: Bounds of invariant 4: each keeps every later computation (now - window, slot + delay,
+#: the sandbox's limits) in range, so no accepted job can fail every run or crash a role.
+MAX_CATCHUP_WINDOW = timedelta(days=366)
+MAX_RETRY_DELAY = timedelta(hours=24)
+MAX_RETRY_MAX_DELAY = timedelta(days=7)
+#: Docker refuses less than 6 MiB; the largest machines have a few TiB.
+MIN_MEMORY = 6 * 1024**2
+MAX_MEMORY = 16 * 1024**4
+MAX_CPUS = 1024.0
+MAX_PIDS = 1_000_000
+#: Container paths a work dir (a tmpfs) may not cover: the system the agent needs to run.
+SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin",
+               "/sys", "/usr", "/var", "/tmp")
+MAX_WORKDIR_CHARS = 255
 _NO_JITTER = timedelta(0)
+#: A POSIX environment variable name; `A=B`, NUL or an empty name could never be set.
+ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: What a job may ask of the network; `host` only for tenants the operator allows
+#: (`executor.host_network_tenants`), see docs/sandboxes.md.
+NetworkMode = Literal["none", "egress", "host"]
 
 
 def _to_timedelta(value: Any) -> Any:
@@ -50,6 +74,27 @@ Duration = Annotated[
 ]
 
 
+def at_most(limit: timedelta, what: str) -> AfterValidator:
+    """A Duration's upper bound (Annotated[Duration, at_most(...)]), said in its message."""
+
+    def check(value: timedelta) -> timedelta:
+        if value > limit:
+            raise ValueError(f"{what} can be at most {format_duration(limit)}")
+        return value
+
+    return AfterValidator(check)
+
+
+def check_env(env: Mapping[str, str]) -> None:
+    """Raise ValueError unless every key is a variable name and no value holds a NUL byte
+    (neither can reach a process: the run would fail every time)."""
+    for key, value in env.items():
+        if not ENV_NAME_PATTERN.match(key):
+            raise ValueError(f"{key!r} is not an environment variable name (letters, digits, '_', not starting with a digit)")
+        if "\x00" in value:
+            raise ValueError(f"the value of {key} holds a NUL byte, which no environment variable can carry")
+
+
 def check_timezone(name: str) -> str:
     """Return `name` if it is an IANA zone this machine knows, else raise InvalidInput."""
     zone(name)
@@ -65,10 +110,10 @@ class SandboxSpec(_Strict):
 
     backend: Literal["process", "docker"] = "process"
     image: str | None = Field(default=None, validate_default=True)
-    network: str = "none"
+    network: NetworkMode = "none"
     memory: str | None = None
-    cpus: float | None = Field(default=None, gt=0)
-    pids: int | None = Field(default=None, gt=0)
+    cpus: float | None = Field(default=None, gt=0, le=MAX_CPUS, allow_inf_nan=False)
+    pids: int | None = Field(default=None, gt=0, le=MAX_PIDS)
     env: dict[str, str] = Field(default_factory=dict)
     workdir: str | None = None
     pull: Literal["never", "if-missing"] = "never"
@@ -78,9 +123,30 @@ class SandboxSpec(_Strict):
     def _memory(cls, v: str | None) -> str | None:
         if v is not None:
             try:
-                parse_size(v)
+                size = parse_size(v)
             except InvalidInput as e:
                 raise ValueError(e.message) from None
+            if not MIN_MEMORY <= size <= MAX_MEMORY:
+                raise ValueError(f"{v!r} is out of range: memory is 6m to 16t, e.g. '512m' or '2g'")
+        return v
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if (not v.startswith("/") or len(v) > MAX_WORKDIR_CHARS or posixpath.normpath(v) != v
+                or v.startswith("//") or not re.fullmatch(r"[A-Za-z0-9._/-]+", v)):
+            raise ValueError(f"{v!r} is not a plain absolute path in the container, e.g. '/work' "
+                             "(no '..', '.', '//' or trailing '/')")
+        if v == "/" or any(v == d or v.startswith(d + "/") for d in SYSTEM_DIRS):
+            raise ValueError(f"{v!r} would hide the container's system files; use a directory of its own, e.g. '/work'")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        check_env(v)
         return v
 
     @field_validator("image")
@@ -122,8 +188,8 @@ class RetryPolicy(_Strict):
 
     max: int = Field(default=0, ge=0, le=20)
     backoff: Literal["exponential", "fixed"] = "exponential"
-    initial_delay: Duration = timedelta(seconds=10)
-    max_delay: Duration = timedelta(minutes=10)
+    initial_delay: Annotated[Duration, at_most(MAX_RETRY_DELAY, "the first retry delay")] = timedelta(seconds=10)
+    max_delay: Annotated[Duration, at_most(MAX_RETRY_MAX_DELAY, "the longest retry delay")] = timedelta(minutes=10)
 
     def delay(self, attempt: int) -> timedelta:
         """The wait before attempt `attempt + 1`, after attempt `attempt` (1-based) failed."""
@@ -140,7 +206,7 @@ class CatchupPolicy(_Strict):
     ledger as `missed` with its reason.
     """
 
-    window: Duration = timedelta(hours=1)
+    window: Annotated[Duration, at_most(MAX_CATCHUP_WINDOW, "the catch-up window")] = timedelta(hours=1)
     policy: Literal["latest", "all", "none"] = "latest"
 
 
@@ -273,6 +339,23 @@ class JobSpec(_Strict):
             raise ValueError("the jitter can be at most 24h, e.g. '30s' or '5m'")
         return v or _NO_JITTER  # one shared object for the common case: the ticker holds 100,000 jobs
 
+    @model_validator(mode="after")
+    def _storable(self) -> "JobSpec":
+        # What the author wrote; a stored Job was checked when it was written (and the ticker
+        # loads 100,000 of them).
+        if type(self) is not JobSpec:
+            return self
+        found = find_bad_text(self.model_dump())
+        if found:
+            field, problem = found
+            raise PydanticCustomError("unstorable_text", "{problem}", {"problem": problem, "field": field or ""})
+        if self.sandbox.backend == "process" and self.sandbox.workdir is not None:
+            # Here, not on SandboxSpec: jobs stored before this check (where it was ignored) still load.
+            raise PydanticCustomError(
+                "workdir_process", "the process backend runs each attempt in a work dir of its own; "
+                "sandbox.workdir is the docker backend's (a path in the container)", {"field": "sandbox.workdir"})
+        return self
+
 
 class Job(JobSpec):
     """A stored job: the spec plus what the store assigns."""
@@ -302,7 +385,13 @@ def validation_error(err: ValidationError) -> InvalidInput:
 def error_from_detail(first: Mapping[str, Any]) -> InvalidInput:
     """One pydantic error entry (`ValidationError.errors()[i]`, or FastAPI's request-validation
     entries with their `body`/`query` prefix removed) as an InvalidInput naming the field."""
-    field = ".".join(str(p) for p in first["loc"]) or None
+    loc = [str(p) for p in first["loc"]]
+    named = (first.get("ctx") or {}).get("field")  # an error of a whole model that names its field
+    if named:
+        loc.append(str(named))
+    if "[key]" in loc:  # a bad dict key: name the table, not the key (the key is the bad text)
+        loc = loc[: max(loc.index("[key]") - 1, 0)]
+    field = ".".join(loc) or None
     msg = first["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):

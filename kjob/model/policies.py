@@ -43,6 +43,8 @@ JITTER_GAP_SHARE = 0.5
 
 #: Slots one backfill request may add; a longer range is split by the caller.
 MAX_BACKFILL_SLOTS = 1000
+#: The first instant a backfill may start at: before it, computations near datetime.min overflow.
+EARLIEST_BACKFILL = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 #: A claim that must wait (overlap `queue`, or `replace` waiting for the cancelled run to stop)
 #: is handed back to JetStream with a delay growing from the first to the last value below, so
@@ -98,6 +100,8 @@ def backfill_slots(schedule: Schedule, tz: str, start: datetime, end: datetime, 
     for name, value in (("from", start), ("to", end)):
         if value.tzinfo is None:
             raise InvalidInput(f"{value.isoformat()} has no offset; write e.g. 2026-03-08T00:00:00Z", name)
+    if start < EARLIEST_BACKFILL:
+        raise InvalidInput(f"`from` is before {EARLIEST_BACKFILL:%Y-%m-%d}; a backfill replays a job's past", "from")
     if start >= end:
         raise InvalidInput("`from` must be before `to`", "from")
     if end > now:

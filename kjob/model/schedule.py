@@ -102,10 +102,13 @@ _ITEM = re.compile(r"^(?:(\*|\?)|([A-Za-z0-9]+)(?:-([A-Za-z0-9]+))?)(?:/(.*))?$"
 def zone(name: str) -> ZoneInfo:
     """The IANA zone `name`. Raises ScheduleError (field `timezone`) if this machine has no such zone."""
     try:
+        # OSError: a name too long for a file name (zoneinfo looks it up as a file); it would
+        # otherwise pass for a failing disk, or the gateway's "database unavailable".
         return _zone(name)
-    except (ZoneInfoNotFoundError, ValueError, TypeError):
+    except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):
+        shown = name if len(name) <= 80 else name[:77] + "..."
         raise ScheduleError(
-            f"unknown time zone {name!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'",
+            f"unknown time zone {shown!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'",
             "timezone",
         ) from None
 
@@ -304,6 +307,11 @@ def _parse_cron(expr: str) -> _Cron:
 # --- @every and @once ------------------------------------------------------------------------
 
 
+#: Bounds that keep every later computation (slot + jitter, retries, catch-up) in datetime's range.
+MAX_EVERY = timedelta(days=366)
+MAX_ONCE_YEAR = 2199
+
+
 @dataclass(frozen=True, slots=True)
 class _Every:
     interval_us: int
@@ -324,6 +332,9 @@ def _parse_every(expr: str, arg: str) -> _Every:
                            "or '@every 1h30m'") from None
     if interval < _ONE_S:
         raise _error(expr, "the interval must be at least 1s")
+    if interval > MAX_EVERY:
+        raise _error(expr, f"the interval can be at most {MAX_EVERY.days}d; for rarer runs use a cron "
+                           "expression, e.g. '0 9 1 1 *' (yearly)")
     return _Every(interval // _ONE_US)
 
 
@@ -338,7 +349,13 @@ def _parse_once(expr: str, arg: str) -> _Once:
     if at.tzinfo is None or at.utcoffset() is None:
         raise _error(expr, "the instant has no UTC offset; add 'Z' or an offset, e.g. "
                            "'@once 2026-05-15T10:00Z' or '@once 2026-05-15T12:00+02:00'")
-    return _Once(at.astimezone(UTC))
+    try:
+        at = at.astimezone(UTC)
+    except OverflowError:  # year 1 with a positive offset, year 9999 with a negative one
+        at = datetime.min.replace(tzinfo=UTC) if at.year == 1 else datetime.max.replace(tzinfo=UTC)
+    if at.year > MAX_ONCE_YEAR:
+        raise _error(expr, f"the instant is after the year {MAX_ONCE_YEAR}; kjob schedules within that")
+    return _Once(at)
 
 
 _Rule = _Cron | _Every | _Once

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 from kjob.errors import InvalidInput
 
@@ -16,7 +17,8 @@ def parse_size(text: str, field: str = "size") -> int:
     m = _SIZE.match(text.strip().lower()) if isinstance(text, str) else None
     if m is None:
         raise InvalidInput(f"{text!r} is not a size; write e.g. '256m', '1g' or '512MiB'", field)
-    size = int(float(m.group(1)) * _UNITS[m.group(2)])
+    # Decimal, not float: 400 digits would make float infinite and int() raise.
+    size = int(Decimal(m.group(1)) * _UNITS[m.group(2)])
     if size <= 0:
         raise InvalidInput("a size must be more than 0 bytes, e.g. '256m'", field)
     return size

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from kjob.config import Settings
 from kjob.errors import Conflict, InvalidInput, NotFound, ServerError
 from kjob.model.secrets import check_name
+from kjob.private_files import write_private
 from kjob.store.audit import Actor, record_by
 from kjob.store.tables import jobs, tenant_secrets
 
@@ -116,13 +116,7 @@ def ensure_key_file(path: Path) -> None:
     """Create a key file (mode 0600) at `path` unless one exists: `kjob up`'s default key."""
     if path.exists():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(generate_key() + "\n")
-    os.replace(tmp, path)
+    write_private(path, generate_key() + "\n")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import builtins
 import hashlib
-import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kjob.errors import InvalidInput, NotFound
+from kjob.private_files import write_private
 from kjob.store.audit import Actor, record
 from kjob.store.tables import api_tokens
 
@@ -195,12 +195,5 @@ async def ensure_admin_token(store: TokenStore, token_file: Path) -> str:
         if principal is not None and principal.role == "admin":
             return secret
     _, secret = await store.create(DEFAULT_TENANT, "admin", "admin (kjob up)")
-    token_file.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside it and rename: a reader never sees half a token, nor a file readable by others.
-    tmp = token_file.with_name(f".{token_file.name}.{os.getpid()}")
-    tmp.unlink(missing_ok=True)  # O_CREAT keeps the mode of a file left by a crash
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-    os.replace(tmp, token_file)
+    write_private(token_file, secret + "\n")
     return secret

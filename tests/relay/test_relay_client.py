@@ -11,11 +11,14 @@ import pytest
 
 from kjob.dispatcher.relay import RelayClient, channel_kind
 from kjob.errors import InvalidInput, RelayRejected, RelayUnavailable
+from kjob.model.targets import AllowList
 from kjob.model.run import RunStatus, dispatch_payload
 from tests.support.relay import RecordingRelay
 
 RUN_ID = "0b7e9c1a-5d2f-5c3e-9a41-6f0d2e8b7c55"
 TOKEN = "relay-secret"
+#: The webhook recorder listens on loopback, which webhooks may reach only when allow-listed.
+LOOPBACK = AllowList.parse(["127.0.0.1"])
 PAYLOAD = dispatch_payload("weekly-audit", "kode-chat:user-1", RunStatus.succeeded, "all good", "http://kjob/runs/1")
 
 
@@ -143,7 +146,7 @@ async def test_without_relay_a_webhook_channel_posts_to_the_url_without_the_rela
     webhook: RecordingRelay,
 ) -> None:
     channel = f"webhook:{webhook.url}/hooks/T0/B1?tag=kjob"
-    async with RelayClient(None, TOKEN, timeout_s=5) as client:
+    async with RelayClient(None, TOKEN, timeout_s=5, allow_private=LOOPBACK) as client:
         assert await client.dispatch(channel, PAYLOAD, RUN_ID) == 200
 
     [request] = webhook.requests
@@ -163,7 +166,7 @@ async def test_with_relay_a_webhook_channel_goes_through_relay(relay: RecordingR
 
 async def test_a_webhook_error_names_the_host_but_not_the_secret_path(webhook: RecordingRelay) -> None:
     webhook.fail(status=404, count=1)
-    async with RelayClient(None, None, timeout_s=5) as client:
+    async with RelayClient(None, None, timeout_s=5, allow_private=LOOPBACK) as client:
         with pytest.raises(RelayRejected) as err:
             await client.dispatch(f"webhook:{webhook.url}/hooks/s3cr3t-t0ken", PAYLOAD, RUN_ID)
 

@@ -28,6 +28,9 @@ from kjob.model.job import SandboxSpec
 from tests.support.images import IMAGE, ensure_test_images
 
 DEADLINE_S = 10.0
+#: The tenant of make_launch, allowed network "host" by the fixtures' sandboxes (as an operator
+#: would in executor.host_network_tenants); other tenants are refused it.
+HOST_NETWORK_TENANTS = ("acme",)
 
 
 @dataclass
@@ -110,10 +113,12 @@ def host_ip() -> str:
         return s.getsockname()[0]
 
 
+#: The system's interpreter: sandboxes see /usr, not the venv or a python under a home dir.
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
 def python_connect(host: str, port: int) -> list[str]:
-    # The real interpreter, not the venv's link to it: the venv may sit under /tmp, which the
-    # isolated sandbox replaces with a private tmpfs.
-    return [os.path.realpath(sys.executable), "-c", f"import socket; socket.create_connection(({host!r}, {port}), 3)"]
+    return [SYSTEM_PYTHON, "-c", f"import socket; socket.create_connection(({host!r}, {port}), 3)"]
 
 
 def busybox_connect(host: str, port: int) -> list[str]:
@@ -159,7 +164,7 @@ def node_name() -> str:
 
 @pytest.fixture(scope="session")
 async def docker_sandbox(test_image: str, node_name: str) -> AsyncIterator[DockerSandbox]:
-    sandbox = DockerSandbox(node_name)
+    sandbox = DockerSandbox(node_name, host_network_tenants=HOST_NETWORK_TENANTS)
     await sandbox.start()
     yield sandbox
     await sandbox.close()
@@ -180,7 +185,7 @@ async def containers_of_run(api: aiodocker.Docker, run_id: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 async def bwrap_sandbox() -> ProcessSandbox:
-    sandbox = ProcessSandbox()
+    sandbox = ProcessSandbox(host_network_tenants=HOST_NETWORK_TENANTS)
     await sandbox.start()
     assert sandbox.isolated, f"bubblewrap does not work here: {sandbox.status()}; run .ci/docker.sh"
     return sandbox
@@ -188,7 +193,7 @@ async def bwrap_sandbox() -> ProcessSandbox:
 
 @pytest.fixture(scope="session")
 async def bare_sandbox() -> ProcessSandbox:
-    sandbox = ProcessSandbox(use_bwrap=False)
+    sandbox = ProcessSandbox(use_bwrap=False, host_network_tenants=HOST_NETWORK_TENANTS)
     await sandbox.start()
     return sandbox
 

@@ -105,13 +105,20 @@ async def test_network_none_blocks_outbound_connections(
     backend: Backend, listener: tuple[str, int, list[bytes]]
 ) -> None:
     host, port, received = listener
-    open_network = "host" if backend.id.startswith("process") else "bridge"
-
     # The same command reaches the listener when the network is open: the blocked run proves something.
-    reached = await backend.sandbox.run(backend.launch(backend.connect(host, port), spec={"network": open_network}), Sink())
+    reached = await backend.sandbox.run(backend.launch(backend.connect(host, port), spec={"network": "host"}), Sink())
     assert reached.exit_code == 0, reached.output
     assert len(received) == 1
 
     blocked = await backend.sandbox.run(backend.launch(backend.connect(host, port)), Sink())
     assert blocked.exit_code not in (0, None), blocked.output
     assert len(received) == 1
+
+
+@pytest.mark.parametrize("backend", ["process-bwrap", "process-bare", pytest.param("docker", marks=pytest.mark.docker)],
+                         indirect=True)
+async def test_host_network_only_for_tenants_the_operator_lists(backend: Backend) -> None:
+    # The fixtures' sandboxes list "acme" (HOST_NETWORK_TENANTS); "beta" is not listed.
+    outcome = await backend.sandbox.run(backend.launch(["true"], tenant="beta", spec={"network": "host"}), Sink())
+
+    assert outcome.start_error and "executor.host_network_tenants" in outcome.start_error and "'beta'" in outcome.start_error

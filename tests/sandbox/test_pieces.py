@@ -91,6 +91,6 @@ def test_make_sandboxes_builds_the_configured_backends(tmp_path: Path) -> None:
     assert list(make_sandboxes(settings)) == ["process"]
 
     both = make_sandboxes(load_settings(home=tmp_path, node_name="n7", executor={"docker_url": "tcp://d:2375"}))
-    assert isinstance(both["process"], ProcessSandbox) and both["process"].hide == [tmp_path.resolve()]
+    assert isinstance(both["process"], ProcessSandbox) and both["process"].hide[0] == tmp_path.resolve()
     assert isinstance(both["docker"], DockerSandbox)
     assert (both["docker"].node_name, both["docker"].url) == ("n7", "tcp://d:2375")

@@ -15,6 +15,8 @@ import pytest
 
 from kjob.errors import ServerError
 from kjob.executor.sandbox import ProcessSandbox
+from kjob.executor.sandbox.process import DEFAULT_PIDS
+from kjob.model.job import SandboxSpec
 from tests.sandbox.conftest import Backend, Sink, dead_executor, eventually, make_launch, processes_with
 
 BOTH = ["process-bwrap", "process-bare"]
@@ -72,29 +74,36 @@ def host_dir() -> Iterator[Path]:
 async def test_host_filesystem_is_read_only_outside_the_work_dir(backend: Backend, host_dir: Path) -> None:
     host_file = host_dir / "host-file"
     host_file.write_text("original")
-    script = f"echo changed > {host_file}; echo host=$?; echo x > new; echo work=$?; echo x > /tmp/t; echo tmp=$?"
+    script = (f"cat {host_file}; echo changed > {host_file}; echo host=$?; echo x > /usr/kjob-test; echo usr=$?; "
+              "echo x > new; echo work=$?; echo x > /tmp/t; echo tmp=$?")
 
     outcome = await backend.sandbox.run(backend.launch(["sh", "-c", script]), Sink())
 
     results = outcome.output.split()
-    assert "host=0" not in results and "work=0" in results and "tmp=0" in results, outcome.output
-    assert "Read-only file system" in outcome.output
-    assert host_file.read_text() == "original"
+    assert "host=0" not in results and "usr=0" not in results, outcome.output
+    assert "work=0" in results and "tmp=0" in results, outcome.output
+    assert "original" not in outcome.output  # /var is not in the sandbox at all
+    assert host_file.read_text() == "original" and not Path("/usr/kjob-test").exists()
 
 
-async def test_the_kjob_home_is_hidden_from_agents(bwrap_sandbox: ProcessSandbox, host_dir: Path) -> None:
+async def test_the_kjob_home_is_hidden_from_agents(host_dir: Path) -> None:
+    """The kjob home is never in a sandbox, not even under a directory the operator shares."""
     home = host_dir / "kjob-home"
     home.mkdir()
     (home / "admin.token").write_text("top-secret-token")
-    hiding = ProcessSandbox(hide=[home])
+    host_dir.chmod(0o755)  # the agent's uid may enter the shared dir
+    home.chmod(0o755)
+    (home / "admin.token").chmod(0o644)
+    sharing = ProcessSandbox(extra_binds=[host_dir])
+    hiding = ProcessSandbox(extra_binds=[host_dir], hide=[home])
+    await sharing.start()
     await hiding.start()
-    launch = make_launch(["sh", "-c", f"cat {home}/admin.token; echo ok > here && echo wrote"], home / "work")
+    launch = make_launch(["sh", "-c", f"cat {home}/admin.token"], home / "work")
 
     hidden = await hiding.run(launch, Sink())
-    visible = await bwrap_sandbox.run(launch, Sink())  # the same run, without `hide`
+    visible = await sharing.run(launch, Sink())  # the same run, without `hide`
 
     assert "top-secret-token" not in hidden.output and "No such file" in hidden.output
-    assert "wrote" in hidden.output  # the work dir inside the hidden home still works
     assert "top-secret-token" in visible.output
 
 
@@ -121,14 +130,32 @@ async def test_signal_death_is_reported_with_the_signal(
 
 
 @pytest.mark.parametrize("backend", BOTH, indirect=True)
-async def test_memory_limit_caps_the_address_space(backend: Backend) -> None:
-    hog = ["dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"]
+async def test_memory_limit_bounds_the_agent(backend: Backend) -> None:
+    hog = ["dd", "if=/dev/zero", "of=/dev/null", "bs=256M", "count=1"]  # a 256 MiB buffer, touched
 
     limited = await backend.sandbox.run(backend.launch(hog, spec={"memory": "64m"}), Sink())
     unlimited = await backend.sandbox.run(backend.launch(hog), Sink())
 
-    assert limited.exit_code not in (0, None) and "memory exhausted" in limited.output
+    assert limited.exit_code not in (0, None)
+    assert isinstance(backend.sandbox, ProcessSandbox)
+    if backend.sandbox.memory_cgroups:  # a real bound: the kernel kills the process at 64 MiB resident
+        assert limited.reason == "OOM killed (memory limit 64m)" and limited.extra == {"oom_killed": "true"}, limited
+    else:  # an address-space rlimit: the allocation fails
+        assert "memory exhausted" in limited.output
     assert unlimited.exit_code == 0, unlimited.output
+
+
+async def test_memory_is_a_cgroup_where_the_node_allows_it(bwrap_sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    """On a node with a writable v1 memory hierarchy (CI's and this one's) and a root executor,
+    the bound is a cgroup: a runtime that reserves address space but touches little still starts."""
+    if os.geteuid() != 0 or not Path("/sys/fs/cgroup/memory").is_dir():
+        pytest.skip("no v1 memory hierarchy to write here")
+    assert bwrap_sandbox.memory_cgroups and "memory by cgroup" in bwrap_sandbox.status()["isolation"]
+    reserve = ["/usr/bin/python3", "-c", "import mmap; m = mmap.mmap(-1, 512 * 2**20); m[:4096] = b'x' * 4096; print('ok')"]
+
+    outcome = await bwrap_sandbox.run(make_launch(reserve, tmp_path, SandboxSpec(memory="64m")), Sink())
+
+    assert outcome.exit_code == 0 and "ok" in outcome.output, outcome
 
 
 async def test_without_bwrap_it_says_so_or_refuses(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
@@ -155,3 +182,28 @@ async def test_agents_die_with_a_killed_executor(bwrap_sandbox: ProcessSandbox, 
         return not processes_with(f"sleep {marker}")
 
     await eventually(gone)  # bwrap --die-with-parent, and its pid namespace takes the children
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the per-attempt uids are for an executor that runs as root")
+async def test_a_root_executor_runs_each_attempt_as_a_uid_of_its_own(bwrap_sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    marker = str(90_000 + secrets.randbelow(9_000))
+    sinks = [Sink(), Sink()]
+    attempts = [asyncio.create_task(bwrap_sandbox.run(make_launch(["sh", "-c", f"id -u; echo started; sleep {marker}"],
+                                                                  tmp_path, timeout=timedelta(seconds=3)), sink))
+                for sink in sinks]
+    for sink in sinks:
+        await sink.wait_for("started")
+    # Counted from outside: the host kernel's view of the agents' processes.
+    host_uids = set()
+    for line in processes_with(f"sleep {marker}"):
+        pid = line.split()[1].rstrip(":")
+        host_uids.add(int(Path(f"/proc/{pid}/status").read_text().split("\nUid:")[1].split()[1]))
+    for attempt in attempts:
+        attempt.cancel()
+    await asyncio.gather(*attempts, return_exceptions=True)
+
+    inside = {int(sink.text().split()[0]) for sink in sinks}
+    default_pids = await bwrap_sandbox.run(make_launch(["sh", "-c", "grep processes /proc/self/limits"], tmp_path), Sink())
+    assert default_pids.output.split()[2:4] == [str(DEFAULT_PIDS)] * 2  # per attempt: the uid is its own
+    assert len(host_uids) == 2 and host_uids == inside, (host_uids, inside)
+    assert all(uid >= 200_000 for uid in host_uids)

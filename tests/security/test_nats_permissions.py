@@ -6,7 +6,6 @@ their role (an observer publishes nothing; an executor cannot schedule runs)."""
 from __future__ import annotations
 
 import json
-import secrets
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -15,21 +14,23 @@ import nats
 import pytest
 
 from kjob.embedded import EmbeddedNats
+from kjob.embedded.credentials import new_password
+from kjob.embedded.nats import NATS_USERS, PERMISSIONS_FILE
 from kjob.model.run import DeliveryStatus
 from kjob.store.tokens import TokenStore
 from tests.support.pipeline import fast_settings, running_node, until
 from tests.support.relay import RecordingRelay
 
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "nats" / "nats-server.conf"
-USERS = ("ticker", "executor", "dispatcher", "api", "observer")
+USERS = NATS_USERS
 
 
 @pytest.fixture
 def secured_nats(tmp_path: Path):
-    passwords = {user: secrets.token_hex(12) for user in USERS}
-    env = {f"KJOB_NATS_{user.upper()}_PASSWORD": pw for user, pw in passwords.items()}
-    with EmbeddedNats(tmp_path / "nats", config_file=CONFIG, env=env) as server:
-        server.urls = {user: f"nats://{user}:{pw}@{server.host}:{server.port}" for user, pw in passwords.items()}
+    assert CONFIG.resolve() == PERMISSIONS_FILE  # production's file is the one `kjob up` uses
+    passwords = {user: new_password() for user in USERS}
+    with EmbeddedNats(tmp_path / "nats", users=passwords) as server:
+        server.urls = {user: server.url_for(user) for user in USERS}
         yield server
 
 

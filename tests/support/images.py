@@ -21,6 +21,8 @@ from pathlib import Path
 
 IMAGE = "kjob-test-busybox:latest"
 USER_TAG = "kjob-test-busybox:builder"
+#: `USER root`: the sandbox must not run an agent as root even when the image asks for it.
+ROOT_TAG = "kjob-test-busybox:root"
 
 AGENT_UID = 1000
 BUILDER_UID = 1001
@@ -101,13 +103,13 @@ def _import(tag: str, rootfs: bytes, recipe: str, docker: str, user: str | None)
 
 
 def ensure_test_images() -> str:
-    """Build `IMAGE` and `USER_TAG` unless they are already current; return `IMAGE`."""
+    """Build `IMAGE`, `USER_TAG` and `ROOT_TAG` unless they are already current; return `IMAGE`."""
     docker = shutil.which("docker")
     if docker is None:
         raise RuntimeError("the docker client is not installed: run .ci/docker.sh")
     busybox = _busybox()
     recipe = _recipe(busybox)
-    wanted = {IMAGE: None, USER_TAG: "builder"}
+    wanted = {IMAGE: None, USER_TAG: "builder", ROOT_TAG: "root"}
     stale = {tag: user for tag, user in wanted.items() if _current_recipe(tag, docker) != recipe}
     if stale:
         rootfs = _rootfs(busybox)

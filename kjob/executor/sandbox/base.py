@@ -10,6 +10,12 @@ from typing import Awaitable, Callable, Optional
 
 from kjob.model.job import SandboxSpec
 
+#: Where an egress sandbox never connects: this host, its private networks, link-local
+#: (cloud metadata), shared and reserved ranges. The host's own addresses are added per run.
+BLOCKED_RANGES = (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4",
+)
 #: Called with each chunk of output as it arrives ("stdout" | "stderr", text).
 OutputSink = Callable[[str, str], Awaitable[None]]
 
@@ -75,3 +81,12 @@ class Sandbox(abc.ABC):
     def status(self) -> dict[str, str]:
         """Facts for `kjob status` (e.g. whether bwrap isolation is active)."""
         return {}
+
+
+def network_refusal(launch: Launch, host_network_tenants: frozenset[str]) -> str | None:
+    """Why this attempt may not have network "host", or None. Checked at each run (not only
+    when the job was written): the operator may have changed the config since."""
+    if launch.spec.network == "host" and launch.tenant not in host_network_tenants:
+        return (f"sandbox.network = \"host\" is not allowed for tenant {launch.tenant!r} on this node; "
+                "the operator lists such tenants in executor.host_network_tenants")
+    return None

@@ -1,8 +1,10 @@
 """The docker backend: each attempt runs in a fresh, hardened container, removed at the end.
 
 Hardened by default: no network (`none`), all capabilities dropped, no-new-privileges, a
-read-only root filesystem with tmpfs at the work dir and /tmp, a pids limit, and a non-root
-user (the image's `USER`, else its first regular user, else nobody). Every container carries
+read-only root filesystem with size-limited tmpfs at the work dir and /tmp, a pids limit, no
+host path mounted (the engine's socket least of all), and a non-root user (the image's `USER`,
+unless it is root, else its first regular user, else nobody). `egress` is a Docker network of
+kjob's whose traffic to this host and to private ranges iptables drops. Every container carries
 the labels `kjob.tenant`, `kjob.job`, `kjob.run` and `kjob.node`; start() removes containers
 of this node that a dead executor left behind. See docs/sandboxes.md.
 """
@@ -16,6 +18,8 @@ import logging
 import os
 import re
 import secrets
+import shutil
+from collections.abc import Sequence
 from typing import Any
 
 import aiodocker
@@ -25,9 +29,10 @@ from aiodocker.exceptions import DockerError
 from aiodocker.stream import Stream
 
 from kjob.errors import InvalidInput, ServerError
-from kjob.executor.sandbox.base import Launch, Outcome, OutputSink, Sandbox
-from kjob.executor.sandbox.exits import exit_reason
+from kjob.executor.sandbox.base import BLOCKED_RANGES, Launch, Outcome, OutputSink, Sandbox, network_refusal
+from kjob.executor.sandbox.exits import exit_reason, oom_reason
 from kjob.executor.sandbox.output import OutputCollector
+from kjob.executor.sandbox.process import LAUNCHER_ENV
 from kjob.model.durations import format_duration
 from kjob.model.sizes import parse_size
 
@@ -36,9 +41,11 @@ log = logging.getLogger(__name__)
 DEFAULT_SOCKET = "unix:///var/run/docker.sock"
 DEFAULT_WORKDIR = "/work"
 DEFAULT_PIDS = 256
-#: The work dir and /tmp are tmpfs (RAM, charged to the container's memory limit); capped so a
-#: container without a memory limit cannot fill the node's RAM through them.
-TMPFS_OPTIONS = "rw,exec,nosuid,nodev,size=1g"
+#: The work dir and /tmp are tmpfs (RAM, charged to the container's memory limit); sized by
+#: executor.sandbox_disk so a container without a memory limit cannot fill the node's RAM.
+TMPFS_OPTIONS = "rw,exec,nosuid,nodev"
+#: The Docker network of `sandbox.network = "egress"`, and its bridge (named, for iptables).
+EGRESS_NETWORK, EGRESS_BRIDGE = "kjob-egress", "kjob-egress0"
 #: docker stop's grace between SIGTERM and SIGKILL at a timeout or cancellation.
 KILL_GRACE_S = 2
 #: After the container exits, how long its attach stream may take to deliver the last output.
@@ -47,8 +54,6 @@ DRAIN_S = 2.0
 PING_TIMEOUT_S = 10.0
 #: Used when an image has no USER and no regular user in /etc/passwd.
 NOBODY = (65534, 65534)
-#: Network modes that would hand the agent the node's network or another container's.
-_SHARED_NETWORKS = re.compile(r"^(host|container:.*)$")
 #: What docker-init (tini) prints when the agent's program does not exist in the image.
 _TINI_EXEC_FAILED = re.compile(r"^\[FATAL tini \(\d+\)\] (exec .* failed: .*)$", re.MULTILINE)
 
@@ -70,8 +75,13 @@ class DockerSandbox(Sandbox):
 
     name = "docker"
 
-    def __init__(self, node_name: str, docker_url: str | None = None) -> None:
+    def __init__(self, node_name: str, docker_url: str | None = None, *, host_network_tenants: Sequence[str] = (),
+                 disk_bytes: int = 512 * 1024**2) -> None:
         self.node_name = node_name
+        self.host_network_tenants = frozenset(host_network_tenants)
+        self.disk_bytes = disk_bytes
+        #: None when the egress network is ready, else why not (said by runs that ask for it)
+        self._egress_problem: str | None = "not started"
         self.url = docker_url or os.environ.get("DOCKER_HOST") or DEFAULT_SOCKET
         self._docker: aiodocker.Docker | None = None
         self._engine = "not started"
@@ -95,6 +105,9 @@ class DockerSandbox(Sandbox):
                 "or remove 'docker' from executor.sandboxes"
             ) from e
         self._engine = f"Docker {version.get('Version', '?')} at {self.url}"
+        self._egress_problem = await self._prepare_egress()
+        if self._egress_problem:
+            log.warning("docker sandbox: no egress network (%s); jobs with network \"egress\" fail", self._egress_problem)
         reaped = await self.reap()
         if reaped:
             log.warning("docker sandbox: removed %d container(s) left by a previous executor on node %s",
@@ -116,7 +129,36 @@ class DockerSandbox(Sandbox):
             await docker.close()
 
     def status(self) -> dict[str, str]:
-        return {"engine": self._engine}
+        return {"engine": self._engine, "egress": self._egress_problem or f"network {EGRESS_NETWORK}, private ranges dropped"}
+
+    async def _prepare_egress(self) -> str | None:
+        """Create the egress network (if missing) and its iptables rules (if missing): traffic
+        from its bridge to this host (INPUT) and to BLOCKED_RANGES (DOCKER-USER) is dropped,
+        and its containers cannot reach each other (no ICC). None when ready, else why not."""
+        docker = self._require()
+        try:
+            await docker.networks.get(EGRESS_NETWORK)
+        except DockerError as e:
+            if e.status != 404:
+                return f"cannot inspect network {EGRESS_NETWORK}: {e.message}"
+            try:
+                await docker.networks.create({
+                    "Name": EGRESS_NETWORK, "Driver": "bridge", "Labels": {"kjob.network": "egress"},
+                    "Options": {"com.docker.network.bridge.name": EGRESS_BRIDGE,
+                                "com.docker.network.bridge.enable_icc": "false"},
+                })
+            except DockerError as e2:
+                if e2.status != 409:  # another executor on this engine made it meanwhile
+                    return f"cannot create network {EGRESS_NETWORK}: {e2.message}"
+        iptables = shutil.which("iptables")
+        if iptables is None:
+            return "iptables is not installed"
+        rules = [["INPUT", "-i", EGRESS_BRIDGE, "-j", "DROP"]]
+        rules += [["DOCKER-USER", "-i", EGRESS_BRIDGE, "-d", net, "-j", "DROP"] for net in BLOCKED_RANGES]
+        for rule in rules:
+            if await _run(iptables, "-w", "-C", *rule) != 0 and await _run(iptables, "-w", "-I", *rule) != 0:
+                return f"cannot add the iptables rule {' '.join(rule)} (the executor needs root for egress)"
+        return None
 
     def _require(self) -> aiodocker.Docker:
         if self._docker is None:
@@ -185,11 +227,8 @@ class DockerSandbox(Sandbox):
             return Outcome(start_error=f"agent command {launch.argv[0]!r} could not start in image "
                                        f"{launch.spec.image!r}: {failed.group(1)}", **fields)
         if oom:
-            # The flag covers any process in the container; the agent itself may have survived.
-            reason = f"OOM killed (memory limit {launch.spec.memory})"
-            if code == 0:
-                reason = f"a process of the agent was {reason}; the agent still exited 0"
-            return Outcome(exit_code=code, reason=reason, extra={"oom_killed": "true"}, **fields)
+            return Outcome(exit_code=code, reason=oom_reason(code, launch.spec.memory), extra={"oom_killed": "true"},
+                           **fields)
         return Outcome(exit_code=code, reason=exit_reason(code), **fields)
 
     async def _image(self, docker: aiodocker.Docker, launch: Launch) -> dict[str, Any]:
@@ -219,16 +258,19 @@ class DockerSandbox(Sandbox):
     async def _user(self, docker: aiodocker.Docker, image: dict[str, Any]) -> tuple[int, int]:
         """(uid, gid) to run as: the image's USER when it sets one (names looked up in the
         image's /etc/passwd and /etc/group), else its first regular user, else nobody.
-        Numeric, because the work dir's tmpfs must be owned by that user."""
+        Numeric, because the work dir's tmpfs must be owned by that user. Never root."""
         declared = (image.get("Config") or {}).get("User") or ""
         numeric = re.fullmatch(r"(\d+):(\d+)", declared)
         if numeric:
-            return int(numeric.group(1)), int(numeric.group(2))
-        image_id = image["Id"]
-        if image_id not in self._users:
-            passwd, group = await self._read_accounts(docker, image_id)
-            self._users[image_id] = resolve_user(declared, passwd, group)
-        return self._users[image_id]
+            user = int(numeric.group(1)), int(numeric.group(2))
+        else:
+            image_id = image["Id"]
+            if image_id not in self._users:
+                passwd, group = await self._read_accounts(docker, image_id)
+                self._users[image_id] = resolve_user(declared, passwd, group)
+            user = self._users[image_id]
+        # Root in a container is root of the host kernel (no user namespace): never an agent.
+        return NOBODY if user[0] == 0 else user
 
     async def _read_accounts(self, docker: aiodocker.Docker, image_id: str) -> tuple[str, str]:
         """The image's /etc/passwd and /etc/group ("" when missing), read through a created,
@@ -246,20 +288,21 @@ class DockerSandbox(Sandbox):
         """The container's create body. Raises _StartError for a spec docker cannot honour."""
         spec = launch.spec
         uid, gid = user
-        if _SHARED_NETWORKS.match(spec.network):
-            raise _StartError(
-                f"network {spec.network!r} would share the node's (or a container's) network with the agent; "
-                "use 'none' or a named Docker network"
-            )
+        if refused := network_refusal(launch, self.host_network_tenants):
+            raise _StartError(refused)
+        if spec.network == "egress" and self._egress_problem:
+            raise _StartError(f"sandbox.network = \"egress\" is unavailable on this node: {self._egress_problem}")
         workdir = spec.workdir or DEFAULT_WORKDIR
         if not workdir.startswith("/"):
             raise _StartError(f"sandbox.workdir must be an absolute path in the container, not {workdir!r}")
+        tmpfs = f"{TMPFS_OPTIONS},size={self.disk_bytes}"
         host: dict[str, Any] = {
-            "NetworkMode": spec.network,
+            "NetworkMode": EGRESS_NETWORK if spec.network == "egress" else spec.network,
             "ReadonlyRootfs": True,
             # runc keeps the mode of a directory the image already has at the mount point, so the
             # work dir is made the user's own rather than world-writable.
-            "Tmpfs": {workdir: f"{TMPFS_OPTIONS},uid={uid},gid={gid},mode=0700", "/tmp": f"{TMPFS_OPTIONS},mode=1777"},
+            "Tmpfs": {workdir: f"{tmpfs},uid={uid},gid={gid},mode=0700", "/tmp": f"{tmpfs},mode=1777"},
+            "Binds": [], "Mounts": [], "Devices": [],  # nothing of the host: no path, no socket, no device
             "CapDrop": ["ALL"],
             "SecurityOpt": ["no-new-privileges"],
             "PidsLimit": spec.pids or DEFAULT_PIDS,
@@ -328,6 +371,12 @@ def resolve_user(declared: str, passwd: str, group: str) -> tuple[int, int]:
             raise _StartError(f"the image's USER group {grp!r} is not in its /etc/group")
         gid = int(grp) if grp.isdigit() else int(groups[grp])
     return uid, gid
+
+
+async def _run(*argv: str) -> int:
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.DEVNULL, env=LAUNCHER_ENV)
+    return await proc.wait()
 
 
 async def _read_file(container: DockerContainer, path: str) -> str:

@@ -24,3 +24,12 @@ def exit_reason(exit_code: int) -> str | None:
     if 128 < exit_code < 128 + 65:
         return f"exit code {exit_code} = 128+{exit_code - 128}: probably killed by {_signal_name(exit_code - 128)}"
     return None
+
+
+def oom_reason(exit_code: int, memory: str | None) -> str:
+    """The reason of an attempt in which the kernel killed a process for want of memory. The
+    kill may have hit any process of the attempt: the agent itself may have survived."""
+    reason = f"OOM killed (memory limit {memory})"
+    if exit_code == 0:
+        reason = f"a process of the agent was {reason}; the agent still exited 0"
+    return reason

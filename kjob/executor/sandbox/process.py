@@ -2,9 +2,14 @@
 
 Every attempt gets its own work directory (removed afterwards), its own process group, an
 environment built from an allow-list, and rlimits. Where `bwrap` works, the attempt also gets
-new pid, ipc, uts (and, with network "none", net) namespaces, a read-only view of the host
-filesystem with the kjob home hidden, a private /tmp, and no capabilities.
-See docs/sandboxes.md for what this does and does not guarantee.
+new user, pid, ipc, uts and net namespaces, a read-only view of the system directories only
+(no /run, /var, /home, host /tmp or kjob home), a size-limited tmpfs as its work dir and /tmp,
+no capabilities and, when the executor is root, a uid of its own.
+
+The programs that run on the host side of the boundary (prlimit, setpriv, pasta, bwrap) get a
+fixed environment: the job's variables are handed to bwrap through a memfd (`--args`) and set
+with `--clearenv --setenv` inside the sandbox, so neither a loader variable can reach a host
+program nor a secret show up in a host command line. See docs/sandboxes.md.
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ import re
 import resource
 import shutil
 import signal
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
 from kjob.errors import InvalidInput, ServerError
-from kjob.executor.sandbox.base import Launch, Outcome, OutputSink, Sandbox
-from kjob.executor.sandbox.exits import exit_reason
+from kjob.executor.sandbox.base import BLOCKED_RANGES, Launch, Outcome, OutputSink, Sandbox, network_refusal
+from kjob.executor.sandbox.cgroups import MemoryCgroups, joining_argv
+from kjob.executor.sandbox.exits import exit_reason, oom_reason
 from kjob.executor.sandbox.output import OutputCollector
 from kjob.model.durations import format_duration
 from kjob.model.sizes import parse_size
@@ -34,6 +41,14 @@ log = logging.getLogger(__name__)
 
 #: The only host variables an agent sees; everything else (tokens, database URLs) stays out.
 HOST_ENV_ALLOWED = ("PATH", "LANG", "LC_ALL", "TZ")
+#: The whole environment of every host-side program of the launcher (prlimit, setpriv, pasta,
+#: bwrap): fixed, so nothing of the job (LD_PRELOAD, LD_AUDIT, GCONV_PATH, ...) can reach them.
+LAUNCHER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+#: What of the host an isolated agent sees, read-only: programs, libraries and /etc. Not /run,
+#: /var, /home, /root, /srv, /mnt or /tmp: sockets, other users' files and kjob's state live there.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
+#: Processes one attempt may have when the job sets no `pids` (as the docker backend).
+DEFAULT_PIDS = 256
 #: Between SIGTERM and SIGKILL to the attempt's process group.
 KILL_GRACE_S = 2.0
 #: After the agent exits, how long its pipes may stay open (a straggler holding them).
@@ -61,11 +76,13 @@ PROBE_TIMEOUT_S = 10.0
 
 
 class ProcessSandbox(Sandbox):
-    """Runs agents as local processes. `hide`: host directories the agent must not read
-    (the kjob home: tokens, database); they are covered by an empty tmpfs under bwrap.
+    """Runs agents as local processes. `hide`: host paths the agent must not read (the kjob
+    home: tokens, database; the config file), covered under bwrap where a visible dir holds them.
 
     `use_bwrap=False` turns isolation off on purpose (status says so); `require_isolation`
-    makes start() fail instead of running agents unisolated.
+    makes start() fail instead of running agents unisolated. `disk_bytes` sizes the work dir
+    and /tmp (each); `uid_base` is where the per-attempt uids start when we are root.
+    `host_network_tenants` may use network "host"; "egress" needs pasta (passt).
     """
 
     name = "process"
@@ -78,8 +95,16 @@ class ProcessSandbox(Sandbox):
         use_bwrap: bool = True,
         max_file_bytes: int = MAX_FILE_BYTES,
         extra_binds: Sequence[Path] = (),
+        host_network_tenants: Sequence[str] = (),
+        disk_bytes: int = 512 * 1024**2,
+        uid_base: int = 200_000,
     ) -> None:
         self.require_isolation = require_isolation
+        self.host_network_tenants = frozenset(host_network_tenants)
+        self.disk_bytes = disk_bytes
+        self._uids = UidPool(uid_base) if os.geteuid() == 0 else None
+        self._egress: Egress | None = None
+        self._memory: MemoryCgroups | None = None
         self.hide = [Path(p).resolve() for p in hide]
         self.use_bwrap = use_bwrap
         self.max_file_bytes = max_file_bytes
@@ -97,9 +122,18 @@ class ProcessSandbox(Sandbox):
         if not _become_subreaper():
             log.warning("process sandbox: cannot become a child subreaper; killed agents may linger as zombies")
         self._prlimit = shutil.which("prlimit")
+        self._setpriv = shutil.which("setpriv")
         problem = await self._probe_bwrap() if self.use_bwrap else "disabled by configuration"
         if problem is None:
-            self._isolation_note = "bubblewrap: pid, ipc, uts, net namespaces; read-only host filesystem"
+            self._egress = Egress.find()
+            self._memory = MemoryCgroups.find() if os.geteuid() == 0 else None
+            who = "a uid of its own per attempt" if self._uids is not None else "the executor's uid"
+            self._isolation_note = (
+                f"bubblewrap: user, pid, ipc, uts, net namespaces; system dirs read-only, no /run, /var, "
+                f"/home or kjob home; tmpfs work dir and /tmp; {who}; memory "
+                + ("by cgroup" if self._memory else "by address-space rlimit") + "; egress network "
+                + ("via pasta" if self._egress else "unavailable (install passt)")
+            )
         else:
             self._bwrap = None
             self._isolation_note = f"none: {problem}"
@@ -121,15 +155,22 @@ class ProcessSandbox(Sandbox):
         if path is None:
             return "bwrap (bubblewrap) is not installed"
         self._bwrap = path
-        cmd = self._bwrap_argv(None, network="none", program=[path, "--version"])
+        if self._uids is not None and self._setpriv is None:
+            return "setpriv (util-linux) is missing: agents would run as root"
+        uid = self._uids.take() if self._uids is not None else None
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-            )
+            with self._launcher(None, network="none", uid=uid, env={}, program=["/bin/true"], limits=[]) as (cmd, fds):
+                proc = await asyncio.create_subprocess_exec(
+                    *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.PIPE, env=LAUNCHER_ENV, cwd="/", pass_fds=fds,
+                )
             async with asyncio.timeout(PROBE_TIMEOUT_S):
                 _, err = await proc.communicate()
         except (OSError, TimeoutError) as e:
             return f"bwrap self-test failed: {e}"
+        finally:
+            if uid is not None and self._uids is not None:
+                self._uids.give(uid)
         if proc.returncode != 0:
             return f"bwrap self-test failed: {err.decode(errors='replace').strip() or f'exit {proc.returncode}'}"
         return None
@@ -138,13 +179,23 @@ class ProcessSandbox(Sandbox):
         return {"isolation": self._isolation_note}
 
     @property
+    def memory_cgroups(self) -> bool:
+        """Whether `sandbox.memory` is a memory cgroup here (else an address-space rlimit)."""
+        return self._memory is not None
+
+    @property
     def isolated(self) -> bool:
         return self._bwrap is not None
 
     async def run(self, launch: Launch, on_output: OutputSink) -> Outcome:
         if not self._started:
             raise RuntimeError("ProcessSandbox.run() before start()")
+        if refused := network_refusal(launch, self.host_network_tenants):
+            return Outcome(start_error=refused)
+        if launch.spec.network == "egress" and self._bwrap is not None and self._egress is None:
+            return Outcome(start_error="sandbox.network = \"egress\" needs pasta on this node (apt-get install passt)")
         workdir = _make_workdir(launch)
+        uid = self._uids.take() if self._uids is not None and self._bwrap is not None else None
         try:
             if launch.prepare is not None:  # the executor's hook: kjob.executor.agent_run
                 try:
@@ -152,14 +203,18 @@ class ProcessSandbox(Sandbox):
                 except Exception as e:
                     return Outcome(start_error=str(e))
                 launch = dataclasses.replace(launch, env={**launch.env, **extra})
-            outcome = await self._run_in(workdir, launch, on_output)
+                if uid is not None:  # the prepared work dir is the attempt's own, like the tmpfs would be
+                    await asyncio.to_thread(_chown_tree, workdir, uid)
+            outcome = await self._run_in(workdir, launch, on_output, uid)
             if launch.collect is not None:
                 await launch.collect(workdir)
             return outcome
         finally:
+            if uid is not None and self._uids is not None:
+                self._uids.give(uid)  # the attempt's process group is gone: nothing runs as it
             await asyncio.shield(asyncio.to_thread(shutil.rmtree, workdir, True))
 
-    async def _run_in(self, workdir: Path, launch: Launch, on_output: OutputSink) -> Outcome:
+    async def _run_in(self, workdir: Path, launch: Launch, on_output: OutputSink, uid: int | None) -> Outcome:
         if not launch.argv:
             return Outcome(start_error="the agent command is empty; check the agent's `command`")
         env = _environment(launch, workdir)
@@ -169,32 +224,66 @@ class ProcessSandbox(Sandbox):
                 start_error=f"agent command {launch.argv[0]!r} was not found on this node "
                 f"(PATH={env.get('PATH', '')}); install it or fix the agent's `command`"
             )
+        if self._bwrap is not None and not self._visible(program):
+            return Outcome(
+                start_error=f"agent command {launch.argv[0]!r} is {program}, which sandboxes do not see; install it "
+                f"under one of {', '.join(SYSTEM_DIRS)} or share its directory with executor.extra_binds"
+            )
+        cgroup = None
         try:
-            limits = self._limits(launch)
+            if self._memory is not None and self._bwrap is not None and launch.spec.memory:
+                size = parse_size(launch.spec.memory, "sandbox.memory")
+                try:
+                    cgroup = self._memory.create(f"{launch.run_id}-{launch.attempt}", size)
+                except OSError as e:
+                    log.warning("process sandbox: no memory cgroup for run %s (%s); using RLIMIT_AS", launch.run_id, e)
+            limits = self._limits(launch, address_space=cgroup is None)
         except InvalidInput as e:
             return Outcome(start_error=str(e))
-        argv = [program, *launch.argv[1:]]
-        preexec: Callable[[], None] | None = partial(_apply_limits, limits)
-        if self._bwrap is not None:
-            argv = self._bwrap_argv(workdir, network=launch.spec.network, program=argv)
-            if self._prlimit is not None:
-                # prlimit sets the limits and execs bwrap (which dies with us): no preexec_fn,
-                # so Python spawns with vfork instead of copying the executor's page tables.
-                argv, preexec = [*_prlimit_argv(self._prlimit, limits), *argv], None
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE if launch.stdin is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                cwd=workdir,
-                env=env,
-                start_new_session=True,  # its own process group: a timeout kills all it started
-                preexec_fn=preexec,
-            )
+            outcome = await self._spawn(workdir, launch, on_output, uid, env, program, limits, cgroup)
+        finally:
+            if cgroup is not None and self._memory is not None:
+                self._memory.remove(cgroup)  # the attempt's processes are gone
+        return outcome
+
+    async def _spawn(
+        self, workdir: Path, launch: Launch, on_output: OutputSink, uid: int | None, env: dict[str, str],
+        program: str, limits: list[tuple[int, int, int]], cgroup: Path | None,
+    ) -> Outcome:
+        argv = [program, *launch.argv[1:]]
+        stdin = asyncio.subprocess.PIPE if launch.stdin is not None else asyncio.subprocess.DEVNULL
+        out = asyncio.subprocess.PIPE
+        try:
+            if self._bwrap is None:
+                # No boundary to keep: the agent itself is the program, with its own environment.
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=stdin, stdout=out, stderr=out, cwd=workdir, env=env,
+                    start_new_session=True, preexec_fn=partial(_apply_limits, limits),
+                )
+            else:
+                with self._launcher(workdir, network=launch.spec.network, uid=uid, env=env, program=argv,
+                                    host_workdir=launch.prepare is not None,
+                                    limits=limits, cgroup=cgroup) as (cmd, fds):
+                    # prlimit sets the limits and execs the rest (bwrap dies with us): no preexec_fn,
+                    # so Python spawns with vfork instead of copying the executor's page tables.
+                    proc = await asyncio.create_subprocess_exec(
+                        *cmd, stdin=stdin, stdout=out, stderr=out, cwd="/", env=LAUNCHER_ENV,
+                        start_new_session=True,  # its own process group: a timeout kills all it started
+                        pass_fds=fds,
+                        preexec_fn=None if self._prlimit else partial(_apply_limits, limits),
+                    )
         except (OSError, ValueError) as e:
             return Outcome(start_error=f"agent command {launch.argv[0]!r} could not start: {e}")
-        return await self._watch(proc, launch, on_output)
+        outcome = await self._watch(proc, launch, on_output)
+        if cgroup is not None and outcome.exit_code is not None and MemoryCgroups.oom_kills(cgroup):
+            outcome = dataclasses.replace(outcome, reason=oom_reason(outcome.exit_code, launch.spec.memory),
+                                          extra={**outcome.extra, "oom_killed": "true"})
+        return outcome
+
+    def _visible(self, program: str) -> bool:
+        real = Path(os.path.realpath(program))
+        return any(real.is_relative_to(os.path.realpath(d)) for d in (*SYSTEM_DIRS, *map(str, self.extra_binds)))
 
     async def _watch(self, proc: asyncio.subprocess.Process, launch: Launch, on_output: OutputSink) -> Outcome:
         """Pump output and stdin until the agent exits or times out; then end its group."""
@@ -229,7 +318,7 @@ class ProcessSandbox(Sandbox):
             reason = f"{reason}; the CPU time limit ({_cpu_limit_s(launch)} s) was reached"
         return Outcome(exit_code=code, reason=reason, **fields)
 
-    def _limits(self, launch: Launch) -> list[tuple[int, int, int]]:
+    def _limits(self, launch: Launch, *, address_space: bool = True) -> list[tuple[int, int, int]]:
         """(resource, soft, hard) for the child, never above our own hard limits (raising those
         would fail). RLIMIT_CPU's soft limit sends SIGXCPU, its hard limit SIGKILL."""
         cpu = _cpu_limit_s(launch)
@@ -238,36 +327,107 @@ class ProcessSandbox(Sandbox):
             (resource.RLIMIT_FSIZE, self.max_file_bytes, self.max_file_bytes),
             (resource.RLIMIT_CORE, 0, 0),
         ]
-        if launch.spec.memory:
+        if launch.spec.memory and address_space:  # else a memory cgroup bounds it
             size = parse_size(launch.spec.memory, "sandbox.memory")
             limits.append((resource.RLIMIT_AS, size, size))
-        if launch.spec.pids:
-            # Per user, not per attempt, and not enforced for root: see docs/sandboxes.md.
-            limits.append((resource.RLIMIT_NPROC, launch.spec.pids, launch.spec.pids))
+        pids = launch.spec.pids or (DEFAULT_PIDS if self._uids is not None and self._bwrap is not None else None)
+        if pids:
+            # Counted per uid: an attempt of its own uid (executor root + bwrap) has a bound of its
+            # own; otherwise all processes of the executor's user count (docs/sandboxes.md).
+            limits.append((resource.RLIMIT_NPROC, pids, pids))
         return [(res, *_clamp(res, soft, hard)) for res, soft, hard in limits]
 
-    def _bwrap_argv(self, workdir: Path | None, *, network: str, program: list[str]) -> list[str]:
+    @contextlib.contextmanager
+    def _launcher(
+        self, workdir: Path | None, *, network: str, uid: int | None, env: Mapping[str, str], program: list[str],
+        limits: list[tuple[int, int, int]], cgroup: Path | None = None, host_workdir: bool = False,
+    ) -> Iterator[tuple[list[str], tuple[int, ...]]]:
+        """(argv, fds to pass) of the host-side chain: [join cgroup] [prlimit] [setpriv] [pasta] bwrap.
+
+        bwrap's own options, the job's environment among them, travel in a memfd (`--args`):
+        not in any host process's environment or command line. The fd closes on exit."""
         assert self._bwrap is not None
-        argv = [self._bwrap, "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
+        fd = os.memfd_create("kjob-bwrap-args", os.MFD_CLOEXEC)
+        try:
+            options = self._bwrap_options(workdir, network=network, uid=uid, env=env, host_workdir=host_workdir)
+            os.write(fd, b"".join(o.encode() + b"\0" for o in options))
+            os.lseek(fd, 0, os.SEEK_SET)
+            chain: list[str] = joining_argv(cgroup) if cgroup is not None else []
+            if self._prlimit is not None:
+                chain += _prlimit_argv(self._prlimit, limits)
+            if uid is not None:
+                assert self._setpriv is not None
+                # Root hands the attempt to a uid of its own before anything of the sandbox runs:
+                # bwrap then builds it unprivileged, in a user namespace.
+                chain += [self._setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                          "--inh-caps=-all", "--bounding-set=-all", "--"]
+            if network == "egress":
+                assert self._egress is not None
+                chain += self._egress.argv()
+            yield [*chain, self._bwrap, "--args", str(fd), "--", *program], (fd,)
+        finally:
+            os.close(fd)
+
+    def _bwrap_options(self, workdir: Path | None, *, network: str, uid: int | None, env: Mapping[str, str],
+                       host_workdir: bool = False) -> list[str]:
+        # The agent's uid inside is its uid outside (under pasta it would otherwise show as 0).
+        ids = (str(os.geteuid()), str(os.getegid())) if uid is None else (str(uid), str(uid))
+        argv = ["--die-with-parent", "--unshare-user", "--disable-userns", "--uid", ids[0], "--gid", ids[1], "--unshare-pid",
+                "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--cap-drop", "ALL"]
         if network == "none":
             argv.append("--unshare-net")
-        if os.geteuid() == 0:
-            # Root keeps its capabilities in bwrap unless told; without them it cannot remount
-            # the host filesystem read-write or leave the namespaces.
-            argv += ["--cap-drop", "ALL"]
-        argv += ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-        for hidden in self.hide:
-            if hidden.is_dir():
-                argv += ["--tmpfs", str(hidden)]
+        # egress: the namespace pasta made (bwrap keeps it); host: the node's own.
+        for top in SYSTEM_DIRS:
+            if os.path.islink(top):
+                argv += ["--symlink", os.readlink(top), top]
+            elif os.path.isdir(top):
+                argv += ["--ro-bind", top, top]
+        argv += ["--dev", "/dev", "--proc", "/proc"]
+        argv += ["--size", str(self.disk_bytes), "--perms", "1777", "--tmpfs", "/tmp"]
         for shared in self.extra_binds:
             argv += ["--bind", str(shared), str(shared)]
-        if workdir is not None:
+        for hidden in self.hide:
+            if hidden.exists() and self._visible(str(hidden)):
+                cover = ["--size", "1048576", "--tmpfs"] if hidden.is_dir() else ["--ro-bind", "/dev/null"]
+                argv += [*cover, str(hidden)]
+        if workdir is not None and host_workdir:
+            # The executor prepared it (a workspace clone, $KJOB_RESULT) and reads it back after:
+            # the host dir itself, bounded by the clone's cap rather than sandbox_disk.
             argv += ["--bind", str(workdir), str(workdir), "--chdir", str(workdir)]
-        return [*argv, "--", *program]
+        elif workdir is not None:
+            # A tmpfs, not the host dir: its size is bounded and nothing of it reaches the host disk.
+            argv += ["--size", str(self.disk_bytes), "--perms", "0700", "--tmpfs", str(workdir), "--chdir", str(workdir)]
+        argv.append("--clearenv")
+        for key, value in env.items():
+            argv += ["--setenv", key, value]
+        return argv
+
+
+class UidPool:
+    """Uids for attempts in flight, one each, from `base` up: an attempt's processes are its
+    own (RLIMIT_NPROC counts them alone; no other attempt can signal or trace them)."""
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+        self._used: set[int] = set()
+
+    def take(self) -> int:
+        uid = next(u for u in itertools.count(self.base) if u not in self._used)
+        self._used.add(uid)
+        return uid
+
+    def give(self, uid: int) -> None:
+        self._used.discard(uid)
+
+def _chown_tree(root: Path, uid: int) -> None:
+    for dirpath, dirs, files in os.walk(root):
+        for name in (dirpath, *(os.path.join(dirpath, n) for n in dirs + files)):
+            os.chown(name, uid, uid, follow_symlinks=False)
 
 
 def _make_workdir(launch: Launch) -> Path:
-    """`<work_root>/<run id>-<attempt>`, fresh and private (a leftover of a crash is replaced)."""
+    """`<work_root>/<run id>-<attempt>`, fresh and private (a leftover of a crash is replaced).
+    Under bwrap it stays empty: the mount point of the sandbox's tmpfs work dir."""
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{launch.run_id}-{launch.attempt}")
     launch.work_root.mkdir(parents=True, exist_ok=True)
     workdir = (launch.work_root / name).resolve()
@@ -393,3 +553,49 @@ def _become_subreaper() -> bool:
 def _killpg(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+#: The interface pasta makes in the sandbox's network namespace.
+EGRESS_IFNAME = "kjob0"
+
+
+class Egress:
+    """The `egress` network of the process backend: pasta (passt) gives the sandbox a network
+    namespace whose traffic leaves through ordinary sockets of this host, IPv4 only, with no
+    port forwarded in either direction and no gateway mapped to the host's loopback. Before
+    the agent starts, a shell in that namespace (pasta's user namespace: not the agent's)
+    replaces its routes: everything goes out, except BLOCKED_RANGES and the host's own
+    addresses, which are `prohibit` routes (connect() fails at once with EACCES). The agent
+    gets no capability over that namespace, so it cannot change them."""
+
+    def __init__(self, pasta: str) -> None:
+        self.pasta = pasta
+
+    @classmethod
+    def find(cls) -> Egress | None:
+        pasta = shutil.which("pasta")
+        return cls(pasta) if pasta and shutil.which("ip") else None
+
+    def argv(self) -> list[str]:
+        routes = ["route flush table main", f"route add default dev {EGRESS_IFNAME}"]
+        routes += [f"route add prohibit {net}" for net in (*BLOCKED_RANGES, *(f"{a}/32" for a in host_addresses()))]
+        script = "set -e\nip -batch - <<'EOF'\n" + "\n".join(routes) + "\nEOF\nexec \"$@\""
+        return [
+            self.pasta, "--config-net", "--ipv4-only", "--no-map-gw", "--no-dhcp", "--quiet", "--foreground",
+            "--tcp-ports", "none", "--udp-ports", "none", "--tcp-ns", "none", "--udp-ns", "none",
+            "--ns-ifname", EGRESS_IFNAME, "--", "/bin/sh", "-c", script, "kjob-egress",
+        ]
+
+
+def host_addresses() -> list[str]:
+    """This host's own IPv4 addresses (the kernel's LOCAL routes), outside 127/8: a public
+    address of the node reaches its services as well as its loopback does."""
+    try:
+        lines = Path("/proc/net/fib_trie").read_text().splitlines()
+    except OSError:
+        return []
+    found = {
+        prev.split()[-1] for prev, line in zip(lines, lines[1:])
+        if line.strip() == "/32 host LOCAL" and not prev.split()[-1].startswith("127.")
+    }
+    return sorted(found)

@@ -18,7 +18,7 @@ from kjob.errors import InvalidInput, NotFound
 from kjob.gateway.auth import Editor, Operator, Viewer, actor_of, gateway_state
 from kjob.gateway.state import ChangeKind, GatewayState
 from kjob.gateway.tenant_checks import check_job_for_tenant, check_new_jobs
-from kjob.gateway.validation import check_job, check_storable
+from kjob.gateway.validation import check_job, check_storable, check_target
 from kjob.store.usage import UsageStore
 from kjob.model.job import Job, JobSpec, merge_job
 from kjob.model.run import utc_text
@@ -90,6 +90,7 @@ async def _check(state: GatewayState, tenant: str, spec: JobSpec, now: datetime,
         previous=previous.spec() if previous else None,
     )
     await check_job_for_tenant(state, tenant, spec, now, previous.spec() if previous else None)
+    await check_target(spec, state.settings.dispatcher.allow_list())
 
 
 async def _apply_checked(state: GatewayState, principal: Principal, spec: JobSpec, now: datetime) -> ApplyResult:

@@ -44,7 +44,10 @@ def agents_file(tmp_path: Path, agent_bin: Path, model_api: ModelAPI) -> Path:
     codex["command"] = [str(agent_bin / "codex"), *codex["command"][1:]]
     llm = {**packaged["llm"], "base_url": f"{model_api.url}/v1", "model": "gpt-4o-mini",
            "price": {"input": 0.15, "output": 0.6}}
-    llm["command"] = [str(Path(sysconfig.get_path("scripts")) / "llm"), *llm["command"][1:]]
+    # The venv's interpreter may live where the sandbox's uid cannot go (pyenv under /root):
+    # the system Python of the same minor version runs llm from the venv's site-packages.
+    llm["command"] = ["/usr/bin/python3", "-m", "llm", *llm["command"][1:]]
+    llm["env"] = {"PYTHONPATH": sysconfig.get_path("purelib")}
     path = tmp_path / "agents.toml"
     entries = (("claude", claude), ("codex", codex), ("llm", llm))
     path.write_text("".join(_table(f"agents.{name}", entry) for name, entry in entries))

@@ -24,6 +24,19 @@ from tests.support.relay import RecordingRelay
 NET = {"network": "host", "env": {"ANTHROPIC_API_KEY": "sk-test", "OPENAI_API_KEY": "sk-test"}}
 
 
+def agent_settings(tmp_path, relay_url, agents_file, **more):
+    """The CLIs live outside the sandbox's system dirs: the operator shares their directories
+    (executor.extra_binds); the model API is on loopback: the tenant may use the host network."""
+    import sysconfig
+    from pathlib import Path
+    settings = fast_settings(tmp_path, relay_url=relay_url, **more)
+    settings.executor.agents_file = agents_file
+    settings.executor.extra_binds = [Path(__file__).resolve().parents[2] / ".ci" / "agents",
+                                     Path(sysconfig.get_path("scripts")).parent]
+    settings.executor.host_network_tenants = ["default"]
+    return settings
+
+
 async def _run_once(node, engine, job, timeout=60):
     run = await RunLedger(engine).create_manual(job)
     await node.publish_due(run)
@@ -43,8 +56,7 @@ async def test_claude_and_codex_answers_reach_relay_with_their_usage_in_the_ledg
         tmp_path, fresh_nats, database_url, engine, model_api, agents_file):
     model_api.script(Reply.answer("Claude: the build is green.", input_tokens=1234, output_tokens=56))
     with RecordingRelay() as relay:
-        settings = fast_settings(tmp_path, relay_url=relay.url)
-        settings.executor.agents_file = agents_file
+        settings = agent_settings(tmp_path, relay.url, agents_file)
         claude = await create_job(engine, slug="claude-job", agent="claude", prompt="is the build green?",
                                   schedule="@every 1h", sandbox=NET, output={"channel": "ops"})
         codex = await create_job(engine, slug="codex-job", agent="codex", prompt="is the build green?",
@@ -74,8 +86,7 @@ async def test_budgets_stop_both_agents_with_the_figure(tmp_path, fresh_nats, da
     # the model never stops asking for tools: only a budget ends the run
     model_api.default = Reply.call("Bash", {"command": "echo hi", "description": "hi"})
     with RecordingRelay() as relay:
-        settings = fast_settings(tmp_path, relay_url=relay.url)
-        settings.executor.agents_file = agents_file
+        settings = agent_settings(tmp_path, relay.url, agents_file)
         claude = await create_job(engine, slug="claude-loop", agent="claude", prompt="loop", schedule="@every 1h",
                                   sandbox=NET, output={"channel": "ops"}, limits={"max_turns": 2})
         codex = await create_job(engine, slug="codex-loop", agent="codex", prompt="loop", schedule="@every 1h",
@@ -107,8 +118,7 @@ async def test_budgets_stop_both_agents_with_the_figure(tmp_path, fresh_nats, da
 async def test_on_change_sends_a_changed_answer_only_and_the_quiet_marker_never(
         tmp_path, fresh_nats, database_url, engine, model_api, agents_file):
     with RecordingRelay() as relay:
-        settings = fast_settings(tmp_path, relay_url=relay.url)
-        settings.executor.agents_file = agents_file
+        settings = agent_settings(tmp_path, relay.url, agents_file)
         job = await create_job(engine, slug="watch", agent="claude", prompt="anything new?", schedule="@every 1h",
                                sandbox=NET, output={"channel": "ops", "notify": "on_change"})
         async with running_node(settings, fresh_nats.url, database_url) as node:
@@ -175,8 +185,7 @@ async def test_llm_against_an_openai_compatible_endpoint_with_its_key_from_a_sec
     await SecretStore(engine, SecretBox(key)).set(ACTOR, "openai", "sk-from-the-secret-store")
     model_api.script(Reply.answer("Disk usage is at 71%.", input_tokens=300, output_tokens=12))
     with RecordingRelay() as relay:
-        settings = fast_settings(tmp_path, relay_url=relay.url, secret_key=key)
-        settings.executor.agents_file = agents_file
+        settings = agent_settings(tmp_path, relay.url, agents_file, secret_key=key)
         job = await create_job(engine, slug="llm-job", agent="llm", prompt="how full is the disk?",
                                schedule="@every 1h", output={"channel": "ops"},
                                sandbox={"network": "host", "env": {"OPENAI_API_KEY": "secret:openai"}})

@@ -69,6 +69,12 @@ class ExecutorSettings(BaseModel):
         default=200_000, ge=1000, le=2**31 - 100_000,
         description="when the executor runs as root, process sandboxes run as uids from here up, one per attempt in flight",
     )
+    # Agent runs (kjob.executor.agent_run, docs/agents.md)
+    workspace_roots: list[Path] = Field(
+        default=[], description="local directories a job's `workspace.git` may clone from (URLs are always allowed)"
+    )
+    workspace_timeout_s: float = Field(default=120.0, gt=0, description="a workspace clone taking longer fails the run")
+    workspace_max_bytes: int = Field(default=512 * 1024**2, ge=1024, description="a workspace clone larger fails the run")
 
 
 class DatabaseSettings(BaseModel):
@@ -126,6 +132,7 @@ class TenantQuota(BaseModel):
     max_concurrent_runs: int | None = Field(default=None, ge=1)
     min_interval_s: float | None = Field(default=None, ge=0)
     run_now_per_minute: int | None = Field(default=None, ge=0)
+    max_cost_usd_per_day: float | None = Field(default=None, gt=0)
 
 
 class QuotaSettings(BaseModel):
@@ -142,6 +149,11 @@ class QuotaSettings(BaseModel):
     )
     min_interval_s: float = Field(default=1.0, ge=0, description="the shortest gap a schedule may have between slots")
     run_now_per_minute: int = Field(default=60, ge=0, description="run-now requests per tenant per minute")
+    max_cost_usd_per_day: float | None = Field(
+        default=None, gt=0,
+        description="USD a tenant's agents may spend per UTC day (as they report it); past it runs are recorded "
+                    "`skipped` and one alert per job and day goes to the job's channel; unset: no cap",
+    )
     tenants: dict[str, TenantQuota] = Field(default_factory=dict)
 
 

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/docker.sh
+bash .ci/agents.sh >/dev/null  # the real agent CLIs for tests/agents (pinned, cached in .ci/agents/)
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip

@@ -171,6 +171,7 @@ def quota(output: OutputOpt = Format.table) -> None:
         ["concurrent runs", usage.concurrent_runs, limits.max_concurrent_runs or "no limit"],
         ["run-now per minute", usage.run_now_last_minute, limits.run_now_per_minute],
         ["minimum schedule interval", "", f"{limits.min_interval_s:g}s"],
+        ["agent cost today (USD)", f"{usage.cost_usd_today:.2f}", limits.max_cost_usd_per_day or "no cap"],
     ]
     print_table([Col(f"QUOTA ({view.tenant})"), Col("USED", right=True), Col("LIMIT", right=True)], rows)
 

@@ -161,6 +161,10 @@ def inspect(slug: SlugArg, output: OutputOpt = Format.table, wide: WideOpt = Fal
         print_json({**dump(job), "next_fires": [utc_text(f) for f in fires]})
         return
     console(wide).print(job_table(dump(job)))  # long values (prompt, output) fold at the edge unless wide
+    if job.usage_7d:  # the agents' spend, when the server records it (docs/agents.md)
+        u = job.usage_7d
+        say(f"last 7 days: {u['attempts']} attempts, {u.get('tokens_in') or 0} tokens in, "
+            f"{u.get('tokens_out') or 0} out, {u.get('turns') or 0} turns, ${u.get('cost_usd') or 0:.4f}")
     say("")
     if not job.enabled:
         say("next fire times: none while the job is disabled (`kjob enable` resumes it from now)")

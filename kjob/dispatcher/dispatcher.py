@@ -26,8 +26,10 @@ from kjob.config import DispatcherSettings
 from kjob.dispatcher.relay import RelayClient
 from kjob.errors import RelayRejected, RelayUnavailable
 from kjob.model.policies import PAUSED_NOTICE, pause_alert, pause_note
-from kjob.model.run import DeliveryStatus, dispatch_payload, run_page_url
+from kjob.model.notify import decide
+from kjob.model.run import DeliveryStatus, RunStatus, dispatch_payload, run_page_url
 from kjob.store.runs import RunLedger
+from kjob.store.usage import UsageStore
 from kjob.telemetry import metrics, tracing
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class Dispatcher:
         self.settings, self.bus = settings, bus
         self.log_url_base = log_url_base.rstrip("/")
         self.node = node or socket.gethostname()
+        self.usage = UsageStore(ledger.engine)
 
     async def run(self, stop: asyncio.Event) -> None:
         sub = await ensure_consumer(self.js, names.RESULTS_STREAM, names.DISPATCHER_CONSUMER, names.RUN_RESULT_ALL, self.bus)
@@ -79,7 +82,21 @@ class Dispatcher:
                 await msg.ack()  # deleted, already delivered, failed for good, or nothing to deliver
             return
         run = delivery.run
-        payload = dispatch_payload(run.slug, delivery.channel, run.status, run.output_excerpt or "",
+        # The agent's answer, not its raw output, when its adapter or result file gave one.
+        answer = await self.usage.for_delivery(run.id, run.attempt, run.job_id)
+        body = answer.answer if answer.answer is not None else (run.output_excerpt or "")
+        # A run skipped at the cost cap is an alert: sent once a day per job, whatever the policy.
+        alert = run.status is RunStatus.skipped and answer.answer is not None
+        decision = decide(policy="on_change" if alert else answer.policy, quiet=answer.quiet,
+                          succeeded=alert or run.status is RunStatus.succeeded,
+                          answer=body, agent_notify=answer.notify, last_sent_hash=answer.last_sent_hash,
+                          last_sent_run=answer.last_sent_run)
+        if not decision.send:
+            await self.ledger.mark_delivery(run.id, DeliveryStatus.suppressed, f"not sent: {decision.reason}")
+            await self._event(run.tenant, run, "suppressed")
+            await msg.ack()
+            return
+        payload = dispatch_payload(run.slug, delivery.channel, run.status, body,
                                    run_page_url(self.log_url_base, run.id))
         try:
             await self.relay.dispatch(delivery.channel, payload, run.id)

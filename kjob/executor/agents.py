@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, get_args
 
 from kjob.errors import InvalidInput
+from kjob.executor.adapters import ADAPTERS, Adapter, Endpoint
+from kjob.model.agent_report import Price
 from kjob.model.job import ENV_NAME_PATTERN
 
 PromptMode = Literal["arg", "stdin", "env"]
@@ -40,7 +42,7 @@ AGENT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 #: What every rendered agent gets in its environment; an agent's own `env` cannot set these.
 RESERVED_ENV = ("KJOB_PROMPT", "KJOB_RUN_ID", "KJOB_JOB", "KJOB_TENANT", "KJOB_ATTEMPT")
 
-_AGENT_KEYS = ("command", "prompt", "env", "description")
+_AGENT_KEYS = ("command", "prompt", "env", "description", "adapter", "base_url", "model", "price")
 _SETTING = "executor.agents_file"
 
 
@@ -57,6 +59,13 @@ class Agent:
     #: extra environment, literal (no placeholders)
     env: dict[str, str] = field(default_factory=dict)
     description: str = ""
+    #: how kjob reads the agent's output and passes it budgets (kjob.executor.adapters)
+    adapter: str = "plain"
+    #: the model endpoint and model the adapter points the agent at (None: the agent's default)
+    base_url: str | None = None
+    model: str | None = None
+    #: USD per million tokens, for agents that report tokens but no cost
+    price: Price | None = None
 
     def __post_init__(self) -> None:
         # Accept a list for convenience; keep a tuple so a frozen Agent really cannot change.
@@ -64,8 +73,16 @@ class Agent:
         object.__setattr__(self, "env", dict(self.env))
         _check(self)
 
+    @property
+    def endpoint(self) -> Endpoint:
+        return Endpoint(base_url=self.base_url, model=self.model)
+
+    @property
+    def reader(self) -> Adapter:
+        return ADAPTERS[self.adapter]
+
     def render(
-        self, *, prompt: str, run_id: str, slug: str, tenant: str, attempt: int
+        self, *, prompt: str, run_id: str, slug: str, tenant: str, attempt: int, limits: dict[str, Any] | None = None
     ) -> tuple[list[str], bytes | None, dict[str, str]]:
         """(argv, stdin, env) for one attempt. Values are inserted verbatim: a prompt holding
         `{run_id}` or `$(...)` stays that text.
@@ -80,8 +97,9 @@ class Agent:
             )
         values = {"prompt": prompt, "run_id": run_id, "slug": slug, "tenant": tenant, "attempt": str(attempt)}
         # str.format substitutes values without re-reading them, so braces in a value stay literal.
-        argv = [part.format_map(values) for part in self.command]
+        argv = self.reader.argv([part.format_map(values) for part in self.command], self.endpoint, limits or {})
         env = {
+            **self.reader.environment(self.endpoint),
             **self.env,
             "KJOB_RUN_ID": run_id,
             "KJOB_JOB": slug,
@@ -111,6 +129,12 @@ def _check(agent: Agent) -> None:
         raise InvalidInput(
             f'"{{prompt}}" in command needs prompt = "arg" (this agent has prompt = "{agent.prompt}")', "command"
         )
+    if agent.adapter not in ADAPTERS:
+        raise InvalidInput(f"adapter must be one of {', '.join(sorted(ADAPTERS))}, not {agent.adapter!r}", "adapter")
+    if agent.base_url is not None and not re.match(r"^https?://[^\s/]+", str(agent.base_url)):
+        raise InvalidInput(f"base_url must be an http(s) URL, not {agent.base_url!r}", "base_url")
+    if agent.model is not None and (not isinstance(agent.model, str) or not agent.model.strip()):
+        raise InvalidInput("model must be a non-empty string", "model")
     if not isinstance(agent.description, str):
         raise InvalidInput("description must be a string", "description")
     for key, value in agent.env.items():
@@ -188,7 +212,12 @@ def _agent_from_table(name: str, table: Any, source: str) -> Agent:
         raise InvalidInput(f"{where}: unknown key {unknown[0]!r}; the keys are {', '.join(_AGENT_KEYS)}", _SETTING)
     if "command" not in table:
         raise InvalidInput(f'{where}: command is required, e.g. command = ["kode", "--print"]', _SETTING)
-    command, env = table["command"], table.get("env", {})
+    command, env, price = table["command"], table.get("env", {}), table.get("price")
+    if price is not None and not (
+        isinstance(price, dict) and set(price) == {"input", "output"}
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in price.values())
+    ):
+        raise InvalidInput(f"{where}: price must be {{ input = <USD per Mtok>, output = <USD per Mtok> }}", _SETTING)
     if not isinstance(command, list):
         raise InvalidInput(f'{where}: command must be a list of strings, e.g. ["kode", "--print"]', _SETTING)
     if not isinstance(env, dict):
@@ -200,6 +229,10 @@ def _agent_from_table(name: str, table: Any, source: str) -> Agent:
             prompt=table.get("prompt", "stdin"),
             env=env,
             description=table.get("description", ""),
+            adapter=table.get("adapter", "plain"),
+            base_url=table.get("base_url"),
+            model=table.get("model"),
+            price=Price(float(price["input"]), float(price["output"])) if price else None,
         )
     except InvalidInput as e:
         raise InvalidInput(f"{where}: {e.message}", _SETTING) from None
@@ -255,9 +288,10 @@ class AgentRegistry:
         return name in self._agents
 
     def render(
-        self, agent: Agent | str, *, prompt: str, run_id: str, slug: str, tenant: str, attempt: int
+        self, agent: Agent | str, *, prompt: str, run_id: str, slug: str, tenant: str, attempt: int,
+        limits: dict[str, Any] | None = None,
     ) -> tuple[list[str], bytes | None, dict[str, str]]:
         """(argv, stdin, env) for one attempt of `agent` (an Agent or a name); see Agent.render."""
         if isinstance(agent, str):
             agent = self.get(agent)
-        return agent.render(prompt=prompt, run_id=run_id, slug=slug, tenant=tenant, attempt=attempt)
+        return agent.render(prompt=prompt, run_id=run_id, slug=slug, tenant=tenant, attempt=attempt, limits=limits)

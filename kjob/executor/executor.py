@@ -36,6 +36,8 @@ from kjob.bus.consume import consume
 from kjob.bus.setup import BusSettings, ensure_consumer
 from kjob.config import ExecutorSettings
 from kjob.executor.agents import AgentRegistry
+from kjob.executor.agent_run import AgentRun
+from kjob.model.agent_report import AgentReport, verdict_status
 from kjob.executor.sandbox.base import Launch, Outcome, Sandbox
 from kjob.model.run import DeliveryStatus, Run, RunStatus, attempt_status, should_retry
 from kjob.executor.secrets import LiveMask, SecretResolver, SecretsUnavailable
@@ -45,6 +47,7 @@ from kjob.model.policies import defer_delay
 from kjob.store.database import is_transient
 from kjob.store.runs import Claimed, Deferred, GaveUp, RunLedger, Skipped
 from kjob.store.secrets import SecretStore
+from kjob.store.usage import UsageStore
 from kjob.telemetry import metrics, tracing
 from kjob.telemetry.logging import agent_output
 
@@ -82,6 +85,7 @@ class Executor:
         self.secrets = secrets or SecretResolver(SecretStore(ledger.engine, None))
         self.quotas = quotas or Quotas()
         self.policies = RunPolicies(js=js, ledger=ledger)
+        self.usage = UsageStore(ledger.engine)
         self.lease = timedelta(seconds=settings.claim_lease_s)
         # Never more than a third of the lease: a short lease (tests) still renews in time.
         self.margin_s = min(settings.claim_margin_s, settings.claim_lease_s / 3)
@@ -193,15 +197,28 @@ class Executor:
             await self._claim_lost(run, job, msg, claim)
             return
         await self._event(run, "run_started", f"attempt {run.attempt}")
+        over_cap = await self._over_cost_cap(job)
+        if over_cap is not None:  # the tenant's agents spent their day's budget: record, alert once
+            await self._skip_over_cost_cap(run, job, msg, over_cap)
+            return
         acker = asyncio.create_task(self._keep_acking(msg))
         keeper = asyncio.create_task(claim.keep())
+        agent_run = self._agent_run(job)
         try:
-            outcome = await self._run_sandbox(claimed, claim)
+            outcome = await self._run_sandbox(claimed, claim, agent_run)
+            if agent_run is not None:  # what the agent said: its answer, verdict and usage
+                report = agent_run.report()
+                with contextlib.suppress(Exception):  # usage is bookkeeping; the run's end matters more
+                    await self.usage.record(run_id=run.id, attempt=run.attempt, tenant=job.tenant, job_id=job.id,
+                                            agent=job.agent, report=report)
+                    metrics.agent_usage(job.tenant, job.slug, job.agent, report.usage)
             if outcome is None:
                 await self._claim_lost(run, job, msg, claim)
                 return
             status = attempt_status(outcome.exit_code, outcome.timed_out, outcome.start_error)
             reason = outcome.start_error or outcome.reason
+            if agent_run is not None and outcome.start_error is None:
+                status, reason = verdict_status(status, reason, report, agent_run.budget_reason, agent_run.result_error)
             if status is RunStatus.timed_out and not reason:
                 reason = f"timed out after {job.timeout}"
             if status is RunStatus.failed and not reason:
@@ -284,13 +301,50 @@ class Executor:
             return
         log.warning("executor: lost the claim on run %s; its result is void", run.id)
 
-    async def _run_sandbox(self, claimed: Claimed, claim: "ClaimKeeper") -> Outcome | None:
+    async def _over_cost_cap(self, job) -> str | None:
+        """Why the run must not start: its tenant's agents spent its daily cost cap (UTC day)."""
+        cap = self.quotas.limits(job.tenant).max_cost_usd_per_day
+        if cap is None:
+            return None
+        day = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+        spent = await self.usage.tenant_cost_since(job.tenant, day)
+        if spent < cap:
+            return None
+        return (f"not run: tenant {job.tenant}'s daily cost cap of ${cap:g} is reached "
+                f"(${spent:.2f} spent on {day:%Y-%m-%d} UTC); runs resume tomorrow")
+
+    async def _skip_over_cost_cap(self, run: Run, job, msg, why: str) -> None:
+        """Record the run `skipped` for the cost cap (the alert rides on its delivery), then ack."""
+        with contextlib.suppress(Exception):
+            await self.usage.record(run_id=run.id, attempt=run.attempt, tenant=job.tenant, job_id=job.id,
+                                    agent=job.agent, report=AgentReport(answer=why))
+        finished = await self._record_end(run, dict(
+            status=RunStatus.skipped, exit_code=None, reason=why, output="", output_bytes=0, dropped_bytes=0,
+            retry_in_s=None))
+        if finished is not None:
+            metrics.slots_missed("cost_cap")
+            if finished.delivery_status is DeliveryStatus.pending:
+                await self._publish_result(finished)
+            await self._event(finished, "run_finished", finished.status.value)
+        await msg.ack()
+
+    def _agent_run(self, job) -> AgentRun | None:
+        if job.agent not in self.agents:
+            return None
+        s = self.settings
+        return AgentRun(self.agents.get(job.agent), job, stdout_cap=s.output_cap_bytes,
+                        clone_timeout_s=s.workspace_timeout_s, clone_max_bytes=s.workspace_max_bytes,
+                        local_roots=s.workspace_roots)
+
+    async def _run_sandbox(self, claimed: Claimed, claim: "ClaimKeeper",
+                           agent_run: AgentRun | None = None) -> Outcome | None:
         """The attempt's Outcome, or None if the claim was lost while it ran."""
         run, job = claimed.run, claimed.job
         try:
             agent = self.agents.get(job.agent)
             argv, stdin, env = self.agents.render(
-                agent, prompt=job.prompt, run_id=run.id, slug=job.slug, tenant=job.tenant, attempt=run.attempt
+                agent, prompt=job.prompt, run_id=run.id, slug=job.slug, tenant=job.tenant, attempt=run.attempt,
+                limits=job.limits.model_dump(exclude_none=True),
             )
         except Exception as err:
             return Outcome(start_error=f"agent {job.agent!r} cannot start: {err}")
@@ -302,15 +356,22 @@ class Executor:
             job_env, masker = await self.secrets.environment(job.tenant, job.sandbox.env)
         except SecretsUnavailable as err:
             return Outcome(start_error=str(err))
+        hooks = {}
+        if agent_run is not None and sandbox.name == "process":  # the work dir is the host's
+            hooks = {"prepare": agent_run.prepare, "collect": agent_run.collect}
+        elif job.workspace is not None:
+            return Outcome(start_error=f"workspace needs the process backend; the {sandbox.name} backend has none yet")
         launch = Launch(
             run_id=run.id, tenant=job.tenant, job_slug=job.slug, attempt=run.attempt,
             argv=argv, stdin=stdin, env={**job_env, **env}, spec=job.sandbox,
-            timeout=job.timeout, output_cap_bytes=self.settings.output_cap_bytes, work_root=self.work_root,
+            timeout=job.timeout, output_cap_bytes=self.settings.output_cap_bytes, work_root=self.work_root, **hooks,
         )
         log_subject = names.run_log(job.tenant, run.id)
 
         async def on_output(stream: str, text: str) -> None:
             agent_output(stream, text)  # the file sink, when one is configured
+            if agent_run is not None:
+                agent_run.feed(stream, text)
             with contextlib.suppress(Exception):  # live logs are best effort; the ledger keeps the output
                 await self.nc.publish(log_subject, text.encode(), headers={
                     "Kjob-Stream": stream, names.HDR_RUN_ID: run.id, names.HDR_TENANT: job.tenant})
@@ -318,7 +379,19 @@ class Executor:
         live = LiveMask(masker, on_output)  # every captured byte passes the mask of the secret values
         runner = asyncio.create_task(sandbox.run(launch, live.write))
         lost = asyncio.create_task(claim.stop.wait())
-        done, _ = await asyncio.wait({runner, lost}, return_when=asyncio.FIRST_COMPLETED)
+        over = asyncio.create_task(agent_run.exceeded.wait() if agent_run else asyncio.Event().wait())
+        done, _ = await asyncio.wait({runner, lost, over}, return_when=asyncio.FIRST_COMPLETED)
+        if over in done and runner not in done:  # over its budget: stop the agent, keep the run
+            lost.cancel()
+            runner.cancel()
+            with contextlib.suppress(BaseException):
+                await runner
+            await live.flush()
+            assert agent_run is not None
+            output = agent_run.output()
+            return Outcome(exit_code=None, reason=agent_run.budget_reason, output=output,
+                           output_bytes=len(output.encode()))
+        over.cancel()
         if runner not in done and claim.expired:
             # Our own deadline, and the claim holds `margin` longer: an agent that is already
             # ending (it ran to its end, and is exiting) gets half of that to finish by itself,

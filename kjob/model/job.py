@@ -158,10 +158,19 @@ class SandboxSpec(_Strict):
         return v
 
 
+NotifyPolicy = Literal["always", "on_failure", "on_change", "never"]
+DEFAULT_QUIET = "NO_REPLY"
+
+
 class OutputSpec(_Strict):
-    """Where the result goes: a Relay channel, `webhook:<https url>`, or `none` (stored only)."""
+    """Where the result goes: a Relay channel, `webhook:<https url>`, or `none` (stored only).
+
+    `notify` says which finished runs are sent (kjob.model.notify); an answer that is exactly
+    `quiet` is never sent. Runs that are not sent stay in the ledger with the reason."""
 
     channel: str = "none"
+    notify: NotifyPolicy = "always"
+    quiet: str = Field(default=DEFAULT_QUIET, max_length=200)
 
     @field_validator("channel")
     @classmethod
@@ -214,6 +223,37 @@ class HistoryPolicy(_Strict):
     keep_days: int | None = Field(default=None, ge=1, le=36_500)
 
 
+class LimitsSpec(_Strict):
+    """Budgets of one run: passed to the agent where it has a flag, else enforced by kjob from
+    the agent's streamed output (the agent is stopped; the run ends `budget_exceeded`)."""
+
+    max_cost_usd: float | None = Field(default=None, gt=0, le=10_000)
+    max_turns: int | None = Field(default=None, ge=1, le=10_000)
+
+
+class WorkspaceSpec(_Strict):
+    """A fresh shallow clone of `git` at `ref` in the run's work dir, before the agent starts."""
+
+    git: str
+    ref: str = "main"
+
+    @field_validator("git")
+    @classmethod
+    def _git(cls, v: str) -> str:
+        v = v.strip()
+        if not re.match(r"^(https?|ssh|git|file)://[^\s]+$|^/[^\s]*$|^[\w.-]+@[\w.-]+:[^\s]+$", v):
+            raise ValueError("a workspace is a git URL (https://, ssh://, git@host:path, file://) or an absolute path")
+        return v
+
+    @field_validator("ref")
+    @classmethod
+    def _ref(cls, v: str) -> str:
+        # git check-ref-format's rules that matter here; a leading '-' would be read as an option.
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_./-]{0,199}", v) or ".." in v or v.endswith((".", "/", ".lock")):
+            raise ValueError(f"{v!r} is not a branch or tag name")
+        return v
+
+
 class JobSpec(_Strict):
     """A job as its author writes it (RFC section 5)."""
 
@@ -235,6 +275,8 @@ class JobSpec(_Strict):
     #: Pause the job after this many failed runs in a row (opt-in), alerting its channel once.
     pause_after_failures: int | None = Field(default=None, ge=1, le=1000)
     history: HistoryPolicy = Field(default_factory=HistoryPolicy)
+    limits: LimitsSpec = Field(default_factory=LimitsSpec)
+    workspace: WorkspaceSpec | None = None
     enabled: bool = True
     description: str = ""
     labels: dict[str, str] = Field(default_factory=dict)

@@ -34,6 +34,7 @@ class RunStatus(str, enum.Enum):
     missed = "missed"  #: a slot that will not run (downtime past the catch-up rule); reason kept
     skipped = "skipped"  #: a slot not run by policy (overlap, disabled); reason kept
     cancelled = "cancelled"  #: stopped by the overlap policy `replace` ("replaced by run <id>"); no retry
+    budget_exceeded = "budget_exceeded"  #: stopped at the job's `limits` (the figure in `reason`); no retry
 
     @property
     def final(self) -> bool:
@@ -42,7 +43,7 @@ class RunStatus(str, enum.Enum):
 
 FINAL_STATUSES = frozenset(
     {RunStatus.succeeded, RunStatus.failed, RunStatus.timed_out, RunStatus.error,
-     RunStatus.missed, RunStatus.skipped, RunStatus.cancelled}
+     RunStatus.missed, RunStatus.skipped, RunStatus.cancelled, RunStatus.budget_exceeded}
 )
 
 
@@ -53,6 +54,7 @@ class DeliveryStatus(str, enum.Enum):
     delivered = "delivered"  #: Relay (or the webhook) answered 2xx
     failed = "failed"  #: Relay answered 4xx, or retries ran out; `delivery_error` says why
     none = "none"  #: the job's channel is `none`: results are stored only
+    suppressed = "suppressed"  #: not sent by the job's notify policy or quiet marker; `delivery_error` says why
 
 
 class Trigger(str, enum.Enum):
@@ -99,8 +101,8 @@ MAX_LOST_RETRIES = 2
 
 def should_retry(status: RunStatus, attempt: int, lost_attempts: int, policy: RetryPolicy) -> bool:
     """Whether attempt number `attempt` (1-based) ending in `status` gets another try."""
-    if status is RunStatus.succeeded:
-        return False
+    if status in (RunStatus.succeeded, RunStatus.budget_exceeded):
+        return False  # another try of an agent over its budget would spend it again
     if status is RunStatus.lost:
         return lost_attempts <= MAX_LOST_RETRIES or attempt <= policy.max
     return (attempt - lost_attempts) <= policy.max
@@ -112,6 +114,8 @@ RELAY_STATUS = {
     RunStatus.error: ("failed", "failed"),
     RunStatus.lost: ("failed", "failed"),
     RunStatus.timed_out: ("timeout", "timeout"),
+    RunStatus.budget_exceeded: ("stopped at its budget", "failed"),
+    RunStatus.skipped: ("skipped", "failed"),  # only the cost-cap alert is sent for a skipped run
 }
 
 

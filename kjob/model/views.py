@@ -26,6 +26,8 @@ class JobView(Job):
     schedule has no slot left)."""
 
     next_fire: str | None = None
+    #: What the job's agents reported over the last 7 days (GET /jobs/{slug} only; docs/agents.md).
+    usage_7d: dict[str, Any] | None = None
 
 
 class ApplyResult(BaseModel):
@@ -34,9 +36,12 @@ class ApplyResult(BaseModel):
 
 
 class RunView(Run):
-    """A ledger row, plus how long it ran (seconds, null until finished)."""
+    """A ledger row, plus how long it ran (seconds, null until finished) and what its agent
+    reported over all its attempts (`agent`, `model`, `tokens_in`, `tokens_out`, `cost_usd`,
+    `turns`; null when no agent report was recorded; docs/agents.md)."""
 
     duration_s: float | None = None
+    usage: dict[str, Any] | None = None
 
 
 class RunDetail(RunView):
@@ -56,8 +61,8 @@ class MissedRangeView(BaseModel):
     reason: str
 
 
-def run_view(run: Run) -> RunView:
-    return RunView.model_validate({**dict(run), "duration_s": run.duration()})
+def run_view(run: Run, usage: dict[str, Any] | None = None) -> RunView:
+    return RunView.model_validate({**dict(run), "duration_s": run.duration(), "usage": usage})
 
 
 class BackfillResult(BaseModel):
@@ -118,12 +123,16 @@ class QuotaLimits(BaseModel):
     max_concurrent_runs: int | None
     min_interval_s: float
     run_now_per_minute: int
+    #: None: no cap (docs/agents.md).
+    max_cost_usd_per_day: float | None = None
 
 
 class QuotaUsage(BaseModel):
     jobs: int
     concurrent_runs: int
     run_now_last_minute: int
+    #: What the tenant's agents reported spending since 00:00 UTC.
+    cost_usd_today: float = 0.0
 
 
 class QuotaView(BaseModel):

@@ -43,6 +43,7 @@ class Limits:
     max_concurrent_runs: int | None
     min_interval: timedelta
     run_now_per_minute: int
+    max_cost_usd_per_day: float | None = None
 
 
 class TenantBusy(QuotaExceeded):
@@ -73,6 +74,7 @@ class Quotas:
             max_concurrent_runs=pick("max_concurrent_runs"),
             min_interval=timedelta(seconds=pick("min_interval_s")),
             run_now_per_minute=pick("run_now_per_minute"),
+            max_cost_usd_per_day=pick("max_cost_usd_per_day"),
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Float,
     Column,
     DateTime,
     ForeignKey,
@@ -223,3 +224,30 @@ ticker_lease = Table(
     Column("node", String(128), nullable=False),
     Column("acquired_at", TS, nullable=False, server_default=text("now()")),
 )
+
+#: What the agent reported per attempt (kjob.executor.adapters, the $KJOB_RESULT file): usage
+#: for the ledger and metrics, and the answer the dispatcher sends instead of raw output.
+run_usage = Table(
+    "run_usage",
+    metadata,
+    Column("run_id", String(64), ForeignKey("job_runs.id", ondelete="CASCADE"), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("tenant", String(64), nullable=False),
+    Column("job_id", UUID(as_uuid=True), nullable=False),
+    Column("agent", String(64), nullable=False),
+    Column("model", String(200)),
+    Column("tokens_in", BigInteger),
+    Column("tokens_out", BigInteger),
+    Column("cost_usd", Float),
+    Column("turns", Integer),
+    Column("answer", Text),
+    #: sha256 of the normalized answer: `notify = on_change` compares these
+    Column("answer_hash", String(64)),
+    Column("summary", Text),
+    #: the agent's own word on notifying (result file); NULL: the job's policy decides
+    Column("notify", Boolean),
+    Column("recorded_at", TS, nullable=False, server_default=text("now()")),
+    PrimaryKeyConstraint("run_id", "attempt", name="pk_run_usage"),
+)
+Index("ix_run_usage_tenant_recorded_at", run_usage.c.tenant, run_usage.c.recorded_at)
+Index("ix_run_usage_job_recorded_at", run_usage.c.job_id, run_usage.c.recorded_at)

@@ -46,6 +46,9 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0
 
 #: Every metric family kjob exports, as Prometheus names it (OTel name, unit -> suffix).
 EXPORTED: dict[str, str] = {
+    "kjob_agent_tokens_total": "model tokens agents reported, by tenant, job, agent and direction (input|output)",
+    "kjob_agent_cost_usd_total": "USD agents reported (or kjob priced from tokens), by tenant, job and agent",
+    "kjob_agent_turns_total": "model turns agents reported, by tenant, job and agent",
     "kjob_runs_total": "runs that reached a final status, by status",
     "kjob_run_duration_seconds": "last attempt's start to the run's end, by status (histogram)",
     "kjob_attempts_retried_total": "attempts that failed and will be retried",
@@ -74,8 +77,10 @@ CONSUMERS = {
 
 #: Reasons for `slots_missed`: the ticker's, and the overlap policy's.
 #: `job_gone`: the job was deleted or disabled as its slot was written; `unwritable`: the
-#: ledger refused the slot's row for good (a data or constraint error), so it was left out.
-MISSED_REASONS = ("outside_catchup_window", "catchup_policy", "overlap", "disabled", "job_gone", "unwritable")
+#: ledger refused the slot's row for good (a data or constraint error), so it was left out;
+#: `cost_cap`: the tenant's agents spent its daily cost cap.
+MISSED_REASONS = ("outside_catchup_window", "catchup_policy", "overlap", "disabled", "job_gone", "unwritable",
+                  "cost_cap")
 #: Results of `delivery_attempt` and reasons of `delivery_failed`.
 DELIVERY_RESULTS = ("delivered", "rejected", "unavailable")
 DELIVERY_FAILURES = ("rejected", "gave_up")
@@ -112,6 +117,9 @@ class Metrics:
         self.delivery = meter.create_counter("kjob.delivery.attempts", "{request}", EXPORTED["kjob_delivery_attempts_total"])
         self.delivery_failed = meter.create_counter("kjob.delivery.failures", "{run}",
                                                     EXPORTED["kjob_delivery_failures_total"])
+        self.agent_tokens = meter.create_counter("kjob.agent.tokens", "{token}", EXPORTED["kjob_agent_tokens_total"])
+        self.agent_cost = meter.create_counter("kjob.agent.cost_usd", "{USD}", EXPORTED["kjob_agent_cost_usd_total"])
+        self.agent_turns = meter.create_counter("kjob.agent.turns", "{turn}", EXPORTED["kjob_agent_turns_total"])
         self.leader = meter.create_gauge("kjob.ticker.leader", "1", EXPORTED["kjob_ticker_leader"])
         self.leader_changes = meter.create_counter("kjob.ticker.leader_changes", "{change}",
                                                    EXPORTED["kjob_ticker_leader_changes_total"])
@@ -257,6 +265,19 @@ def attempt_finished(run: "Run") -> None:
     duration = run.duration()
     if duration is not None:
         m.duration.record(max(duration, 0.0), {"status": run.status.value})
+
+
+def agent_usage(tenant: str, job: str, agent: str, usage) -> None:
+    """Executor: what one attempt's agent reported (kjob.model.agent_report.Usage)."""
+    m = get()
+    labels = {"tenant": tenant, "job": job, "agent": agent}
+    for direction, count in (("input", usage.tokens_in), ("output", usage.tokens_out)):
+        if count:
+            m.agent_tokens.add(count, {**labels, "direction": direction})
+    if usage.cost_usd:
+        m.agent_cost.add(usage.cost_usd, labels)
+    if usage.turns:
+        m.agent_turns.add(usage.turns, labels)
 
 
 def slots_missed(reason: str, count: int = 1) -> None:

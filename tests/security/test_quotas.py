@@ -59,7 +59,7 @@ async def test_run_now_is_rate_limited_per_tenant(make_state: MakeApp, client_fo
     assert len((await acme.get("/v1/jobs/nightly/runs")).json()) == 2
     assert len(published) == 2
     quota = (await acme.get("/v1/quotas")).json()
-    assert quota["usage"] == {"jobs": 1, "concurrent_runs": 0, "run_now_last_minute": 2}
+    assert quota["usage"] == {"jobs": 1, "concurrent_runs": 0, "run_now_last_minute": 2, "cost_usd_today": 0.0}
     assert quota["limits"]["run_now_per_minute"] == 2
     # another tenant has its own budget
     globex = await client_for("globex", "editor", state=state)

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from kjob.model.agent_report import Usage
 from kjob.config import ROLES, Settings
 from kjob.model.run import Run, RunStatus
 from kjob.store.database import normalize_url
@@ -113,6 +114,7 @@ def exported() -> set[str]:
         metrics.leader_changed("n", True)
         metrics.watch_executor("n", lambda: 1, 8)
         metrics.consumer_state("kjob-executor", 1, 2, 3)
+        metrics.agent_usage("t", "s", "claude", Usage(tokens_in=3, tokens_out=2, cost_usd=0.01, turns=1))
         text = fresh.render()[0].decode()
     finally:
         metrics.install(previous)

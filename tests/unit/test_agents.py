@@ -33,7 +33,8 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_builtin_and_packaged_agents_are_there_without_a_user_file() -> None:
     registry = AgentRegistry.load(None)
 
-    assert registry.names() == ["kode", "kortex", "shell"]
+    assert registry.names() == ["claude", "codex", "kode", "kortex", "llm", "shell"]
+    assert registry.get("claude").adapter == "claude" and registry.get("codex").adapter == "codex"
     assert registry.get("kode").command == ("kode", "--print")
     assert registry.get("kode").prompt == "stdin"
 
@@ -121,7 +122,7 @@ def test_user_file_replaces_agents_by_name_whole_and_adds_new_ones(tmp_path: Pat
 
     registry = AgentRegistry.load(path)
 
-    assert registry.names() == ["kode", "kortex", "shell", "summarise"]
+    assert registry.names() == ["claude", "codex", "kode", "kortex", "llm", "shell", "summarise"]
     argv, stdin, _ = registry.render("kode", prompt="hi", **IDS)
     assert (argv, stdin) == (["/opt/kode/bin/kode", "run", "--id", "run-7f3a"], b"hi")
     argv, stdin, env = registry.render("summarise", prompt="hi", **IDS)
@@ -141,7 +142,7 @@ def test_unknown_agent_names_the_field_and_lists_the_known_ones() -> None:
         AgentRegistry.load(None).get("kodee")
 
     assert err.value.field == "agent"
-    assert err.value.message.startswith("unknown agent 'kodee'; known agents: kode, kortex, shell")
+    assert err.value.message.startswith("unknown agent 'kodee'; known agents: claude, codex, kode, kortex, llm, shell")
     assert "KJOB_EXECUTOR__AGENTS_FILE" in err.value.message
 
 

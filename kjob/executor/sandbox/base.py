@@ -6,7 +6,7 @@ import abc
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Optional
 
 from kjob.model.job import SandboxSpec
 
@@ -35,6 +35,11 @@ class Launch:
     timeout: timedelta
     output_cap_bytes: int
     work_root: Path  #: the executor's work area; the sandbox makes its own dir under it
+    #: Called with the fresh work dir before the agent starts (a workspace clone); returns
+    #: environment to add. Raising fails the attempt to start, with the error as the reason.
+    prepare: Optional[Callable[[Path], Awaitable[dict[str, str]]]] = None
+    #: Called with the work dir after the agent ended, before it is removed (the result file).
+    collect: Optional[Callable[[Path], Awaitable[None]]] = None
 
 
 @dataclass(frozen=True, kw_only=True)

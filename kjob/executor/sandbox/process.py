@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import tempfile
 import logging
 import os
 import re
@@ -49,6 +50,8 @@ LAUNCHER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
 #: Processes one attempt may have when the job sets no `pids` (as the docker backend).
 DEFAULT_PIDS = 256
+#: Where prepared work dirs (workspace clones, $KJOB_RESULT) are staged: world-traversable.
+STAGING_ROOT = "/var/tmp"
 #: Between SIGTERM and SIGKILL to the attempt's process group.
 KILL_GRACE_S = 2.0
 #: After the agent exits, how long its pipes may stay open (a straggler holding them).
@@ -113,6 +116,8 @@ class ProcessSandbox(Sandbox):
         self._prlimit: str | None = None
         self._isolation_note = "not started"
         self._started = False
+        #: run id -> its prepared work dir on the host, while the attempt runs
+        self._staged: dict[str, Path] = {}
 
     async def start(self) -> None:
         """Find and self-test bubblewrap.
@@ -197,8 +202,28 @@ class ProcessSandbox(Sandbox):
         workdir = _make_workdir(launch)
         uid = self._uids.take() if self._uids is not None and self._bwrap is not None else None
         try:
-            return await self._run_in(workdir, launch, on_output, uid)
+            staged = workdir
+            if launch.prepare is not None:  # the executor's hook: kjob.executor.agent_run
+                if self._bwrap is not None:
+                    # Prepared outside the work root, which the attempt's uid may not traverse;
+                    # bound at the work dir's path inside.
+                    staged = Path(tempfile.mkdtemp(prefix="kjob-work-", dir=STAGING_ROOT))
+                    self._staged[launch.run_id] = staged
+                try:
+                    extra = await launch.prepare(staged)
+                except Exception as e:
+                    return Outcome(start_error=str(e))
+                extra = {k: v.replace(str(staged), str(workdir), 1) for k, v in extra.items()}
+                launch = dataclasses.replace(launch, env={**launch.env, **extra})
+                if uid is not None:  # the prepared work dir is the attempt's own, like the tmpfs would be
+                    await asyncio.to_thread(_chown_tree, staged, uid)
+            outcome = await self._run_in(workdir, launch, on_output, uid)
+            if launch.collect is not None:
+                await launch.collect(staged)
+            return outcome
         finally:
+            if (staged_dir := self._staged.pop(launch.run_id, None)) is not None:
+                await asyncio.shield(asyncio.to_thread(shutil.rmtree, staged_dir, True))
             if uid is not None and self._uids is not None:
                 self._uids.give(uid)  # the attempt's process group is gone: nothing runs as it
             await asyncio.shield(asyncio.to_thread(shutil.rmtree, workdir, True))
@@ -252,6 +277,7 @@ class ProcessSandbox(Sandbox):
                 )
             else:
                 with self._launcher(workdir, network=launch.spec.network, uid=uid, env=env, program=argv,
+                                    staged=self._staged.get(launch.run_id),
                                     limits=limits, cgroup=cgroup) as (cmd, fds):
                     # prlimit sets the limits and execs the rest (bwrap dies with us): no preexec_fn,
                     # so Python spawns with vfork instead of copying the executor's page tables.
@@ -328,7 +354,7 @@ class ProcessSandbox(Sandbox):
     @contextlib.contextmanager
     def _launcher(
         self, workdir: Path | None, *, network: str, uid: int | None, env: Mapping[str, str], program: list[str],
-        limits: list[tuple[int, int, int]], cgroup: Path | None = None,
+        limits: list[tuple[int, int, int]], cgroup: Path | None = None, staged: Path | None = None,
     ) -> Iterator[tuple[list[str], tuple[int, ...]]]:
         """(argv, fds to pass) of the host-side chain: [join cgroup] [prlimit] [setpriv] [pasta] bwrap.
 
@@ -337,7 +363,7 @@ class ProcessSandbox(Sandbox):
         assert self._bwrap is not None
         fd = os.memfd_create("kjob-bwrap-args", os.MFD_CLOEXEC)
         try:
-            options = self._bwrap_options(workdir, network=network, uid=uid, env=env)
+            options = self._bwrap_options(workdir, network=network, uid=uid, env=env, staged=staged)
             os.write(fd, b"".join(o.encode() + b"\0" for o in options))
             os.lseek(fd, 0, os.SEEK_SET)
             chain: list[str] = joining_argv(cgroup) if cgroup is not None else []
@@ -356,7 +382,8 @@ class ProcessSandbox(Sandbox):
         finally:
             os.close(fd)
 
-    def _bwrap_options(self, workdir: Path | None, *, network: str, uid: int | None, env: Mapping[str, str]) -> list[str]:
+    def _bwrap_options(self, workdir: Path | None, *, network: str, uid: int | None, env: Mapping[str, str],
+                       staged: Path | None = None) -> list[str]:
         # The agent's uid inside is its uid outside (under pasta it would otherwise show as 0).
         ids = (str(os.geteuid()), str(os.getegid())) if uid is None else (str(uid), str(uid))
         argv = ["--die-with-parent", "--unshare-user", "--disable-userns", "--uid", ids[0], "--gid", ids[1], "--unshare-pid",
@@ -377,7 +404,11 @@ class ProcessSandbox(Sandbox):
             if hidden.exists() and self._visible(str(hidden)):
                 cover = ["--size", "1048576", "--tmpfs"] if hidden.is_dir() else ["--ro-bind", "/dev/null"]
                 argv += [*cover, str(hidden)]
-        if workdir is not None:
+        if workdir is not None and staged is not None:
+            # The executor prepared it (a workspace clone, $KJOB_RESULT) and reads it back after:
+            # a host dir of the attempt's uid, bounded by the clone's cap rather than sandbox_disk.
+            argv += ["--bind", str(staged), str(workdir), "--chdir", str(workdir)]
+        elif workdir is not None:
             # A tmpfs, not the host dir: its size is bounded and nothing of it reaches the host disk.
             argv += ["--size", str(self.disk_bytes), "--perms", "0700", "--tmpfs", str(workdir), "--chdir", str(workdir)]
         argv.append("--clearenv")
@@ -401,6 +432,12 @@ class UidPool:
 
     def give(self, uid: int) -> None:
         self._used.discard(uid)
+
+def _chown_tree(root: Path, uid: int) -> None:
+    for dirpath, dirs, files in os.walk(root):
+        for name in (dirpath, *(os.path.join(dirpath, n) for n in dirs + files)):
+            os.chown(name, uid, uid, follow_symlinks=False)
+
 
 def _make_workdir(launch: Launch) -> Path:
     """`<work_root>/<run id>-<attempt>`, fresh and private (a leftover of a crash is replaced).

@@ -19,6 +19,7 @@ from kjob.gateway.auth import Editor, Operator, Viewer, actor_of, gateway_state
 from kjob.gateway.state import ChangeKind, GatewayState
 from kjob.gateway.tenant_checks import check_job_for_tenant, check_new_jobs
 from kjob.gateway.validation import check_job, check_storable, check_target
+from kjob.store.usage import UsageStore
 from kjob.model.job import Job, JobSpec, merge_job
 from kjob.model.run import utc_text
 from kjob.model.schedule import Schedule
@@ -148,7 +149,11 @@ async def apply_jobs(request: ApplyRequest, principal: Editor, state: State) -> 
 
 @router.get("/jobs/{slug}", response_model=JobView)
 async def get_job(slug: str, principal: Viewer, state: State) -> JobView:
-    return job_view(await state.jobs.get(principal.tenant, slug), now_utc())
+    job = await state.jobs.get(principal.tenant, slug)
+    view = job_view(job, now_utc())
+    if state.ledger is None:
+        return view
+    return view.model_copy(update={"usage_7d": await UsageStore(state.ledger.engine).job_week(job.id)})
 
 
 @router.put("/jobs/{slug}", response_model=ApplyResult,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
@@ -10,6 +11,7 @@ from kjob.gateway.auth import Viewer, gateway_state
 from kjob.gateway.state import GatewayState
 from kjob.model.views import QuotaLimits, QuotaUsage, QuotaView
 from kjob.store.quotas import usage
+from kjob.store.usage import UsageStore
 
 router = APIRouter(tags=["quotas"])
 State = Annotated[GatewayState, Depends(gateway_state)]
@@ -29,6 +31,9 @@ async def quotas(principal: Viewer, state: State) -> QuotaView:
             max_concurrent_runs=limits.max_concurrent_runs,
             min_interval_s=limits.min_interval.total_seconds(),
             run_now_per_minute=limits.run_now_per_minute,
+            max_cost_usd_per_day=limits.max_cost_usd_per_day,
         ),
-        usage=QuotaUsage(**await usage(state.engine, principal.tenant)),
+        usage=QuotaUsage(**await usage(state.engine, principal.tenant), cost_usd_today=await UsageStore(
+            state.engine).tenant_cost_since(principal.tenant, datetime.now(timezone.utc).replace(
+                hour=0, minute=0, second=0, microsecond=0))),
     )

@@ -23,6 +23,7 @@ from kjob.gateway.tenant_checks import run_now_guard
 from kjob.model.run import Run
 from kjob.model.views import MissedRangeView, RunDetail, RunView, run_view
 from kjob.store.runs import RunLedger
+from kjob.store.usage import UsageStore
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,9 @@ async def list_runs(
     """The job's runs, newest slot first. Paged with `limit` and `before`: a page shorter than
     `limit` is the last."""
     job = await state.jobs.get(principal.tenant, slug)
-    return [run_view(r) for r in await _ledger(state).list_for_job(job.id, limit, before)]
+    runs = await _ledger(state).list_for_job(job.id, limit, before)
+    usage = await UsageStore(_ledger(state).engine).of_runs([r.id for r in runs])
+    return [run_view(r, usage.get(r.id)) for r in runs]
 
 
 @router.get("/jobs/{slug}/missed", response_model=list[MissedRangeView])
@@ -90,7 +93,8 @@ async def get_run(run_id: str, principal: Viewer, state: State) -> RunDetail:
     it starts several)."""
     ledger = _ledger(state)
     run = await ledger.get(principal.tenant, run_id)  # run_id may be a short id: use run.id below
-    return RunDetail.model_validate({**dict(run_view(run)), "attempts": await ledger.attempts(run.id)})
+    usage = (await UsageStore(ledger.engine).of_runs([run.id])).get(run.id)
+    return RunDetail.model_validate({**dict(run_view(run, usage)), "attempts": await ledger.attempts(run.id)})
 
 
 # `Response`, not PlainTextResponse: the route's class would also make its JSON errors text/plain

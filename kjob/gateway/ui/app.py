@@ -34,6 +34,7 @@ from kjob.gateway.state import GatewayState
 from kjob.gateway.ui import present, session
 from kjob.gateway.ui.calls import allowed, call
 from kjob.gateway.ui.headers import SecurityHeaders
+from kjob.store.usage import UsageStore
 from kjob.model.job import validation_error
 from kjob.model.jobfile import dump_job, load_jobs
 from kjob.model.policies import OVERLAP_POLICIES, backfill_slots
@@ -427,8 +428,12 @@ def create_ui(state: GatewayState) -> FastAPI:
         payload = None
         if job and run["status"].final:
             base = state.settings.public_url or str(request.base_url).rstrip("/").removesuffix("/ui")
+            # what Relay got: the agent's answer when one was recorded (docs/agents.md)
+            answer = (await UsageStore(state.ledger.engine).for_delivery(run_id, run["attempt"], run["job_id"])
+                      if state.ledger is not None else None)
+            body = answer.answer if answer and answer.answer is not None else run["output_excerpt"] or ""
             payload = dispatch_payload(run["slug"], job["output"]["channel"], run["status"],
-                                       run["output_excerpt"] or "", run_page_url(base, run_id))
+                                       body, run_page_url(base, run_id))
         return render(s, "run.html", run=run, job=job, output=output, payload=payload,
                       can_run=s.can(runs.run_now))
 

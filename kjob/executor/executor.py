@@ -35,6 +35,7 @@ from kjob.bus.messages import DueRun, Event, RunResult
 from kjob.bus.consume import consume
 from kjob.bus.setup import BusSettings, ensure_consumer
 from kjob.config import ExecutorSettings
+from kjob.executor.watchdog import Watchdog
 from kjob.executor.agents import AgentRegistry
 from kjob.executor.agent_run import AgentRun
 from kjob.model.agent_report import AgentReport, verdict_status
@@ -89,6 +90,8 @@ class Executor:
         self.lease = timedelta(seconds=settings.claim_lease_s)
         # Never more than a third of the lease: a short lease (tests) still renews in time.
         self.margin_s = min(settings.claim_margin_s, settings.claim_lease_s / 3)
+        #: Kills an agent whose claim this executor, paused, no longer renews (watchdog.py).
+        self.watchdog = Watchdog()
         self.in_flight = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -96,7 +99,11 @@ class Executor:
         # lapse and another executor (or this one, restarted) runs them again.
         self.work_root.mkdir(parents=True, exist_ok=True)
         sub = await ensure_consumer(self.js, names.RUNS_STREAM, names.EXECUTOR_CONSUMER, names.RUN_DUE_ALL, self.bus)
-        await consume(sub, self._handle, concurrency=self.settings.concurrency, stop=stop, name="executor")
+        await self.watchdog.start()
+        try:
+            await consume(sub, self._handle, concurrency=self.settings.concurrency, stop=stop, name="executor")
+        finally:
+            await self.watchdog.close()
 
     @tracing.handles_run("kjob claim", names.EXECUTOR_CONSUMER)
     async def _handle(self, msg) -> None:
@@ -224,6 +231,7 @@ class Executor:
             if status is RunStatus.failed and not reason:
                 reason = f"exit code {outcome.exit_code}"
             claim.agent_done = True  # from now on the keeper only renews: no agent left to stop
+            self.watchdog.disarm(claim.key)
             retry = should_retry(status, run.attempt, run.lost_attempts, job.retries)
             retry_in = job.retries.delay(run.attempt).total_seconds() if retry else None
             # The claim keeper and the acker go on while the end is recorded: the claim stays
@@ -233,6 +241,7 @@ class Executor:
                 output_bytes=outcome.output_bytes, dropped_bytes=outcome.dropped_bytes, retry_in_s=retry_in,
             ))
         finally:
+            self.watchdog.disarm(claim.key)
             for task in (keeper, acker):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -365,6 +374,7 @@ class Executor:
             run_id=run.id, tenant=job.tenant, job_slug=job.slug, attempt=run.attempt,
             argv=argv, stdin=stdin, env={**job_env, **env}, spec=job.sandbox,
             timeout=job.timeout, output_cap_bytes=self.settings.output_cap_bytes, work_root=self.work_root, **hooks,
+            on_spawn=lambda pgid: self.watchdog.arm(claim.key, pgid, claim.kill_by),
         )
         log_subject = names.run_log(job.tenant, run.id)
 
@@ -464,6 +474,15 @@ class ClaimKeeper:
         self.agent_done = False
         # The claim was written at or after this instant, with the full lease.
         self.deadline = sent + self.lease_s - executor.margin_s
+        #: The attempt's name for the watchdog.
+        self.key = f"{run.id}.{run.attempt}"
+
+    @property
+    def kill_by(self) -> float:
+        """When the watchdog kills the agent should this executor not stop it itself (paused):
+        after the executor's own deadline and the agent's chance to end by itself (half the
+        margin), before the claim can lapse (the full margin)."""
+        return self.deadline + 0.75 * self.executor.margin_s
 
     async def keep(self) -> None:
         ex = self.executor
@@ -494,6 +513,7 @@ class ClaimKeeper:
                             self.stop.set()  # the ledger says the claim is no longer ours
                             return
                         self.deadline = max(self.deadline, sent + self.lease_s - ex.margin_s)
+                        ex.watchdog.extend(self.key, self.kill_by)
                     except Exception as err:
                         log.warning("executor: renewing the claim on run %s failed (%r); stopping its agent in %.1fs "
                                     "unless a renewal succeeds", self.run.id, err, self.deadline - time.monotonic())

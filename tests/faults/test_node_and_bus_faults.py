@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.harness import _ready, exercise, executor_sigkill, fault_cluster, nats_node_lost, nats_restart
+from tests.faults.harness import (
+    _ready, exercise, executor_sigkill, executor_sigstop, fault_cluster, nats_node_lost, nats_restart,
+)
 from tests.support.pipeline import until
 
 pytestmark = pytest.mark.slow
@@ -20,6 +22,26 @@ async def test_executor_sigkilled_mid_run(tmp_path, fresh_nats):
     assert sum(1 for e in c.recorder.executions() if e.died is not None) >= 1, "no agent was killed mid-run"
     verdict.check()
     assert c.exit_codes["node-a"] == 0 and c.exit_codes["node-b"] == 0, c.tails()
+
+
+async def test_executor_sigstopped_mid_run(tmp_path, fresh_nats):
+    """A paused executor cannot stop its agent; its watchdog kills it before the claim lapses,
+    so the attempt the other node runs never overlaps it (the agent works for 20 s, longer
+    than the pause)."""
+    async with fault_cluster(tmp_path, fresh_nats) as c:
+        await c.add_jobs(1, 20, slug="slow", schedule="@every 5s")
+        await c.add_jobs(2, 0.3)
+        await exercise(c, executor_sigstop, before=2, after=6)
+        node, paused, resumed = c.paused
+
+        def ended_while_paused(e) -> bool:
+            # Its executor was stopped when the agent ended: nothing could record that end, so
+            # the run is run again once the claim lapsed (README, "Left"), never beside it.
+            return e.node == node and e.ended is not None and paused <= e.ended <= resumed
+        verdict = await c.verdict(ended_while_paused)
+    assert any(e.died is not None and e.node == node and e.job.startswith("slow")
+               for e in c.recorder.executions()), "no slow agent of the paused node was killed"
+    verdict.check()
 
 
 async def test_one_node_clock_30s_ahead(tmp_path, fresh_nats):

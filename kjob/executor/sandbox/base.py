@@ -40,6 +40,9 @@ class Launch:
     prepare: Optional[Callable[[Path], Awaitable[dict[str, str]]]] = None
     #: Called with the work dir after the agent ended, before it is removed (the result file).
     collect: Optional[Callable[[Path], Awaitable[None]]] = None
+    #: Called with the agent's process group as soon as it exists (backends whose agents are
+    #: host processes), so the executor's watchdog can kill it should the executor be paused.
+    on_spawn: Optional[Callable[[int], None]] = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -289,6 +289,8 @@ class ProcessSandbox(Sandbox):
                     )
         except (OSError, ValueError) as e:
             return Outcome(start_error=f"agent command {launch.argv[0]!r} could not start: {e}")
+        if launch.on_spawn is not None:
+            launch.on_spawn(proc.pid)  # start_new_session: the agent leads its own group
         outcome = await self._watch(proc, launch, on_output)
         if cgroup is not None and outcome.exit_code is not None and MemoryCgroups.oom_kills(cgroup):
             outcome = dataclasses.replace(outcome, reason=oom_reason(outcome.exit_code, launch.spec.memory),

@@ -1,0 +1,88 @@
+"""The executor's watchdog, a process of its own: it kills an agent's process group once the
+executor stops extending the agent's deadline, and never one whose deadline is kept."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+from kjob.executor.watchdog import Watchdog
+from tests.support.pipeline import until
+
+
+async def _agent() -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec("sleep", "60", start_new_session=True)
+
+
+async def _gone(proc: asyncio.subprocess.Process) -> bool:
+    return proc.returncode is not None
+
+
+async def test_a_deadline_not_extended_kills_the_group_and_a_kept_one_does_not():
+    dog = Watchdog()
+    await dog.start()
+    kept, dropped, disarmed = await _agent(), await _agent(), await _agent()
+    waiters = [asyncio.create_task(p.wait()) for p in (kept, dropped, disarmed)]
+    try:
+        start = time.monotonic()
+        for key, proc in (("kept", kept), ("dropped", dropped), ("disarmed", disarmed)):
+            dog.arm(key, proc.pid, start + 1.0)
+        dog.disarm("disarmed")
+
+        async def extend_for(seconds: float) -> None:
+            while time.monotonic() < start + seconds:
+                dog.extend("kept", time.monotonic() + 1.0)
+                await asyncio.sleep(0.2)
+        await extend_for(2.5)
+        assert dropped.returncode == -signal.SIGKILL, "the agent whose deadline passed still runs"
+        assert kept.returncode is None and disarmed.returncode is None
+    finally:
+        await dog.close()
+    # The executor's end (its pipe closed) kills what is still armed, not what was disarmed.
+    await until(lambda: _gone(kept), 5, "the armed agent killed when its executor ended")
+    assert disarmed.returncode is None
+    os.killpg(disarmed.pid, signal.SIGKILL)
+    await asyncio.gather(*waiters)
+
+
+async def test_the_watchdog_runs_on_while_its_executor_is_paused(tmp_path):
+    """The point of it: a paused executor (SIGSTOP) extends nothing, and its agent is killed."""
+    script = tmp_path / "executor.py"
+    script.write_text(
+        "import asyncio, subprocess, sys, time\n"
+        "from kjob.executor.watchdog import Watchdog\n"
+        "async def main():\n"
+        "    dog = Watchdog(); await dog.start()\n"
+        "    agent = subprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+        "    print(agent.pid, flush=True)\n"
+        "    while True:\n"
+        "        dog.arm('a', agent.pid, time.monotonic() + 1.0)\n"
+        "        await asyncio.sleep(0.2)\n"
+        "asyncio.run(main())\n")
+    executor = await asyncio.create_subprocess_exec(
+        os.environ.get("PYTHON", __import__("sys").executable), str(script), stdout=asyncio.subprocess.PIPE)
+    assert executor.stdout is not None
+    agent_pid = int((await asyncio.wait_for(executor.stdout.readline(), 20)).decode())
+
+    async def agent_alive() -> bool:
+        try:
+            os.kill(agent_pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{agent_pid}/stat") as stat:  # a zombie has ended
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    try:
+        await asyncio.sleep(2.0)
+        assert await agent_alive(), "killed while its executor extended the deadline"
+        executor.send_signal(signal.SIGSTOP)
+        await until(lambda: _not(agent_alive()), 5, "the paused executor's agent killed by the watchdog")
+    finally:
+        executor.send_signal(signal.SIGCONT)
+        executor.kill()
+        await executor.wait()
+
+
+async def _not(check) -> bool:
+    return not await check

@@ -93,8 +93,8 @@ class FaultCluster:
         self.db_url = ""
         self.nodes: dict[str, SchedulerProcess] = {}
         self.jobs: list[Job] = []
-        #: (node, from, to) on the recorder's clock: the last pause of a node (executor_sigstop)
-        self.paused: tuple[str, float, float] | None = None
+        #: (node, from, to) on the recorder's clock: each pause of a node (executor_sigstop)
+        self.pauses: list[tuple[str, float, float]] = []
 
     async def start(self, *, skewed: dict[str, float] | None = None, proxied: str | None = None,
                     lead_skewed: bool = False) -> None:
@@ -242,6 +242,12 @@ class FaultCluster:
         await asyncio.to_thread(self.pg.start)
 
     # -- the verdict --------------------------------------------------------------------------
+
+    def ended_while_paused(self, e: Execution) -> bool:
+        """The agent ended while its executor was paused: nothing could record that end, so the
+        run is run again once the claim lapsed (README, "Left"), never beside it."""
+        return e.ended is not None and any(e.node == node and start <= e.ended <= end
+                                           for node, start, end in self.pauses)
 
     async def verdict(self, unrecordable: "Callable[[Execution], bool] | None" = None) -> Verdict:
         """`unrecordable`: executions whose end no executor could record (they ended while their
@@ -451,7 +457,7 @@ async def executor_sigstop(c: FaultCluster) -> None:
         await asyncio.sleep(LEASE_S * 1.5 + float(FAST_ENV["KJOB_ACK_WAIT_S"]) + 3)
     finally:
         c.nodes[name].signal(signal.SIGCONT)
-        c.paused = (name, paused, time.monotonic())
+        c.pauses.append((name, paused, time.monotonic()))
 
 
 #: The faults bench/chaos.py draws from (pg_partition needs `proxied="node-a"`, pg_pause a slow job).

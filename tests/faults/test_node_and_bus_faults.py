@@ -32,13 +32,8 @@ async def test_executor_sigstopped_mid_run(tmp_path, fresh_nats):
         await c.add_jobs(1, 20, slug="slow", schedule="@every 5s")
         await c.add_jobs(2, 0.3)
         await exercise(c, executor_sigstop, before=2, after=6)
-        node, paused, resumed = c.paused
-
-        def ended_while_paused(e) -> bool:
-            # Its executor was stopped when the agent ended: nothing could record that end, so
-            # the run is run again once the claim lapsed (README, "Left"), never beside it.
-            return e.node == node and e.ended is not None and paused <= e.ended <= resumed
-        verdict = await c.verdict(ended_while_paused)
+        [(node, _, _)] = c.pauses
+        verdict = await c.verdict(c.ended_while_paused)
     assert any(e.died is not None and e.node == node and e.job.startswith("slow")
                for e in c.recorder.executions()), "no slow agent of the paused node was killed"
     verdict.check()

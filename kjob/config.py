@@ -218,6 +218,10 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     #: How often a node samples its JetStream consumers' backlog for /metrics.
     metrics_poll_s: float = Field(default=10.0, gt=0)
+    #: Label the agent usage metrics with tenant and job too. /metrics is served without a
+    #: token, so only where no tenant can reach it (and the number of jobs is bounded);
+    #: otherwise they are by agent, and per tenant and job in the API (docs/agents.md).
+    metrics_usage_by_job: bool = False
     #: How often nodes with the ticker role prune run history past each job's `history` policy.
     history_prune_s: float = Field(default=300.0, gt=0)
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)

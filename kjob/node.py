@@ -154,6 +154,7 @@ class Node:
                 from kjob.store.retention import prune_forever
 
                 tasks["retention"] = asyncio.create_task(prune_forever(engine, stop, s.history_prune_s))
+            metrics.usage_by_job = s.metrics_usage_by_job
             for role in sorted(self.roles & metrics.CONSUMERS.keys()):  # each reads its own consumer
                 tasks[f"metrics-{role}"] = asyncio.create_task(
                     metrics.poll_consumers(bus_of(role)[1], {role}, stop, s.metrics_poll_s))

@@ -12,7 +12,8 @@ the dashboards and alert rules in deploy/ may use only those (tests/telemetry ch
 
 No label names a tenant, a job or a run: /metrics is served without a token, and the number of
 series must not grow with the number of jobs. Per-run detail is in the ledger, the logs and
-the traces.
+the traces. The one exception is the operator's choice: `metrics_usage_by_job` labels the agent
+usage metrics with tenant and job, for a /metrics no tenant can reach.
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0
 
 #: Every metric family kjob exports, as Prometheus names it (OTel name, unit -> suffix).
 EXPORTED: dict[str, str] = {
-    "kjob_agent_tokens_total": "model tokens agents reported, by tenant, job, agent and direction (input|output)",
-    "kjob_agent_cost_usd_total": "USD agents reported (or kjob priced from tokens), by tenant, job and agent",
-    "kjob_agent_turns_total": "model turns agents reported, by tenant, job and agent",
+    "kjob_agent_tokens_total": "model tokens agents reported, by agent and direction (input|output)",
+    "kjob_agent_cost_usd_total": "USD agents reported (or kjob priced from tokens), by agent",
+    "kjob_agent_turns_total": "model turns agents reported, by agent",
     "kjob_runs_total": "runs that reached a final status, by status",
     "kjob_run_duration_seconds": "last attempt's start to the run's end, by status (histogram)",
     "kjob_attempts_retried_total": "attempts that failed and will be retried",
@@ -267,10 +268,15 @@ def attempt_finished(run: "Run") -> None:
         m.duration.record(max(duration, 0.0), {"status": run.status.value})
 
 
+#: Set by the node from `Settings.metrics_usage_by_job`.
+usage_by_job = False
+
+
 def agent_usage(tenant: str, job: str, agent: str, usage) -> None:
-    """Executor: what one attempt's agent reported (kjob.model.agent_report.Usage)."""
+    """Executor: what one attempt's agent reported (kjob.model.agent_report.Usage); by agent,
+    and by tenant and job only where the operator said so (`usage_by_job`)."""
     m = get()
-    labels = {"tenant": tenant, "job": job, "agent": agent}
+    labels = {"tenant": tenant, "job": job, "agent": agent} if usage_by_job else {"agent": agent}
     for direction, count in (("input", usage.tokens_in), ("output", usage.tokens_out)):
         if count:
             m.agent_tokens.add(count, {**labels, "direction": direction})

@@ -121,3 +121,27 @@ async def test_consumer_backlog_is_exported_from_the_start_then_sampled(fresh_na
         stop.set()
         await nc.close()
         metrics.install(previous)
+
+
+def test_agent_usage_names_no_tenant_or_job_on_the_open_metrics_unless_the_operator_asks():
+    """/metrics answers without a token: one tenant must not read another's job names or spend."""
+    from types import SimpleNamespace
+
+    usage = SimpleNamespace(tokens_in=120, tokens_out=30, cost_usd=0.25, turns=2)
+    previous = metrics.install(metrics.Metrics())
+    try:
+        metrics.agent_usage("acme", "secret-project", "claude", usage)
+        text = metrics.render()[0].decode()
+        assert "acme" not in text and "secret-project" not in text
+        scrape = samples(text)
+        assert value(scrape, "kjob_agent_tokens_total", agent="claude", direction="input") == 120
+        assert value(scrape, "kjob_agent_cost_usd_total", agent="claude") == 0.25
+
+        metrics.install(metrics.Metrics())
+        metrics.usage_by_job = True
+        metrics.agent_usage("acme", "secret-project", "claude", usage)
+        scrape = samples(metrics.render()[0].decode())
+        assert value(scrape, "kjob_agent_turns_total", tenant="acme", job="secret-project", agent="claude") == 2
+    finally:
+        metrics.usage_by_job = False
+        metrics.install(previous)

@@ -354,8 +354,9 @@ class RunLedger:
         The ticker re-publishes them, so a lost message or a dead executor cannot leave a run
         open forever; the claim keeps a re-published run from executing twice.
         """
-        now = utcnow()
-        cutoff = now - older_than
+        # The database's clock, as the claims it judges: a ticker whose clock runs ahead must
+        # not see live claims as expired and re-publish every running run.
+        cutoff = func.now() - older_than
         stmt = (
             select(job_runs)
             .where(
@@ -378,7 +379,7 @@ class RunLedger:
         """For the recovery of vanished messages: per tenant, how many open runs should have a
         due message in the stream now (published and waiting, running, or retrying), and the
         published runs still waiting after `older_than`, oldest first."""
-        cutoff = utcnow() - older_than
+        cutoff = func.now() - older_than  # the database's clock, as in `stranded`
         in_stream = or_(job_runs.c.status != RunStatus.scheduled.value, job_runs.c.published_at.is_not(None))
         async with self.engine.connect() as conn:
             counts = {row[0]: row[1] for row in await conn.execute(

@@ -57,3 +57,24 @@ async def test_a_lapsed_claim_is_taken_over_only_after_the_owners_grace(engine):
     taken = await ledger.claim(run.id, "other", LEASE)
     assert isinstance(taken, Claimed) and taken.run.attempt == 2
     assert not await ledger.heartbeat(run.id, "owner", 1, LEASE)
+
+
+async def test_recovery_judges_claims_by_the_databases_clock(engine, monkeypatch):
+    """A ticker whose clock runs 30 s ahead must not take live claims for lapsed ones (and
+    re-publish every running run); a claim that did lapse is found whatever its clock says."""
+    import kjob.store.runs as runs_module
+    from datetime import datetime, timezone
+
+    job = await create_job(engine, slug="clocked", prompt="true", schedule="@every 1h", overlap="allow")
+    ledger = RunLedger(engine)
+    live, lapsed = await ledger.create_manual(job), await ledger.create_manual(job)
+    for run in (live, lapsed):
+        assert isinstance(await ledger.claim(run.id, "owner", LEASE), Claimed)
+    await lapse(engine, lapsed.id, 20)
+    async with engine.begin() as conn:  # both rows older than the recovery's age limit
+        await conn.execute(text("UPDATE job_runs SET created_at = now() - interval '1 minute'"))
+    ahead = datetime.now(timezone.utc) + timedelta(seconds=30)
+    monkeypatch.setattr(runs_module, "utcnow", lambda: ahead)
+    stranded = {r.id for r in await ledger.stranded(timedelta(seconds=5))}
+    assert lapsed.id in stranded
+    assert live.id not in stranded, "a live claim looked lapsed to a ticker whose clock runs ahead"

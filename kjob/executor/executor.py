@@ -232,7 +232,7 @@ class Executor:
                 reason = f"exit code {outcome.exit_code}"
             claim.agent_done = True  # from now on the keeper only renews: no agent left to stop
             self.watchdog.disarm(claim.key)
-            retry = should_retry(status, run.attempt, run.lost_attempts, job.retries)
+            retry = should_retry(status, run.attempt, run.lost_attempts, job.retries, permanent=outcome.permanent)
             retry_in = job.retries.delay(run.attempt).total_seconds() if retry else None
             # The claim keeper and the acker go on while the end is recorded: the claim stays
             # ours (and the message with us) however long the database takes to come back.
@@ -356,7 +356,7 @@ class Executor:
                 limits=job.limits.model_dump(exclude_none=True),
             )
         except Exception as err:
-            return Outcome(start_error=f"agent {job.agent!r} cannot start: {err}")
+            return Outcome(start_error=f"agent {job.agent!r} cannot start: {err}", permanent=True)
         sandbox = self.sandboxes.get(job.sandbox.backend)
         if sandbox is None:
             why = self.unavailable.get(job.sandbox.backend, "it is not in executor.sandboxes")

@@ -99,9 +99,11 @@ def attempt_status(exit_code: int | None, timed_out: bool, start_error: str | No
 MAX_LOST_RETRIES = 2
 
 
-def should_retry(status: RunStatus, attempt: int, lost_attempts: int, policy: RetryPolicy) -> bool:
-    """Whether attempt number `attempt` (1-based) ending in `status` gets another try."""
-    if status in (RunStatus.succeeded, RunStatus.budget_exceeded):
+def should_retry(status: RunStatus, attempt: int, lost_attempts: int, policy: RetryPolicy,
+                 permanent: bool = False) -> bool:
+    """Whether attempt number `attempt` (1-based) ending in `status` gets another try.
+    `permanent`: the attempt could not start, and waiting will not change that."""
+    if status in (RunStatus.succeeded, RunStatus.budget_exceeded) or permanent:
         return False  # another try of an agent over its budget would spend it again
     if status is RunStatus.lost:
         return lost_attempts <= MAX_LOST_RETRIES or attempt <= policy.max

@@ -69,6 +69,7 @@ def test_failures_retry_up_to_the_jobs_budget() -> None:
     assert [should_retry(RunStatus.failed, a, 0, policy) for a in (1, 2, 3)] == [True, True, False]
     assert should_retry(RunStatus.timed_out, 1, 0, policy)
     assert should_retry(RunStatus.error, 1, 0, policy)
+    assert not should_retry(RunStatus.error, 1, 0, policy, permanent=True)  # a missing binary or image
     assert not should_retry(RunStatus.succeeded, 1, 0, policy)
     assert not should_retry(RunStatus.failed, 1, 0, RetryPolicy(max=0))
 

@@ -52,6 +52,9 @@ class Outcome:
     exit_code: int | None = None
     timed_out: bool = False
     start_error: str | None = None  #: the sandbox or agent could not start; says why
+    #: The start error will not heal by waiting (a missing image or agent binary, a refused
+    #: sandbox): the run ends now instead of after its retries' backoff.
+    permanent: bool = False
     reason: str | None = None  #: extra detail, e.g. "OOM killed" or "memory limit 64m"
     output: str = ""  #: stdout+stderr interleaved, up to the cap
     output_bytes: int = 0  #: total produced, including what the cap dropped

@@ -62,7 +62,12 @@ LABEL_ATTEMPT = "kjob.attempt"
 
 
 class _StartError(Exception):
-    """The attempt cannot start; the message becomes Outcome.start_error."""
+    """The attempt cannot start; the message becomes Outcome.start_error. `permanent`: retrying
+    would fail the same way (Outcome.permanent)."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class DockerSandbox(Sandbox):
@@ -176,7 +181,7 @@ class DockerSandbox(Sandbox):
                     config = self._config(launch, await self._user(docker, image))
                     container = await docker.containers.create(config, name=_container_name(launch))
             except _StartError as e:
-                return Outcome(start_error=str(e))
+                return Outcome(start_error=str(e), permanent=e.permanent)
             except TimeoutError:
                 return Outcome(start_error=f"preparing image {launch.spec.image!r} on {self.url} took longer "
                                            f"than the {format_duration(launch.timeout)} timeout")
@@ -225,7 +230,7 @@ class DockerSandbox(Sandbox):
     def _ended(self, launch: Launch, code: int, oom: bool, fields: dict[str, Any]) -> Outcome:
         if code == 127 and (failed := _TINI_EXEC_FAILED.search(fields["output"])):
             return Outcome(start_error=f"agent command {launch.argv[0]!r} could not start in image "
-                                       f"{launch.spec.image!r}: {failed.group(1)}", **fields)
+                                       f"{launch.spec.image!r}: {failed.group(1)}", permanent=True, **fields)
         if oom:
             return Outcome(exit_code=code, reason=oom_reason(code, launch.spec.memory), extra={"oom_killed": "true"},
                            **fields)
@@ -235,7 +240,7 @@ class DockerSandbox(Sandbox):
         """The image's inspect data, pulling it first when allowed. Raises _StartError."""
         image = launch.spec.image
         if not image:
-            raise _StartError("the docker backend needs sandbox.image")
+            raise _StartError("the docker backend needs sandbox.image", permanent=True)
         try:
             return await docker.images.inspect(image)
         except DockerError as e:
@@ -244,7 +249,8 @@ class DockerSandbox(Sandbox):
         if launch.spec.pull == "never":
             raise _StartError(
                 f"image {image!r} is not on the docker host {self.url} (node {self.node_name}); build or "
-                f"load it there (docker build / docker load), or set sandbox.pull = \"if-missing\""
+                f"load it there (docker build / docker load), or set sandbox.pull = \"if-missing\"",
+                permanent=True,
             )
         try:
             events = await docker.images.pull(image)
@@ -289,7 +295,7 @@ class DockerSandbox(Sandbox):
         spec = launch.spec
         uid, gid = user
         if refused := network_refusal(launch, self.host_network_tenants):
-            raise _StartError(refused)
+            raise _StartError(refused, permanent=True)
         if spec.network == "egress" and self._egress_problem:
             raise _StartError(f"sandbox.network = \"egress\" is unavailable on this node: {self._egress_problem}")
         workdir = spec.workdir or DEFAULT_WORKDIR

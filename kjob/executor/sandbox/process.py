@@ -196,7 +196,7 @@ class ProcessSandbox(Sandbox):
         if not self._started:
             raise RuntimeError("ProcessSandbox.run() before start()")
         if refused := network_refusal(launch, self.host_network_tenants):
-            return Outcome(start_error=refused)
+            return Outcome(start_error=refused, permanent=True)
         if launch.spec.network == "egress" and self._bwrap is not None and self._egress is None:
             return Outcome(start_error="sandbox.network = \"egress\" needs pasta on this node (apt-get install passt)")
         workdir = _make_workdir(launch)
@@ -230,18 +230,20 @@ class ProcessSandbox(Sandbox):
 
     async def _run_in(self, workdir: Path, launch: Launch, on_output: OutputSink, uid: int | None) -> Outcome:
         if not launch.argv:
-            return Outcome(start_error="the agent command is empty; check the agent's `command`")
+            return Outcome(start_error="the agent command is empty; check the agent's `command`", permanent=True)
         env = _environment(launch, workdir)
         program = _resolve(launch.argv[0], env.get("PATH", ""), workdir)
         if program is None:
             return Outcome(
                 start_error=f"agent command {launch.argv[0]!r} was not found on this node "
-                f"(PATH={env.get('PATH', '')}); install it or fix the agent's `command`"
+                f"(PATH={env.get('PATH', '')}); install it or fix the agent's `command`",
+                permanent=True,
             )
         if self._bwrap is not None and not self._visible(program):
             return Outcome(
                 start_error=f"agent command {launch.argv[0]!r} is {program}, which sandboxes do not see; install it "
-                f"under one of {', '.join(SYSTEM_DIRS)} or share its directory with executor.extra_binds"
+                f"under one of {', '.join(SYSTEM_DIRS)} or share its directory with executor.extra_binds",
+                permanent=True,
             )
         cgroup = None
         try:

@@ -93,6 +93,8 @@ class FaultCluster:
         self.db_url = ""
         self.nodes: dict[str, SchedulerProcess] = {}
         self.jobs: list[Job] = []
+        #: seconds each job's agent works, by slug (a fault strikes where no agent is about to end)
+        self.durations: dict[str, float] = {}
         #: (node, from, to) on the recorder's clock: each pause of a node (executor_sigstop)
         self.pauses: list[tuple[str, float, float]] = []
 
@@ -149,6 +151,7 @@ class FaultCluster:
                                  schedule=schedule, overlap="allow", **fields) for i in range(n)]
         await self._announce(jobs, "created")
         self.jobs += jobs
+        self.durations.update((job.slug, seconds) for job in jobs)
         return jobs
 
     async def _announce(self, jobs: list[Job], kind: str) -> None:
@@ -430,7 +433,8 @@ async def executor_sigkill(c: FaultCluster) -> None:
         for name in NODES:
             mine = [e for e in c.recorder.executions() if e.node == name]
             running = [e for e in mine if not e.finished and e.died is None]
-            if running and all(now - e.started < 1.0 for e in running) and \
+            # each running agent well before its end, none ended a moment ago
+            if running and all(e.started + c.durations.get(e.job or "", 0.0) - now > 1.0 for e in running) and \
                     not any(e.ended and now - e.ended < 2.0 for e in mine):
                 return name
         return None

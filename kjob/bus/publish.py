@@ -16,7 +16,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from kjob.bus import names
-from kjob.bus.messages import DueRun, Event
+from kjob.bus.messages import DueRun, Event, RunResult
 from kjob.model.run import Run
 from kjob.telemetry import metrics, tracing
 
@@ -31,6 +31,18 @@ async def publish_due(js: JetStreamContext, run: Run) -> None:
         await js.publish(subject, msg.encode(), headers={
             "Nats-Msg-Id": run.id, names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant, **trace_headers})
     metrics.run_published(run.slot, run.trigger.value)
+
+
+async def publish_result(js: JetStreamContext, run: Run) -> None:
+    """Put a final run on `kjob.run.result.<tenant>` for the dispatchers, `Nats-Msg-Id` =
+    `<run id>.result`: from the executor that ran it, or the ticker's recovery when that
+    message was lost (a repeat is harmless: the dispatcher claims the delivery)."""
+    result = RunResult(run_id=run.id, job_id=run.job_id, tenant=run.tenant, slug=run.slug,
+                       status=run.status.value, attempt=run.attempt, exit_code=run.exit_code,
+                       finished_at=run.finished_at or datetime.now(timezone.utc))
+    headers = {"Nats-Msg-Id": f"{run.id}.result", names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant,
+               **tracing.headers()}
+    await js.publish(names.run_result(run.tenant), result.encode(), headers=headers)
 
 
 async def announce_job_changed(js: JetStreamContext, tenant: str, job_id: UUID | None, slug: str, kind: str) -> None:

@@ -31,7 +31,8 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from kjob.bus import names
-from kjob.bus.messages import DueRun, Event, RunResult
+from kjob.bus.messages import DueRun, Event
+from kjob.bus.publish import publish_result
 from kjob.bus.consume import consume
 from kjob.bus.setup import BusSettings, ensure_consumer
 from kjob.config import ExecutorSettings
@@ -421,11 +422,6 @@ class Executor:
         return None
 
     async def _publish_result(self, run: Run) -> None:
-        result = RunResult(run_id=run.id, job_id=run.job_id, tenant=run.tenant, slug=run.slug,
-                           status=run.status.value, attempt=run.attempt, exit_code=run.exit_code,
-                           finished_at=run.finished_at or utcnow())
-        headers = {"Nats-Msg-Id": f"{run.id}.result", names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant,
-                   **tracing.headers()}
         # A stream that is electing a leader (a NATS node lost) answers nothing for a few
         # seconds: try again within the ack deadline rather than leave the result to a
         # redelivery of the due message (the Msg-Id makes a repeat harmless).
@@ -433,7 +429,7 @@ class Executor:
         delay = 0.2
         while True:
             try:
-                await self.js.publish(names.run_result(run.tenant), result.encode(), headers=headers)
+                await publish_result(self.js, run)
                 return
             except Exception as err:
                 if time.monotonic() + delay > give_up:

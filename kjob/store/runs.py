@@ -375,6 +375,25 @@ class RunLedger:
         async with self.engine.connect() as conn:
             return [_run(r) for r in await conn.execute(stmt)]
 
+    async def undelivered(self, older_than: timedelta, limit: int = 1000) -> list[Run]:
+        """Final runs with a delivery no dispatcher has tried or holds, finished `older_than`
+        ago (the database's clock): their result message was lost (its executor died, paused
+        or was cut off between recording the end and publishing the result)."""
+        stmt = (
+            select(job_runs)
+            .where(
+                job_runs.c.status.in_(list(FINAL_VALUES)),
+                job_runs.c.delivery_status == DeliveryStatus.pending.value,
+                job_runs.c.delivery_attempts == 0,
+                job_runs.c.finished_at < func.now() - older_than,
+                or_(job_runs.c.claim_until.is_(None), job_runs.c.claim_until < func.now()),
+            )
+            .order_by(job_runs.c.finished_at)
+            .limit(limit)
+        )
+        async with self.engine.connect() as conn:
+            return [_run(r) for r in await conn.execute(stmt)]
+
     async def published_waiting(self, older_than: timedelta, limit: int = 1000) -> tuple[dict[str, int], list[Run]]:
         """For the recovery of vanished messages: per tenant, how many open runs should have a
         due message in the stream now (published and waiting, running, or retrying), and the

@@ -36,7 +36,7 @@ from nats.js import JetStreamContext
 
 from kjob.bus import names
 from kjob.bus.messages import DueRun, Event
-from kjob.bus.publish import Outgoing, publish_acked
+from kjob.bus.publish import Outgoing, publish_acked, publish_result
 from kjob.config import TickerSettings
 from kjob.model import catchup
 from kjob.model.policies import fire_time
@@ -408,8 +408,14 @@ class Ticker:
             return 0
         runs = await self.ledger.stranded(older_than=timedelta(seconds=self.settings.recover_s))
         runs += await self._vanished()
+        results = await self.ledger.undelivered(timedelta(seconds=self.settings.vanished_after_s))
+        for run in results:
+            await publish_result(self.js, run)
+        if results:
+            log.warning("ticker: %d finished runs' results were never delivered nor tried; published them again",
+                        len(results))
         if not runs:
-            return 0
+            return len(results)
         fresh = [r for r in runs if r.published_at is None]
         stale = [r for r in runs if r.published_at is not None]
         await self._publish([_row_of(r, self.fence()) for r in fresh])

@@ -209,6 +209,9 @@ class ProcessSandbox(Sandbox):
                     # bound at the work dir's path inside.
                     staged = Path(tempfile.mkdtemp(prefix="kjob-work-", dir=STAGING_ROOT))
                     self._staged[launch.run_id] = staged
+                    # The work dir's bound holds here too: a tmpfs of sandbox_disk, where the
+                    # executor may mount (root, as when agents get uids of their own).
+                    _mount_tmpfs(staged, self.disk_bytes)
                 try:
                     extra = await launch.prepare(staged)
                 except Exception as e:
@@ -223,7 +226,7 @@ class ProcessSandbox(Sandbox):
             return outcome
         finally:
             if (staged_dir := self._staged.pop(launch.run_id, None)) is not None:
-                await asyncio.shield(asyncio.to_thread(shutil.rmtree, staged_dir, True))
+                await asyncio.shield(asyncio.to_thread(_remove_staged, staged_dir))
             if uid is not None and self._uids is not None:
                 self._uids.give(uid)  # the attempt's process group is gone: nothing runs as it
             await asyncio.shield(asyncio.to_thread(shutil.rmtree, workdir, True))
@@ -410,7 +413,8 @@ class ProcessSandbox(Sandbox):
                 argv += [*cover, str(hidden)]
         if workdir is not None and staged is not None:
             # The executor prepared it (a workspace clone, $KJOB_RESULT) and reads it back after:
-            # a host dir of the attempt's uid, bounded by the clone's cap rather than sandbox_disk.
+            # a host dir of the attempt's uid, on a tmpfs of sandbox_disk where the executor may
+            # mount one (root), else bounded only by the clone's cap (docs/sandboxes.md).
             argv += ["--bind", str(staged), str(workdir), "--chdir", str(workdir)]
         elif workdir is not None:
             # A tmpfs, not the host dir: its size is bounded and nothing of it reaches the host disk.
@@ -441,6 +445,26 @@ def _chown_tree(root: Path, uid: int) -> None:
     for dirpath, dirs, files in os.walk(root):
         for name in (dirpath, *(os.path.join(dirpath, n) for n in dirs + files)):
             os.chown(name, uid, uid, follow_symlinks=False)
+
+
+#: umount2(2) flag: detach now, free once no process uses it.
+MNT_DETACH = 2
+
+
+def _mount_tmpfs(path: Path, size_bytes: int) -> bool:
+    """Mount a tmpfs of `size_bytes` on `path` (mount(2)); False where we may not mount."""
+    options = f"size={size_bytes},mode=0700".encode()
+    if _LIBC.mount(b"tmpfs", os.fsencode(path), b"tmpfs", 0, options) == 0:
+        return True
+    log.debug("process sandbox: no tmpfs for %s (%s); the staged work dir is not size-bounded",
+              path, os.strerror(ctypes.get_errno()))
+    return False
+
+
+def _remove_staged(path: Path) -> None:
+    if os.path.ismount(path):
+        _LIBC.umount2(os.fsencode(path), MNT_DETACH)
+    shutil.rmtree(path, True)
 
 
 def _make_workdir(launch: Launch) -> Path:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
 import time
 from datetime import datetime, timedelta, timezone
@@ -412,10 +413,17 @@ class Executor:
             lost.cancel()
             await live.flush()
             try:
-                return masker.outcome(runner.result())
+                outcome = runner.result()
             except Exception as err:  # a sandbox bug must still end the run, not hang it
                 log.exception("executor: sandbox %s failed on run %s", sandbox.name, run.id)
                 return masker.outcome(Outcome(start_error=f"sandbox {sandbox.name} failed: {err}"))
+            if outcome.exit_code in (-signal.SIGKILL, 128 + signal.SIGKILL) and \
+                    (claim.expired or time.monotonic() >= claim.kill_by):
+                # Killed by the watchdog while this executor was paused: not the agent's own
+                # end. The claim is as good as lost; the attempt counts as lost, not failed.
+                claim.expired = True
+                return None
+            return masker.outcome(outcome)
         runner.cancel()  # cancelling kills what the attempt started
         with contextlib.suppress(BaseException):
             await runner

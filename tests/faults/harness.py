@@ -253,8 +253,7 @@ class FaultCluster:
         """The agent ended while its executor was paused or killed, or just before (its executor
         was still writing the end): nothing could record that end, so the run is run again once
         the claim lapsed (README, "Left"), never beside it."""
-        return e.ended is not None and any(e.node == node and start - UNRECORDED_S <= e.ended <= end
-                                           for node, start, end in self.pauses)
+        return ended_during(self.pauses, e)
 
     async def verdict(self, unrecordable: "Callable[[Execution], bool] | None" = None) -> Verdict:
         """`unrecordable`: executions whose end no executor could record (they ended while their
@@ -265,6 +264,13 @@ class FaultCluster:
             attempts = (await conn.execute(select(run_attempts).where(
                 run_attempts.c.run_id.in_([r.id for r in runs])))).all()
         return judge(self.jobs, runs, attempts, self.recorder, unrecordable)
+
+
+def ended_during(outages: list[tuple[str, float, float]], e: Execution) -> bool:
+    """Whether `e` ended while its node's executor was paused or killed, or just before: an
+    end nothing could record (see FaultCluster.ended_while_paused)."""
+    return e.ended is not None and any(e.node == node and start - UNRECORDED_S <= e.ended <= end
+                                       for node, start, end in outages)
 
 
 def _libfaketime() -> str:

@@ -209,6 +209,14 @@ class Recorder:
             if event == "end":
                 execution = self._open.pop(key, None)
                 if execution is None:
+                    # Its holder may have gone a moment before the `end` arrived (the agent's
+                    # group being stopped as it ended): that execution did reach its end.
+                    execution = next((e for e in reversed(self._executions)
+                                      if (e.run_id, e.attempt, e.pid) == key and e.ended is None
+                                      and e.died is not None and received - e.died < 5.0), None)
+                    if execution is not None:
+                        execution.died = None
+                if execution is None:
                     raise ValueError(f"`end` without a `start` for {key}")
                 execution.ended, execution.end_wall = received, float(msg.get("wall") or 0)
                 self._last_end = execution

@@ -10,8 +10,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kjob.model.run import Run
-from kjob.node import Node
-from kjob.store.tokens import TokenStore
+from tests.support.pipeline import node_clients
 from tests.cli.conftest import base_env, home, kjob, one_line_error, runner_for, server, token  # noqa: F401
 from tests.gateway.conftest import api, changes, client_for, state  # noqa: F401
 
@@ -22,17 +21,8 @@ NodeClient = Callable[..., Awaitable[httpx.AsyncClient]]
 async def node_client(engine: AsyncEngine) -> AsyncIterator[NodeClient]:
     """`await node_client(node, role="operator")`: an HTTP client of the node's API, holding a
     token of tenant `default` (the tenant of `tests.support.pipeline.create_job`)."""
-    clients: list[httpx.AsyncClient] = []
-
-    async def make(node: Node, role: str = "operator", tenant: str = "default") -> httpx.AsyncClient:
-        _, secret = await TokenStore(engine).create(tenant, role, f"policy test {role}")
-        client = httpx.AsyncClient(base_url=node.api_url, headers={"Authorization": f"Bearer {secret}"}, timeout=30)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        await client.aclose()
+    async with node_clients(engine, "operator", "policy test") as make:
+        yield make
 
 
 def never_overlap(runs: list[Run]) -> None:

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import httpx
 from sqlalchemy import select
 
 from kjob.config import ROLES, DispatcherSettings, ExecutorSettings, Settings, TickerSettings
@@ -18,6 +19,7 @@ from kjob.store.audit import Actor
 from kjob.store.jobs import JobStore
 from kjob.store.runs import RunLedger
 from kjob.store.tables import job_runs, run_attempts
+from kjob.store.tokens import TokenStore
 
 ACTOR = Actor(subject="test", token_id=None, tenant="default")
 
@@ -96,3 +98,22 @@ async def attempt_rows(engine, job: Job) -> list:
             select(run_attempts).join(job_runs, job_runs.c.id == run_attempts.c.run_id)
             .where(job_runs.c.job_id == job.id)
         ))
+
+
+@asynccontextmanager
+async def node_clients(engine, default_role: str, label: str) -> AsyncIterator[Callable[..., Awaitable[httpx.AsyncClient]]]:
+    """`await make(node, role=..., tenant="default")`: an HTTP client of the node's API holding
+    a fresh token of that role and tenant; every client is closed at the end."""
+    clients: list[httpx.AsyncClient] = []
+
+    async def make(node: Node, role: str = default_role, tenant: str = "default") -> httpx.AsyncClient:
+        _, secret = await TokenStore(engine).create(tenant, role, f"{label} {role}")
+        client = httpx.AsyncClient(base_url=node.api_url, headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+        clients.append(client)
+        return client
+
+    try:
+        yield make
+    finally:
+        for client in clients:
+            await client.aclose()

@@ -6,16 +6,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timedelta
 
-import httpx
 import pytest
 from sqlalchemy import select
 
 from kjob.config import ExecutorSettings, TickerSettings
 from kjob.model.schedule import Schedule
-from kjob.node import Node
 from kjob.store.tables import job_runs, missed_ranges
-from kjob.store.tokens import TokenStore
-from tests.support.pipeline import fast_settings
+from tests.support.pipeline import fast_settings, node_clients
 from tests.support.recorder import Recorder
 
 
@@ -39,17 +36,8 @@ def node_settings(tmp_path, rec: Recorder, **ticker):
 @pytest.fixture
 async def api(engine) -> AsyncIterator:
     """`await api(node)`: an HTTP client of the node's API with an editor-and-more token."""
-    clients: list[httpx.AsyncClient] = []
-
-    async def make(node: Node, role: str = "admin", tenant: str = "default") -> httpx.AsyncClient:
-        _, secret = await TokenStore(engine).create(tenant, role, f"ticker fault test {role}")
-        client = httpx.AsyncClient(base_url=node.api_url, headers={"Authorization": f"Bearer {secret}"}, timeout=30)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        await client.aclose()
+    async with node_clients(engine, "admin", "ticker fault test") as make:
+        yield make
 
 
 async def ledger_rows(engine, job_id) -> list:

@@ -123,6 +123,15 @@ class TickerSettings(BaseModel):
     vanished_after_s: float = Field(default=60.0, gt=0, description="a published run still waiting this long is re-published if the stream no longer holds as many due messages as the ledger")
 
 
+class ApiSettings(BaseModel):
+    """The HTTP gateway's limits."""
+
+    apply_max_body_bytes: int = Field(
+        default=32 * 1024**2, ge=256 * 1024,
+        description="the largest body of one `kjob apply` (POST /v1/jobs:apply); other requests: 256 KiB",
+    )
+
+
 class TenantQuota(BaseModel):
     """Limits of one tenant; a field left unset takes the `[quotas]` default."""
 
@@ -228,6 +237,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
     ticker: TickerSettings = Field(default_factory=TickerSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     dbus: DbusSettings = Field(default_factory=DbusSettings)
     #: The web dashboard at /ui (docs/dashboard.md). `frame-ancestors` sources that may embed it
     #: in a frame (kanvas: `'self' https://kanvas.example.org`; `'none'` forbids every frame).

@@ -20,7 +20,7 @@ from typing import Awaitable, Callable
 
 import uvicorn
 
-from kjob.bus.publish import announce_job_changed, publish_due
+from kjob.bus.publish import announce_job_changed, announce_jobs_changed, publish_due
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
@@ -169,8 +169,12 @@ class Node:
                 async def job_changed(job: Job | None, tenant: str, slug: str, kind: str, js=js) -> None:
                     await announce_job_changed(js, tenant, job.id if job is not None else None, slug, kind)
 
+                async def jobs_changed(tenant: str, changed: list, js=js) -> None:
+                    await announce_jobs_changed(js, tenant, [job.id for job, _ in changed], "applied")
+
                 state = GatewayState(settings=s, engine=engine, jobs=jobs, tokens=TokenStore(engine), agents=agents,
                                      relay_configured=bool(s.relay_url), on_job_changed=job_changed,
+                                     on_jobs_changed_hook=jobs_changed,
                                      ledger=ledger, publish_due=self.publish_due, js=js)
                 # log_config=None: uvicorn's lines go through kjob's logging (JSON when asked).
                 server = _Server(uvicorn.Config(create_app(state), host=s.host, port=s.port,

@@ -61,6 +61,8 @@ class Event(_Message):
     tenant: str
     job_id: UUID | None = None
     slug: str | None = None
+    #: job_changed of many jobs at once (an apply): their ids; `job_id` and `slug` are unset.
+    job_ids: list[UUID] | None = None
     run_id: str | None = None
     #: job_changed: created | updated | enabled | disabled | deleted; runs: their status
     detail: str | None = None

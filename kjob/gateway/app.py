@@ -29,7 +29,7 @@ def create_app(state: GatewayState) -> FastAPI:
     wire_security(state)
     app.state.gateway = state
     errors.install(app)
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, per_path={"/v1/jobs:apply": state.settings.api.apply_max_body_bytes})
     # The token dependency sits on the router, so no /v1 route can be added without it.
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(storable_parameters), Depends(authenticate)],
                    responses=errors.V1_ERROR_RESPONSES)

@@ -5,6 +5,7 @@ no input reaches PostgreSQL only to come back as a 500."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from urllib.parse import parse_qsl
 
@@ -14,8 +15,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from kjob.errors import InvalidInput
 from kjob.model.text import find_bad_text, text_problem
 
-#: A job is at most a 64 KiB prompt plus small fields; a file of many jobs fits easily too.
+#: A job is at most a 64 KiB prompt plus small fields. A job file applied at once
+#: (`/v1/jobs:apply`) has its own, larger limit: `api.apply_max_body_bytes`.
 MAX_BODY_BYTES = 256 * 1024
+#: Jobs in one apply; the body limit and the tenant's job quota usually bind first.
+MAX_APPLY_JOBS = 100_000
 
 
 class BodyLimit:
@@ -23,17 +27,20 @@ class BodyLimit:
     its length or streams in chunks. The body is buffered (it is small by construction) and
     replayed to the app."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_BODY_BYTES, per_path: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        #: Paths allowed another limit (a job file of 10,000 jobs is some 8 MB of JSON).
+        self.per_path = per_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.per_path.get(scope.get("path", ""), self.max_bytes)
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(send, limit)
             return
         chunks: list[bytes] = []
         size = 0
@@ -43,12 +50,16 @@ class BodyLimit:
                 break  # disconnect: let the app see it
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_bytes:
-                await self._refuse(send)
+            if size > limit:
+                await self._refuse(send, limit)
                 return
             if not message.get("more_body", False):
                 break
-        bad = _bad_json_text(scope, b"".join(chunks))
+        body = b"".join(chunks)
+        if size > MAX_BODY_BYTES:  # seconds of CPU for a large job file: off the event loop
+            bad = await asyncio.to_thread(_bad_json_text, scope, body)
+        else:
+            bad = _bad_json_text(scope, body)
         if bad is not None:
             field, problem = bad
             await _answer(send, 422, problem, field)
@@ -59,13 +70,13 @@ class BodyLimit:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send: Send) -> None:
-        await _answer(send, 413, f"the request body is larger than {self.max_bytes // 1024} KiB", "body")
+    async def _refuse(self, send: Send, limit: int) -> None:
+        await _answer(send, 413, f"the request body is larger than {limit // 1024} KiB", "body")
 
 
 def _bad_json_text(scope: Scope, body: bytes) -> tuple[str, str] | None:

@@ -30,6 +30,10 @@ ChangeKind = Literal["created", "updated", "enabled", "disabled", "deleted"]
 JobChangedHook = Callable[[Job | None, str, str, ChangeKind], Awaitable[None]]
 
 
+#: Called after a committed apply of many jobs: (tenant, [(job after the write, kind)]).
+JobsChangedHook = Callable[[str, "list[tuple[Job, ChangeKind]]"], Awaitable[None]]
+
+
 async def _ignore_change(job: Job | None, tenant: str, slug: str, kind: ChangeKind) -> None:
     """The default hook: a gateway without a bus announces nothing."""
 
@@ -48,6 +52,8 @@ class GatewayState:
     #: Whether a Relay URL is configured: without it, only `none` and `webhook:` channels deliver.
     relay_configured: bool
     on_job_changed: JobChangedHook = field(default=_ignore_change)
+    #: Announces an apply's changes together; None: one `on_job_changed` per job.
+    on_jobs_changed_hook: JobsChangedHook | None = None
     #: The run ledger, for run history and logs.
     ledger: "RunLedger | None" = None
     #: Puts a run the ledger holds onto the bus (run-now). None: runs cannot be started here.
@@ -59,3 +65,10 @@ class GatewayState:
     oidc: "OidcVerifier | None" = None
     secrets: "SecretStore | None" = None
     quotas: "Quotas | None" = None
+
+    async def on_jobs_changed(self, tenant: str, changed: "list[tuple[Job, ChangeKind]]") -> None:
+        if self.on_jobs_changed_hook is not None:
+            await self.on_jobs_changed_hook(tenant, changed)
+            return
+        for job, kind in changed:
+            await self.on_job_changed(job, tenant, job.slug, kind)

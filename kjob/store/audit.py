@@ -66,6 +66,18 @@ async def record_by(
     await record(conn, actor.tenant, actor.subject, actor.token_id, action, target, change)
 
 
+async def record_many_by(
+    conn: AsyncConnection, actor: Actor, entries: list[tuple[str, str, dict[str, Any] | None]]
+) -> None:
+    """`record_by` of many `(action, target, change)` in one executemany statement."""
+    if entries:
+        await conn.execute(audit_log.insert(), [
+            dict(tenant=actor.tenant, actor=actor.subject, token_id=actor.token_id, action=action, target=target,
+                 change=change)
+            for action, target, change in entries
+        ])
+
+
 async def list_audit(
     engine: AsyncEngine, tenant: str, *, target: str | None = None, limit: int = 100
 ) -> list[AuditEntry]:

@@ -351,7 +351,9 @@ class Ticker:
         except ValueError:
             log.warning("ticker: ignoring a malformed job_changed event on %s", msg.subject)
             return
-        if event.job_id is not None:
+        if event.job_ids:
+            self._changed.update(event.job_ids)
+        elif event.job_id is not None:
             self._changed.add(event.job_id)
         else:  # from a node that did not name the job (older kjob): reload them all
             self._resync_soon = True
@@ -362,14 +364,14 @@ class Ticker:
         if not self._changed:
             return
         changed, self._changed = self._changed, set()
+        try:
+            found = await self.jobs.get_scheduled_many(list(changed))
+        except Exception as err:
+            log.warning("ticker: cannot reload %d changed jobs (%s); will retry", len(changed), err)
+            self._changed |= changed
+            return
         now = utcnow()
-        for job_id in changed:
-            try:
-                job = await self.jobs.get_scheduled(job_id)
-            except Exception as err:
-                log.warning("ticker: cannot reload job %s (%s); will retry", job_id, err)
-                self._changed.add(job_id)
-                continue
+        for job_id, job in found.items():
             self._reconcile(job_id, job, now)
 
     def _reconcile(self, job_id: UUID, job: ScheduledJob | None, now: datetime) -> None:

@@ -1,0 +1,102 @@
+"""Shared pieces of the benchmarks: embedded nats-server and PostgreSQL, `kjob server`
+processes (tests.support.nodes.SchedulerProcess) with their API URL, and a token.
+
+    async with Servers("apply") as s:
+        node = await s.node("api,ticker", "api-1")
+        token = await s.token("bench")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from kjob.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
+from kjob.store.database import create_engine, migrate  # noqa: E402
+from kjob.store.tokens import TokenStore  # noqa: E402
+from tests.support.nodes import SchedulerProcess  # noqa: E402
+
+_API_AT = re.compile(r"API at (http://\S+)")
+
+
+def rss_mb(pid: int) -> float:
+    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if row.startswith("VmRSS:"):
+            return int(row.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def wait_for(check, timeout: float, what: str, every: float = 0.05):
+    """`await check()` until it is truthy; its value. TimeoutError naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(every)
+    raise TimeoutError(f"{what}: not within {timeout:.0f}s")
+
+
+class Servers:
+    """A temp dir, a nats-server, a PostgreSQL with a migrated database `name`, an engine, and
+    the nodes started through `node()` (all stopped at exit)."""
+
+    def __init__(self, name: str, *, pg_settings: dict[str, str] | None = None) -> None:
+        self.name, self.pg_settings = name, pg_settings or {"max_connections": "200"}
+        self.nodes: list[SchedulerProcess] = []
+
+    async def __aenter__(self) -> "Servers":
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"kjob-{self.name}-")
+        self.base = Path(self._tmp.name)
+        os.chmod(self.base, 0o755)
+        self.nats = EmbeddedNats(self.base / "nats").start()
+        self.pg = EmbeddedPostgres(self.base / "pg", durable=False, settings=self.pg_settings).start()
+        self.db_url = self.pg.ensure_database(self.name)
+        self.engine = create_engine(self.db_url)
+        await migrate(self.engine)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for node in self.nodes:
+            node.stop()
+        await self.engine.dispose()
+        self.nats.stop()
+        self.pg.stop()
+        self._tmp.cleanup()
+
+    def env(self, **more: str) -> dict[str, str]:
+        return {"KJOB_NATS_URL": self.nats.url, "KJOB_DATABASE_URL": self.db_url, "KJOB_LOG_LEVEL": "WARNING", **more}
+
+    def process(self, roles: str, name: str, **env: str) -> SchedulerProcess:
+        """A `kjob server` process, not started yet (stopped at exit)."""
+        node = SchedulerProcess(name, self.base, self.env(**env), roles=roles)
+        self.nodes.append(node)
+        return node
+
+    async def node(self, roles: str, name: str, timeout: float = 60, **env: str) -> SchedulerProcess:
+        """A started `kjob server` process; with the api role, once it serves (`node.api_url`)."""
+        node = self.process(roles, name, **env).start()
+        node.api_url = None
+        if "api" in roles.split(","):
+            found = await wait_for(lambda: _API_AT.search(node.logs(100_000)), timeout, f"{name}'s API")
+            node.api_url = found[1]
+        return node
+
+    async def token(self, tenant: str, role: str = "admin") -> str:
+        _, secret = await TokenStore(self.engine).create(tenant, role, "bench")
+        return secret

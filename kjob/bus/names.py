@@ -36,6 +36,9 @@ LEADER_KEY = "ticker"
 HDR_RUN_ID = "Kjob-Run-Id"
 HDR_TENANT = "Kjob-Tenant"
 HDR_LEADER_REV = "Kjob-Leader-Rev"
+#: A due run published ahead of its instant (the ticker's look-ahead): epoch seconds before
+#: which no executor starts it (kjob.bus.hold).
+HDR_NOT_BEFORE = "Kjob-Not-Before"
 
 
 def run_due(tenant: str) -> str:

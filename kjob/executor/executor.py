@@ -31,7 +31,7 @@ from pathlib import Path
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from kjob.bus import names
+from kjob.bus import hold, names
 from kjob.bus.messages import DueRun, Event
 from kjob.bus.publish import publish_result
 from kjob.bus.consume import consume
@@ -109,6 +109,7 @@ class Executor:
 
     @tracing.handles_run("kjob claim", names.EXECUTOR_CONSUMER)
     async def _handle(self, msg) -> None:
+        await hold.until_instant(msg)  # a run published ahead (the ticker's look-ahead) starts at its instant
         try:
             due = DueRun.decode(msg.data)
         except ValueError:

@@ -11,7 +11,7 @@ import builtins
 import gc
 import logging
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,7 +19,7 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import BaseModel
-from sqlalchemy import ColumnElement, Row, Select, String, Text, any_, bindparam, cast, literal, select, type_coerce
+from sqlalchemy import ColumnElement, Row, Select, String, Text, any_, bindparam, cast, func, literal, select, type_coerce
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID as PgUUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -27,7 +27,8 @@ from kjob.errors import Conflict, InvalidInput, NotFound
 from kjob.model.durations import parse_duration
 from kjob.model.job import CatchupPolicy, Job, JobSpec
 from kjob.store.audit import Actor, record_by, record_many_by
-from kjob.store.tables import job_dispatch_targets, jobs
+from kjob.model.run import Trigger
+from kjob.store.tables import job_dispatch_targets, job_runs, jobs
 from kjob.telemetry import metrics
 
 log = logging.getLogger(__name__)
@@ -100,14 +101,47 @@ class ScheduledJob:
     created_at: datetime
     catchup: CatchupPolicy
     jitter: timedelta
+    #: Bumped by every write of the job: the ticker's resync compares it, not the whole row.
+    version: int = 0
 
 
-def _scheduled_query() -> Select[Any]:
+def _scheduled_query(*extra: ColumnElement[Any]) -> Select[Any]:
     return select(
         jobs.c.id, jobs.c.tenant, jobs.c.slug, jobs.c.schedule, jobs.c.timezone, jobs.c.enabled,
         jobs.c.enabled_at, jobs.c.created_at,
-        cast(jobs.c.spec["catchup"], Text), jobs.c.spec["jitter"].astext,
+        cast(jobs.c.spec["catchup"], Text), jobs.c.spec["jitter"].astext, jobs.c.version, *extra,
     )
+
+
+def _last_slot() -> ColumnElement[Any]:
+    """The job's latest scheduled slot in the ledger (as `RunLedger.last_slots`), per row: one
+    probe of the run key's index, so a ticker loading 1,000,000 jobs streams them with their
+    cursors instead of holding a dict of every job's."""
+    return (
+        select(func.max(job_runs.c.slot))
+        .where(job_runs.c.job_id == jobs.c.id,
+               job_runs.c.trigger.in_([Trigger.schedule.value, Trigger.catchup.value]))
+        .scalar_subquery()
+    )
+
+
+#: Slots the ledger holds before their instant (the ticker's look-ahead) whose job a write
+#: stops or re-times: `skipped`, so no executor claims them. Deleting a job deletes its runs.
+_VOID_AHEAD_SQL = """
+UPDATE job_runs SET status = 'skipped', reason = $2, finished_at = now(), delivery_status = 'none'
+WHERE job_id = ANY($1::uuid[]) AND status = 'scheduled' AND trigger = 'schedule' AND slot > now()
+"""
+VOID_REASON = "the job was disabled or re-scheduled after this slot was queued ahead of its instant"
+
+
+async def void_slots_ahead(conn: AsyncConnection, job_ids: Sequence[uuid.UUID]) -> None:
+    """Inside the transaction of the write that disables or re-times `job_ids`: their slots
+    queued ahead (kjob.ticker, `lookahead_ms`) will not run. The executor claims a run only
+    while it is `scheduled`, under the same row lock, so a change committed before a slot's
+    instant always wins over that slot."""
+    if job_ids:
+        raw = await conn.get_raw_connection()
+        await raw.driver_connection.execute(_VOID_AHEAD_SQL, builtins.list(job_ids), VOID_REASON)
 
 
 @lru_cache(maxsize=1024)
@@ -122,7 +156,8 @@ def _jitter(text: str | None) -> timedelta:
 
 
 def _scheduled(row: Row[Any]) -> ScheduledJob:
-    return ScheduledJob(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], _catchup(row[8]), _jitter(row[9]))
+    return ScheduledJob(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], _catchup(row[8]), _jitter(row[9]),
+                        row[10])
 
 
 def _scheduled_or_none(row: Row[Any]) -> ScheduledJob | None:
@@ -247,6 +282,32 @@ class JobStore:
         with _gc_paused():
             return [job for job in map(_scheduled_or_none, rows) if job is not None]
 
+    async def stream_scheduled(self, chunk: int = 5000) -> AsyncIterator[builtins.list[tuple[ScheduledJob, datetime | None]]]:
+        """Every enabled job as the ticker sees it, with its latest slot in the ledger, `chunk`
+        at a time from a server-side cursor: the ticker holds one chunk's rows at a time, and
+        the event loop (its lease renewals) runs between chunks."""
+        async with self.engine.connect() as conn:
+            result = await conn.stream(_scheduled_query(_last_slot()).where(jobs.c.enabled)
+                                       .execution_options(yield_per=chunk))
+            async for rows in result.partitions(chunk):
+                with _gc_paused():
+                    yield [(job, row[11]) for row in rows if (job := _scheduled_or_none(row)) is not None]
+
+    async def stream_versions(self, chunk: int = 20000) -> AsyncIterator[builtins.list[tuple[uuid.UUID, int]]]:
+        """(id, version) of every enabled job, `chunk` at a time: the ticker's resync compares
+        these and reloads only the jobs that differ."""
+        async with self.engine.connect() as conn:
+            result = await conn.stream(select(jobs.c.id, jobs.c.version).where(jobs.c.enabled)
+                                       .execution_options(yield_per=chunk))
+            async for rows in result.partitions(chunk):
+                yield [(row[0], row[1]) for row in rows]
+
+    async def void_slots_ahead(self, job_ids: Sequence[uuid.UUID]) -> None:
+        """`void_slots_ahead` on its own: the ticker's, for a change it learnt of after it had
+        queued the job's slot (a write that raced its look-ahead)."""
+        async with self.engine.begin() as conn:
+            await void_slots_ahead(conn, job_ids)
+
     async def get_scheduled(self, job_id: uuid.UUID) -> ScheduledJob | None:
         """One job as the ticker sees it (None if it is gone), after a job_changed event."""
         async with self.engine.connect() as conn:
@@ -344,6 +405,7 @@ class JobStore:
             updates: builtins.list[dict[str, Any]] = []
             targets: builtins.list[tuple[uuid.UUID, str]] = []
             audits: builtins.list[tuple[str, str, dict[str, Any]]] = []
+            voids: builtins.list[uuid.UUID] = []
             for spec in specs:
                 if spec.slug in created:
                     row = created[spec.slug]
@@ -361,7 +423,10 @@ class JobStore:
                 out[spec.slug] = (job_from_dict(updated), "updated")
                 if "output" in change:
                     targets.append((row.id, spec.output.channel))
+                if _stops_or_retimes(row, change):
+                    voids.append(row.id)
                 audits.append(("job.update", spec.slug, change))
+            await void_slots_ahead(conn, voids)
             if updates:
                 await conn.execute(
                     jobs.update().where(jobs.c.id == bindparam("b_id"))
@@ -400,6 +465,8 @@ class JobStore:
             }
             if enabled and not row.enabled:
                 values["enabled_at"] = now
+            if not enabled and row.enabled:
+                await void_slots_ahead(conn, [row.id])
             if enabled:
                 values["paused_at"] = None
             elif row.enabled or row.paused_at is None:
@@ -430,6 +497,7 @@ class JobStore:
             ).first()
             if updated is None:
                 return None
+            await void_slots_ahead(conn, [job_id])
             await record_by(conn, actor, "job.disable", _target(updated.slug),
                             {"enabled": {"from": True, "to": False}, "note": note})
         return job_from_row(updated)
@@ -483,6 +551,8 @@ class JobStore:
         change, values = _replacement(row, spec, utcnow())
         if not change:
             return job_from_row(row), False
+        if _stops_or_retimes(row, change):
+            await void_slots_ahead(conn, [row.id])
         updated = (
             await conn.execute(jobs.update().where(jobs.c.id == row.id).values(**values).returning(jobs))
         ).one()
@@ -526,6 +596,11 @@ def _replacement(row: Row[Any], spec: JobSpec, now: datetime) -> tuple[dict[str,
     elif row.enabled and not spec.enabled:
         values["paused_at"] = now
     return change, values
+
+
+def _stops_or_retimes(row: Row[Any], change: dict[str, Any]) -> bool:
+    """Whether a change to the job means its queued slots are no longer its slots."""
+    return bool(row.enabled and ("enabled" in change or "schedule" in change or "timezone" in change))
 
 
 def _upsert_target() -> Any:

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import logging
 import time
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from uuid import UUID
 
@@ -46,12 +44,16 @@ from kjob.store.database import is_row_error
 from kjob.store.jobs import JobStore, ScheduledJob
 from kjob.store.runs import Deposed, MissedRangeRow, Recorded, RunLedger, SlotRow
 from kjob.telemetry import metrics, tracing
+from kjob.bus import hold
 from kjob.ticker.leader import Leadership
+from kjob.ticker.table import Due, JobTable
 
 log = logging.getLogger(__name__)
 
 #: Slots fired in one ledger batch; a herd of 10,000 goes out in a few batches.
 BATCH_MAX = 2000
+#: Changed jobs read back from the store in one query.
+RELOAD_CHUNK = 5000
 
 
 class TermOver(Deposed):
@@ -61,20 +63,6 @@ class TermOver(Deposed):
 class LedgerUnavailable(Deposed):
     """The ledger could not be written for `ledger_give_up_s`: the term ends (a standby that
     reaches the database may lead), and the node waits before campaigning again."""
-
-
-@dataclass(slots=True)
-class _Entry:
-    job_id: UUID
-    tenant: str
-    slug: str
-    schedule: Schedule
-    tz: str
-    next_slot: datetime | None
-    #: Bumped when the job changes, so stale heap items are skipped instead of searched for.
-    version: int = 0
-    #: The job's `jitter`: each slot is fired (not recorded) up to this much later.
-    jitter: timedelta = timedelta(0)
 
 
 def utcnow() -> datetime:
@@ -97,9 +85,14 @@ class Ticker:
         self.leadership = leadership
         #: The term this ticker fires for, read once: a ticker never writes under a later term.
         self.term = leadership.term if leadership is not None else None
-        self._entries: dict[UUID, _Entry] = {}
-        self._heap: list[tuple[float, int, UUID, int]] = []
-        self._seq = 0
+        self._table = JobTable()
+        #: job id -> fire time (epoch s) of its latest slot queued before it fired: a change
+        #: to such a job voids what it queued. Pruned as the instants pass.
+        self._ahead: dict[UUID, float] = {}
+        self._pruned = 0.0
+        #: Slots are written and published this much before they fire; executors hold each
+        #: message until its instant (kjob.bus.hold).
+        self.lookahead_s = settings.lookahead_ms / 1000
         self._schedules: dict[str, Schedule] = {}  # shared by every job with the same expression
         self._changed: set[UUID] = set()
         self._resync_soon = False
@@ -125,7 +118,7 @@ class Ticker:
                     except Exception as err:
                         log.warning("ticker: resync failed (%s)", err)
                 await self._apply_changes()
-                batch = self._pop_due(time.time())
+                batch = self._pop_due(time.time() + self.lookahead_s)
                 if batch:
                     await self._fire_until_recorded(batch, stop)
                     continue
@@ -143,7 +136,8 @@ class Ticker:
     async def _sleep(self, stop: asyncio.Event) -> None:
         # `_wake` is cleared by `_apply_changes` before it takes the changes, never here: a
         # change that came in meanwhile keeps it set, and this returns at once.
-        delay = (self._heap[0][0] - time.time()) if self._heap else self.settings.resync_s
+        first = self._table.next_fire()
+        delay = (first - self.lookahead_s - time.time()) if first is not None else self.settings.resync_s
         if delay <= 0:
             return
         waiters = [asyncio.create_task(self._wake.wait()), asyncio.create_task(stop.wait())]
@@ -151,32 +145,41 @@ class Ticker:
         for w in waiters:
             w.cancel()
 
-    def _pop_due(self, now_ts: float) -> list[tuple[_Entry, datetime]]:
-        batch: list[tuple[_Entry, datetime]] = []
-        while self._heap and self._heap[0][0] <= now_ts and len(batch) < BATCH_MAX:
-            _, _, job_id, version = heapq.heappop(self._heap)
-            entry = self._entries.get(job_id)
-            if entry is None or entry.version != version or entry.next_slot is None:
-                continue
-            batch.append((entry, entry.next_slot))
-            try:
-                entry.next_slot = entry.schedule.next_slot(entry.next_slot, entry.tz)
-                self._push(entry)
-            except Exception as err:  # a slot beyond the calendar, a zone gone from tzdata
-                self._skip(entry.job_id, f"{entry.tenant}/{entry.slug}", err)
-        return batch
+    def _pop_due(self, until_ts: float) -> list[Due]:
+        return self._table.pop_due(until_ts, BATCH_MAX, self._advance, self._skip)
 
-    async def _fire_until_recorded(self, batch: list[tuple[_Entry, datetime]], stop: asyncio.Event) -> None:
+    def _advance(self, job_id: UUID, schedule: Schedule, tz: str, jitter: timedelta,
+                 slot: datetime) -> tuple[datetime | None, datetime | None]:
+        """The job's slot after `slot`, and when it fires."""
+        next_slot = schedule.next_slot(slot, tz)
+        return next_slot, self._fire_at(job_id, schedule, tz, next_slot, jitter)
+
+    def _fire_at(self, job_id: UUID, schedule: Schedule, tz: str, slot: datetime | None,
+                 jitter: timedelta) -> datetime | None:
+        return None if slot is None else fire_time(job_id, schedule, tz, slot, jitter)
+
+    async def _fire_until_recorded(self, batch: list[Due], stop: asyncio.Event) -> None:
         """Fire a batch, retrying while the ledger is unreachable (a slot is late, not lost),
         up to `ledger_give_up_s`; then the term ends and the next leader settles the slots."""
         rows = [
-            SlotRow(run_id=run_id_for(e.job_id, slot), job_id=e.job_id, tenant=e.tenant, slug=e.slug,
-                    slot=slot, leader_rev=self.fence())
-            for e, slot in batch
+            SlotRow(run_id=run_id_for(d.job_id, d.slot), job_id=d.job_id, tenant=d.tenant, slug=d.slug,
+                    slot=d.slot, leader_rev=self.fence())
+            for d in batch
         ]
         recorded = await self._retry_db(lambda: self._record_rows(rows), stop)
         if recorded is not None:
-            await self._publish([r for r in rows if r.run_id in recorded.new])
+            fire = {r.run_id: d.fire_ts for r, d in zip(rows, batch)}
+            self._note_ahead(batch)
+            await self._publish([r for r in rows if r.run_id in recorded.new], fire_ts=fire)
+
+    def _note_ahead(self, batch: list[Due]) -> None:
+        now_ts = time.time()
+        if now_ts - self._pruned > 1.0:
+            self._ahead = {job_id: ts for job_id, ts in self._ahead.items() if ts > now_ts}
+            self._pruned = now_ts
+        for d in batch:
+            if d.fire_ts > now_ts:
+                self._ahead[d.job_id] = d.fire_ts
 
     async def _record_rows(self, rows: list[SlotRow]) -> Recorded:
         """Write the rows; rows the ledger refuses for good are found by halving the batch,
@@ -203,11 +206,15 @@ class Ticker:
             self._wake.set()
         return recorded
 
-    async def _publish(self, rows: list[SlotRow], republish: bool = False) -> None:
+    async def _publish(self, rows: list[SlotRow], republish: bool = False,
+                       fire_ts: dict[str, float] | None = None) -> None:
         """Publish due runs (`Nats-Msg-Id` = run id) and mark those the stream stored; the rest
-        stay unpublished in the ledger, and the recovery loop publishes them again."""
+        stay unpublished in the ledger, and the recovery loop publishes them again. A run
+        published before it fires says when (kjob.bus.hold): its executor waits until then."""
         outgoing = []
+        now_ts = time.time()
         for r in rows:
+            not_before = (fire_ts or {}).get(r.run_id) or r.slot.timestamp()
             msg = DueRun(run_id=r.run_id, job_id=r.job_id, tenant=r.tenant, slug=r.slug, slot=r.slot,
                          trigger=r.trigger.value, leader_rev=r.leader_rev or 0)
             msg_id = f"{r.run_id}.re{int(time.time())}" if republish else r.run_id
@@ -216,7 +223,8 @@ class Ticker:
                                     trigger=r.trigger.value, republish=republish) as trace_headers:
                 outgoing.append(Outgoing(subject, msg.encode(), {
                     "Nats-Msg-Id": msg_id, names.HDR_RUN_ID: r.run_id, names.HDR_TENANT: r.tenant,
-                    names.HDR_LEADER_REV: str(r.leader_rev or 0), **trace_headers}))
+                    names.HDR_LEADER_REV: str(r.leader_rev or 0), **hold.headers(not_before, now_ts),
+                    **trace_headers}))
         try:
             stored = await publish_acked(self.nc, outgoing)
             acked_at = utcnow()
@@ -242,55 +250,40 @@ class Ticker:
             sched = self._schedules[expr] = Schedule.parse(expr)
         return sched
 
-    def _push(self, entry: _Entry) -> None:
-        if entry.next_slot is not None:
-            self._seq += 1
-            fire_at = fire_time(entry.job_id, entry.schedule, entry.tz, entry.next_slot, entry.jitter)
-            heapq.heappush(self._heap, (fire_at.timestamp(), self._seq, entry.job_id, entry.version))
-
     def _skip(self, job_id: UUID, name: str, err: Exception) -> None:
         """Leave one job out (logged, counted) rather than let it stop the others: its stored
         row or its schedule cannot be computed. A change to the job brings it back."""
         log.error("ticker: job %s is skipped: its slots cannot be computed (%s: %s)", name, type(err).__name__, err)
         metrics.job_skipped("schedule")
-        self._drop(job_id)
+        self._table.drop(job_id)
 
-    def _set(self, job: ScheduledJob, next_slot: datetime | None) -> None:
-        old = self._entries.get(job.id)
-        entry = _Entry(job.id, job.tenant, job.slug, self._schedule(job.schedule), job.timezone, next_slot,
-                       version=(old.version + 1) if old else 0, jitter=job.jitter)
-        self._entries[job.id] = entry
-        self._push(entry)
-
-    def _drop(self, job_id: UUID) -> None:
-        entry = self._entries.pop(job_id, None)
-        if entry is not None:
-            entry.version += 1
+    def _set(self, job: ScheduledJob, schedule: Schedule, next_slot: datetime | None) -> None:
+        self._table.put(job.id, job.tenant, job.slug, schedule, job.timezone, job.version, job.jitter, next_slot,
+                        self._fire_at(job.id, schedule, job.timezone, next_slot, job.jitter))
 
     async def _load(self) -> None:
-        jobs, cursors = await self._retry_db(self._read_all)
+        """Stream every enabled job with its cursor, a chunk at a time (the lease is renewed
+        in between), settle its downtime, and queue its next slot. Jobs that stopped at the
+        same instant with the same schedule and policy (most, after a failover) share one
+        settlement: computing it per job would take minutes for 1,000,000 jobs."""
         now = utcnow()
         rows: list[SlotRow] = []
         ranges: list[MissedRangeRow] = []
-        for job in jobs:
-            try:
-                schedule = self._schedule(job.schedule)
-                settled = self._settle_downtime(job, schedule, _resume_point(job, cursors.get(job.id)), now)
-                next_slot = schedule.next_slot(settled.cursor, job.timezone)
-            except Exception as err:
-                self._skip(job.id, f"{job.tenant}/{job.slug}", err)
-                continue
-            rows.extend(self._row(job, s.slot, s.trigger, RunStatus.scheduled if s.runs else RunStatus.missed, s.reason)
-                        for s in settled.slots)
-            ranges.extend(MissedRangeRow(job_id=job.id, tenant=job.tenant, slug=job.slug, first=r.first, last=r.last,
-                                         count=r.count, exact=r.exact, reason=r.reason, leader_rev=self.fence())
-                          for r in settled.ranges)
-            try:
-                self._set(job, next_slot)
-            except Exception as err:
-                self._skip(job.id, f"{job.tenant}/{job.slug}", err)
-        log.info("ticker: %d enabled jobs loaded, %d downtime slots settled one by one, %d in %d ranges",
-                 len(self._entries), len(rows), sum(r.count for r in ranges), len(ranges))
+        settlements: dict[tuple, tuple[catchup.Settlement, datetime | None]] = {}
+        started = time.monotonic()
+
+        async def load() -> None:
+            self._table = JobTable()
+            rows.clear()
+            ranges.clear()
+            async for chunk in self.jobs.stream_scheduled():
+                self._check_term()
+                for job, last_slot in chunk:
+                    self._load_one(job, last_slot, now, settlements, rows, ranges)
+
+        await self._retry_db(load)
+        log.info("ticker: %d enabled jobs loaded in %.1fs, %d downtime slots settled one by one, %d in %d ranges",
+                 len(self._table), time.monotonic() - started, len(rows), sum(r.count for r in ranges), len(ranges))
         # Ranges first: they are older than the listed slots, and rewriting one is harmless,
         # so a crash in between leaves no slot unaccounted for.
         for i in range(0, len(ranges), BATCH_MAX):
@@ -300,6 +293,35 @@ class Ticker:
             chunk = rows[i : i + BATCH_MAX]
             recorded = await self._retry_db(lambda: self._record_rows(chunk))
             await self._publish([r for r in chunk if r.run_id in recorded.new and r.status is RunStatus.scheduled])
+
+    def _load_one(self, job: ScheduledJob, last_slot: datetime | None, now: datetime, settlements: dict,
+                  rows: list[SlotRow], ranges: list[MissedRangeRow]) -> None:
+        try:
+            schedule = self._schedule(job.schedule)
+            start = _resume_point(job, last_slot)
+            # A jitter makes fire times depend on the job: only jitter-free settlements are shared.
+            key = (job.schedule, job.timezone, start, job.catchup) if not job.jitter else None
+            shared = settlements.get(key) if key is not None else None
+            if shared is None:
+                settled = self._settle_downtime(job, schedule, start, now)
+                shared = (settled, schedule.next_slot(settled.cursor, job.timezone))
+                if key is not None:
+                    settlements[key] = shared
+            else:
+                self._count_settled(job, shared[0])
+            settled, next_slot = shared
+        except Exception as err:
+            self._skip(job.id, f"{job.tenant}/{job.slug}", err)
+            return
+        rows.extend(self._row(job, s.slot, s.trigger, RunStatus.scheduled if s.runs else RunStatus.missed, s.reason)
+                    for s in settled.slots)
+        ranges.extend(MissedRangeRow(job_id=job.id, tenant=job.tenant, slug=job.slug, first=r.first, last=r.last,
+                                     count=r.count, exact=r.exact, reason=r.reason, leader_rev=self.fence())
+                      for r in settled.ranges)
+        try:
+            self._set(job, schedule, next_slot)
+        except Exception as err:
+            self._skip(job.id, f"{job.tenant}/{job.slug}", err)
 
     def fence(self) -> int | None:
         """The term's revision, stamped on every slot and checked by the ledger."""
@@ -318,9 +340,6 @@ class Ticker:
         self._check_term()
         return await self.ledger.record_missed_ranges(ranges, fence=self.fence())
 
-    async def _read_all(self) -> tuple[list[ScheduledJob], dict[UUID, datetime]]:
-        return await self.jobs.list_scheduled(), await self.ledger.last_slots()
-
     def _settle_downtime(self, job: ScheduledJob, schedule: Schedule, start: datetime,
                          now: datetime) -> catchup.Settlement:
         """The job's slots in (start, now] that no ticker fired, by its catch-up rule
@@ -330,6 +349,12 @@ class Ticker:
             schedule, job.timezone, start, now, job.catchup, timedelta(seconds=self.settings.late_grace_s),
             fire_at=lambda slot: fire_time(job.id, schedule, job.timezone, slot, job.jitter),
         )
+        self._count_settled(job, settled)
+        return settled
+
+    def _count_settled(self, job: ScheduledJob, settled: catchup.Settlement) -> None:
+        if not settled.slots and not settled.ranges:
+            return
         for cause in (catchup.OUTSIDE_WINDOW, catchup.BY_POLICY):
             metrics.slots_missed(cause, sum(1 for s in settled.slots if s.cause == cause)
                                  + sum(r.count for r in settled.ranges if r.cause == cause))
@@ -337,7 +362,6 @@ class Ticker:
             log.warning("ticker: job %s/%s missed %d slots before its newest %d; recorded as %d range(s)",
                         job.tenant, job.slug, sum(r.count for r in settled.ranges), len(settled.slots),
                         len(settled.ranges))
-        return settled
 
     def _row(self, job: ScheduledJob, slot: datetime, trigger: Trigger, status: RunStatus, reason: str | None) -> SlotRow:
         return SlotRow(run_id=run_id_for(job.id, slot), job_id=job.id, tenant=job.tenant, slug=job.slug,
@@ -365,42 +389,75 @@ class Ticker:
             return
         changed, self._changed = self._changed, set()
         try:
-            found = await self.jobs.get_scheduled_many(list(changed))
+            await self._reload(list(changed))
         except Exception as err:
             log.warning("ticker: cannot reload %d changed jobs (%s); will retry", len(changed), err)
             self._changed |= changed
-            return
-        now = utcnow()
-        for job_id, job in found.items():
-            self._reconcile(job_id, job, now)
 
-    def _reconcile(self, job_id: UUID, job: ScheduledJob | None, now: datetime) -> None:
-        """Bring one job's entry in line with the store: from now on, never backwards."""
+    async def _reload(self, job_ids: list[UUID]) -> None:
+        """Reconcile these jobs with the store; void the slots this ticker queued ahead for
+        those that stopped or were re-timed (the write voided those it saw: these raced it)."""
+        now = utcnow()
+        voids: list[UUID] = []
+        for i in range(0, len(job_ids), RELOAD_CHUNK):
+            found = await self._read_changed(job_ids[i : i + RELOAD_CHUNK])
+            for job_id, job in found.items():
+                if self._reconcile(job_id, job, now) and self._ahead.get(job_id, 0.0) > now.timestamp():
+                    voids.append(job_id)
+        if voids:
+            await self.jobs.void_slots_ahead(voids)
+
+    async def _read_changed(self, job_ids: list[UUID]) -> dict[UUID, ScheduledJob | None]:
+        if len(job_ids) == 1:  # the common case, one edit: the one-row query
+            return {job_ids[0]: await self.jobs.get_scheduled(job_ids[0])}
+        return await self.jobs.get_scheduled_many(job_ids)
+
+    def _reconcile(self, job_id: UUID, job: ScheduledJob | None, now: datetime) -> bool:
+        """Bring one job's entry in line with the store: from now on, never backwards.
+        True if its queued slots are no longer its own (it went, stopped, or was re-timed)."""
         try:
-            self._reconcile_one(job_id, job, now)
+            return self._reconcile_one(job_id, job, now)
         except Exception as err:
             self._skip(job_id, str(job_id) if job is None else f"{job.tenant}/{job.slug}", err)
+            return True
 
-    def _reconcile_one(self, job_id: UUID, job: ScheduledJob | None, now: datetime) -> None:
+    def _reconcile_one(self, job_id: UUID, job: ScheduledJob | None, now: datetime) -> bool:
         if job is None or not job.enabled:
-            self._drop(job_id)
-            return
-        old = self._entries.get(job_id)
+            return self._table.drop(job_id)
+        old = self._table.get(job_id)
         if old is not None and old.schedule.expr == job.schedule and old.tz == job.timezone:
-            old.tenant, old.slug = job.tenant, job.slug
             if old.jitter != job.jitter:  # same slots, new delays: the pending slot is kept
-                old.jitter, old.version = job.jitter, old.version + 1
-                self._push(old)
-            return
-        self._set(job, self._schedule(job.schedule).next_slot(now, job.timezone))
+                self._set(job, old.schedule, old.next_slot)
+            else:
+                self._table.set_names(job_id, job.tenant, job.slug, job.version)
+            return False
+        schedule = self._schedule(job.schedule)
+        self._set(job, schedule, schedule.next_slot(now, job.timezone))
+        return old is not None
 
     async def resync(self) -> None:
-        """A full reload: the safety net for a job_changed event that was lost."""
-        jobs = {j.id: j for j in await self.jobs.list_scheduled()}
-        now = utcnow()
-        for job_id in set(self._entries) | set(jobs):
-            self._reconcile(job_id, jobs.get(job_id), now)
+        """The safety net for a job_changed event that was lost: every enabled job's version
+        is compared with the one in memory, and only the jobs that differ are reloaded."""
+        differ: list[UUID] = []
+        held = 0  # enabled jobs the table holds: fewer than it has, and some went unannounced
+        async for chunk in self.jobs.stream_versions():
+            for job_id, version in chunk:
+                mine = self._table.version_of(job_id)
+                held += mine is not None
+                if mine != version:
+                    differ.append(job_id)
+        if held < len(self._table):
+            differ.extend(await self._gone())
+        if differ:
+            await self._reload(differ)
         self._wake.set()
+
+    async def _gone(self) -> list[UUID]:
+        """The jobs in memory that are no longer enabled in the store."""
+        enabled: set[UUID] = set()
+        async for chunk in self.jobs.stream_versions():
+            enabled.update(job_id for job_id, _ in chunk)
+        return [job_id for job_id in self._table.ids() if job_id not in enabled]
 
     # -- recovery ---------------------------------------------------------------------------
 

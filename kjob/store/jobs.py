@@ -284,23 +284,33 @@ class JobStore:
 
     async def stream_scheduled(self, chunk: int = 5000) -> AsyncIterator[builtins.list[tuple[ScheduledJob, datetime | None]]]:
         """Every enabled job as the ticker sees it, with its latest slot in the ledger, `chunk`
-        at a time from a server-side cursor: the ticker holds one chunk's rows at a time, and
-        the event loop (its lease renewals) runs between chunks."""
-        async with self.engine.connect() as conn:
-            result = await conn.stream(_scheduled_query(_last_slot()).where(jobs.c.enabled)
-                                       .execution_options(yield_per=chunk))
-            async for rows in result.partitions(chunk):
-                with _gc_paused():
-                    yield [(job, row[11]) for row in rows if (job := _scheduled_or_none(row)) is not None]
+        at a time (by id, one short query each: a cursor over 1,000,000 rows would outlast
+        the statement timeout): the ticker holds one chunk's rows at a time, and the event
+        loop (its lease renewals) runs between chunks."""
+        async for rows in self._pages(_scheduled_query(_last_slot()).where(jobs.c.enabled), chunk):
+            with _gc_paused():
+                yield [(job, row[11]) for row in rows if (job := _scheduled_or_none(row)) is not None]
 
     async def stream_versions(self, chunk: int = 20000) -> AsyncIterator[builtins.list[tuple[uuid.UUID, int]]]:
         """(id, version) of every enabled job, `chunk` at a time: the ticker's resync compares
         these and reloads only the jobs that differ."""
-        async with self.engine.connect() as conn:
-            result = await conn.stream(select(jobs.c.id, jobs.c.version).where(jobs.c.enabled)
-                                       .execution_options(yield_per=chunk))
-            async for rows in result.partitions(chunk):
-                yield [(row[0], row[1]) for row in rows]
+        async for rows in self._pages(select(jobs.c.id, jobs.c.version).where(jobs.c.enabled), chunk):
+            yield [(row[0], row[1]) for row in rows]
+
+    async def _pages(self, query: Select[Any], size: int) -> AsyncIterator[Sequence[Row[Any]]]:
+        """The rows of `query` (whose first column is the job id), `size` at a time, by id."""
+        after: uuid.UUID | None = None
+        while True:
+            page = query.order_by(jobs.c.id).limit(size)
+            if after is not None:
+                page = page.where(jobs.c.id > after)
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(page)).all()
+            if rows:
+                yield rows
+            if len(rows) < size:
+                return
+            after = rows[-1][0]
 
     async def void_slots_ahead(self, job_ids: Sequence[uuid.UUID]) -> None:
         """`void_slots_ahead` on its own: the ticker's, for a change it learnt of after it had

@@ -28,12 +28,17 @@ from datetime import datetime, timezone
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
 from kjob.bus import names
 from kjob.telemetry import metrics
 
 log = logging.getLogger(__name__)
+
+#: A standby tries this long after the lease's expiry it computed: the server's own expiry
+#: of the key and the delivery of the last renewal to the standby differ by about a ms.
+EXPIRY_SLACK_S = 0.01
 
 
 @dataclass
@@ -59,6 +64,8 @@ class Leadership:
         #: The revision this node was elected with: the fencing token of its term.
         self.term: int | None = None
         self._deadline = 0.0
+        #: When a renewal of another node's lease last arrived (monotonic), while standing by.
+        self._renewed_seen: float | None = None
         self._since = ""
         self._kv = None
 
@@ -90,26 +97,63 @@ class Leadership:
         return json.dumps({"node": self.node, "since": self._since or now, "renewed": now}).encode()
 
     async def campaign(self, stop: asyncio.Event) -> bool:
-        """Wait until this node holds the lease (True) or `stop` is set (False)."""
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                kv = await self.bucket()
-                self._since = datetime.now(timezone.utc).isoformat()
-                self.revision = self.term = await self._claim(kv)
-                self._deadline = started + self.ttl_s - self.margin_s
-                log.info("ticker: %s elected leader (revision %d)", self.node, self.revision)
-                metrics.leader_changed(self.node, True)
-                return True
-            except KeyWrongLastSequenceError:
-                pass  # someone leads
-            except Exception as err:  # NATS unreachable, cluster without quorum
-                log.warning("ticker: campaign failed (%s)", err)
-                self._kv = None
-            self.term = None
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.renew_s)
-        return False
+        """Wait until this node holds the lease (True) or `stop` is set (False).
+
+        While another node leads, this one watches the lease's renewals and tries again just
+        after the lease would expire if no renewal came (the key expires a TTL after the
+        last one), and at least every `renew_s`: a leader's death is noticed within a few
+        ms of the expiry, not up to `renew_s` later."""
+        watcher: asyncio.Task | None = None
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    kv = await self.bucket()
+                    self._since = datetime.now(timezone.utc).isoformat()
+                    self.revision = self.term = await self._claim(kv)
+                    self._deadline = started + self.ttl_s - self.margin_s
+                    log.info("ticker: %s elected leader (revision %d)", self.node, self.revision)
+                    metrics.leader_changed(self.node, True)
+                    return True
+                except KeyWrongLastSequenceError:  # someone leads
+                    if watcher is None or watcher.done():
+                        watcher = asyncio.create_task(self._watch_renewals(kv))
+                except Exception as err:  # NATS unreachable, cluster without quorum
+                    log.warning("ticker: campaign failed (%s)", err)
+                    self._kv = None
+                self.term = None
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=self._next_try())
+            return False
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+
+    def _next_try(self) -> float:
+        """Seconds until the next campaign attempt: just past the expiry the renewals seen
+        so far imply, within `renew_s`."""
+        if self._renewed_seen is None:
+            return self.renew_s
+        expiry = self._renewed_seen + self.ttl_s + EXPIRY_SLACK_S - time.monotonic()
+        return min(self.renew_s, max(EXPIRY_SLACK_S, expiry))
+
+    async def _watch_renewals(self, kv) -> None:
+        """Note when each renewal of the lease arrives (another node's)."""
+        self._renewed_seen = time.monotonic()
+        watcher = await kv.watch(names.LEADER_KEY)
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=self.ttl_s * 10)
+                except NatsTimeoutError:
+                    continue
+                if entry is not None:  # None marks the end of the current values
+                    self._renewed_seen = time.monotonic()
+        finally:
+            self._renewed_seen = None
+            with contextlib.suppress(Exception):
+                await watcher.stop()
 
     async def _claim(self, kv) -> int:
         """Create the key, or, after stepping down on a stall, take it back if nobody wrote it

@@ -1,0 +1,79 @@
+"""The look-ahead (`ticker.lookahead_ms`) is invisible to users: a slot the ticker already
+wrote and published ahead of its instant does not run if, before the instant, its job is
+disabled, re-scheduled or deleted through the API; an untouched job's slot starts at its
+instant, not when it was published. Executions are counted by the agents themselves
+(tests/support/recorder.py), outside the product, on a real node with real servers.
+
+Without the voiding of queued slots the three changed jobs would each run the slot: their
+messages are already in the stream when the change is made."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from kjob.model.run import RunStatus, run_id_for
+from tests.faults.ticker.conftest import ledger_rows, node_settings, seconds
+from tests.support.pipeline import create_job, running_node, until
+
+#: Long enough that the changes fit between a slot's publication and its instant on a
+#: loaded machine.
+LOOKAHEAD_MS = 6000
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+async def test_a_job_changed_inside_the_lookahead_does_not_run_the_queued_slot(
+        tmp_path, fresh_nats, database_url, engine, recorder, api):
+    script = recorder.script(seconds=0.05)
+    names = ("keep", "disable", "retime", "delete")
+    jobs = {name: await create_job(engine, slug=name, prompt=script, schedule="@every 10s", overlap="allow")
+            for name in names}
+    async with running_node(node_settings(tmp_path, recorder, lookahead_ms=LOOKAHEAD_MS), fresh_nats.url,
+                            database_url) as node:
+        client = await api(node)
+
+        async def queued() -> datetime | None:
+            """The next slot, once every job has it written and published with 3 s to go."""
+            now, slots = utcnow(), set()
+            for job in jobs.values():
+                ahead = [r for r in await ledger_rows(engine, job.id) if r.published_at and r.slot > now + seconds(3)]
+                if not ahead:
+                    return None
+                slots.add(ahead[0].slot)
+            return slots.pop() if len(slots) == 1 else None
+
+        slot = await until(queued, 40, "a slot of every job queued ahead of its instant")
+        r = await client.post("/v1/jobs/disable/disable", json={})
+        assert r.status_code == 200, r.text
+        r = await client.patch("/v1/jobs/retime", json={"schedule": "@every 7s"})
+        assert r.status_code == 200, r.text
+        r = await client.delete("/v1/jobs/delete")
+        assert r.status_code == 204, r.text
+        assert utcnow() < slot, "the changes took longer than the slot's look-ahead: nothing was tested"
+
+        run_ids = {name: run_id_for(job.id, slot) for name, job in jobs.items()}
+        kept = await until(lambda: _completed(recorder, run_ids["keep"]), 30, "the untouched job's slot to run")
+        # the changed jobs' executions would have started with it
+        await until(lambda: _after(slot + seconds(2)), 10, "two seconds past the slot")
+
+    executed = recorder.by_run()
+    assert [name for name in ("disable", "retime", "delete") if run_ids[name] in executed] == []
+    # the untouched slot started at its instant, though it was published seconds before
+    assert kept.start_wall >= slot.timestamp() - 0.01
+    keep_row = next(r for r in await ledger_rows(engine, jobs["keep"].id) if r.slot == slot)
+    assert keep_row.published_at < slot - seconds(2)
+    for name in ("disable", "retime"):
+        row = next(r for r in await ledger_rows(engine, jobs[name].id) if r.slot == slot)
+        assert row.status == RunStatus.skipped.value and row.reason, (name, row.status)
+    assert await ledger_rows(engine, jobs["delete"].id) == []
+
+
+async def _completed(recorder, run_id: str):
+    done = [e for e in recorder.by_run().get(run_id, []) if e.finished]
+    return done[0] if done else None
+
+
+async def _after(moment: datetime) -> bool:
+    return utcnow() > moment

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 BATCH_MAX = 2000
 #: Changed jobs read back from the store in one query.
 RELOAD_CHUNK = 5000
+#: Jobs loaded between two yields to the event loop: some 10 ms of CPU.
+LOAD_PER_YIELD = 500
 
 
 class TermOver(Deposed):
@@ -277,8 +279,10 @@ class Ticker:
             rows.clear()
             ranges.clear()
             async for chunk in self.jobs.stream_scheduled():
-                self._check_term()
-                for job, last_slot in chunk:
+                for i, (job, last_slot) in enumerate(chunk):
+                    if i % LOAD_PER_YIELD == 0:
+                        self._check_term()
+                        await asyncio.sleep(0)  # the lease's renewals run in between
                     self._load_one(job, last_slot, now, settlements, rows, ranges)
 
         await self._retry_db(load)

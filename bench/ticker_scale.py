@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import re
+import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
@@ -45,7 +46,7 @@ def schedule_of(i: int) -> str:
 
 
 async def insert_jobs(engine, n: int) -> None:
-    """Generated inside PostgreSQL, 100,000 rows a statement (`schedule_of` in SQL): Python
+    """Generated inside PostgreSQL, 20,000 rows a statement (inside the 10 s statement timeout) (`schedule_of` in SQL): Python
     building and sending 1,000,000 rows took minutes here. No dispatch targets: only the
     ticker runs, and it reads none."""
     spec = parse_job({"slug": "x", "prompt": "true", "agent": "shell", "schedule": "@every 1h",
@@ -60,10 +61,13 @@ async def insert_jobs(engine, n: int) -> None:
                {schedule}, 'UTC', 'shell', true, now(), 1, now(), now()
         FROM generate_series(CAST(:first AS int), CAST(:last AS int)) AS i
     """)
-    for first in range(0, n, 100_000):
+    for first in range(0, n, 20_000):
         async with engine.begin() as conn:
             await conn.execute(statement, {"spec": json.dumps(spec), "first": first,
-                                           "last": min(n, first + 100_000) - 1})
+                                           "last": min(n, first + 20_000) - 1})
+    async with engine.connect() as conn:  # as autovacuum would soon after such an insert
+        await conn.execute(text("ANALYZE jobs"))
+        await conn.commit()
 
 
 async def fired_since(engine, since: datetime) -> tuple[int, list[float]]:
@@ -92,6 +96,7 @@ async def main() -> None:
     parser.add_argument("--jobs", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=1, help="ticker starts on the same jobs")
     parser.add_argument("--log", action="store_true", help="print the ticker's log")
+    parser.add_argument("--profile", help="py-spy the ticker from its start; write a raw profile here")
     parser.add_argument("--watch", type=float, default=20, help="seconds of firing judged after the load")
     args = parser.parse_args()
     async with Servers("scale", pg_settings={"max_connections": "200", "shared_buffers": "256MB"}) as s:
@@ -103,6 +108,11 @@ async def main() -> None:
             node = s.process("ticker", f"ticker-{r}", KJOB_LOG_LEVEL="INFO", KJOB_TICKER__RESYNC_S="60")
             t = time.monotonic()
             node.start()
+            spy = None
+            if args.profile:
+                spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-p",
+                                        str(node.proc.pid), "-o", args.profile, "-f", "raw", "-r", "100"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 loaded = await wait_for(lambda: _LOADED.search(node.logs(200_000)), 300, "the load", every=0.1)
             except TimeoutError:
@@ -115,6 +125,9 @@ async def main() -> None:
             fired, lags = await fired_since(s.engine, since)
             expected = FREQUENT / 10 * args.watch
             rss, peak = rss_mb(node.proc.pid), hwm_mb(node.proc.pid)
+            if spy is not None:
+                spy.send_signal(2)
+                spy.wait(30)
             node.stop()
             if args.log:
                 print(node.logs(20_000))

@@ -289,7 +289,8 @@ class JobStore:
         loop (its lease renewals) runs between chunks."""
         async for rows in self._pages(_scheduled_query(_last_slot()).where(jobs.c.enabled), chunk):
             with _gc_paused():
-                yield [(job, row[11]) for row in rows if (job := _scheduled_or_none(row)) is not None]
+                chunk_jobs = [(job, row[11]) for row in rows if (job := _scheduled_or_none(row)) is not None]
+            yield chunk_jobs
 
     async def stream_versions(self, chunk: int = 20000) -> AsyncIterator[builtins.list[tuple[uuid.UUID, int]]]:
         """(id, version) of every enabled job, `chunk` at a time: the ticker's resync compares
@@ -298,19 +299,25 @@ class JobStore:
             yield [(row[0], row[1]) for row in rows]
 
     async def _pages(self, query: Select[Any], size: int) -> AsyncIterator[Sequence[Row[Any]]]:
-        """The rows of `query` (whose first column is the job id), `size` at a time, by id."""
+        """The rows of `query` for enabled jobs (its first column is the job id), `size` at a
+        time, by id: each page's ids first (the primary key's order, cheap whatever the
+        planner knows), then the query for those ids alone, so a per-row subquery runs `size`
+        times per page, never once per job of the table."""
         after: uuid.UUID | None = None
         while True:
-            page = query.order_by(jobs.c.id).limit(size)
+            ids_query = select(jobs.c.id).where(jobs.c.enabled).order_by(jobs.c.id).limit(size)
             if after is not None:
-                page = page.where(jobs.c.id > after)
+                ids_query = ids_query.where(jobs.c.id > after)
             async with self.engine.connect() as conn:
-                rows = (await conn.execute(page)).all()
-            if rows:
+                ids = (await conn.execute(ids_query)).scalars().all()
+                if ids:
+                    rows = (await conn.execute(query.where(jobs.c.id == any_(
+                        bindparam("page", builtins.list(ids), type_=ARRAY(PgUUID)))).order_by(jobs.c.id))).all()
+            if ids:
                 yield rows
-            if len(rows) < size:
+            if len(ids) < size:
                 return
-            after = rows[-1][0]
+            after = ids[-1]
 
     async def void_slots_ahead(self, job_ids: Sequence[uuid.UUID]) -> None:
         """`void_slots_ahead` on its own: the ticker's, for a change it learnt of after it had

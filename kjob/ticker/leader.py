@@ -127,8 +127,8 @@ class Leadership:
             return False
         finally:
             if watcher is not None:
+                # Not awaited: a new leader starts its term now, whatever the unsubscribe takes.
                 watcher.cancel()
-                await asyncio.gather(watcher, return_exceptions=True)
 
     def _next_try(self) -> float:
         """Seconds until the next campaign attempt: just past the expiry the renewals seen
@@ -153,7 +153,7 @@ class Leadership:
         finally:
             self._renewed_seen = None
             with contextlib.suppress(Exception):
-                await watcher.stop()
+                await asyncio.wait_for(watcher.stop(), self.ttl_s)
 
     async def _claim(self, kv) -> int:
         """Create the key, or, after stepping down on a stall, take it back if nobody wrote it

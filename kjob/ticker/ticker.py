@@ -54,8 +54,8 @@ log = logging.getLogger(__name__)
 BATCH_MAX = 2000
 #: Changed jobs read back from the store in one query.
 RELOAD_CHUNK = 5000
-#: Jobs loaded between two yields to the event loop: some 10 ms of CPU.
-LOAD_PER_YIELD = 500
+#: The longest the load holds the event loop at a time: the lease is renewed in between.
+LOAD_SLICE_S = 0.02
 
 
 class TermOver(Deposed):
@@ -278,11 +278,14 @@ class Ticker:
             self._table = JobTable()
             rows.clear()
             ranges.clear()
+            yielded = time.monotonic()
             async for chunk in self.jobs.stream_scheduled():
-                for i, (job, last_slot) in enumerate(chunk):
-                    if i % LOAD_PER_YIELD == 0:
-                        self._check_term()
+                self._check_term()
+                for job, last_slot in chunk:
+                    if time.monotonic() - yielded > LOAD_SLICE_S:
                         await asyncio.sleep(0)  # the lease's renewals run in between
+                        self._check_term()
+                        yielded = time.monotonic()
                     self._load_one(job, last_slot, now, settlements, rows, ranges)
 
         await self._retry_db(load)
@@ -300,6 +303,7 @@ class Ticker:
 
     def _load_one(self, job: ScheduledJob, last_slot: datetime | None, now: datetime, settlements: dict,
                   rows: list[SlotRow], ranges: list[MissedRangeRow]) -> None:
+        late_from = catchup.minus(now, timedelta(seconds=self.settings.late_grace_s))
         try:
             schedule = self._schedule(job.schedule)
             start = _resume_point(job, last_slot)
@@ -307,8 +311,14 @@ class Ticker:
             key = (job.schedule, job.timezone, start, job.catchup) if not job.jitter else None
             shared = settlements.get(key) if key is not None else None
             if shared is None:
-                settled = self._settle_downtime(job, schedule, start, now)
-                shared = (settled, schedule.next_slot(settled.cursor, job.timezone))
+                first = schedule.next_slot(start, job.timezone)
+                if first is None or fire_time(job.id, schedule, job.timezone, first, job.jitter) >= late_from:
+                    # No slot was missed (the common case): nothing to settle, and the first
+                    # slot after the resume point is the next one (one search, not three).
+                    shared = (catchup.Settlement([], [], start), first)
+                else:
+                    settled = self._settle_downtime(job, schedule, start, now)
+                    shared = (settled, schedule.next_slot(settled.cursor, job.timezone))
                 if key is not None:
                     settlements[key] = shared
             else:

@@ -5,6 +5,19 @@ slot written by the old leader -> first slot written by the new one) and any slo
 
 Two `kjob server --roles ticker` processes on an embedded nats-server and PostgreSQL, with
 every-second jobs. Default lease settings (KJOB_TICKER__LEASE_TTL_S, __LEASE_RENEW_S).
+
+Where the takeover goes (last slot written by the old leader -> first by the new one):
+  - 0 to 1 s between the old leader's last write and the kill: the jobs fire once a second,
+    so the leader writes once a second (the look-ahead moves the writes earlier, not apart);
+  - the rest of the lease: the key expires `lease_ttl_s` (1.2 s) after the last renewal,
+    which came 0 to `lease_renew_s` (0.3 s) before the kill: 0.9 to 1.2 s;
+  - the standby's next try: it polled every `lease_renew_s`, so 0 to 0.3 s more; now it
+    watches the renewals and tries 10 ms after the expiry they imply;
+  - election -> first write: the ledger fence, the streaming load, the first batch: tens of
+    ms idle, several hundred on a loaded machine.
+So the kill -> first write line is the lease and what follows it; the takeover line adds the
+phase of the kill. The look-ahead (`lookahead_ms`, 2 s) means a takeover shorter than it
+leaves no slot late: the old leader had already published the slots of the gap.
 """
 
 from __future__ import annotations

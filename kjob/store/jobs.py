@@ -61,7 +61,7 @@ _META = ("id", "tenant", "slug", "enabled", "created_at", "updated_at", "enabled
 
 
 @contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
     """Pause the cycle collector while building many objects that form no cycles.
 
     Building 100,000 jobs would otherwise run it hundreds of times, each pass scanning
@@ -196,7 +196,7 @@ def jobs_from_rows(rows: Sequence[Sequence[Any]]) -> list[Job]:
     shared: dict[tuple[str, str], BaseModel] = {}
     fields_sets: dict[frozenset[str], set[str]] = {}
     built: list[Job] = []
-    with _gc_paused():
+    with gc_paused():
         for row in rows:
             spec: dict[str, Any] = row[len(_META)]  # decoded for this row alone: ours to fill in
             for name, text in zip(names, row[len(_META) + 1:], strict=True):
@@ -279,20 +279,20 @@ class JobStore:
         models would cost the ticker hundreds of MB it never reads."""
         async with self.engine.connect() as conn:
             rows = (await conn.execute(_scheduled_query().where(jobs.c.enabled))).all()
-        with _gc_paused():
+        with gc_paused():
             return [job for job in map(_scheduled_or_none, rows) if job is not None]
 
-    async def stream_scheduled(self, chunk: int = 5000) -> AsyncIterator[builtins.list[tuple[ScheduledJob, datetime | None]]]:
+    async def stream_scheduled(self, chunk: int = 1000) -> AsyncIterator[builtins.list[tuple[ScheduledJob, datetime | None]]]:
         """Every enabled job as the ticker sees it, with its latest slot in the ledger, `chunk`
         at a time (by id, one short query each: a cursor over 1,000,000 rows would outlast
         the statement timeout): the ticker holds one chunk's rows at a time, and the event
         loop (its lease renewals) runs between chunks."""
         async for rows in self._pages(_scheduled_query(_last_slot()).where(jobs.c.enabled), chunk):
-            with _gc_paused():
+            with gc_paused():
                 chunk_jobs = [(job, row[11]) for row in rows if (job := _scheduled_or_none(row)) is not None]
             yield chunk_jobs
 
-    async def stream_versions(self, chunk: int = 20000) -> AsyncIterator[builtins.list[tuple[uuid.UUID, int]]]:
+    async def stream_versions(self, chunk: int = 5000) -> AsyncIterator[builtins.list[tuple[uuid.UUID, int]]]:
         """(id, version) of every enabled job, `chunk` at a time: the ticker's resync compares
         these and reloads only the jobs that differ."""
         async for rows in self._pages(select(jobs.c.id, jobs.c.version).where(jobs.c.enabled), chunk):
@@ -337,7 +337,7 @@ class JobStore:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         found: dict[uuid.UUID, ScheduledJob | None] = dict.fromkeys(job_ids)
-        with _gc_paused():
+        with gc_paused():
             for row in rows:
                 found[row[0]] = _scheduled_or_none(row)
         return found

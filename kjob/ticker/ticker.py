@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from datetime import datetime, timedelta, timezone
@@ -41,7 +42,7 @@ from kjob.model.policies import fire_time
 from kjob.model.run import Run, RunStatus, Trigger, run_id_for
 from kjob.model.schedule import Schedule
 from kjob.store.database import is_row_error
-from kjob.store.jobs import JobStore, ScheduledJob
+from kjob.store.jobs import JobStore, ScheduledJob, gc_paused
 from kjob.store.runs import Deposed, MissedRangeRow, Recorded, RunLedger, SlotRow
 from kjob.telemetry import metrics, tracing
 from kjob.bus import hold
@@ -271,7 +272,8 @@ class Ticker:
         now = utcnow()
         rows: list[SlotRow] = []
         ranges: list[MissedRangeRow] = []
-        settlements: dict[tuple, tuple[catchup.Settlement, datetime | None]] = {}
+        settlements: dict[tuple, tuple[catchup.Settlement, datetime | None, object]] = {}
+        late_from = catchup.minus(now, timedelta(seconds=self.settings.late_grace_s))
         started = time.monotonic()
 
         async def load() -> None:
@@ -286,9 +288,13 @@ class Ticker:
                         await asyncio.sleep(0)  # the lease's renewals run in between
                         self._check_term()
                         yielded = time.monotonic()
-                    self._load_one(job, last_slot, now, settlements, rows, ranges)
+                    self._load_one(job, last_slot, now, late_from, settlements, rows, ranges)
 
-        await self._retry_db(load)
+        # The load builds no cycles; the collector's passes over a growing heap would hold the
+        # event loop (and the lease's renewals) for hundreds of ms at 1,000,000 jobs.
+        with gc_paused():
+            await self._retry_db(load)
+        gc.freeze()  # the table lives as long as the term: later passes need not scan it
         log.info("ticker: %d enabled jobs loaded in %.1fs, %d downtime slots settled one by one, %d in %d ranges",
                  len(self._table), time.monotonic() - started, len(rows), sum(r.count for r in ranges), len(ranges))
         # Ranges first: they are older than the listed slots, and rewriting one is harmless,
@@ -301,41 +307,47 @@ class Ticker:
             recorded = await self._retry_db(lambda: self._record_rows(chunk))
             await self._publish([r for r in chunk if r.run_id in recorded.new and r.status is RunStatus.scheduled])
 
-    def _load_one(self, job: ScheduledJob, last_slot: datetime | None, now: datetime, settlements: dict,
-                  rows: list[SlotRow], ranges: list[MissedRangeRow]) -> None:
-        late_from = catchup.minus(now, timedelta(seconds=self.settings.late_grace_s))
+    def _load_one(self, job: ScheduledJob, last_slot: datetime | None, now: datetime, late_from: datetime,
+                  settlements: dict, rows: list[SlotRow], ranges: list[MissedRangeRow]) -> None:
         try:
             schedule = self._schedule(job.schedule)
             start = _resume_point(job, last_slot)
-            # A jitter makes fire times depend on the job: only jitter-free settlements are shared.
-            key = (job.schedule, job.timezone, start, job.catchup) if not job.jitter else None
+            # A jitter makes fire times depend on the job: only jitter-free settlements are
+            # shared. Equal policies are one object (kjob.store.jobs): its id is the key, and
+            # the value keeps the object alive, so the id is not reused meanwhile.
+            key = (job.schedule, job.timezone, start, id(job.catchup)) if not job.jitter else None
             shared = settlements.get(key) if key is not None else None
             if shared is None:
                 first = schedule.next_slot(start, job.timezone)
                 if first is None or fire_time(job.id, schedule, job.timezone, first, job.jitter) >= late_from:
                     # No slot was missed (the common case): nothing to settle, and the first
                     # slot after the resume point is the next one (one search, not three).
-                    shared = (catchup.Settlement([], [], start), first)
+                    shared = (catchup.Settlement([], [], start), first, job.catchup)
                 else:
                     settled = self._settle_downtime(job, schedule, start, now)
-                    shared = (settled, schedule.next_slot(settled.cursor, job.timezone))
+                    shared = (settled, schedule.next_slot(settled.cursor, job.timezone), job.catchup)
                 if key is not None:
                     settlements[key] = shared
             else:
                 self._count_settled(job, shared[0])
-            settled, next_slot = shared
+            settled, next_slot, _ = shared
         except Exception as err:
             self._skip(job.id, f"{job.tenant}/{job.slug}", err)
             return
+        if settled.slots or settled.ranges:
+            self._settled_rows(job, settled, rows, ranges)
+        try:
+            self._set(job, schedule, next_slot)
+        except Exception as err:
+            self._skip(job.id, f"{job.tenant}/{job.slug}", err)
+
+    def _settled_rows(self, job: ScheduledJob, settled: catchup.Settlement, rows: list[SlotRow],
+                      ranges: list[MissedRangeRow]) -> None:
         rows.extend(self._row(job, s.slot, s.trigger, RunStatus.scheduled if s.runs else RunStatus.missed, s.reason)
                     for s in settled.slots)
         ranges.extend(MissedRangeRow(job_id=job.id, tenant=job.tenant, slug=job.slug, first=r.first, last=r.last,
                                      count=r.count, exact=r.exact, reason=r.reason, leader_rev=self.fence())
                       for r in settled.ranges)
-        try:
-            self._set(job, schedule, next_slot)
-        except Exception as err:
-            self._skip(job.id, f"{job.tenant}/{job.slug}", err)
 
     def fence(self) -> int | None:
         """The term's revision, stamped on every slot and checked by the ledger."""

@@ -282,7 +282,7 @@ class JobStore:
         with gc_paused():
             return [job for job in map(_scheduled_or_none, rows) if job is not None]
 
-    async def stream_scheduled(self, chunk: int = 1000) -> AsyncIterator[builtins.list[tuple[ScheduledJob, datetime | None]]]:
+    async def stream_scheduled(self, chunk: int = 2000) -> AsyncIterator[builtins.list[tuple[ScheduledJob, datetime | None]]]:
         """Every enabled job as the ticker sees it, with its latest slot in the ledger, `chunk`
         at a time (by id, one short query each: a cursor over 1,000,000 rows would outlast
         the statement timeout): the ticker holds one chunk's rows at a time, and the event

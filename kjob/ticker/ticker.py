@@ -93,6 +93,7 @@ class Ticker:
         #: to such a job voids what it queued. Pruned as the instants pass.
         self._ahead: dict[UUID, float] = {}
         self._pruned = 0.0
+        self._loaded = False
         #: Slots are written and published this much before they fire; executors hold each
         #: message until its instant (kjob.bus.hold).
         self.lookahead_s = settings.lookahead_ms / 1000
@@ -295,6 +296,7 @@ class Ticker:
         with gc_paused():
             await self._retry_db(load)
         gc.freeze()  # the table lives as long as the term: later passes need not scan it
+        self._loaded = True
         log.info("ticker: %d enabled jobs loaded in %.1fs, %d downtime slots settled one by one, %d in %d ranges",
                  len(self._table), time.monotonic() - started, len(rows), sum(r.count for r in ranges), len(ranges))
         # Ranges first: they are older than the listed slots, and rewriting one is harmless,
@@ -427,7 +429,11 @@ class Ticker:
         voids: list[UUID] = []
         for i in range(0, len(job_ids), RELOAD_CHUNK):
             found = await self._read_changed(job_ids[i : i + RELOAD_CHUNK])
+            yielded = time.monotonic()
             for job_id, job in found.items():
+                if time.monotonic() - yielded > LOAD_SLICE_S:
+                    await asyncio.sleep(0)
+                    yielded = time.monotonic()
                 if self._reconcile(job_id, job, now) and self._ahead.get(job_id, 0.0) > now.timestamp():
                     voids.append(job_id)
         if voids:
@@ -464,6 +470,8 @@ class Ticker:
     async def resync(self) -> None:
         """The safety net for a job_changed event that was lost: every enabled job's version
         is compared with the one in memory, and only the jobs that differ are reloaded."""
+        if not self._loaded:  # the load reads every job anyway; comparing a half-built table would reload the rest
+            return
         differ: list[UUID] = []
         held = 0  # enabled jobs the table holds: fewer than it has, and some went unannounced
         async for chunk in self.jobs.stream_versions():

@@ -1,7 +1,7 @@
 """Herds at the instant: many jobs due on the same second, and many every ten seconds, with
 the ticker's look-ahead (`ticker.lookahead_ms`) and, for comparison, without it (0).
 
-    .venv/bin/python bench/herd.py [--jobs 10000] [--lookahead-ms 2000,0] [--steady-s 40]
+    .venv/bin/python bench/herd.py [--jobs 10000] [--lookahead-ms 5000,0] [--steady-s 40]
 
 1. herd: N jobs due on second 0 of a minute (`0 * * * * *`). Roles as the issue sets them: a
    `kjob server --roles api,ticker` and a `kjob server --roles executor,dispatcher`, process
@@ -84,7 +84,7 @@ async def steady(s: Servers, n: int, seconds: float, lookahead_ms: int) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=10_000)
-    parser.add_argument("--lookahead-ms", default="2000,0", help="comma-separated; 0 is the behaviour before")
+    parser.add_argument("--lookahead-ms", default="5000,0", help="comma-separated; 0 is the behaviour before")
     parser.add_argument("--steady-s", type=float, default=40)
     parser.add_argument("--scenarios", default="herd,steady")
     args = parser.parse_args()

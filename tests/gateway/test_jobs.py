@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime, timezone
 
@@ -154,3 +155,24 @@ async def test_a_failing_change_hook_does_not_fail_the_write(api: httpx.AsyncCli
     state.on_job_changed = broken
     assert (await api.post("/v1/jobs", json=job_body())).status_code == 201
     assert [j["slug"] for j in (await api.get("/v1/jobs")).json()] == ["weekly-audit"]
+
+
+async def test_a_job_file_larger_than_other_bodies_applies_all_or_nothing(api: httpx.AsyncClient, changes: list) -> None:
+    # Past the 256 KiB every other request is held to (a file of 1,000 jobs was refused with it).
+    jobs = [job_body(f"job-{i}", schedule="@every 1h") for i in range(2000)]
+    assert len(json.dumps({"jobs": jobs})) > 256 * 1024
+    first = await api.post("/v1/jobs:apply", json={"jobs": jobs})
+    assert first.status_code == 200, first.text[:300]
+    assert [r["action"] for r in first.json()["results"]] == ["created"] * 2000
+    assert len(changes) == 2000
+    # One bad job among many changed ones: refused, naming it, and none of the others written.
+    changed = [{**job, "prompt": "v2"} for job in jobs]
+    changed[1234] = {**changed[1234], "schedule": "61 * * * *"}
+    refused = await api.post("/v1/jobs:apply", json={"jobs": changed})
+    assert_error(refused, 422, "jobs.1234.schedule")
+    listed = (await api.get("/v1/jobs")).json()
+    assert len(listed) == 2000 and {j["prompt"] for j in listed} == {jobs[0]["prompt"]}
+    # the other requests keep their limit
+    big = job_body("big", prompt="x" * 1000)
+    response = await api.post("/v1/jobs", json={**big, "labels": {f"k{i}": "v" * 60 for i in range(4000)}})
+    assert_error(response, 413, "body")

@@ -24,6 +24,7 @@ def check_job(
     relay_configured: bool,
     now: datetime,
     previous: JobSpec | None = None,
+    text_checked: bool = False,
 ) -> None:
     """Raise InvalidInput (naming the field) unless this node can run and deliver `spec`.
 
@@ -35,7 +36,8 @@ def check_job(
         cannot deliver to), `schedule` (no future slot), or any text field holding a NUL
         character (PostgreSQL cannot store one).
     """
-    check_storable(spec.model_dump(mode="json"), "")
+    if not text_checked:  # else the caller checked the request's text as a whole
+        check_storable(spec.model_dump(mode="json"), "")
     agents.get(spec.agent)
     channel_kind(spec.output.channel, relay_configured)
     timing_changed = previous is None or (previous.schedule, previous.timezone) != (spec.schedule, spec.timezone)

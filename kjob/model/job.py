@@ -254,6 +254,10 @@ class WorkspaceSpec(_Strict):
         return v
 
 
+#: Validation context key: the text of the input was checked as a whole (kjob.model.text).
+TEXT_CHECKED = "text_checked"
+
+
 class JobSpec(_Strict):
     """A job as its author writes it (RFC section 5)."""
 
@@ -340,12 +344,13 @@ class JobSpec(_Strict):
         return v or _NO_JITTER  # one shared object for the common case: the ticker holds 100,000 jobs
 
     @model_validator(mode="after")
-    def _storable(self) -> "JobSpec":
+    def _storable(self, info: ValidationInfo) -> "JobSpec":
         # What the author wrote; a stored Job was checked when it was written (and the ticker
-        # loads 100,000 of them).
+        # loads 100,000 of them). TEXT_CHECKED in the context: the caller checked the text of
+        # the whole body already (an apply of 10,000 jobs, kjob.gateway.limits).
         if type(self) is not JobSpec:
             return self
-        found = find_bad_text(self.model_dump())
+        found = None if (info.context or {}).get(TEXT_CHECKED) else find_bad_text(self.model_dump())
         if found:
             field, problem = found
             raise PydanticCustomError("unstorable_text", "{problem}", {"problem": problem, "field": field or ""})

@@ -24,7 +24,7 @@ from kjob.gateway.tenant_checks import check_job_for_tenant, check_new_jobs
 from kjob.gateway.limits import MAX_APPLY_JOBS
 from kjob.gateway.validation import check_job, check_storable, check_target
 from kjob.store.usage import UsageStore
-from kjob.model.job import Job, JobSpec, error_from_detail, merge_job
+from kjob.model.job import TEXT_CHECKED, Job, JobSpec, error_from_detail, merge_job
 from kjob.model.run import utc_text
 from kjob.model.schedule import Schedule
 from kjob.model.views import ApplyResult, JobView
@@ -85,13 +85,15 @@ async def _previous(state: GatewayState, tenant: str, slug: str) -> Job | None:
         return None
 
 
-async def _check(state: GatewayState, tenant: str, spec: JobSpec, now: datetime, previous: Job | None = None) -> None:
+async def _check(state: GatewayState, tenant: str, spec: JobSpec, now: datetime, previous: Job | None = None,
+                 text_checked: bool = False) -> None:
     check_job(
         spec,
         agents=state.agents,
         relay_configured=state.relay_configured,
         now=now,
         previous=previous,  # a Job is a JobSpec: no copy (a job file may hold 10,000)
+        text_checked=text_checked,
     )
     await check_job_for_tenant(state, tenant, spec, now, previous)
     await check_target(spec, state.settings.dispatcher.allow_list())
@@ -148,7 +150,8 @@ def _parse_apply(body: bytes) -> list[JobSpec]:
     except RecursionError:
         raise ValueError("nested too deeply") from None
     try:
-        return ApplyRequest.model_validate(data).jobs
+        # BodyLimit checked the whole body's text: not again, job by job.
+        return ApplyRequest.model_validate(data, context={TEXT_CHECKED: True}).jobs
     except ValidationError as err:
         e = error_from_detail(err.errors()[0])
         raise InvalidInput(e.message, e.field or "body") from None
@@ -185,7 +188,7 @@ async def apply_jobs(raw: Request, principal: Editor, state: State) -> Response:
         if i % _CHECKS_PER_YIELD == _CHECKS_PER_YIELD - 1:
             await asyncio.sleep(0)
         try:
-            await _check(state, principal.tenant, spec, now, previous.get(spec.slug))
+            await _check(state, principal.tenant, spec, now, previous.get(spec.slug), text_checked=True)
         except InvalidInput as e:
             raise InvalidInput(
                 f"job {spec.slug!r}: {e.message}", f"jobs.{i}.{e.field}" if e.field else f"jobs.{i}"

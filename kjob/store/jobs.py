@@ -432,8 +432,8 @@ class JobStore:
                     continue
                 row = rows[spec.slug]
                 change, values = _replacement(row, spec, now)
-                if not change:
-                    out[spec.slug] = (job_from_row(row), "unchanged")
+                if not change:  # the spec equals the stored one
+                    out[spec.slug] = (_job_of(spec, row._mapping), "unchanged")
                     continue
                 updated = {**row._mapping, **values}
                 updates.append({"b_id": row.id, **{f"b_{k}": updated[k] for k in _REPLACED}})

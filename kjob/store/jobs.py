@@ -126,12 +126,14 @@ def _last_slot() -> ColumnElement[Any]:
 
 
 #: Slots the ledger holds before their instant (the ticker's look-ahead) whose job a write
-#: stops or re-times: `skipped`, so no executor claims them. Deleting a job deletes its runs.
+#: stops or re-times: they are no slots of the job any more (a disabled job has none, a
+#: re-scheduled one has others), so they go, as if the ticker had not queued them yet. The
+#: executor claims a run only while its row is there and `scheduled`. Deleting a job deletes
+#: its runs.
 _VOID_AHEAD_SQL = """
-UPDATE job_runs SET status = 'skipped', reason = $2, finished_at = now(), delivery_status = 'none'
+DELETE FROM job_runs
 WHERE job_id = ANY($1::uuid[]) AND status = 'scheduled' AND trigger = 'schedule' AND slot > now()
 """
-VOID_REASON = "the job was disabled or re-scheduled after this slot was queued ahead of its instant"
 
 
 async def void_slots_ahead(conn: AsyncConnection, job_ids: Sequence[uuid.UUID]) -> None:
@@ -141,7 +143,7 @@ async def void_slots_ahead(conn: AsyncConnection, job_ids: Sequence[uuid.UUID]) 
     instant always wins over that slot."""
     if job_ids:
         raw = await conn.get_raw_connection()
-        await raw.driver_connection.execute(_VOID_AHEAD_SQL, builtins.list(job_ids), VOID_REASON)
+        await raw.driver_connection.execute(_VOID_AHEAD_SQL, builtins.list(job_ids))
 
 
 @lru_cache(maxsize=1024)

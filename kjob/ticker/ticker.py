@@ -6,9 +6,13 @@ Main loop, top to bottom:
      restart must neither repeat nor drop slots), and settle the downtime by the job's
      catch-up rule (kjob.model.catchup): runs inside the window per policy, every other slot
      `missed` with a reason, one by one or, for a long gap, as a compact range.
-  3. Sleep until the earliest next slot, or until an event wakes it.
-  4. For every job due: write the slot into the ledger (one batch), publish the due messages
-     (pipelined, `Nats-Msg-Id` = run id), mark them published, compute the job's next slot.
+  3. Sleep until `lookahead_ms` before the earliest next slot, or until an event wakes it.
+  4. For every job due within the look-ahead: write the slot into the ledger (one batch),
+     publish the due messages (pipelined, `Nats-Msg-Id` = run id, `Kjob-Not-Before` = when it
+     fires: executors hold it until then, kjob.bus.hold), mark them published, compute the
+     job's next slot. A job changed inside the look-ahead loses its queued slots (the write
+     removes them; the ticker too, for a write that raced its queueing).
+Jobs are held compactly (kjob.ticker.table): 1,000,000 in well under 1 GB.
 A crash between 4's steps loses nothing: the recovery loop re-publishes ledger rows that were
 never published, runs whose executor died, retries that never came back, and published runs
 whose message the stream no longer holds.

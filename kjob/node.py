@@ -93,7 +93,7 @@ class Node:
             # Any role may declare the streams and announce the node (each user may).
             _, js = bus_of(min(self.roles))
             await ensure_streams(js, s.stream_replicas)
-            jobs, ledger = JobStore(engine), RunLedger(engine)
+            jobs, ledger = JobStore(engine, void_ahead=s.ticker.lookahead_ms > 0), RunLedger(engine)
             agents = AgentRegistry.load(s.executor.agents_file)
 
             self._js, self._ledger = js, ledger  # publish_due: the api role's, below, when it runs here

@@ -16,18 +16,28 @@ MAX_HOLD_S = 60.0
 
 
 def headers(not_before_ts: float, now_ts: float) -> dict[str, str]:
-    """The header for a run firing at `not_before_ts` (epoch seconds); none if that is past."""
-    return {names.HDR_NOT_BEFORE: f"{not_before_ts:.6f}"} if not_before_ts > now_ts else {}
+    """The headers for a run firing at `not_before_ts` (epoch seconds, the ticker's clock),
+    published at `now_ts`; none if that is past. Both the instant and the delay go: an
+    executor whose clock differs from the ticker's holds no longer than the delay."""
+    if not_before_ts <= now_ts:
+        return {}
+    return {names.HDR_NOT_BEFORE: f"{not_before_ts:.6f}", names.HDR_HOLD_MS: f"{(not_before_ts - now_ts) * 1000:.0f}"}
 
 
 async def until_instant(msg) -> None:
     """Wait until the due message's instant, if it came early. Call it first in the handler:
-    everything after it (the claim, reading the job) happens at or after the instant."""
-    value = (msg.headers or {}).get(names.HDR_NOT_BEFORE)
+    everything after it (the claim, reading the job) happens at or after the instant.
+
+    The wait is the instant by this node's clock, but never longer than the delay the ticker
+    saw when it published: a node whose clock is behind the ticker's would otherwise hold a
+    run for as long as its clock is behind. A message that waited in the stream (executors
+    busy) is not held again once its instant has passed here."""
+    headers = msg.headers or {}
+    value = headers.get(names.HDR_NOT_BEFORE)
     if not value:
         return
     try:
-        wait = min(float(value) - time.time(), MAX_HOLD_S)
+        wait = min(float(value) - time.time(), float(headers.get(names.HDR_HOLD_MS) or "inf") / 1000, MAX_HOLD_S)
     except ValueError:
         return
     if wait > 0:

@@ -39,6 +39,8 @@ HDR_LEADER_REV = "Kjob-Leader-Rev"
 #: A due run published ahead of its instant (the ticker's look-ahead): epoch seconds before
 #: which no executor starts it (kjob.bus.hold).
 HDR_NOT_BEFORE = "Kjob-Not-Before"
+#: ... and how long before it the ticker published it, ms: the longest an executor holds it.
+HDR_HOLD_MS = "Kjob-Hold-Ms"
 
 
 def run_due(tenant: str) -> str:

@@ -244,8 +244,11 @@ def _target(slug: str) -> str:
 
 
 class JobStore:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, void_ahead: bool = False) -> None:
         self.engine = engine
+        #: Whether the ticker queues slots ahead (`ticker.lookahead_ms` > 0): then a write that
+        #: stops or re-times a job removes its queued slots (`void_slots_ahead`).
+        self.void_ahead = void_ahead
 
     # Reads
 
@@ -442,7 +445,7 @@ class JobStore:
                 out[spec.slug] = (_job_of(spec, updated), "updated")
                 if "output" in change:
                     targets.append((row.id, spec.output.channel))
-                if _stops_or_retimes(row, change):
+                if self.void_ahead and _stops_or_retimes(row, change):
                     voids.append(row.id)
                 audits.append(("job.update", spec.slug, change))
             await void_slots_ahead(conn, voids)
@@ -484,7 +487,7 @@ class JobStore:
             }
             if enabled and not row.enabled:
                 values["enabled_at"] = now
-            if not enabled and row.enabled:
+            if not enabled and row.enabled and self.void_ahead:
                 await void_slots_ahead(conn, [row.id])
             if enabled:
                 values["paused_at"] = None
@@ -516,7 +519,8 @@ class JobStore:
             ).first()
             if updated is None:
                 return None
-            await void_slots_ahead(conn, [job_id])
+            if self.void_ahead:
+                await void_slots_ahead(conn, [job_id])
             await record_by(conn, actor, "job.disable", _target(updated.slug),
                             {"enabled": {"from": True, "to": False}, "note": note})
         return job_from_row(updated)
@@ -570,7 +574,7 @@ class JobStore:
         change, values = _replacement(row, spec, utcnow())
         if not change:
             return job_from_row(row), False
-        if _stops_or_retimes(row, change):
+        if self.void_ahead and _stops_or_retimes(row, change):
             await void_slots_ahead(conn, [row.id])
         updated = (
             await conn.execute(jobs.update().where(jobs.c.id == row.id).values(**values).returning(jobs))

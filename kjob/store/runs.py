@@ -139,14 +139,38 @@ SELECT * FROM fin
 """
 
 
+#: The claim's first statement: the run if it is claimable, its job (read FOR SHARE: a disable
+#: in flight commits first, or waits for this claim) and the job lock, taken before the row
+#: locks. A run changed meanwhile (a duplicate's claim committed while we waited) is re-read as
+#: it is now, and left out if no longer claimable. A lapsed claim is taken over only
+#: `lease / 2` after it lapsed: the owner stopped its agent before the lapse
+#: (kjob.executor.executor.ClaimKeeper), and after a stall of the database this is its time to
+#: renew, or to write the end of an attempt that ran to it, before anyone may run it again.
+#: The database's clock only: claims written from each executor's own clock would let a node
+#: whose clock runs ahead see live claims as expired, and steal them.
+_CLAIM_LOCK_SQL = text("""
+SELECT r.id, r.job_id, r.slot, r.status, r.attempt, r.tenant, r.lost_attempts, r.trigger, j.enabled,
+       j.spec -> 'retries' AS retries, coalesce(r.overlap, j.spec ->> 'overlap', 'skip') AS policy, now() AS db_now,
+       """ + overlap.job_lock_sql("r.job_id") + """ AS locked
+FROM job_runs r JOIN jobs j ON j.id = r.job_id
+WHERE r.id = :run_id AND (
+    r.status = 'scheduled'
+    OR (r.status = 'retrying' AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now()))
+    OR (r.status = 'running' AND r.claim_until < now() - make_interval(secs => CAST(:lease AS float8) / 2)))
+FOR UPDATE OF r FOR SHARE OF j
+""")
+
 #: The claim itself, once the checks passed: the run row, the lost attempt (if any), the new
-#: attempt and the job as it is now, in one round trip.
+#: attempt and the job as it is now, in one round trip. With `:guard` (overlap `skip`, a first
+#: attempt), only if no other run of the job is busy: this statement starts after the job lock
+#: was taken, so it sees every claim of the job before it. No row: one is busy; `settle` decides.
 _CLAIM_SQL = text("""
 WITH claimed AS (
     UPDATE job_runs SET status = 'running', attempt = attempt + 1, lost_attempts = lost_attempts + :lost,
         claimed_by = :executor, claim_until = CAST(:now AS timestamptz) + make_interval(secs => CAST(:lease AS float8)), started_at = :now,
         next_attempt_at = NULL
-    WHERE id = :run_id
+    WHERE id = :run_id AND NOT (CAST(:guard AS bool) AND EXISTS (
+        SELECT 1 FROM job_runs o WHERE o.job_id = job_runs.job_id AND o.id <> :run_id AND """ + overlap.BUSY_SQL + """))
     RETURNING *
 ), lost AS (
     UPDATE run_attempts a SET status = 'lost', finished_at = :now, reason = :reason
@@ -492,37 +516,14 @@ class RunLedger:
         :raises TenantBusy: `max_running` (the tenant's concurrency quota) other runs of the
             tenant are running; nothing changed, so the run can be claimed again later.
         """
-        # The database's clock only: claims written from each executor's own clock would let a
-        # node whose clock runs ahead see live claims as expired, and steal them.
-        now = func.now()
-        claimable = or_(
-            and_(job_runs.c.status == RunStatus.scheduled.value),
-            and_(job_runs.c.status == RunStatus.retrying.value,
-                 or_(job_runs.c.next_attempt_at.is_(None), job_runs.c.next_attempt_at <= now)),
-            # A lapsed claim is taken over only `lease / 2` after it lapsed: the owner stopped its
-            # agent before the lapse (kjob.executor.executor.ClaimKeeper), and after a stall of the
-            # database this is its time to renew, or to write the end of an attempt that ran to it,
-            # before anyone may run the attempt again.
-            and_(job_runs.c.status == RunStatus.running.value,
-                 job_runs.c.claim_until < now - lease / 2),
-        )
         async with self.engine.begin() as conn:
-            policy = await overlap.lock_job(conn, run_id)
-            if policy is None:
-                return None
-            # Under the job lock no other claim holds this row; a heartbeat or mark_published
-            # may, briefly: wait for it rather than skip a run that is ours to start.
-            before = (await conn.execute(
-                select(job_runs.c.id, job_runs.c.job_id, job_runs.c.slot, job_runs.c.status, job_runs.c.attempt,
-                       job_runs.c.tenant, job_runs.c.lost_attempts, jobs.c.spec["retries"].label("retries"),
-                       now.label("db_now"))
-                .select_from(job_runs.join(jobs, jobs.c.id == job_runs.c.job_id))
-                .where(job_runs.c.id == run_id, claimable)
-                .with_for_update(of=job_runs)
-            )).first()
+            # Three statements in the common case: the run, its job and the job lock; the claim
+            # (with the `skip` check in it); the commit. The other policies' checks, a quota and
+            # a busy job take the longer way (kjob.store.overlap.settle).
+            before = (await conn.execute(_CLAIM_LOCK_SQL, dict(run_id=run_id, lease=lease.total_seconds()))).first()
             if before is None:
-                return None
-            now = before.db_now
+                return None  # no such run, or not ours to run (done, owned, early)
+            now, policy = before.db_now, before.policy
             lost = before.status == RunStatus.running.value
             if lost and not should_retry(RunStatus.lost, before.attempt, before.lost_attempts + 1,
                                          RetryPolicy.model_validate(before.retries or {})):
@@ -531,15 +532,24 @@ class RunLedger:
                 row = (await conn.execute(_GIVE_UP_SQL, dict(
                     run_id=run_id, now=now, reason=reason, lost_reason=LOST_REASON))).one()
                 return GaveUp(run=_run(row))
-            held = await overlap.refuse_if_disabled(conn, before, now) or await overlap.settle(conn, before, policy, run_id, now)
-            if held is not None:
-                return held
+            first = before.status == RunStatus.scheduled.value
+            if first and overlap.disabled_slot(before.enabled, before.trigger):
+                return await overlap.skip_disabled(conn, run_id, now)
+            guard = first and policy == "skip" and max_running is None
+            if first and not guard:
+                held = await overlap.settle(conn, before, policy, run_id, now)
+                if held is not None:
+                    return held
             if max_running is not None:
                 await check_running(conn, before.tenant, run_id, max_running)
-            row = (await conn.execute(_CLAIM_SQL, dict(
-                run_id=run_id, executor=executor, lost=1 if lost else 0, lease=lease.total_seconds(), now=now,
-                reason=LOST_REASON,
-            ))).one()
+            params = dict(run_id=run_id, executor=executor, lost=1 if lost else 0, lease=lease.total_seconds(),
+                          now=now, reason=LOST_REASON)
+            row = (await conn.execute(_CLAIM_SQL, dict(params, guard=guard))).first()
+            if row is None:  # another run of the `skip` job is busy (or stopping): settle it
+                held = await overlap.settle(conn, before, policy, run_id, now)
+                if held is not None:
+                    return held
+                row = (await conn.execute(_CLAIM_SQL, dict(params, guard=False))).one()
         mapping = dict(row._mapping)
         job = json.loads(mapping.pop("job"))
         return Claimed(run=Run.model_validate(mapping), job=job_from_dict(job), previous_lost=lost)

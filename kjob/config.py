@@ -28,6 +28,11 @@ def config_file() -> Path:
 
 class ExecutorSettings(BaseModel):
     concurrency: int = Field(default=8, ge=1, description="runs in flight per node")
+    processes: int = Field(
+        default=1, ge=1, le=64,
+        description="executor processes per node, sharing `concurrency`: more than one uses more cores; "
+        "each extra one claims as `<node name>.<n>`",
+    )
     agents_file: Path | None = Field(default=None, description="TOML agent registry; built-ins when unset")
     output_cap_bytes: int = Field(default=1_048_576, ge=1024, description="stdout+stderr kept per attempt")
     heartbeat_s: float = Field(default=5.0, gt=0, description="claim and ack-wait renewal period")

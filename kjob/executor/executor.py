@@ -50,7 +50,7 @@ from kjob.model.policies import defer_delay
 from kjob.store.database import is_transient
 from kjob.store.runs import Claimed, Deferred, GaveUp, RunLedger, Skipped
 from kjob.store.secrets import SecretStore
-from kjob.store.usage import UsageStore
+from kjob.store.usage import UsageStore, usage_row
 from kjob.telemetry import metrics, tracing
 from kjob.telemetry.logging import agent_output
 
@@ -215,13 +215,16 @@ class Executor:
         agent_run = self._agent_run(job)
         try:
             outcome = await self._run_sandbox(claimed, claim, agent_run)
+            usage = None
             if agent_run is not None:  # what the agent said: its answer, verdict and usage
                 report = agent_run.report()
-                with contextlib.suppress(Exception):  # usage is bookkeeping; the run's end matters more
-                    await self.usage.record(run_id=run.id, attempt=run.attempt, tenant=job.tenant, job_id=job.id,
-                                            agent=job.agent, report=report)
-                    metrics.agent_usage(job.tenant, job.slug, job.agent, report.usage)
+                metrics.agent_usage(job.tenant, job.slug, job.agent, report.usage)
+                usage = usage_row(tenant=job.tenant, job_id=job.id, agent=job.agent, report=report)
             if outcome is None:
+                if agent_run is not None:  # no end to write it with: the tokens were spent all the same
+                    with contextlib.suppress(Exception):  # usage is bookkeeping
+                        await self.usage.record(run_id=run.id, attempt=run.attempt, tenant=job.tenant,
+                                                job_id=job.id, agent=job.agent, report=report)
                 await self._claim_lost(run, job, msg, claim)
                 return
             status = attempt_status(outcome.exit_code, outcome.timed_out, outcome.start_error)
@@ -241,6 +244,7 @@ class Executor:
             finished = await self._record_end(run, dict(
                 status=status, exit_code=outcome.exit_code, reason=reason, output=outcome.output,
                 output_bytes=outcome.output_bytes, dropped_bytes=outcome.dropped_bytes, retry_in_s=retry_in,
+                usage=usage,  # in the same statement as the end: one round trip
             ))
         finally:
             self.watchdog.disarm(claim.key)

@@ -37,6 +37,7 @@ from kjob.store.jobs import job_from_dict
 from kjob.store.quotas import check_running
 from kjob.store import overlap
 from kjob.store.overlap import Deferred, Skipped
+from kjob.store.usage import USAGE_COLUMNS
 from kjob.store.tables import job_dispatch_targets, job_runs, jobs, missed_ranges, run_attempts, run_logs
 
 OPEN = (RunStatus.scheduled.value, RunStatus.running.value, RunStatus.retrying.value)
@@ -137,6 +138,17 @@ WITH fin AS (
 )
 SELECT * FROM fin
 """
+
+#: With the attempt's end, what its agent reported (kjob.store.usage), in the same statement:
+#: the dispatcher, which only sees a run after its end, finds the answer it sends. Written
+#: whether or not the claim still held: the tokens were spent all the same.
+_FINISH_WITH_USAGE_SQL = _FINISH_SQL.replace("SELECT * FROM fin", """, usage AS (
+    INSERT INTO run_usage (run_id, attempt, """ + ", ".join(c for c, _ in USAGE_COLUMNS) + """)
+    SELECT $1, $3, """ + ", ".join(f"${14 + i}::{t}" for i, (_, t) in enumerate(USAGE_COLUMNS)) + """
+    WHERE EXISTS (SELECT 1 FROM job_runs WHERE id = $1)
+    ON CONFLICT (run_id, attempt) DO UPDATE SET """ + ", ".join(f"{c} = EXCLUDED.{c}" for c, _ in USAGE_COLUMNS) + """
+)
+SELECT * FROM fin""")
 
 
 #: The claim's first statement: the run if it is claimable, its job (read FOR SHARE: a disable
@@ -610,19 +622,23 @@ class RunLedger:
         output_bytes: int,
         dropped_bytes: int,
         retry_in_s: float | None,
+        usage: dict | None = None,
         excerpt_chars: int = 4000,
     ) -> Run | None:
         """Record the attempt's end, if our claim still holds. None: it did not (someone else
         owns the run now, so this attempt's result is void and must not be reported).
-        `retry_in_s`: the run is tried again this long after the database's now."""
+        `retry_in_s`: the run is tried again this long after the database's now. `usage`: what
+        the agent reported (kjob.store.usage.usage_row), written in the same statement."""
         run_status = RunStatus.retrying if retry_in_s is not None else status
         error = reason if status is not RunStatus.succeeded else None
         # One statement, outside an explicit transaction: the run, its attempt and its log change
         # together or not at all, in one round trip (this is on every run's path).
         async with raw_connection(self.engine) as raw:
             record = await raw.fetchrow(
-                _FINISH_SQL, run_id, executor, attempt, run_status.value, exit_code, error, reason,
+                _FINISH_SQL if usage is None else _FINISH_WITH_USAGE_SQL,
+                run_id, executor, attempt, run_status.value, exit_code, error, reason,
                 output[:excerpt_chars], output_bytes, retry_in_s, status.value, output, dropped_bytes,
+                *([] if usage is None else [usage[c] for c, _ in USAGE_COLUMNS]),
             )
         return None if record is None else Run.model_validate(dict(record))
 

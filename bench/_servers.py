@@ -1,43 +1,117 @@
-"""What the benchmarks share to run kjob as a user does: embedded nats-server and PostgreSQL,
-`kjob server` processes per role group, an admin token, `kjob apply -f` of generated job files,
-and the CPU each process spent (its own, not its children's: a sandbox's CPU is not kjob's).
+"""Shared pieces of the benchmarks: embedded nats-server and PostgreSQL, `kjob server`
+processes (tests.support.nodes.SchedulerProcess) with their API URL, and a token.
+
+    async with Servers("apply") as s:
+        node = await s.node("api,ticker", "api-1")
+        token = await s.token("bench")
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
-import subprocess
+import re
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-
-import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kjob.embedded._process import free_port  # noqa: E402
-from tests.support.nodes import KJOB, SchedulerProcess  # noqa: E402
+from kjob.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
+from kjob.store.database import create_engine, migrate  # noqa: E402
+from kjob.store.tokens import TokenStore  # noqa: E402
+from tests.support.nodes import SchedulerProcess  # noqa: E402
+
+_API_AT = re.compile(r"API at (http://\S+)")
+
+
+def rss_mb(pid: int) -> float:
+    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if row.startswith("VmRSS:"):
+            return int(row.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def wait_for(check, timeout: float, what: str, every: float = 0.05):
+    """`await check()` until it is truthy; its value. TimeoutError naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(every)
+    raise TimeoutError(f"{what}: not within {timeout:.0f}s")
+
+
+class Servers:
+    """A temp dir, a nats-server, a PostgreSQL with a migrated database `name`, an engine, and
+    the nodes started through `node()` (all stopped at exit)."""
+
+    def __init__(self, name: str, *, pg_settings: dict[str, str] | None = None) -> None:
+        self.name, self.pg_settings = name, pg_settings or {"max_connections": "200"}
+        self.nodes: list[SchedulerProcess] = []
+
+    async def __aenter__(self) -> "Servers":
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"kjob-{self.name}-")
+        self.base = Path(self._tmp.name)
+        os.chmod(self.base, 0o755)
+        self.nats = EmbeddedNats(self.base / "nats").start()
+        self.pg = EmbeddedPostgres(self.base / "pg", durable=False, settings=self.pg_settings).start()
+        self.db_url = self.pg.ensure_database(self.name)
+        self.engine = create_engine(self.db_url)
+        await migrate(self.engine)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for node in self.nodes:
+            node.stop()
+        await self.engine.dispose()
+        self.nats.stop()
+        self.pg.stop()
+        self._tmp.cleanup()
+
+    def env(self, **more: str) -> dict[str, str]:
+        return {"KJOB_NATS_URL": self.nats.url, "KJOB_DATABASE_URL": self.db_url, "KJOB_LOG_LEVEL": "WARNING", **more}
+
+    def process(self, roles: str, name: str, **env: str) -> SchedulerProcess:
+        """A `kjob server` process, not started yet (stopped at exit)."""
+        node = SchedulerProcess(name, self.base, self.env(**env), roles=roles)
+        self.nodes.append(node)
+        return node
+
+    async def node(self, roles: str, name: str, timeout: float = 60, **env: str) -> SchedulerProcess:
+        """A started `kjob server` process; with the api role, once it serves (`node.api_url`)."""
+        node = self.process(roles, name, **env).start()
+        node.api_url = None
+        if "api" in roles.split(","):
+            found = await wait_for(lambda: _API_AT.search(node.logs(100_000)), timeout, f"{name}'s API")
+            node.api_url = found[1]
+        return node
+
+    async def token(self, tenant: str, role: str = "admin") -> str:
+        _, secret = await TokenStore(self.engine).create(tenant, role, "bench")
+        return secret
+
+
+# -- CPU per process, and job files for `kjob apply` (bench/fastpath.py) ----------------------
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def own_cpu_s(pid: int) -> float:
-    """utime + stime of `pid` alone, in seconds (0 once it is gone)."""
+def _stat(pid: int) -> list[str] | None:
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # stat fields 14 and 15
-
-
-def reaped_cpu_s(pid: int) -> float:
-    """cutime + cstime of `pid`: what its children that ended and were reaped spent."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
+        return None
 
 
 def children(pid: int) -> list[int]:
@@ -51,18 +125,40 @@ def children(pid: int) -> list[int]:
 
 
 def server_cpu_s(pid: int) -> float:
-    """A server and its worker processes (PostgreSQL's backends): the live ones' own CPU plus
-    what the ended ones left in the postmaster's reaped counters."""
-    return own_cpu_s(pid) + reaped_cpu_s(pid) + sum(own_cpu_s(c) for c in children(pid))
+    """A server and its worker processes (PostgreSQL's backends): the live ones' own CPU, plus
+    what the ended ones left in the server's counters of reaped children (stat fields 16, 17)."""
+    fields = _stat(pid)
+    if fields is None:
+        return 0.0
+    reaped = (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
+    return cpu_s(pid) + reaped + sum(own_cpu_s(c) for c in children(pid))
 
 
-@dataclass
+def own_cpu_s(pid: int) -> float:
+    """`cpu_s`, 0 once the process is gone."""
+    return cpu_s(pid) if _stat(pid) is not None else 0.0
+
+
+def kjob_cpu_s(pid: int) -> float:
+    """A `kjob server` process and the kjob processes it started (`executor.processes`), each
+    its own CPU only: the sandboxes below them are not counted (their CPU is the agents')."""
+    total = own_cpu_s(pid)
+    for child in children(pid):
+        try:
+            comm = Path(f"/proc/{child}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm.startswith(("kjob", "python")):
+            total += kjob_cpu_s(child)
+    return total
+
+
 class CpuMeter:
-    """CPU seconds per named process between `start()` and `stop()`."""
+    """CPU seconds of each named probe between `start()` and `stop()`."""
 
-    probes: dict[str, callable] = field(default_factory=dict)
-    _at: dict[str, float] = field(default_factory=dict)
-    spent: dict[str, float] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self.probes: dict = {}
+        self._at: dict[str, float] = {}
 
     def add(self, name: str, probe) -> None:
         self.probes[name] = probe
@@ -71,74 +167,12 @@ class CpuMeter:
         self._at = {name: probe() for name, probe in self.probes.items()}
 
     def stop(self) -> dict[str, float]:
-        self.spent = {name: probe() - self._at[name] for name, probe in self.probes.items()}
-        return self.spent
-
-
-class KjobServers:
-    """`kjob server` processes on one NATS and database, one per role group; the first group
-    with `api` serves the API on a port of its own, reachable with `admin_token()`."""
-
-    def __init__(self, base: Path, nats_url: str, db_url: str, groups: list[str], env: dict[str, str]) -> None:
-        self.base, self.db_url = base, db_url
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        common = {"KJOB_NATS_URL": nats_url, "KJOB_DATABASE_URL": db_url, "KJOB_LOG_LEVEL": "WARNING",
-                  "KJOB_EXECUTOR__SANDBOXES": '["process"]', **env}
-        self.nodes = [SchedulerProcess(f"node-{i}-{roles.replace(',', '-')}", base,
-                                       {**common, "KJOB_PORT": str(self.port)}, roles=roles)
-                      for i, roles in enumerate(groups)]
-        self.token = ""
-
-    def start(self, timeout: float = 60.0) -> "KjobServers":
-        for node in self.nodes:
-            node.start()
-        if any("api" in n.roles for n in self.nodes):
-            deadline = time.monotonic() + timeout
-            while True:
-                for node in self.nodes:
-                    assert node.proc.poll() is None, f"{node.name} exited: {node.logs()}"
-                try:
-                    if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, f"the API did not answer in {timeout:.0f}s"
-                time.sleep(0.1)
-        return self
-
-    def admin_token(self) -> str:
-        token_file = self.base / "admin.token"
-        self.cli("db", "admin-token", "-f", str(token_file))
-        self.token = token_file.read_text().strip()
-        return self.token
-
-    def cli(self, *args: str) -> str:
-        """Run the `kjob` CLI against these servers, as a user would; its stdout."""
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("KJOB_")},
-               "KJOB_HOME": str(self.base / "cli-home"), "KJOB_DATABASE_URL": self.db_url,
-               "KJOB_API_URL": self.url, "KJOB_TOKEN": self.token}
-        done = subprocess.run([KJOB, *args], env=env, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"kjob {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}")
-        return done.stdout
-
-    def apply(self, toml_files: list[Path]) -> None:
-        for path in toml_files:
-            self.cli("apply", "-f", str(path), "-o", "json")
-
-    def pids(self) -> dict[str, int]:
-        return {n.roles: n.proc.pid for n in self.nodes if n.proc is not None}
-
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
+        return {name: probe() - self._at[name] for name, probe in self.probes.items()}
 
 
 def job_files(base: Path, specs: list[dict], per_file: int) -> list[Path]:
-    """`[[job]]` TOML files of at most `per_file` jobs each (the API's body limit). A spec is
-    flat but for one level of tables (`sandbox = {...}`); strings are JSON-quoted, which TOML
-    reads as its basic strings."""
+    """`[[job]]` TOML files of at most `per_file` jobs each. A spec is flat but for one level
+    of tables (`sandbox = {...}`); strings are JSON-quoted, which TOML reads as basic strings."""
     import json
 
     def value(v) -> str:
@@ -154,3 +188,17 @@ def job_files(base: Path, specs: list[dict], per_file: int) -> list[Path]:
                                 for spec in specs[start:start + per_file]))
         files.append(path)
     return files
+
+
+def kjob_cli(*args: str, api_url: str, token: str, home: Path) -> str:
+    """The `kjob` CLI against a running API, as a user runs it; its stdout."""
+    import subprocess
+
+    from tests.support.nodes import KJOB
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("KJOB_")},
+           "KJOB_HOME": str(home), "KJOB_API_URL": api_url, "KJOB_TOKEN": token}
+    done = subprocess.run([KJOB, *args], env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"kjob {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout

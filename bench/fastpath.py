@@ -5,7 +5,7 @@
     .venv/bin/python bench/fastpath.py --jobs 3000       # offered load above the spawn rate: capacity
     .venv/bin/python bench/fastpath.py --pg-stats --profile /tmp/prof   # where the time goes
 
-Embedded nats-server and PostgreSQL (durable, as `kjob up`); the roles as two `kjob server`
+Embedded nats-server and PostgreSQL (bench/_servers.py: fsync off, as the other benches); the roles as two `kjob server`
 processes (`api,ticker` and `executor,dispatcher`, `--groups` to change); the jobs added with
 `kjob apply -f` of files of `--per-file` jobs; the built-in `shell` agent running `true` in the
 process sandbox (bubblewrap), output `none`, every other setting at its default (`--env
@@ -20,7 +20,7 @@ KEY=VALUE` to change one). After `--warmup` seconds, `--seconds` are judged:
   processes are not counted (they are the executor's children: their CPU is not the
   executor's own);
 - the raw spawn rate of the same launcher (the sandbox's own chain, `prlimit ... setpriv ...
-  bwrap <its flags> -- /bin/sh -c true`, 64 in flight from asyncio) for `--spawn-s` before the
+  bwrap <its flags, its status fd> -- /bin/sh -c true`, 64 in flight from asyncio) for `--spawn-s` before the
   servers start and again after they stopped, and runs/s over it.
 
 Where a run's time went (py-spy and pg_stat_statements, 1,000 jobs, 2 cores shared with other
@@ -35,7 +35,6 @@ import asyncio
 import os
 import resource
 import sys
-import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -45,32 +44,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sqlalchemy import text  # noqa: E402
 
-from _servers import CpuMeter, KjobServers, job_files, own_cpu_s, children, server_cpu_s  # noqa: E402
+from _servers import CpuMeter, Servers, job_files, kjob_cli, kjob_cpu_s, server_cpu_s  # noqa: E402
 from pipeline import line, pct  # noqa: E402
 from kjob.config import Settings  # noqa: E402
-from kjob.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from kjob.executor.agents import AgentRegistry  # noqa: E402
 from kjob.executor.sandbox import Launch, make_sandboxes  # noqa: E402
 from kjob.executor.sandbox.process import LAUNCHER_ENV, _environment  # noqa: E402
 from kjob.model.job import parse_job  # noqa: E402
-from kjob.store.database import create_engine, migrate  # noqa: E402
 
 SPAWN_IN_FLIGHT = 64
 PG_STATS = {"shared_preload_libraries": "pg_stat_statements", "pg_stat_statements.track": "all"}
-
-
-def kjob_cpu_s(pid: int) -> float:
-    """A `kjob server` process and the kjob processes it started (executor processes), each
-    its own CPU only: the sandboxes below them are not counted."""
-    total = own_cpu_s(pid)
-    for child in children(pid):
-        try:
-            comm = Path(f"/proc/{child}/comm").read_text().strip()
-        except OSError:
-            continue
-        if comm.startswith(("kjob", "python")):
-            total += kjob_cpu_s(child)
-    return total
 
 
 def job_specs(n: int) -> list[dict]:
@@ -101,16 +84,23 @@ async def spawn_rate(home: Path, seconds: float) -> tuple[float, float]:
                             env=env, spec=job.sandbox, timeout=job.timeout, output_cap_bytes=1 << 20,
                             work_root=home)
             uid = sandbox._uids.take() if sandbox._uids is not None else None  # noqa: SLF001
+            status = os.pipe()  # as the executor's: bwrap reports the agent's exit code on it
             try:
                 with sandbox._launcher(workdir, network="none", uid=uid, env=_environment(launch, workdir),  # noqa: SLF001
-                                       program=["/bin/sh", *argv[1:]], limits=sandbox._limits(launch)) as (cmd, fds):  # noqa: SLF001
+                                       program=["/bin/sh", *argv[1:]], limits=sandbox._limits(launch),  # noqa: SLF001
+                                       status_fd=status[1]) as (cmd, fds):
                     proc = await asyncio.create_subprocess_exec(
                         *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                         stderr=asyncio.subprocess.PIPE, cwd="/", env=LAUNCHER_ENV, start_new_session=True,
                         pass_fds=fds)
+                os.close(status[1])
+                status = (status[0], -1)
                 await proc.communicate()
                 assert proc.returncode == 0, f"the launcher exited {proc.returncode}"
             finally:
+                for fd in status:
+                    if fd >= 0:
+                        os.close(fd)
                 if uid is not None:
                     sandbox._uids.give(uid)  # noqa: SLF001
             done += 1
@@ -180,69 +170,58 @@ async def main() -> None:
     parser.add_argument("--profile", type=Path, help="py-spy each kjob process over the window into this dir")
     args = parser.parse_args()
     env = dict(e.split("=", 1) for e in args.env)
-    with tempfile.TemporaryDirectory(prefix="kjob-fastpath-") as tmp:
-        base = Path(tmp)
-        os.chmod(base, 0o755)
-        nats = EmbeddedNats(base / "nats").start()
-        pg = EmbeddedPostgres(base / "pg", settings=PG_STATS if args.pg_stats else None).start()
-        servers = None
-        try:
-            db_url = pg.ensure_database("kjob")
-            engine = create_engine(db_url)
-            await migrate(engine)
-            if args.pg_stats:
-                async with engine.begin() as conn:
-                    await conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
-            print(f"kjob fast path: {args.jobs} jobs every 10 s ({args.jobs / 10:.0f} slots/s), groups "
-                  f"{args.groups!r}, env {env or 'defaults'}; {load()}", flush=True)
-            spawn_before = await spawn_rate(base / "spawn", args.spawn_s)
-            servers = KjobServers(base / "servers", nats.url, db_url, args.groups.split(";"), env).start()
-            servers.admin_token()
-            files = job_files(base / "jobfiles", job_specs(args.jobs), args.per_file)
-            t = time.monotonic()
-            servers.apply(files)
-            applied_s = time.monotonic() - t
-            await asyncio.sleep(args.warmup)
-            meter = CpuMeter()
-            for roles, pid in servers.pids().items():
-                meter.add(f"kjob {roles}", lambda pid=pid: kjob_cpu_s(pid))
-            meter.add("nats-server", lambda: server_cpu_s(nats.pid))
-            meter.add("postgresql", lambda: server_cpu_s(pg.pid))
-            now = datetime.now(timezone.utc)
-            w0 = now.replace(microsecond=0) + timedelta(seconds=1)
-            await asyncio.sleep((w0 - now).total_seconds())
-            meter.start()
-            if args.pg_stats:
-                async with engine.begin() as conn:
-                    await conn.execute(text("SELECT pg_stat_statements_reset()"))
-            profilers = []
-            if args.profile:
-                args.profile.mkdir(parents=True, exist_ok=True)
-                py_spy = str(Path(sys.executable).with_name("py-spy"))
-                profilers = [await asyncio.create_subprocess_exec(
-                    py_spy, "record", "--nonblocking", "--subprocesses", "-r", "40", "-d", str(int(args.seconds)), "-f", "raw",
-                    "-o", str(args.profile / f"{roles.replace(',', '-')}.txt"), "-p", str(pid),
-                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-                    for roles, pid in servers.pids().items()]
-            await asyncio.sleep(args.seconds)
-            spent = meter.stop()
-            w1 = w0 + timedelta(seconds=args.seconds)
-            checked = datetime.now(timezone.utc)
-            figures = await ledger_figures(engine, args.jobs, w0, w1, checked)
-            if args.pg_stats:
-                await pg_statements(engine, figures["finished"])
-            for p in profilers:
-                await p.wait()
-            load_during = load()
-            servers.stop()
-            servers = None
-            spawn_after = await spawn_rate(base / "spawn", args.spawn_s)
-            await engine.dispose()
-        finally:
-            if servers is not None:
-                servers.stop()
-            nats.stop()
-            pg.stop()
+    pg_settings = {"max_connections": "200", **(PG_STATS if args.pg_stats else {})}
+    async with Servers("fastpath", pg_settings=pg_settings) as s:
+        engine, base = s.engine, s.base
+        if args.pg_stats:
+            async with engine.begin() as conn:
+                await conn.execute(text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
+        print(f"kjob fast path: {args.jobs} jobs every 10 s ({args.jobs / 10:.0f} slots/s), groups "
+              f"{args.groups!r}, env {env or 'defaults'}; {load()}", flush=True)
+        spawn_before = await spawn_rate(base / "spawn", args.spawn_s)
+        nodes = [await s.node(roles, f"node-{i}", **{"KJOB_EXECUTOR__SANDBOXES": '["process"]', **env})
+                 for i, roles in enumerate(args.groups.split(";"))]
+        api_url = next(n.api_url for n in nodes if n.api_url)
+        token = await s.token("bench")
+        files = job_files(base / "jobfiles", job_specs(args.jobs), args.per_file)
+        t = time.monotonic()
+        for path in files:
+            kjob_cli("apply", "-f", str(path), "-o", "json", api_url=api_url, token=token, home=base / "cli")
+        applied_s = time.monotonic() - t
+        await asyncio.sleep(args.warmup)
+        meter = CpuMeter()
+        for node in nodes:
+            meter.add(f"kjob {node.roles}", lambda pid=node.proc.pid: kjob_cpu_s(pid))
+        meter.add("nats-server", lambda: server_cpu_s(s.nats.pid))
+        meter.add("postgresql", lambda: server_cpu_s(s.pg.pid))
+        now = datetime.now(timezone.utc)
+        w0 = now.replace(microsecond=0) + timedelta(seconds=1)
+        await asyncio.sleep((w0 - now).total_seconds())
+        meter.start()
+        if args.pg_stats:
+            async with engine.begin() as conn:
+                await conn.execute(text("SELECT pg_stat_statements_reset()"))
+        profilers = []
+        if args.profile:
+            args.profile.mkdir(parents=True, exist_ok=True)
+            py_spy = str(Path(sys.executable).with_name("py-spy"))
+            profilers = [await asyncio.create_subprocess_exec(
+                py_spy, "record", "--nonblocking", "--subprocesses", "-r", "40", "-d", str(int(args.seconds)),
+                "-f", "raw", "-o", str(args.profile / f"{node.roles.replace(',', '-')}.txt"), "-p", str(node.proc.pid),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL) for node in nodes]
+        await asyncio.sleep(args.seconds)
+        spent = meter.stop()
+        w1 = w0 + timedelta(seconds=args.seconds)
+        checked = datetime.now(timezone.utc)
+        figures = await ledger_figures(engine, args.jobs, w0, w1, checked)
+        if args.pg_stats:
+            await pg_statements(engine, figures["finished"])
+        for p in profilers:
+            await p.wait()
+        load_during = load()
+        for node in nodes:
+            node.stop()
+        spawn_after = await spawn_rate(base / "spawn", args.spawn_s)
 
     runs = figures["finished"]
     runs_s = runs / args.seconds

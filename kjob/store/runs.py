@@ -208,6 +208,8 @@ SELECT adopted.*, row_to_json(j)::text AS job FROM adopted JOIN jobs j ON j.id =
 """)
 
 
+_CLAIM_FIRST_SQL = "SELECT outcome, run_row, job_row FROM kjob_claim_first($1, $2, $3)"
+
 #: The end of a run whose attempts were lost once too often (kjob.model.run.should_retry): an
 #: agent that kills its node must not crash-loop the fleet.
 _GIVE_UP_SQL = text("""
@@ -550,10 +552,21 @@ class RunLedger:
         :raises TenantBusy: `max_running` (the tenant's concurrency quota) other runs of the
             tenant are running; nothing changed, so the run can be claimed again later.
         """
+        if max_running is None:
+            # The common case in one round trip (migration 0009): a first attempt of an enabled
+            # `skip` or `allow` job that nothing else of runs. The function answers `slow` for
+            # the rest, left to the transaction below.
+            async with raw_connection(self.engine) as raw:
+                first = await raw.fetchrow(_CLAIM_FIRST_SQL, run_id, executor, lease.total_seconds())
+            if first["outcome"] == "none":
+                return None  # no such run
+            if first["outcome"] == "claimed":
+                return Claimed(run=Run.model_validate_json(first["run_row"]),
+                               job=job_from_dict(json.loads(first["job_row"])), previous_lost=False)
         async with self.engine.begin() as conn:
-            # Three statements in the common case: the run, its job and the job lock; the claim
-            # (with the `skip` check in it); the commit. The other policies' checks, a quota and
-            # a busy job take the longer way (kjob.store.overlap.settle).
+            # Three statements: the run, its job and the job lock; the claim (with the `skip`
+            # check in it); the commit. The other policies' checks, a quota and a busy job take
+            # the longer way (kjob.store.overlap.settle).
             before = (await conn.execute(_CLAIM_LOCK_SQL, dict(run_id=run_id, lease=lease.total_seconds()))).first()
             if before is None:
                 return None  # no such run, or not ours to run (done, owned, early)

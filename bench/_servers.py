@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kjob.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
+from kjob.embedded._process import _children  # noqa: E402
 from kjob.store.database import create_engine, migrate  # noqa: E402
 from kjob.store.tokens import TokenStore  # noqa: E402
 from tests.support.nodes import SchedulerProcess  # noqa: E402
@@ -114,16 +115,6 @@ def _stat(pid: int) -> list[str] | None:
         return None
 
 
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            out += [int(c) for c in (task / "children").read_text().split()]
-    except OSError:
-        pass
-    return out
-
-
 def server_cpu_s(pid: int) -> float:
     """A server and its worker processes (PostgreSQL's backends): the live ones' own CPU, plus
     what the ended ones left in the server's counters of reaped children (stat fields 16, 17)."""
@@ -131,7 +122,7 @@ def server_cpu_s(pid: int) -> float:
     if fields is None:
         return 0.0
     reaped = (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
-    return cpu_s(pid) + reaped + sum(own_cpu_s(c) for c in children(pid))
+    return cpu_s(pid) + reaped + sum(own_cpu_s(c) for c in _children(pid))
 
 
 def own_cpu_s(pid: int) -> float:
@@ -143,7 +134,7 @@ def kjob_cpu_s(pid: int) -> float:
     """A `kjob server` process and the kjob processes it started (`executor.processes`), each
     its own CPU only: the sandboxes below them are not counted (their CPU is the agents')."""
     total = own_cpu_s(pid)
-    for child in children(pid):
+    for child in _children(pid):
         try:
             comm = Path(f"/proc/{child}/comm").read_text().strip()
         except OSError:

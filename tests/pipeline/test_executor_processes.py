@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from kjob.embedded._process import _children
 from kjob.store.tables import run_attempts
 from tests.support.nodes import SchedulerProcess
 from tests.support.pipeline import create_job, until
@@ -15,11 +16,10 @@ from tests.support.pipeline import create_job, until
 
 def _executor_children(pid: int) -> list[int]:
     found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
-            if b"from kjob.cli.main import main" in cmd and b"executor" in cmd:
-                found.append(int(child))
+    for child in _children(pid):
+        cmd = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"from kjob.cli.main import main" in cmd and b"executor" in cmd:
+            found.append(child)
     return found
 
 

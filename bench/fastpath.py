@@ -201,7 +201,14 @@ async def main() -> None:
         files = job_files(base / "jobfiles", job_specs(args.jobs), args.per_file)
         t = time.monotonic()
         for path in files:
-            kjob_cli("apply", "-f", str(path), "-o", "json", api_url=api_url, token=token, home=base / "cli")
+            for attempt in range(3):  # an API slowed by a loaded machine may time out; apply is idempotent
+                try:
+                    kjob_cli("apply", "-f", str(path), "-o", "json", api_url=api_url, token=token, home=base / "cli")
+                    break
+                except RuntimeError as err:
+                    if "did not answer" not in str(err) or attempt == 2:
+                        raise
+                    print(f"  (apply of {path.name} timed out; again)", flush=True)
         applied_s = time.monotonic() - t
         await asyncio.sleep(args.warmup)
         meter = CpuMeter()

@@ -120,8 +120,6 @@ class Node:
             if "executor" in self.roles:
                 from kjob.executor.executor import Executor
 
-                if (restore := _watch_children_by_pidfd()) is not None:
-                    closers.append(restore)
                 from kjob.executor.secrets import secret_resolver
                 from kjob.store.quotas import Quotas
                 from kjob.executor.sandbox import make_sandboxes
@@ -285,28 +283,6 @@ class Node:
         if failed:
             role, task = failed[0]
             raise RuntimeError(f"the {role} role failed: {task.exception()}") from task.exception()
-
-
-def _watch_children_by_pidfd() -> Callable[[], Awaitable[None]] | None:
-    """Wait for sandboxes through pidfds (Linux 5.3+), as Python 3.12 does by default: 3.11's
-    default watcher starts a thread per child to block in waitpid, a thread per run. Returns
-    what puts the previous watcher back (the pidfd one is bound to this event loop), or None
-    where it changed nothing."""
-    previous = asyncio.get_child_watcher()
-    if not hasattr(os, "pidfd_open") or isinstance(previous, asyncio.PidfdChildWatcher):
-        return None
-    try:
-        os.close(os.pidfd_open(os.getpid()))
-    except OSError:  # a kernel or seccomp policy without pidfds: keep the default
-        return None
-    watcher = asyncio.PidfdChildWatcher()
-    watcher.attach_loop(asyncio.get_running_loop())
-    asyncio.set_child_watcher(watcher)
-
-    async def restore() -> None:
-        asyncio.set_child_watcher(previous)
-
-    return restore
 
 
 def concurrency_shares(concurrency: int, processes: int) -> list[int]:

@@ -119,7 +119,6 @@ class Node:
                 ))
             if "executor" in self.roles:
                 from kjob.executor.executor import Executor
-
                 from kjob.executor.secrets import secret_resolver
                 from kjob.store.quotas import Quotas
                 from kjob.executor.sandbox import make_sandboxes

@@ -176,8 +176,10 @@ class FaultCluster:
 
     async def running_now(self, timeout: float = 30) -> list[Execution]:
         """Wait until some agent is running, and return those that are."""
-        return await until(lambda: _ready(self.recorder.running()), timeout,
-                           f"an agent to be running (nodes' logs: {self.tails()})")
+        try:
+            return await until(lambda: _ready(self.recorder.running()), timeout, "an agent to be running")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\nnodes' logs: {self.tails(6000)}") from None
 
     async def leader(self, timeout: float = 30) -> str:
         async def read():

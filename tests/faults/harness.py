@@ -179,7 +179,8 @@ class FaultCluster:
         try:
             return await until(lambda: _ready(self.recorder.running()), timeout, "an agent to be running")
         except AssertionError as err:
-            raise AssertionError(f"{err}\nnodes' logs: {self.tails(6000)}") from None
+            raise AssertionError(f"{err}\nsessions in a transaction:\n{self.activity()}\n"
+                                 f"nodes' logs: {self.tails(6000)}") from None
 
     async def leader(self, timeout: float = 30) -> str:
         async def read():
@@ -215,7 +216,7 @@ class FaultCluster:
             await until(settled, timeout, "every run final and no agent running")
         except AssertionError as err:
             raise AssertionError(f"{err}\nopen runs: {state.get('open')}\nagents running: {state.get('running')}"
-                                 f"\nnodes' logs: {self.tails()}") from None
+                                 f"\nsessions in a transaction:\n{self.activity()}\nnodes' logs: {self.tails()}") from None
 
     async def restart(self, name: str) -> None:
         """Start a stopped node again, and wait until it runs (a SIGTERM before it installed its
@@ -236,6 +237,16 @@ class FaultCluster:
                 logged = datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
                 return logged - node.started_at
         raise AssertionError(f"{name} logged no timestamped line")
+
+    def activity(self) -> str:
+        """The database's sessions that are in a transaction: who holds what, for how long."""
+        try:
+            return self.pg.psql(
+                "SELECT pid, client_port, state, now() - xact_start, wait_event_type, wait_event, "
+                "left(query, 120) FROM pg_stat_activity WHERE datname = 'faults' AND xact_start IS NOT NULL "
+                "AND pid <> pg_backend_pid() ORDER BY xact_start")
+        except Exception as err:
+            return repr(err)
 
     def tails(self, n: int = 1500) -> str:
         return " | ".join(f"{name}: ...{node.logs(n)}" for name, node in self.nodes.items())

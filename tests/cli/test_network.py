@@ -2,7 +2,7 @@
 as the API and job files check it (the error names `sandbox.network`), and shown by `kjob
 inspect`. Before, `create` had no `--network` and `inspect` did not say the network, which is
 `none` by default: a job that fetched a URL failed with a bare connection error.
-(The hint a failed run then gets: tests/docs/test_up_cli.py.)"""
+(The hint a failed run then gets: the probe example of docs/cli.md, run by tests/docs.)"""
 
 from __future__ import annotations
 

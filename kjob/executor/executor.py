@@ -93,7 +93,9 @@ class Executor:
         # Never more than a third of the lease: a short lease (tests) still renews in time.
         self.margin_s = min(settings.claim_margin_s, settings.claim_lease_s / 3)
         #: Kills an agent whose claim this executor, paused, no longer renews (watchdog.py).
-        self.watchdog = Watchdog()
+        docker = sandboxes.get("docker")
+        self.watchdog = Watchdog(dsn=ledger.engine.url.set(drivername="postgresql").render_as_string(hide_password=False),
+                                 docker_url=getattr(docker, "url", None))
         self.in_flight = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -205,16 +207,23 @@ class Executor:
             claim.expired = True
             await self._claim_lost(run, job, msg, claim)
             return
-        await self._event(run, "run_started", f"attempt {run.attempt}")
-        over_cap = await self._over_cost_cap(job)
-        if over_cap is not None:  # the tenant's agents spent their day's budget: record, alert once
-            await self._skip_over_cost_cap(run, job, msg, over_cap)
-            return
+        if claimed.ended is None:
+            await self._event(run, "run_started", f"attempt {run.attempt}")
+            over_cap = await self._over_cost_cap(job)
+            if over_cap is not None:  # the tenant's agents spent their day's budget: record, alert once
+                await self._skip_over_cost_cap(run, job, msg, over_cap)
+                return
         acker = asyncio.create_task(self._keep_acking(msg))
         keeper = asyncio.create_task(claim.keep())
-        agent_run = self._agent_run(job)
+        agent_run = self._agent_run(job) if claimed.ended is None else None
         try:
-            outcome = await self._run_sandbox(claimed, claim, agent_run)
+            if claimed.ended is not None:
+                # Its agent ran to its end under an executor that could not record it: conclude
+                # the attempt from the end its watchdog wrote; never run the agent again.
+                log.warning("executor: run %s attempt %d: %s", run.id, run.attempt, claimed.ended.reason)
+                outcome = Outcome(exit_code=claimed.ended.exit_code, reason=claimed.ended.reason)
+            else:
+                outcome = await self._run_sandbox(claimed, claim, agent_run)
             if agent_run is not None:  # what the agent said: its answer, verdict and usage
                 report = agent_run.report()
                 with contextlib.suppress(Exception):  # usage is bookkeeping; the run's end matters more
@@ -232,8 +241,9 @@ class Executor:
                 reason = f"timed out after {job.timeout}"
             if status is RunStatus.failed and not reason:
                 reason = f"exit code {outcome.exit_code}"
-            claim.agent_done = True  # from now on the keeper only renews: no agent left to stop
-            self.watchdog.disarm(claim.key)
+            # From now on the keeper only renews: no agent left to stop. The watchdog stays armed
+            # until the end is written: should we be paused meanwhile, it writes the agent's end.
+            claim.agent_done = True
             retry = should_retry(status, run.attempt, run.lost_attempts, job.retries, permanent=outcome.permanent)
             retry_in = job.retries.delay(run.attempt).total_seconds() if retry else None
             # The claim keeper and the acker go on while the end is recorded: the claim stays
@@ -372,11 +382,13 @@ class Executor:
             hooks = {"prepare": agent_run.prepare, "collect": agent_run.collect}
         elif job.workspace is not None:
             return Outcome(start_error=f"workspace needs the process backend; the {sandbox.name} backend has none yet")
+        who = dict(run_id=run.id, attempt=run.attempt, node=self.node)  # whose end the watchdog may write
         launch = Launch(
             run_id=run.id, tenant=job.tenant, job_slug=job.slug, attempt=run.attempt,
             argv=argv, stdin=stdin, env={**job_env, **env}, spec=job.sandbox,
             timeout=job.timeout, output_cap_bytes=self.settings.output_cap_bytes, work_root=self.work_root, **hooks,
-            on_spawn=lambda pgid: self.watchdog.arm(claim.key, pgid, claim.kill_by),
+            on_spawn=lambda pgid, status_fd: self.watchdog.arm(claim.key, pgid, claim.kill_by, status_fd=status_fd, **who),
+            on_container=lambda container: self.watchdog.arm(claim.key, None, claim.kill_by, container=container, **who),
         )
         log_subject = names.run_log(job.tenant, run.id)
 

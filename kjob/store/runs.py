@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from kjob.errors import InvalidInput, NotFound
 from kjob.model.job import Job, RetryPolicy
 from kjob.model.run import (
-    FINAL_STATUSES, Attempt, DeliveryStatus, Run, RunStatus, Trigger, run_id_prefix, should_retry,
+    FINAL_STATUSES, AgentEnd, Attempt, DeliveryStatus, Run, RunStatus, Trigger, run_id_prefix, should_retry,
 )
 from kjob.store.audit import Actor, record_by
 from kjob.store.database import raw_connection
@@ -160,6 +160,18 @@ SELECT claimed.*, row_to_json(j)::text AS job FROM claimed JOIN jobs j ON j.id =
 """)
 
 
+#: A lapsed claim whose agent had run to its end (its watchdog wrote the exit code): the claim
+#: moves to the new executor for the same attempt, which concludes it without the agent.
+_ADOPT_SQL = text("""
+WITH adopted AS (
+    UPDATE job_runs SET claimed_by = :executor, claim_until = now() + make_interval(secs => CAST(:lease AS float8))
+    WHERE id = :run_id
+    RETURNING *
+)
+SELECT adopted.*, row_to_json(j)::text AS job FROM adopted JOIN jobs j ON j.id = adopted.job_id
+""")
+
+
 #: The end of a run whose attempts were lost once too often (kjob.model.run.should_retry): an
 #: agent that kills its node must not crash-loop the fleet.
 _GIVE_UP_SQL = text("""
@@ -244,6 +256,9 @@ class Claimed:
     job: Job
     #: The attempt before this one was lost (its executor died): recorded as such.
     previous_lost: bool
+    #: Set when the claim was taken over from an executor whose agent had ended (its watchdog
+    #: wrote the end): the same attempt, to conclude from this, without running the agent.
+    ended: AgentEnd | None = None
 
 
 @dataclass(frozen=True)
@@ -254,6 +269,13 @@ class Delivery:
 
 #: How many runs an ambiguous short id error names.
 AMBIGUOUS_SHOWN = 3
+
+
+def _claimed(row, **fields) -> Claimed:
+    """A claim statement's row: the run, with its job as JSON."""
+    mapping = dict(row._mapping)
+    job = json.loads(mapping.pop("job"))
+    return Claimed(run=Run.model_validate(mapping), job=job_from_dict(job), **fields)
 
 
 def _run(row) -> Run:
@@ -529,6 +551,17 @@ class RunLedger:
                 return None
             now = before.db_now
             lost = before.status == RunStatus.running.value
+            if lost:  # read after the lock: a watchdog writing this attempt's end went first
+                ended = (await conn.execute(
+                    select(run_attempts.c.agent_exit_code, run_attempts.c.agent_ended_at, run_attempts.c.executor)
+                    .where(run_attempts.c.run_id == run_id, run_attempts.c.attempt == before.attempt,
+                           run_attempts.c.agent_exit_code.is_not(None))
+                )).first()
+                if ended is not None:
+                    row = (await conn.execute(_ADOPT_SQL, dict(
+                        run_id=run_id, executor=executor, lease=lease.total_seconds()))).one()
+                    return _claimed(row, previous_lost=False, ended=AgentEnd(
+                        exit_code=ended.agent_exit_code, node=ended.executor, ended_at=ended.agent_ended_at))
             if lost and not should_retry(RunStatus.lost, before.attempt, before.lost_attempts + 1,
                                          RetryPolicy.model_validate(before.retries or {})):
                 reason = (f"gave up after {before.lost_attempts + 1} lost attempts: each time its executor "
@@ -545,9 +578,7 @@ class RunLedger:
                 run_id=run_id, executor=executor, lost=1 if lost else 0, lease=lease.total_seconds(), now=now,
                 reason=LOST_REASON,
             ))).one()
-        mapping = dict(row._mapping)
-        job = json.loads(mapping.pop("job"))
-        return Claimed(run=Run.model_validate(mapping), job=job_from_dict(job), previous_lost=lost)
+        return _claimed(row, previous_lost=lost)
 
     async def heartbeat(self, run_id: str, executor: str, attempt: int, lease: timedelta) -> bool:
         """Extend our claim. False: the claim is no longer ours; stop the attempt."""

@@ -129,6 +129,10 @@ run_attempts = Table(
     Column("finished_at", TS),
     Column("exit_code", Integer),
     Column("reason", Text),
+    #: Written by the executor's watchdog when the agent ended while its executor could not
+    #: record it (kjob.executor.watchdog); the attempt is concluded from it, never run again.
+    Column("agent_exit_code", Integer),
+    Column("agent_ended_at", TS),
     PrimaryKeyConstraint("run_id", "attempt", name="pk_run_attempts"),
 )
 

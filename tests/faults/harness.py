@@ -102,9 +102,10 @@ class FaultCluster:
         self.pauses: list[tuple[str, float, float]] = []
 
     async def start(self, *, skewed: dict[str, float] | None = None, proxied: str | None = None,
-                    lead_skewed: bool = False) -> None:
+                    lead_skewed: bool = False, env: dict[str, str] | None = None) -> None:
         """`skewed`: node name -> seconds its wall clock is ahead (faketime; its monotonic clock
-        stays true). `proxied`: the node that reaches PostgreSQL through `self.proxy`."""
+        stays true). `proxied`: the node that reaches PostgreSQL through `self.proxy`. `env`:
+        settings for both nodes."""
         if not self.pg.running:
             await asyncio.to_thread(self.pg.start)
         self.db_url = self.pg.ensure_database("faults")
@@ -118,7 +119,8 @@ class FaultCluster:
             db_url = self.db_url
             if name == proxied:
                 db_url = self.db_url.replace(f":{self.pg.port}/", f":{self.proxy.port}/")
-            env = {**FAST_ENV, **replicas, **self.recorder.env(), "KJOB_NATS_URL": self.nats_url, "KJOB_DATABASE_URL": db_url}
+            env = {**FAST_ENV, **replicas, **self.recorder.env(), "KJOB_NATS_URL": self.nats_url, "KJOB_DATABASE_URL": db_url,
+                   **(env or {})}
             if skewed and name in skewed:
                 # libfaketime (Debian's faketime) preloaded into the node itself (the `faketime`
                 # command would stand between us and it, and eat our signals). The wall clock
@@ -174,7 +176,10 @@ class FaultCluster:
 
     async def running_now(self, timeout: float = 30) -> list[Execution]:
         """Wait until some agent is running, and return those that are."""
-        return await until(lambda: _ready(self.recorder.running()), timeout, "an agent to be running")
+        try:
+            return await until(lambda: _ready(self.recorder.running()), timeout, "an agent to be running")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\nnodes' logs: {self.tails(6000)}") from None
 
     async def leader(self, timeout: float = 30) -> str:
         async def read():

@@ -4,10 +4,15 @@ NATS node lost from an R3 cluster."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import time
+
 import pytest
+from sqlalchemy import text
 
 from tests.faults.harness import (
-    _ready, exercise, executor_sigkill, executor_sigstop, fault_cluster, nats_node_lost, nats_restart,
+    FAST_ENV, LEASE_S, _ready, exercise, executor_sigkill, executor_sigstop, fault_cluster, nats_node_lost, nats_restart,
 )
 from tests.support.pipeline import until
 
@@ -69,3 +74,43 @@ async def test_nats_node_lost_in_r3(tmp_path, nats_cluster):
         verdict = await exercise(c, nats_node_lost)
     verdict.check()
     assert all(code == 0 for code in c.exit_codes.values()), c.tails()
+
+
+@pytest.mark.parametrize("fault", ["sigstop", "sigkill"])
+async def test_an_agent_that_ends_while_its_executor_cannot_record_it_is_not_run_again(tmp_path, fresh_nats, fault):
+    """The executor is paused (or killed) at the instant its agent reports its end, before the
+    agent exits: only its watchdog sees the end (bwrap's status pipe) and writes it down, and
+    the node that takes the claim over concludes the attempt without running the agent again.
+    Every slot must have exactly one execution that ran to its end: no excuses."""
+    struck: list[tuple[str, float]] = []
+
+    def strike(execution) -> None:
+        if struck or not (execution.job or "").startswith("end"):
+            return
+        struck.append((execution.node, time.monotonic()))
+        c.nodes[execution.node].signal(signal.SIGSTOP if fault == "sigstop" else signal.SIGKILL)
+
+    async with fault_cluster(tmp_path, fresh_nats) as c:
+        await c.add_jobs(2, 1.0, slug="end", schedule="@every 3s")
+        await c.executions_done(2)
+        c.recorder.on_end = strike
+        await until(lambda: _ready(struck), 30, "an agent's end to strike at")
+        c.recorder.on_end = None
+        node, at = struck[0]
+        if fault == "sigstop":
+            # Past the lease, the takeover grace and a redelivery to the other node.
+            await asyncio.sleep(LEASE_S * 1.5 + float(FAST_ENV["KJOB_ACK_WAIT_S"]) + 3)
+            c.nodes[node].signal(signal.SIGCONT)
+        else:
+            await asyncio.to_thread(c.nodes[node].proc.wait, 10)
+            await c.restart(node)
+        await c.executions_done(6)
+        await c.end_window()
+        verdict = await c.verdict()  # no execution excused
+        async with c.engine.connect() as conn:
+            written = (await conn.execute(text(
+                "SELECT r.status, r.attempt, a.attempt AS a_attempt, a.executor, r.reason FROM run_attempts a "
+                "JOIN job_runs r ON r.id = a.run_id WHERE a.agent_exit_code = 0"))).all()
+    verdict.check()
+    assert written, f"no agent end was written by a watchdog (struck {node} at {at:.2f}); logs: {c.tails()}"
+    assert all(w.status == "succeeded" and w.executor == node and w.attempt == w.a_attempt for w in written), written

@@ -101,6 +101,8 @@ def _reflow_all(group: typer.Typer) -> None:
     for command in group.registered_commands:
         command.help = reflow(command.help or inspect.getdoc(command.callback))
     for sub in group.registered_groups:
+        if sub.typer_instance is None:
+            continue
         sub.help = reflow(sub.help or sub.typer_instance.info.help)
         sub.typer_instance.info.help = sub.help
         _reflow_all(sub.typer_instance)

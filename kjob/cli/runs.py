@@ -72,8 +72,9 @@ def run_now(
             elif run.status is RunStatus.scheduled:
                 say(f"queued run {run.id} of {slug}: no executor has started it yet "
                     f"(`kjob logs -f {run.id[:SHORT_RUN_ID]}` follows it)")
-            elif run.status.final and run.status is not RunStatus.succeeded:
-                raise typer.Exit(_exit(f"{outcome(run)}; nothing was started"))  # e.g. skipped under overlap `skip`
+            elif run.status is RunStatus.skipped or (run.status.final and run.started_at is None):
+                # skipped (overlap `skip`, the cost cap), or ended before it could start
+                raise typer.Exit(_exit(f"{outcome(run)}; nothing was started"))
             else:
                 say(f"started run {run.id} of {slug}")
             return

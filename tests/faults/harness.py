@@ -320,8 +320,12 @@ def judge(jobs: list[Job], runs, attempts, recorder: Recorder,
                     verdict.reruns += 1
                     done = done[1:]
                 if len(done) != 1:
+                    ledger = "; ".join(f"{n}: {a.status} on {a.executor} ({a.reason})"
+                                       for n, a in sorted(tried.get(r.id, {}).items()))
                     verdict.problems.append(f"{where}: {len(done)} executions ran to their end: "
-                                            + ", ".join(f"attempt {e.attempt} on {e.node}" for e in done))
+                                            + ", ".join(f"attempt {e.attempt} on {e.node} [{e.started:.2f}, "
+                                                        f"{e.stopped(0):.2f}]" for e in done)
+                                            + f"; the ledger's attempts: {ledger}")
                     continue
                 if done[0].attempt != r.attempt:
                     verdict.problems.append(f"{where}: the ledger's attempt {r.attempt} succeeded, "

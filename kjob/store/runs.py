@@ -36,7 +36,7 @@ from kjob.store.database import raw_connection
 from kjob.store.jobs import job_from_dict
 from kjob.store.quotas import check_running
 from kjob.store import overlap
-from kjob.store.overlap import Deferred, Skipped
+from kjob.store.overlap import RERUNNABLE, Deferred, Skipped, rerun_values
 from kjob.store.tables import job_dispatch_targets, job_runs, jobs, missed_ranges, run_attempts, run_logs
 
 OPEN = (RunStatus.scheduled.value, RunStatus.running.value, RunStatus.retrying.value)
@@ -476,9 +476,11 @@ class RunLedger:
         self, job: Job, slots: Sequence[datetime], *, overlap: str | None = None, actor: Actor | None = None
     ) -> tuple[list[Run], int]:
         """Add a backfill run for each slot that the ledger does not hold yet (the slot is the
-        run key: a slot already run, missed or skipped is left alone). Returns the new runs, in
-        slot order, and how many slots were already there. `overlap` overrides the job's
-        overlap policy for these runs; with `actor`, the audit log records `job.backfill`."""
+        run key: a slot that ran, runs or waits is left alone). A slot recorded `skipped` or
+        `missed` never ran: its row becomes this backfill's run (kjob.store.overlap.RERUNNABLE).
+        Returns the new runs, in slot order, and how many slots were already there. `overlap`
+        overrides the job's overlap policy for these runs; with `actor`, the audit log records
+        `job.backfill`."""
         from kjob.model.run import run_id_for, utc_text
 
         if not slots:
@@ -489,8 +491,11 @@ class RunLedger:
             for slot in slots
         ]
         async with self.engine.begin() as conn:
+            stmt = insert(job_runs).values(values)
             rows = (await conn.execute(
-                insert(job_runs).values(values).on_conflict_do_nothing().returning(job_runs)
+                stmt.on_conflict_do_update(index_elements=[job_runs.c.id], set_=rerun_values(stmt.excluded),
+                                           where=job_runs.c.status.in_(RERUNNABLE))
+                .returning(job_runs)
             )).all()
             if actor is not None:
                 await record_by(conn, actor, "job.backfill", f"job/{job.slug}", {
@@ -536,7 +541,7 @@ class RunLedger:
             # may, briefly: wait for it rather than skip a run that is ours to start.
             before = (await conn.execute(
                 select(job_runs.c.id, job_runs.c.job_id, job_runs.c.slot, job_runs.c.status, job_runs.c.attempt,
-                       job_runs.c.tenant, job_runs.c.lost_attempts, jobs.c.spec["retries"].label("retries"),
+                       job_runs.c.trigger, job_runs.c.tenant, job_runs.c.lost_attempts, jobs.c.spec["retries"].label("retries"),
                        now.label("db_now"))
                 .select_from(job_runs.join(jobs, jobs.c.id == job_runs.c.job_id))
                 .where(job_runs.c.id == run_id, claimable)

@@ -242,9 +242,13 @@ class FaultCluster:
         """The database's sessions that are in a transaction: who holds what, for how long."""
         try:
             return self.pg.psql(
-                "SELECT pid, client_port, state, now() - xact_start, wait_event_type, wait_event, "
-                "left(query, 120) FROM pg_stat_activity WHERE datname = 'faults' AND xact_start IS NOT NULL "
-                "AND pid <> pg_backend_pid() ORDER BY xact_start")
+                "SELECT a.pid, a.client_port, a.application_name, a.state, now() - a.xact_start AS age, "
+                "a.wait_event_type, a.wait_event, left(a.query, 160), (SELECT string_agg(l.locktype || ':' || "
+                "coalesce(l.relation::regclass::text, '') || ':' || l.mode || ':' || l.granted, ' ') "
+                "FROM pg_locks l WHERE l.pid = a.pid AND l.locktype IN ('advisory', 'relation', 'tuple') "
+                "AND coalesce(l.relation::regclass::text, '') NOT LIKE 'pg_%') AS locks "
+                "FROM pg_stat_activity a WHERE a.datname = 'faults' AND a.xact_start IS NOT NULL "
+                "AND a.pid <> pg_backend_pid() ORDER BY a.xact_start", database="faults")
         except Exception as err:
             return repr(err)
 

@@ -60,6 +60,9 @@ async def main() -> None:
                 await cluster.executions_done(4, timeout=120)
             await cluster.end_window(timeout=180)
             verdict = await cluster.verdict(cluster.ended_while_paused)
+        except BaseException:
+            print(f"sessions in a transaction when it failed:\n{cluster.activity()}", flush=True)
+            raise
         finally:
             codes = await cluster.close()
             nats.stop()

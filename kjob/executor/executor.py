@@ -93,7 +93,9 @@ class Executor:
         # Never more than a third of the lease: a short lease (tests) still renews in time.
         self.margin_s = min(settings.claim_margin_s, settings.claim_lease_s / 3)
         #: Kills an agent whose claim this executor, paused, no longer renews (watchdog.py).
-        self.watchdog = Watchdog(dsn=ledger.engine.url.set(drivername="postgresql").render_as_string(hide_password=False))
+        docker = sandboxes.get("docker")
+        self.watchdog = Watchdog(dsn=ledger.engine.url.set(drivername="postgresql").render_as_string(hide_password=False),
+                                 docker_url=getattr(docker, "url", None))
         self.in_flight = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -384,12 +386,13 @@ class Executor:
             hooks = {"prepare": agent_run.prepare, "collect": agent_run.collect}
         elif job.workspace is not None:
             return Outcome(start_error=f"workspace needs the process backend; the {sandbox.name} backend has none yet")
+        who = dict(run_id=run.id, attempt=run.attempt, node=self.node)  # whose end the watchdog may write
         launch = Launch(
             run_id=run.id, tenant=job.tenant, job_slug=job.slug, attempt=run.attempt,
             argv=argv, stdin=stdin, env={**job_env, **env}, spec=job.sandbox,
             timeout=job.timeout, output_cap_bytes=self.settings.output_cap_bytes, work_root=self.work_root, **hooks,
-            on_spawn=lambda pgid, status_fd: self.watchdog.arm(
-                claim.key, pgid, claim.kill_by, run_id=run.id, attempt=run.attempt, node=self.node, status_fd=status_fd),
+            on_spawn=lambda pgid, status_fd: self.watchdog.arm(claim.key, pgid, claim.kill_by, status_fd=status_fd, **who),
+            on_container=lambda container: self.watchdog.arm(claim.key, None, claim.kill_by, container=container, **who),
         )
         log_subject = names.run_log(job.tenant, run.id)
 

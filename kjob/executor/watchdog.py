@@ -19,9 +19,14 @@ exit code on the attempt's row (`run_attempts.agent_exit_code`), while the claim
 that executor's, and the executor that takes the claim over concludes the attempt from it
 instead of running the agent again (kjob.store.runs.RunLedger.claim).
 
-Protocol: SOCK_SEQPACKET messages on fd 0, one each: `db DSN`; `arm KEY PGID DEADLINE
-[RUN ATTEMPT NODE]`, with the status pipe as an SCM_RIGHTS fd the first time; `disarm KEY`.
-End of input (the executor died) kills every armed group whose agent has not ended.
+A docker-backend agent is armed by its container (`c:ID`): the engine keeps an exited
+container's exit code until the executor removes it, so the watchdog asks the engine
+(`docker URL`) instead of a pipe, and kills the container the same way.
+
+Protocol: SOCK_SEQPACKET messages on fd 0, one each: `db DSN`; `docker URL`; `arm KEY TARGET
+DEADLINE [RUN ATTEMPT NODE]` (TARGET: a process group, or `c:` and a container id), with the
+status pipe as an SCM_RIGHTS fd the first time; `disarm KEY`. End of input (the executor died)
+kills every armed agent that has not ended.
 
 Only the standard library is imported, and asyncpg once an end must be written.
 """
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import logging
 import os
@@ -67,11 +73,11 @@ RETURNING a.run_id
 class Watchdog:
     """The executor's side: starts the watchdog process and tells it about attempts."""
 
-    def __init__(self, dsn: str | None = None) -> None:
+    def __init__(self, dsn: str | None = None, docker_url: str | None = None) -> None:
         self._proc: asyncio.subprocess.Process | None = None
         self._sock: socket.socket | None = None
-        self._groups: dict[str, int] = {}
-        self._dsn = dsn
+        self._groups: dict[str, str] = {}
+        self._dsn, self._docker_url = dsn, docker_url
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -87,20 +93,25 @@ class Watchdog:
         self._sock = ours
         if self._dsn:
             self._send(f"db {self._dsn}")
+        if self._docker_url:
+            self._send(f"docker {self._docker_url}")
 
-    def arm(self, key: str, pgid: int, deadline: float, *, run_id: str | None = None, attempt: int | None = None,
-            node: str | None = None, status_fd: int | None = None) -> None:
-        """Kill process group `pgid` once `time.monotonic()` passes `deadline`, unless extended.
-        With the attempt's identity and bwrap's status pipe, an agent that ended before that
-        gets its end written instead (the executor keeps its own copy of `status_fd`)."""
-        self._groups[key] = pgid
+    def arm(self, key: str, pgid: int | None, deadline: float, *, container: str | None = None,
+            run_id: str | None = None, attempt: int | None = None, node: str | None = None,
+            status_fd: int | None = None) -> None:
+        """Kill process group `pgid` (or `container`) once `time.monotonic()` passes `deadline`,
+        unless extended. With the attempt's identity and bwrap's status pipe (or the container),
+        an agent that ended before that gets its end written instead (the executor keeps its
+        own copy of `status_fd`)."""
+        target = f"c:{container}" if container else str(pgid)
+        self._groups[key] = target
         who = f" {run_id} {attempt} {node}" if run_id and attempt and node else ""
-        self._send(f"arm {key} {pgid} {deadline:.3f}{who}", status_fd)
+        self._send(f"arm {key} {target} {deadline:.3f}{who}", status_fd)
 
     def extend(self, key: str, deadline: float) -> None:
-        pgid = self._groups.get(key)
-        if pgid is not None:
-            self._send(f"arm {key} {pgid} {deadline:.3f}")
+        target = self._groups.get(key)
+        if target is not None:
+            self._send(f"arm {key} {target} {deadline:.3f}")
 
     def disarm(self, key: str) -> None:
         if self._groups.pop(key, None) is not None:
@@ -138,7 +149,7 @@ class Watchdog:
 
 @dataclass
 class _Armed:
-    pgid: int
+    target: str  #: a process group, or `c:` and a container id
     deadline: float
     run_id: str | None = None
     attempt: int | None = None
@@ -149,12 +160,70 @@ class _Armed:
     ended: float = 0.0  #: monotonic
 
 
-def _kill(pgid: int, why: str) -> None:
+def _kill(target: str, why: str, docker: "_Docker | None" = None) -> None:
+    if target.startswith("c:"):
+        if docker is None or not docker.kill(target[2:]):
+            return
+        _say(f"killed agent container {target[2:12]}: {why}")
+        return
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(int(target), signal.SIGKILL)
     except ProcessLookupError:
         return
-    _say(f"killed agent process group {pgid}: {why}")
+    _say(f"killed agent process group {target}: {why}")
+
+
+class _Docker:
+    """The few Engine API calls the watchdog needs, over its unix socket or TCP."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def _request(self, method: str, path: str) -> tuple[int, bytes]:
+        if self.url.startswith("unix://") or self.url.startswith("/"):
+            conn: http.client.HTTPConnection = _UnixHTTP(self.url.removeprefix("unix://"))
+        else:
+            host = self.url.split("://", 1)[-1].rstrip("/")
+            conn = http.client.HTTPConnection(host, timeout=3)
+        try:
+            conn.request(method, path)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def exit_code(self, container: str) -> int | None:
+        """The exit code of a container that exited by itself; None while it runs (or if the
+        engine does not say)."""
+        try:
+            status, body = self._request("GET", f"/containers/{container}/json")
+            state = json.loads(body).get("State", {}) if status == 200 else {}
+        except (OSError, ValueError, http.client.HTTPException):
+            return None
+        code = state.get("ExitCode")
+        if state.get("Status") != "exited" or state.get("OOMKilled") or not isinstance(code, int) or code >= 128:
+            return None
+        return code
+
+    def kill(self, container: str) -> bool:
+        try:
+            status, _ = self._request("POST", f"/containers/{container}/kill?signal=KILL")
+        except (OSError, http.client.HTTPException) as err:
+            _say(f"cannot kill container {container[:10]}: {err!r}")
+            return False
+        return status == 204
+
+
+class _UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=3)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
 
 
 def _say(text: str) -> None:
@@ -234,27 +303,37 @@ def _read_status(attempt: _Armed) -> None:
                 attempt.exit_code, attempt.ended = code, time.monotonic()
 
 
-def _conclude(key: str, attempt: _Armed, writer: _EndWriter, why: str) -> None:
+def _ended(attempt: _Armed, docker: _Docker | None) -> bool:
+    """Whether the attempt's agent ran to its end (a container is asked now)."""
+    if attempt.exit_code is None and attempt.target.startswith("c:") and docker is not None:
+        code = docker.exit_code(attempt.target[2:])
+        if code is not None:
+            attempt.exit_code, attempt.ended = code, time.monotonic()
+    return attempt.exit_code is not None
+
+
+def _conclude(key: str, attempt: _Armed, writer: _EndWriter, docker: _Docker | None, why: str) -> None:
     """The executor can no longer see to this attempt: write its agent's end, or kill it."""
     if attempt.status is not None:
         os.close(attempt.status)
-    if attempt.exit_code is not None:
+    if _ended(attempt, docker):
         writer.write(attempt)
-        _kill(attempt.pgid, f"the rest of attempt {key}'s group: {why}")
+        _kill(attempt.target, f"the rest of attempt {key}: {why}", docker)
     else:
-        _kill(attempt.pgid, why)
+        _kill(attempt.target, why, docker)
 
 
 def main() -> None:
     armed: dict[str, _Armed] = {}
     writer = _EndWriter()
+    docker: _Docker | None = None
     control = socket.socket(fileno=sys.stdin.fileno())
     while True:
         now = time.monotonic()
         for key, attempt in list(armed.items()):
             if now >= attempt.deadline:
                 del armed[key]
-                _conclude(key, attempt, writer, f"its executor did not extend attempt {key}'s deadline")
+                _conclude(key, attempt, writer, docker, f"its executor did not extend attempt {key}'s deadline")
         timeout = max(0.0, min((a.deadline for a in armed.values()), default=now + 60) - now)
         statuses = {a.status: a for a in armed.values() if a.status is not None}
         readable, _, _ = select.select([control, *statuses], [], [], timeout)
@@ -269,8 +348,10 @@ def main() -> None:
         words = message.decode(errors="replace").split()
         if len(words) == 2 and words[0] == "db":
             writer.dsn = words[1]
+        elif len(words) == 2 and words[0] == "docker":
+            docker = _Docker(words[1])
         elif len(words) in (4, 7) and words[0] == "arm":
-            attempt = armed.get(words[1]) or _Armed(pgid=int(words[2]), deadline=0.0)
+            attempt = armed.get(words[1]) or _Armed(target=words[2], deadline=0.0)
             attempt.deadline = float(words[3])
             if len(words) == 7:
                 attempt.run_id, attempt.attempt, attempt.node = words[4], int(words[5]), words[6]
@@ -288,8 +369,11 @@ def main() -> None:
             and (left := grace - time.monotonic()) > 0:
         for fd in select.select(list(waiting), [], [], left)[0]:
             _read_status(waiting[fd])
+    # Containers: the engine is asked again at the end of the grace (_conclude).
+    if any(a.target.startswith("c:") for a in armed.values()):
+        time.sleep(max(0.0, grace - time.monotonic()))
     for key, attempt in armed.items():
-        _conclude(key, attempt, writer, f"its executor ended while attempt {key} ran")
+        _conclude(key, attempt, writer, docker, f"its executor ended while attempt {key} ran")
     writer.finish()
 
 

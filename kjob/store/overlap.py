@@ -78,10 +78,12 @@ async def skip_disabled(conn: AsyncConnection, run_id: str, now: datetime) -> Sk
 
 
 async def settle(conn: AsyncConnection, before: Any, policy: str, new_run_id: str, now: datetime) -> Skipped | Deferred | None:
-    """Apply `policy` to the run `before` (its locked row: id, job_id, slot, status) before it
-    starts. None: it may start now (any run it replaces is cancelled in this transaction)."""
+    """Apply `policy` to the run `before` (its locked row: id, job_id, slot, status, trigger)
+    before it starts. None: it may start now (any run it replaces is cancelled in this
+    transaction)."""
     if policy == "allow" or before.status != RunStatus.scheduled.value:
         return None
+    policy = effective_policy(policy, before.trigger)
     waiting = and_(job_runs.c.status == RunStatus.scheduled.value, job_runs.c.slot < before.slot)
     query = (
         select(job_runs.c.id, job_runs.c.status, job_runs.c.claim_until, job_runs.c.attempt)
@@ -110,6 +112,29 @@ async def settle(conn: AsyncConnection, before: Any, policy: str, new_run_id: st
     if policy == "queue":
         return Deferred(f"waiting for run {first.id} ({first.status})")
     return await _replace(conn, others, new_run_id, now)
+
+
+#: Final statuses of slots that never ran: a backfill of the slot runs it after all.
+RERUNNABLE = (RunStatus.skipped.value, RunStatus.missed.value)
+
+
+def rerun_values(new: Any) -> dict[str, Any]:
+    """The columns a backfill sets on a `RERUNNABLE` row (`new`: the inserted row, e.g.
+    `excluded`): a fresh run of the same slot and key, as if the slot had never been settled."""
+    return dict(trigger=new.trigger, status=new.status, overlap=new.overlap, reason=None, error=None, exit_code=None,
+                finished_at=None, started_at=None, published_at=None, claimed_by=None, claim_until=None,
+                next_attempt_at=None, lost_attempts=0, delivery_status=DeliveryStatus.pending.value,
+                delivery_attempts=0, delivery_error=None, delivered_at=None, output_excerpt=None, output_bytes=None)
+
+
+def effective_policy(policy: str, trigger: str) -> str:
+    """`skip` keeps a slot from starting while the job still runs; the slots a user asked for
+    as a range (a backfill) or the catch-up rule chose after downtime are each meant to run,
+    so under `skip` they wait their turn (`queue`) instead of skipping one another
+    (kjob.model.policies.OverlapPolicy)."""
+    if policy == "skip" and trigger in (Trigger.backfill.value, Trigger.catchup.value):
+        return "queue"
+    return policy
 
 
 async def _replace(conn: AsyncConnection, others: list[Any], new_run_id: str, now: datetime) -> Deferred | None:

@@ -36,7 +36,7 @@ from kjob.store.database import raw_connection
 from kjob.store.jobs import job_from_dict
 from kjob.store.quotas import check_running
 from kjob.store import overlap
-from kjob.store.overlap import Deferred, Skipped
+from kjob.store.overlap import RERUNNABLE, Deferred, Skipped, rerun_values
 from kjob.store.usage import USAGE_COLUMNS
 from kjob.store.tables import job_dispatch_targets, job_runs, jobs, missed_ranges, run_attempts, run_logs
 
@@ -514,9 +514,11 @@ class RunLedger:
         self, job: Job, slots: Sequence[datetime], *, overlap: str | None = None, actor: Actor | None = None
     ) -> tuple[list[Run], int]:
         """Add a backfill run for each slot that the ledger does not hold yet (the slot is the
-        run key: a slot already run, missed or skipped is left alone). Returns the new runs, in
-        slot order, and how many slots were already there. `overlap` overrides the job's
-        overlap policy for these runs; with `actor`, the audit log records `job.backfill`."""
+        run key: a slot that ran, runs or waits is left alone). A slot recorded `skipped` or
+        `missed` never ran: its row becomes this backfill's run (kjob.store.overlap.RERUNNABLE).
+        Returns the new runs, in slot order, and how many slots were already there. `overlap`
+        overrides the job's overlap policy for these runs; with `actor`, the audit log records
+        `job.backfill`."""
         from kjob.model.run import run_id_for, utc_text
 
         if not slots:
@@ -527,8 +529,11 @@ class RunLedger:
             for slot in slots
         ]
         async with self.engine.begin() as conn:
+            stmt = insert(job_runs).values(values)
             rows = (await conn.execute(
-                insert(job_runs).values(values).on_conflict_do_nothing().returning(job_runs)
+                stmt.on_conflict_do_update(index_elements=[job_runs.c.id], set_=rerun_values(stmt.excluded),
+                                           where=job_runs.c.status.in_(RERUNNABLE))
+                .returning(job_runs)
             )).all()
             if actor is not None:
                 await record_by(conn, actor, "job.backfill", f"job/{job.slug}", {
@@ -593,7 +598,7 @@ class RunLedger:
             first = before.status == RunStatus.scheduled.value
             if first and overlap.disabled_slot(before.enabled, before.trigger):
                 return await overlap.skip_disabled(conn, run_id, now)
-            guard = first and policy == "skip" and max_running is None
+            guard = first and overlap.effective_policy(policy, before.trigger) == "skip" and max_running is None
             if first and not guard:
                 held = await overlap.settle(conn, before, policy, run_id, now)
                 if held is not None:

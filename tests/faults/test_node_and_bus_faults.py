@@ -104,7 +104,7 @@ async def test_an_agent_that_ends_while_its_executor_cannot_record_it_is_not_run
         else:
             await asyncio.to_thread(c.nodes[node].proc.wait, 10)
             await c.restart(node)
-        await c.executions_done(6)
+        await c.executions_done(3)
         await c.end_window()
         verdict = await c.verdict()  # no execution excused
         async with c.engine.connect() as conn:

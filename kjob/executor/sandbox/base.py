@@ -45,6 +45,9 @@ class Launch:
     #: and with the read end of bwrap's status pipe (or None), on which the agent's exit code
     #: arrives as it ends, so the watchdog can record an end the executor could not.
     on_spawn: Optional[Callable[[int, Optional[int]], None]] = None
+    #: The same for backends whose agents run in containers: called with the container's id
+    #: once it started (the engine keeps its exit code until the container is removed).
+    on_container: Optional[Callable[[str], None]] = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -165,12 +165,16 @@ class ProcessSandbox(Sandbox):
         uid = self._uids.take() if self._uids is not None else None
         try:
             with self._launcher(None, network="none", uid=uid, env={}, program=["/bin/true"], limits=[]) as (cmd, fds):
+                # A group of its own, as an attempt's: bwrap's inner process, re-parented to us
+                # (a subreaper), is reaped with the group instead of staying a zombie.
                 proc = await asyncio.create_subprocess_exec(
                     *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                     stderr=asyncio.subprocess.PIPE, env=LAUNCHER_ENV, cwd="/", pass_fds=fds,
+                    start_new_session=True,
                 )
             async with asyncio.timeout(PROBE_TIMEOUT_S):
                 _, err = await proc.communicate()
+            await _end_group(proc)
         except (OSError, TimeoutError) as e:
             return f"bwrap self-test failed: {e}"
         finally:

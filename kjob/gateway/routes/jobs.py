@@ -88,6 +88,7 @@ async def _check(state: GatewayState, tenant: str, spec: JobSpec, now: datetime,
         relay_configured=state.relay_configured,
         now=now,
         previous=previous.spec() if previous else None,
+        channel_kinds=state.settings.relay_channel_kinds,
     )
     await check_job_for_tenant(state, tenant, spec, now, previous.spec() if previous else None)
     await check_target(spec, state.settings.dispatcher.allow_list())

@@ -1,6 +1,7 @@
 """The common claim in one round trip: `kjob_claim_first(run, executor, lease)`.
 
-A run's first attempt, of an enabled job whose overlap policy is `skip` or `allow`, with no
+A run's first attempt, of an enabled job whose overlap policy is `skip` (but for a backfill or
+catch-up slot, which `skip` queues: kjob.store.overlap.effective_policy) or `allow`, with no
 other run of the job busy, is claimed by this function in one statement, without a transaction
 of its own around it (kjob.store.runs.RunLedger.claim). It takes the job lock first; each
 statement after it takes a fresh snapshot (READ COMMITTED, a VOLATILE function), so it sees
@@ -44,6 +45,7 @@ BEGIN
         FROM jobs j WHERE j.id = v_job FOR SHARE;
     IF NOT FOUND OR v_run.status IS DISTINCT FROM 'scheduled' OR NOT v_enabled
             OR v_policy NOT IN ('skip', 'allow')
+            OR (v_policy = 'skip' AND v_run.trigger IN ('backfill', 'catchup'))
             OR (v_policy = 'skip' AND EXISTS (
                 SELECT 1 FROM job_runs o WHERE o.job_id = v_job AND o.id <> p_run_id
                 AND (o.status IN ('running', 'retrying') OR (o.status = 'cancelled' AND o.claimed_by IS NOT NULL)))) THEN

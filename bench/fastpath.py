@@ -33,8 +33,8 @@ Where a run's CPU goes (py-spy of each kjob process with `--profile`, pg_stat_st
   BEGIN/INSERT/COMMIT), socket writes 19 % (one per statement and publish), spawning the
   launcher 9 % plus a waitpid thread per child 5 %, the sandbox's work-dir file work in worker
   threads 6-10 %, the finish 3 %, the rest asyncio, tracing and metrics.
-  after: 13-14.5 ms per run: executor 9.6-9.7, api+ticker 0.7-1.3, nats-server 1.0-1.2,
-  PostgreSQL 1.7-2.2; two statements per run from the executor (kjob_claim_first, the finish
+  after: 13.1-15.9 ms per run: executor 9.6-10.8, api+ticker 0.7-1.6, nats-server 1.0-1.3,
+  PostgreSQL 1.7-3.0; two statements per run from the executor (kjob_claim_first, the finish
   with the usage row) and the ticker's batched ones. What is left in the executor is mostly the
   sandbox's: the launcher's fork/exec and pipes from asyncio (~25 %), its work dir, staged
   $KJOB_RESULT dir (a tmpfs mount) and their removal in worker threads (~20 %); the claim and

@@ -24,9 +24,10 @@ container's exit code until the executor removes it, so the watchdog asks the en
 (`docker URL`) instead of a pipe, and kills the container the same way.
 
 Protocol: SOCK_SEQPACKET messages on fd 0, one each: `db DSN`; `docker URL`; `arm KEY TARGET
-DEADLINE [RUN ATTEMPT NODE]` (TARGET: a process group, or `c:` and a container id), with the
-status pipe as an SCM_RIGHTS fd the first time; `disarm KEY`. End of input (the executor died)
-kills every armed agent that has not ended.
+DEADLINE [RUN ATTEMPT NODE]` (TARGET: a process group, `c:` and a container id, or `-` not yet
+known), with the status pipe as an SCM_RIGHTS fd the first time; `disarm KEY`. End of input
+(the executor died): its agents run on to their deadlines, as if it were paused (their claims
+hold till then), and an end reached meanwhile is written at once; then the watchdog exits.
 
 Only the standard library is imported, and asyncpg once an end must be written.
 """
@@ -50,9 +51,8 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
-#: After its executor died, how long an armed agent may take to exit by itself (one that had
-#: just ended is exiting) before it is killed.
-EXIT_GRACE_S = 0.5
+#: An attempt armed before its agent's process group exists (bwrap's status pipe tells it).
+_UNKNOWN = "-"
 #: How long an end is tried to be written while the database is away.
 WRITE_FOR_S = 120.0
 
@@ -102,8 +102,10 @@ class Watchdog:
         """Kill process group `pgid` (or `container`) once `time.monotonic()` passes `deadline`,
         unless extended. With the attempt's identity and bwrap's status pipe (or the container),
         an agent that ended before that gets its end written instead (the executor keeps its
-        own copy of `status_fd`)."""
-        target = f"c:{container}" if container else str(pgid)
+        own copy of `status_fd`). Armed with the pipe before the spawn (`pgid` None), the
+        watchdog learns the group from the pipe: an executor that dies right after the spawn
+        leaves no agent unwatched. Arming again updates the attempt."""
+        target = f"c:{container}" if container else str(pgid) if pgid else _UNKNOWN
         self._groups[key] = target
         who = f" {run_id} {attempt} {node}" if run_id and attempt and node else ""
         self._send(f"arm {key} {target} {deadline:.3f}{who}", status_fd)
@@ -161,6 +163,8 @@ class _Armed:
 
 
 def _kill(target: str, why: str, docker: "_Docker | None" = None) -> None:
+    if target == _UNKNOWN:  # its agent never started
+        return
     if target.startswith("c:"):
         if docker is None or not docker.kill(target[2:]):
             return
@@ -296,7 +300,14 @@ def _read_status(attempt: _Armed) -> None:
     for line in lines:
         with contextlib.suppress(ValueError):
             report = json.loads(line)
-            code = report.get("exit-code") if isinstance(report, dict) else None
+            if not isinstance(report, dict):
+                continue
+            if attempt.target == _UNKNOWN and isinstance(report.get("child-pid"), int):
+                # Armed before the spawn (its executor may die right after it): the sandbox's
+                # processes share the group of the launcher that started them.
+                with contextlib.suppress(ProcessLookupError):
+                    attempt.target = str(os.getpgid(report["child-pid"]))
+            code = report.get("exit-code")
             # 128 + n: killed by signal n (a timeout, the executor's own stop, the OOM killer):
             # not an end the agent reached, so not one that must stand for the attempt.
             if isinstance(code, int) and code < 128:
@@ -327,53 +338,48 @@ def main() -> None:
     armed: dict[str, _Armed] = {}
     writer = _EndWriter()
     docker: _Docker | None = None
-    control = socket.socket(fileno=sys.stdin.fileno())
-    while True:
+    #: None once the executor died: its agents then run on to their deadlines, as if it were
+    #: paused (their claims hold till then), and an end reached meanwhile is written at once.
+    control: socket.socket | None = socket.socket(fileno=sys.stdin.fileno())
+    while control is not None or armed:
         now = time.monotonic()
         for key, attempt in list(armed.items()):
-            if now >= attempt.deadline:
+            if now >= attempt.deadline or (control is None and attempt.exit_code is not None):
                 del armed[key]
-                _conclude(key, attempt, writer, docker, f"its executor did not extend attempt {key}'s deadline")
+                why = "its executor died" if control is None else "its executor did not extend its deadline"
+                _conclude(key, attempt, writer, docker, f"attempt {key}: {why}")
         timeout = max(0.0, min((a.deadline for a in armed.values()), default=now + 60) - now)
         statuses = {a.status: a for a in armed.values() if a.status is not None}
-        readable, _, _ = select.select([control, *statuses], [], [], timeout)
+        readable, _, _ = select.select([*statuses, *([control] if control else [])], [], [], timeout)
         for fd in readable:
             if fd in statuses:
                 _read_status(statuses[fd])
-        if control not in readable:
+        if control is None or control not in readable:
             continue
         message, fds, _, _ = socket.recv_fds(control, 65536, 1)
         if not message:
-            break
+            control.close()
+            control = None
+            continue
         words = message.decode(errors="replace").split()
         if len(words) == 2 and words[0] == "db":
             writer.dsn = words[1]
         elif len(words) == 2 and words[0] == "docker":
             docker = _Docker(words[1])
         elif len(words) in (4, 7) and words[0] == "arm":
-            attempt = armed.get(words[1]) or _Armed(target=words[2], deadline=0.0)
+            attempt = armed.setdefault(words[1], _Armed(target=_UNKNOWN, deadline=0.0))
             attempt.deadline = float(words[3])
+            if words[2] != _UNKNOWN:
+                attempt.target = words[2]
             if len(words) == 7:
                 attempt.run_id, attempt.attempt, attempt.node = words[4], int(words[5]), words[6]
             if fds and attempt.status is None:
                 attempt.status, fds = fds[0], fds[1:]
-            armed[words[1]] = attempt
         elif len(words) == 2 and words[0] == "disarm":
             if (gone := armed.pop(words[1], None)) is not None and gone.status is not None:
                 os.close(gone.status)
         for fd in fds:
             os.close(fd)
-    # The executor died. An agent that had just ended is exiting: let it, and write its end.
-    grace = time.monotonic() + EXIT_GRACE_S
-    while (waiting := {a.status: a for a in armed.values() if a.status is not None and a.exit_code is None}) \
-            and (left := grace - time.monotonic()) > 0:
-        for fd in select.select(list(waiting), [], [], left)[0]:
-            _read_status(waiting[fd])
-    # Containers: the engine is asked again at the end of the grace (_conclude).
-    if any(a.target.startswith("c:") for a in armed.values()):
-        time.sleep(max(0.0, grace - time.monotonic()))
-    for key, attempt in armed.items():
-        _conclude(key, attempt, writer, docker, f"its executor ended while attempt {key} ran")
     writer.finish()
 
 

@@ -291,6 +291,8 @@ class ProcessSandbox(Sandbox):
                         start_new_session=True, preexec_fn=partial(_apply_limits, limits),
                     )
                 else:
+                    if status is not None and launch.on_spawn is not None:
+                        launch.on_spawn(None, status[0])  # watched from before it exists
                     with self._launcher(workdir, network=launch.spec.network, uid=uid, env=env, program=argv,
                                         staged=self._staged.get(launch.run_id), limits=limits, cgroup=cgroup,
                                         status_fd=status[1] if status else None) as (cmd, fds):
@@ -308,8 +310,7 @@ class ProcessSandbox(Sandbox):
                 if status is not None:
                     os.close(status[1])
             if launch.on_spawn is not None:
-                # start_new_session: the agent leads its own group
-                launch.on_spawn(proc.pid, status[0] if status else None)
+                launch.on_spawn(proc.pid, None)  # start_new_session: the agent leads its own group
             outcome = await self._watch(proc, launch, on_output)
         finally:
             if status is not None:
@@ -415,9 +416,9 @@ class ProcessSandbox(Sandbox):
                        staged: Path | None = None, supervised: bool = False) -> list[str]:
         # The agent's uid inside is its uid outside (under pasta it would otherwise show as 0).
         ids = (str(os.geteuid()), str(os.getegid())) if uid is None else (str(uid), str(uid))
-        # With a watchdog (status_fd), the agent outlives a killed executor by its exit grace:
-        # one that had just ended exits, and its end is written (watchdog.py); the watchdog
-        # kills the rest. Without, bwrap dies with its executor.
+        # With a watchdog (status_fd), the agent outlives a killed executor until its claim's
+        # deadline, as under a paused one: one that ends meanwhile has its end written, the
+        # watchdog kills the rest then (watchdog.py). Without, bwrap dies with its executor.
         argv = [] if supervised else ["--die-with-parent"]
         argv += ["--unshare-user", "--disable-userns", "--uid", ids[0], "--gid", ids[1], "--unshare-pid",
                 "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--cap-drop", "ALL"]

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kjob.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
+from kjob.embedded._process import _children  # noqa: E402
 from kjob.store.database import create_engine, migrate  # noqa: E402
 from kjob.store.tokens import TokenStore  # noqa: E402
 from tests.support.nodes import SchedulerProcess  # noqa: E402
@@ -100,3 +101,95 @@ class Servers:
     async def token(self, tenant: str, role: str = "admin") -> str:
         _, secret = await TokenStore(self.engine).create(tenant, role, "bench")
         return secret
+
+
+# -- CPU per process, and job files for `kjob apply` (bench/fastpath.py) ----------------------
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def server_cpu_s(pid: int) -> float:
+    """A server and its worker processes (PostgreSQL's backends): the live ones' own CPU, plus
+    what the ended ones left in the server's counters of reaped children (stat fields 16, 17)."""
+    fields = _stat(pid)
+    if fields is None:
+        return 0.0
+    reaped = (int(fields[13]) + int(fields[14])) / CLOCK_TICKS
+    return cpu_s(pid) + reaped + sum(own_cpu_s(c) for c in _children(pid))
+
+
+def own_cpu_s(pid: int) -> float:
+    """`cpu_s`, 0 once the process is gone."""
+    return cpu_s(pid) if _stat(pid) is not None else 0.0
+
+
+def kjob_cpu_s(pid: int) -> float:
+    """A `kjob server` process and the kjob processes it started (`executor.processes`), each
+    its own CPU only: the sandboxes below them are not counted (their CPU is the agents')."""
+    total = own_cpu_s(pid)
+    for child in _children(pid):
+        try:
+            comm = Path(f"/proc/{child}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm.startswith(("kjob", "python")):
+            total += kjob_cpu_s(child)
+    return total
+
+
+class CpuMeter:
+    """CPU seconds of each named probe between `start()` and `stop()`."""
+
+    def __init__(self) -> None:
+        self.probes: dict = {}
+        self._at: dict[str, float] = {}
+
+    def add(self, name: str, probe) -> None:
+        self.probes[name] = probe
+
+    def start(self) -> None:
+        self._at = {name: probe() for name, probe in self.probes.items()}
+
+    def stop(self) -> dict[str, float]:
+        return {name: probe() - self._at[name] for name, probe in self.probes.items()}
+
+
+def job_files(base: Path, specs: list[dict], per_file: int) -> list[Path]:
+    """`[[job]]` TOML files of at most `per_file` jobs each. A spec is flat but for one level
+    of tables (`sandbox = {...}`); strings are JSON-quoted, which TOML reads as basic strings."""
+    import json
+
+    def value(v) -> str:
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        return json.dumps(v)
+
+    base.mkdir(parents=True, exist_ok=True)
+    files = []
+    for start in range(0, len(specs), per_file):
+        path = base / f"jobs-{start // per_file:04d}.toml"
+        path.write_text("".join("[[job]]\n" + "".join(f"{k} = {value(v)}\n" for k, v in spec.items()) + "\n"
+                                for spec in specs[start:start + per_file]))
+        files.append(path)
+    return files
+
+
+def kjob_cli(*args: str, api_url: str, token: str, home: Path) -> str:
+    """The `kjob` CLI against a running API, as a user runs it; its stdout."""
+    import subprocess
+
+    from tests.support.nodes import KJOB
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("KJOB_")},
+           "KJOB_HOME": str(home), "KJOB_API_URL": api_url, "KJOB_TOKEN": token}
+    done = subprocess.run([KJOB, *args], env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"kjob {' '.join(args)} failed: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -37,32 +38,35 @@ async def main() -> None:
     # A SIGKILL at any moment here: an agent that ended just before it is counted as a rerun.
     faults = {**FAULTS, "executor_sigkill": lambda c: executor_sigkill(c, strict=False)}
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="kjob-chaos-") as tmp:
-        base = Path(tmp)
-        nats = EmbeddedNats(base / "nats").start()
-        cluster = FaultCluster(base, nats)
-        counts: dict[str, int] = {}
-        try:
-            await cluster.start(proxied="node-a", skewed={"node-b": 30})
-            await cluster.add_jobs(3, 0.3)
-            await cluster.add_jobs(1, 10, slug="slow", schedule="@every 4s")
-            await cluster.executions_done(6, timeout=120)
-            for round_no in range(1, args.faults + 1):
-                name = rng.choice(sorted(faults))
-                counts[name] = counts.get(name, 0) + 1
-                print(f"round {round_no}/{args.faults}: {name}", flush=True)
-                await cluster.running_now(timeout=60)
-                try:
-                    await faults[name](cluster)
-                except AssertionError as err:  # it found no moment to strike (e.g. no agent mid-run)
-                    print(f"  not played: {err}", flush=True)
-                    counts[name] -= 1
-                await cluster.executions_done(4, timeout=120)
-            await cluster.end_window(timeout=180)
-            verdict = await cluster.verdict(cluster.ended_while_paused)
-        finally:
-            codes = await cluster.close()
-            nats.stop()
+    # Kept when something went wrong: the nodes' logs are in it.
+    base = Path(tempfile.mkdtemp(prefix="kjob-chaos-"))
+    nats = EmbeddedNats(base / "nats").start()
+    cluster = FaultCluster(base, nats)
+    counts: dict[str, int] = {}
+    try:
+        await cluster.start(proxied="node-a", skewed={"node-b": 30})
+        await cluster.add_jobs(3, 0.3)
+        await cluster.add_jobs(1, 10, slug="slow", schedule="@every 4s")
+        await cluster.executions_done(6, timeout=120)
+        for round_no in range(1, args.faults + 1):
+            name = rng.choice(sorted(faults))
+            counts[name] = counts.get(name, 0) + 1
+            print(f"round {round_no}/{args.faults}: {name}", flush=True)
+            await cluster.running_now(timeout=60)
+            try:
+                await faults[name](cluster)
+            except AssertionError as err:  # it found no moment to strike (e.g. no agent mid-run)
+                print(f"  not played: {err}", flush=True)
+                counts[name] -= 1
+            await cluster.executions_done(4, timeout=120)
+        await cluster.end_window(timeout=180)
+        verdict = await cluster.verdict(cluster.ended_while_paused)
+    except BaseException:
+        print(f"sessions in a transaction when it failed:\n{cluster.activity()}", flush=True)
+        raise
+    finally:
+        codes = await cluster.close()
+        nats.stop()
     print()
     print(f"faults: {', '.join(f'{k} x{v}' for k, v in sorted(counts.items()))}; "
           f"{time.monotonic() - started:.0f} s; node exit codes {codes}")
@@ -83,6 +87,10 @@ async def main() -> None:
     print(f"run again after an end no paused or killed executor could record: {verdict.reruns}")
     for problem in verdict.problems[:20]:
         print("  " + problem)
+    if verdict.problems:
+        print(f"the nodes' logs are kept in {base}")
+    else:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

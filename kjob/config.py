@@ -8,11 +8,14 @@ Sources, strongest first: `KJOB_*` environment variables (nested with `__`, e.g.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from kjob.model.channels import DEFAULT_CHANNEL_KINDS, KIND_PATTERN
 
 ROLES = ("ticker", "executor", "dispatcher", "api")
 
@@ -28,6 +31,11 @@ def config_file() -> Path:
 
 class ExecutorSettings(BaseModel):
     concurrency: int = Field(default=8, ge=1, description="runs in flight per node")
+    processes: int = Field(
+        default=1, ge=1, le=64,
+        description="executor processes per node, sharing `concurrency`: more than one uses more cores; "
+        "each extra one claims as `<node name>.<n>`",
+    )
     agents_file: Path | None = Field(default=None, description="TOML agent registry; built-ins when unset")
     output_cap_bytes: int = Field(default=1_048_576, ge=1024, description="stdout+stderr kept per attempt")
     heartbeat_s: float = Field(default=5.0, gt=0, description="claim and ack-wait renewal period")
@@ -116,7 +124,7 @@ class DispatcherSettings(BaseModel):
 class TickerSettings(BaseModel):
     resync_s: float = Field(default=60.0, gt=0, description="full reload of enabled jobs, a safety net for lost events")
     recover_s: float = Field(default=10.0, gt=0, description="how often unpublished or stranded runs are re-published")
-    late_grace_s: float = Field(default=15.0, ge=0, description="slots this late after a failover or restart still run as scheduled")
+    late_grace_s: float = Field(default=15.0, ge=0, description="slots this late after a failover or restart count as inside any catch-up window, and run under policy none too")
     lease_ttl_s: float = Field(default=1.2, gt=0, description="leader lease: a standby takes over this long after the last renewal")
     lease_renew_s: float = Field(default=0.3, gt=0, description="how often the leader renews its lease")
     ledger_give_up_s: float = Field(default=30.0, gt=0, description="the leader steps down when it cannot write to the ledger this long, so a standby that can may lead")
@@ -204,6 +212,12 @@ class Settings(BaseSettings):
     database_url: str | None = None
     relay_url: str | None = None
     relay_token: str | None = None
+    #: The channel kinds a job's `output.channel` may name (`<kind>:<address>`): those the Relay
+    #: delivers to (kjob.model.channels). Another kind is refused when the job is written.
+    relay_channel_kinds: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CHANNEL_KINDS), min_length=1,
+        description="channel kinds Relay delivers to; a job naming another is refused at create",
+    )
     #: The base of links to full logs in Relay messages; the API URL when unset.
     public_url: str | None = None
     host: str = "127.0.0.1"
@@ -253,6 +267,14 @@ class Settings(BaseSettings):
     ui_cookie_samesite: Literal["lax", "strict", "none"] = "lax"
     #: How long a browser session lasts (revoking the token, or a JWT's expiry, ends it sooner).
     ui_session_s: int = Field(default=12 * 3600, ge=60)
+
+    @field_validator("relay_channel_kinds")
+    @classmethod
+    def _kinds(cls, v: list[str]) -> list[str]:
+        for kind in v:
+            if not re.fullmatch(KIND_PATTERN, kind):
+                raise ValueError(f"{kind!r} is not a channel kind: lowercase letters, digits and '-'")
+        return v
 
     @classmethod
     def settings_customise_sources(

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import signal
 import socket
+import sys
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -26,6 +30,7 @@ from nats.js import JetStreamContext
 
 from kjob.bus.setup import BusSettings, connect, ensure_streams
 from kjob.config import ROLES, Settings
+from kjob.embedded._process import die_with_parent
 from kjob.errors import InvalidInput, ServerError
 from kjob.executor.agents import AgentRegistry
 from kjob.model.job import Job
@@ -132,11 +137,14 @@ class Node:
                         continue
                     sandboxes[backend] = sandbox
                     closers.append(sandbox.close)
+                own, *others = concurrency_shares(s.executor.concurrency, s.executor.processes)
                 executor = Executor(nc=nc, js=js, ledger=ledger, agents=agents, sandboxes=sandboxes,
-                                    settings=s.executor, bus=bus, work_root=s.work_dir, node=self.name,
-                                    unavailable=unavailable, secrets=secret_resolver(engine, s),
-                                    quotas=Quotas(s.quotas))
-                closers.append(metrics.watch_executor(self.name, lambda: executor.in_flight, s.executor.concurrency))
+                                    settings=s.executor.model_copy(update={"concurrency": own}), bus=bus,
+                                    work_root=s.work_dir, node=self.name, unavailable=unavailable,
+                                    secrets=secret_resolver(engine, s), quotas=Quotas(s.quotas))
+                for index, share in enumerate(others, 1):
+                    tasks[f"executor.{index}"] = asyncio.create_task(self._executor_process(index, share, stop))
+                closers.append(metrics.watch_executor(self.name, lambda: executor.in_flight, own))
                 if s.executor.output_log is not None:
                     closers.append(attach_output_file(s.executor.output_log, self.name))
                 tasks["executor"] = asyncio.create_task(executor.run(stop))
@@ -230,6 +238,38 @@ class Node:
         await publish_due(self._js, run)
         await self._ledger.mark_published([run.id])
 
+    async def _executor_process(self, index: int, concurrency: int, stop: asyncio.Event) -> None:
+        """One more executor of this node in a process of its own (`executor.processes`): the
+        event loop of one process is one core. It runs as `<node>.<index>` (claims name their
+        owner) with this node's settings, dies with this process (SIGKILL: as its node would),
+        and is stopped with it; should it end by itself, the node fails, as for any role."""
+        s = self.settings
+        # KJOB_CONFIG stays: the sandbox hides the config file it names from agents.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KJOB_") or k == "KJOB_CONFIG"}
+        env.update(settings_env(s.model_copy(update={
+            "executor": s.executor.model_copy(update={"processes": 1, "concurrency": concurrency}),
+            "dbus": s.dbus.model_copy(update={"enabled": False}),  # the node's own offers it
+            "node_name": f"{self.name}.{index}",
+            "nats_url": self.nats_urls.get("executor", self.nats_url),
+            "database_url": self.database_url,
+        })))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from kjob.cli.main import main; main()", "server", "--roles", "executor",
+            env=env, preexec_fn=die_with_parent(signal.SIGKILL, os.getpid()))
+        try:
+            await asyncio.wait({asyncio.create_task(proc.wait()), asyncio.create_task(stop.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if proc.returncode is not None and not stop.is_set():
+                raise RuntimeError(f"executor process {self.name}.{index} exited with {proc.returncode}")
+        finally:
+            if proc.returncode is None:
+                proc.terminate()  # it stops its attempts and drains, as this node does
+                try:
+                    await asyncio.wait_for(asyncio.shield(proc.wait()), timeout=30)
+                except (TimeoutError, asyncio.CancelledError):
+                    proc.kill()
+                    await proc.wait()
+
     def _own_api_url(self) -> str:
         return self.api_url or f"http://{_display_host(self.settings.host)}:{self.settings.port}"
 
@@ -246,6 +286,23 @@ class Node:
         if failed:
             role, task = failed[0]
             raise RuntimeError(f"the {role} role failed: {task.exception()}") from task.exception()
+
+
+def concurrency_shares(concurrency: int, processes: int) -> list[int]:
+    """`concurrency` runs in flight split over `processes` executor processes, each at least one."""
+    base, extra = divmod(concurrency, processes)
+    return [max(1, base + (1 if i < extra else 0)) for i in range(processes)]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """`settings` as the KJOB_* environment that makes the same Settings in another process
+    (sections as JSON): it takes precedence over the TOML file there."""
+    env = {}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is None:
+            continue
+        env[f"KJOB_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+    return env
 
 
 def _display_host(host: str) -> str:

@@ -17,19 +17,22 @@ from nats.js import JetStreamContext
 
 from kjob.bus import names
 from kjob.bus.messages import DueRun, Event, RunResult
-from kjob.model.run import Run
+from kjob.model.run import Run, Trigger
 from kjob.telemetry import metrics, tracing
 
 
 async def publish_due(js: JetStreamContext, run: Run) -> None:
-    """Put a run the ledger holds on `kjob.run.due.<tenant>`, `Nats-Msg-Id` = run id."""
+    """Put a run the ledger holds on `kjob.run.due.<tenant>`, `Nats-Msg-Id` = run id (and
+    `<run id>.backfill` for a backfill: it may run a slot whose own due message was just
+    published and skipped, and the stream would drop the same id as a duplicate)."""
     msg = DueRun(run_id=run.id, job_id=run.job_id, tenant=run.tenant, slug=run.slug,
                  slot=run.slot, trigger=run.trigger.value)
     subject = names.run_due(run.tenant)
     with tracing.publishing(subject, run_id=run.id, tenant=run.tenant, job=run.slug, slot=run.slot,
                             trigger=run.trigger.value) as trace_headers:
         await js.publish(subject, msg.encode(), headers={
-            "Nats-Msg-Id": run.id, names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant, **trace_headers})
+            "Nats-Msg-Id": f"{run.id}.backfill" if run.trigger is Trigger.backfill else run.id,
+            names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant, **trace_headers})
     metrics.run_published(run.slot, run.trigger.value)
 
 

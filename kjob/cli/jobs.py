@@ -55,6 +55,9 @@ def create(
         str | None, typer.Option("--tz", help="IANA time zone the schedule is read in [default: UTC]")
     ] = None,
     sandbox: Annotated[str | None, typer.Option(help="'process' or 'docker:IMAGE' [default: process]")] = None,
+    network: Annotated[str | None, typer.Option(
+        help="the sandbox's network: none (no network at all), egress (the internet, not the host's own or "
+             "private networks) or host [default: none]")] = None,
     output: Annotated[
         str | None, typer.Option("--output", help="result channel: a Relay channel, 'webhook:https://...' or 'none'")
     ] = None,
@@ -83,8 +86,9 @@ def create(
     data: dict[str, Any] = {"slug": slug, "prompt": prompt, "schedule": schedule, "agent": agent}
     if tz is not None:
         data["timezone"] = tz
-    if sandbox is not None:
-        data["sandbox"] = sandbox_spec(sandbox)
+    if sandbox is not None or network is not None:
+        data["sandbox"] = {**(sandbox_spec(sandbox) if sandbox is not None else {}),
+                           **({"network": network} if network is not None else {})}
     if output is not None:
         data["output"] = {"channel": output}
     policy = {k: v for k, v in (("max", retries), ("backoff", backoff)) if v is not None}

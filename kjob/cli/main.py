@@ -7,6 +7,7 @@ for a refused or failed action, 2 for a command line that does not parse.
 
 from __future__ import annotations
 
+import inspect
 import tomllib
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any
@@ -84,6 +85,30 @@ policies.register(app)
 serve.register(app)
 admin.register(app)
 dashboard.register(app)
+
+
+def reflow(text: str | None) -> str | None:
+    """A docstring's paragraphs as one line each. Typer keeps a docstring's own line breaks,
+    which cut sentences short in the middle of an 80-column terminal; one line a paragraph
+    lets the help wrap each at the terminal's width instead."""
+    if not text:
+        return text
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in paragraphs)
+
+
+def _reflow_all(group: typer.Typer) -> None:
+    for command in group.registered_commands:
+        command.help = reflow(command.help or inspect.getdoc(command.callback))
+    for sub in group.registered_groups:
+        if sub.typer_instance is None:
+            continue
+        sub.help = reflow(sub.help or sub.typer_instance.info.help)
+        sub.typer_instance.info.help = sub.help
+        _reflow_all(sub.typer_instance)
+
+
+_reflow_all(app)
 
 
 def kjob_version() -> str:

@@ -177,6 +177,7 @@ def job_table(job: dict[str, Any]) -> Table:
         ("timezone", job["timezone"]),
         ("agent", job["agent"]),
         ("sandbox", _sandbox(sandbox["backend"], sandbox.get("image"))),
+        ("network", NETWORK_WORDS.get(sandbox.get("network", "none"), sandbox.get("network"))),
         ("output", job["output"]["channel"]),
         ("retries", f"{retries['max']} ({retries['backoff']})"),
         ("timeout", job["timeout"]),
@@ -189,6 +190,14 @@ def job_table(job: dict[str, Any]) -> Table:
     for key, value in rows:
         table.add_row(key, str(value))
     return table
+
+
+#: `sandbox.network` in words (docs/sandboxes.md): `none` surprises a job that fetches a URL.
+NETWORK_WORDS = {
+    "none": "none (no network: set --network egress to reach the internet)",
+    "egress": "egress (the internet; not the host's own or private networks)",
+    "host": "host (the node's own network)",
+}
 
 
 def _paused(job: dict[str, Any]) -> str:

@@ -46,8 +46,11 @@ def backfill(
     overlap: OverlapOpt = None,
     output: Annotated[Format, typer.Option("--output", "-o", help="table for people, json for programs")] = Format.table,
 ) -> None:
-    """Run the job's slots of a past range (at most 1000). Slots already in the ledger are not
-    run again. The runs follow the job's overlap policy unless --overlap names another."""
+    """Run the job's slots of a past range (at most 1000).
+
+    Slots that ran are not run again; slots recorded skipped or missed are. The runs follow
+    the job's overlap policy unless --overlap names another; under skip they run one after
+    another."""
     with api() as kjob:
         result = kjob.runs.backfill(slug, start, end, overlap=overlap)  # type: ignore[arg-type]
     if output is Format.json:
@@ -58,9 +61,6 @@ def backfill(
         return
     say(f"backfill of {slug}: {result.queued} runs queued, {result.existing} slots already in the ledger "
         f"(not run again); overlap {result.overlap}")
-    if result.overlap == "skip" and result.queued > 1:
-        say("note: under overlap 'skip' a run that finds another still running is skipped; "
-            "--overlap queue runs them one after another")
 
 def register(app: typer.Typer) -> None:
     app.command()(backfill)

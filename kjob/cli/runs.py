@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import itertools
 import sys
+import time
 from collections.abc import Iterable
 from typing import Annotated
 
 import typer
 
 from kjob.cli.output import Col, Format, WideOpt, api, console, dump, print_json, print_table, say, when
-from kjob.client import RunStatus, RunView, WaitTimedOut
+from kjob.client import Client, RunStatus, RunView, WaitTimedOut
+from kjob.errors import KjobError
+from kjob.model.hints import network_hint
 from kjob.model.run import SHORT_RUN_ID
 
 OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for programs")]
@@ -63,7 +66,17 @@ def run_now(
     with api() as kjob:
         run = kjob.runs.run_now(slug)
         if not wait:
-            print_json(dump(run)) if output is Format.json else say(f"started run {run.id} of {slug}")
+            run = _started(kjob, run)
+            if output is Format.json:
+                print_json(dump(run))
+            elif run.status is RunStatus.scheduled:
+                say(f"queued run {run.id} of {slug}: no executor has started it yet "
+                    f"(`kjob logs -f {run.id[:SHORT_RUN_ID]}` follows it)")
+            elif run.status is RunStatus.skipped or (run.status.final and run.started_at is None):
+                # skipped (overlap `skip`, the cost cap), or ended before it could start
+                raise typer.Exit(_exit(f"{outcome(run)}; nothing was started"))
+            else:
+                say(f"started run {run.id} of {slug}")
             return
         try:
             with console().status(f"running {slug} (run {run.id[:SHORT_RUN_ID]})…", spinner="dots"):
@@ -71,13 +84,43 @@ def run_now(
         except WaitTimedOut as e:
             raise typer.Exit(_exit(f"error: {e}; follow it with `kjob logs -f {run.id[:SHORT_RUN_ID]}`")) from None
         log = list(kjob.runs.logs(run.id))
+        hint = failure_hint(kjob, run, log)
     if output is Format.json:
         print_json({**dump(run), "output": "".join(f"{line}\n" for line in log)})
     else:
         _write(log)
         say(f"{outcome(run)} after {run.attempt} attempt(s), {took(run) or '-'}")
+        if hint:
+            say(hint)
     if run.status is not RunStatus.succeeded:
         raise typer.Exit(1)
+
+
+def failure_hint(kjob: Client, run: RunView, log: list[str]) -> str | None:
+    """What to change, when a failed run's output says so (kjob.model.hints); None otherwise."""
+    if not run.status.final or run.status is RunStatus.succeeded:
+        return None
+    try:
+        network = kjob.jobs.get(run.slug).sandbox.network
+    except KjobError:  # the job was deleted since: no hint rather than no outcome
+        return None
+    return network_hint(network, [run.reason, run.error, *log[-50:]])
+
+
+#: How long `run-now` waits for an executor to take the run (or skip it) before saying it is queued.
+START_WAIT_S = 10.0
+
+
+def _started(kjob: Client, run: RunView) -> RunView:
+    """The run once an executor took it, started or skipped it (overlap `skip`), or as it is
+    after START_WAIT_S: so `run-now` never says "started" of a run that was not."""
+    deadline = time.monotonic() + START_WAIT_S
+    delay = 0.05
+    while run.status is RunStatus.scheduled and time.monotonic() < deadline:
+        time.sleep(delay)
+        delay = min(delay * 2, 0.5)
+        run = kjob.runs.get(run.id)
+    return run
 
 
 def _exit(message: str) -> int:
@@ -118,10 +161,16 @@ def logs(
 ) -> None:
     """A run's output (stdout and stderr); for a run that did not succeed, why, and exit 1."""
     with api() as kjob:
-        _write(kjob.runs.logs(run_id, follow=follow))
+        lines: list[str] = []
+        for line in kjob.runs.logs(run_id, follow=follow):
+            _write([line])
+            lines.append(line)
+            del lines[:-50]  # the tail is what a hint reads; a long log is not kept whole
         run = kjob.runs.get(run_id)
+        hint = failure_hint(kjob, run, lines)
     if run.status.final and run.status is not RunStatus.succeeded:
-        raise typer.Exit(_exit(outcome(run)))
+        _exit(outcome(run))
+        raise typer.Exit(_exit(hint) if hint else 1)
 
 
 def register(app: typer.Typer) -> None:

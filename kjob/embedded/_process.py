@@ -52,7 +52,7 @@ def _spawn(fn: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]
     return _spawner.submit(fn).result()
 
 
-def _die_with_parent(death_signal: int, parent_pid: int) -> Callable[[], None]:
+def die_with_parent(death_signal: int, parent_pid: int) -> Callable[[], None]:
     def preexec() -> None:
         if _prctl is not None:
             _prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
@@ -120,7 +120,7 @@ class ChildProcess:
             self._proc = None
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            preexec = _die_with_parent(self.stop_signal, os.getpid())
+            preexec = die_with_parent(self.stop_signal, os.getpid())
 
             def popen() -> subprocess.Popen[bytes]:
                 return subprocess.Popen(

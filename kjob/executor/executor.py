@@ -50,7 +50,7 @@ from kjob.model.policies import defer_delay
 from kjob.store.database import is_transient
 from kjob.store.runs import Claimed, Deferred, GaveUp, RunLedger, Skipped
 from kjob.store.secrets import SecretStore
-from kjob.store.usage import UsageStore
+from kjob.store.usage import UsageStore, usage_row
 from kjob.telemetry import metrics, tracing
 from kjob.telemetry.logging import agent_output
 
@@ -93,7 +93,9 @@ class Executor:
         # Never more than a third of the lease: a short lease (tests) still renews in time.
         self.margin_s = min(settings.claim_margin_s, settings.claim_lease_s / 3)
         #: Kills an agent whose claim this executor, paused, no longer renews (watchdog.py).
-        self.watchdog = Watchdog()
+        docker = sandboxes.get("docker")
+        self.watchdog = Watchdog(dsn=ledger.engine.url.set(drivername="postgresql").render_as_string(hide_password=False),
+                                 docker_url=getattr(docker, "url", None))
         self.in_flight = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -206,23 +208,33 @@ class Executor:
             claim.expired = True
             await self._claim_lost(run, job, msg, claim)
             return
-        await self._event(run, "run_started", f"attempt {run.attempt}")
-        over_cap = await self._over_cost_cap(job)
-        if over_cap is not None:  # the tenant's agents spent their day's budget: record, alert once
-            await self._skip_over_cost_cap(run, job, msg, over_cap)
-            return
+        if claimed.ended is None:
+            await self._event(run, "run_started", f"attempt {run.attempt}")
+            over_cap = await self._over_cost_cap(job)
+            if over_cap is not None:  # the tenant's agents spent their day's budget: record, alert once
+                await self._skip_over_cost_cap(run, job, msg, over_cap)
+                return
         acker = asyncio.create_task(self._keep_acking(msg))
         keeper = asyncio.create_task(claim.keep())
-        agent_run = self._agent_run(job)
+        agent_run = self._agent_run(job) if claimed.ended is None else None
         try:
-            outcome = await self._run_sandbox(claimed, claim, agent_run)
+            usage = None
+            if claimed.ended is not None:
+                # Its agent ran to its end under an executor that could not record it: conclude
+                # the attempt from the end its watchdog wrote; never run the agent again.
+                log.warning("executor: run %s attempt %d: %s", run.id, run.attempt, claimed.ended.reason)
+                outcome = Outcome(exit_code=claimed.ended.exit_code, reason=claimed.ended.reason)
+            else:
+                outcome = await self._run_sandbox(claimed, claim, agent_run)
             if agent_run is not None:  # what the agent said: its answer, verdict and usage
                 report = agent_run.report()
-                with contextlib.suppress(Exception):  # usage is bookkeeping; the run's end matters more
-                    await self.usage.record(run_id=run.id, attempt=run.attempt, tenant=job.tenant, job_id=job.id,
-                                            agent=job.agent, report=report)
-                    metrics.agent_usage(job.tenant, job.slug, job.agent, report.usage)
+                metrics.agent_usage(job.tenant, job.slug, job.agent, report.usage)
+                usage = usage_row(tenant=job.tenant, job_id=job.id, agent=job.agent, report=report)
             if outcome is None:
+                if agent_run is not None:  # no end to write it with: the tokens were spent all the same
+                    with contextlib.suppress(Exception):  # usage is bookkeeping
+                        await self.usage.record(run_id=run.id, attempt=run.attempt, tenant=job.tenant,
+                                                job_id=job.id, agent=job.agent, report=report)
                 await self._claim_lost(run, job, msg, claim)
                 return
             status = attempt_status(outcome.exit_code, outcome.timed_out, outcome.start_error)
@@ -233,8 +245,9 @@ class Executor:
                 reason = f"timed out after {job.timeout}"
             if status is RunStatus.failed and not reason:
                 reason = f"exit code {outcome.exit_code}"
-            claim.agent_done = True  # from now on the keeper only renews: no agent left to stop
-            self.watchdog.disarm(claim.key)
+            # From now on the keeper only renews: no agent left to stop. The watchdog stays armed
+            # until the end is written: should we be paused meanwhile, it writes the agent's end.
+            claim.agent_done = True
             retry = should_retry(status, run.attempt, run.lost_attempts, job.retries, permanent=outcome.permanent)
             retry_in = job.retries.delay(run.attempt).total_seconds() if retry else None
             # The claim keeper and the acker go on while the end is recorded: the claim stays
@@ -242,6 +255,7 @@ class Executor:
             finished = await self._record_end(run, dict(
                 status=status, exit_code=outcome.exit_code, reason=reason, output=outcome.output,
                 output_bytes=outcome.output_bytes, dropped_bytes=outcome.dropped_bytes, retry_in_s=retry_in,
+                usage=usage,  # in the same statement as the end: one round trip
             ))
         finally:
             self.watchdog.disarm(claim.key)
@@ -373,11 +387,13 @@ class Executor:
             hooks = {"prepare": agent_run.prepare, "collect": agent_run.collect}
         elif job.workspace is not None:
             return Outcome(start_error=f"workspace needs the process backend; the {sandbox.name} backend has none yet")
+        who = dict(run_id=run.id, attempt=run.attempt, node=self.node)  # whose end the watchdog may write
         launch = Launch(
             run_id=run.id, tenant=job.tenant, job_slug=job.slug, attempt=run.attempt,
             argv=argv, stdin=stdin, env={**job_env, **env}, spec=job.sandbox,
             timeout=job.timeout, output_cap_bytes=self.settings.output_cap_bytes, work_root=self.work_root, **hooks,
-            on_spawn=lambda pgid: self.watchdog.arm(claim.key, pgid, claim.kill_by),
+            on_spawn=lambda pgid, status_fd: self.watchdog.arm(claim.key, pgid, claim.kill_by, status_fd=status_fd, **who),
+            on_container=lambda container: self.watchdog.arm(claim.key, None, claim.kill_by, container=container, **who),
         )
         log_subject = names.run_log(job.tenant, run.id)
 

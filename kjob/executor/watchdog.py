@@ -1,5 +1,6 @@
 """A dead man's switch for agents: a small process of its own that kills an attempt's agent
-when its executor stops extending the attempt's deadline.
+when its executor stops extending the attempt's deadline, and writes down the end of an agent
+that ran to it while its executor could not.
 
 The executor stops an agent itself before the agent's claim can lapse (ClaimKeeper). That
 needs the executor to run: an executor that is paused (SIGSTOP, a debugger, a frozen cgroup)
@@ -9,65 +10,135 @@ executor does not pause it: each attempt is armed with its process group and a d
 the host's monotonic clock (shared by every process of the host), the executor extends the
 deadline at every renewal of the claim, and a deadline that passes kills the group.
 
-Protocol on the watchdog's stdin, one line each: `arm KEY PGID DEADLINE`, `disarm KEY`.
-End of input (the executor died) kills every armed group: its agents must not outlive it.
+An agent that ends while its executor is paused or dead has run: its attempt must not run
+again because nobody wrote that down. bwrap reports the agent's exit code on a status pipe
+(`--json-status-fd`) whose read end the executor hands over at arm time; the executor disarms
+only once it has written the end itself. So an armed attempt whose agent ended, when its
+deadline passes or its executor dies, is one whose end only the watchdog knows: it writes the
+exit code on the attempt's row (`run_attempts.agent_exit_code`), while the claim is still
+that executor's, and the executor that takes the claim over concludes the attempt from it
+instead of running the agent again (kjob.store.runs.RunLedger.claim).
+
+A docker-backend agent is armed by its container (`c:ID`): the engine keeps an exited
+container's exit code until the executor removes it, so the watchdog asks the engine
+(`docker URL`) instead of a pipe, and kills the container the same way.
+
+Protocol: SOCK_SEQPACKET messages on fd 0, one each: `db DSN`; `docker URL`; `arm KEY TARGET
+DEADLINE [RUN ATTEMPT NODE]` (TARGET: a process group, `c:` and a container id, or `-` not yet
+known), with the status pipe as an SCM_RIGHTS fd the first time; `disarm KEY`. End of input
+(the executor died): its agents run on to their deadlines, as if it were paused (their claims
+hold till then), and an end reached meanwhile is written at once; then the watchdog exits.
+
+Only the standard library is imported, and asyncpg once an end must be written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
+import json
 import logging
 import os
+import queue
 import select
 import signal
+import socket
 import sys
+import threading
 import time
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
+
+#: An attempt armed before its agent's process group exists (bwrap's status pipe tells it).
+_UNKNOWN = "-"
+#: How long an end is tried to be written while the database is away.
+WRITE_FOR_S = 120.0
+
+#: The attempt is still its executor's (its claim has not been taken over): the agent's end is
+#: that attempt's. The run row is locked, so a takeover waits for this and then sees the end.
+_RECORD_END_SQL = """
+WITH r AS (
+    SELECT id FROM job_runs
+    WHERE id = $1 AND attempt = $2 AND claimed_by = $3 AND status = 'running'
+    FOR UPDATE
+)
+UPDATE run_attempts a SET agent_exit_code = $4, agent_ended_at = now() - make_interval(secs => $5)
+FROM r WHERE a.run_id = r.id AND a.attempt = $2 AND a.finished_at IS NULL
+RETURNING a.run_id
+"""
 
 
 class Watchdog:
     """The executor's side: starts the watchdog process and tells it about attempts."""
 
-    def __init__(self) -> None:
+    def __init__(self, dsn: str | None = None, docker_url: str | None = None) -> None:
         self._proc: asyncio.subprocess.Process | None = None
-        self._groups: dict[str, int] = {}
+        self._sock: socket.socket | None = None
+        self._groups: dict[str, str] = {}
+        self._dsn, self._docker_url = dsn, docker_url
 
     async def start(self) -> None:
-        self._proc = await asyncio.create_subprocess_exec(
-            # This file as a script: the watchdog imports nothing but the standard library.
-            sys.executable, "-I", os.path.abspath(__file__),
-            stdin=asyncio.subprocess.PIPE, start_new_session=True,  # not paused or signalled with us
-        )
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                # This file as a script: the watchdog imports (almost) nothing but the standard library.
+                sys.executable, "-I", os.path.abspath(__file__),
+                stdin=theirs.fileno(), start_new_session=True,  # not paused or signalled with us
+            )
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        if self._dsn:
+            self._send(f"db {self._dsn}")
+        if self._docker_url:
+            self._send(f"docker {self._docker_url}")
 
-    def arm(self, key: str, pgid: int, deadline: float) -> None:
-        """Kill process group `pgid` once `time.monotonic()` passes `deadline`, unless extended."""
-        self._groups[key] = pgid
-        self._send(f"arm {key} {pgid} {deadline:.3f}")
+    def arm(self, key: str, pgid: int | None, deadline: float, *, container: str | None = None,
+            run_id: str | None = None, attempt: int | None = None, node: str | None = None,
+            status_fd: int | None = None) -> None:
+        """Kill process group `pgid` (or `container`) once `time.monotonic()` passes `deadline`,
+        unless extended. With the attempt's identity and bwrap's status pipe (or the container),
+        an agent that ended before that gets its end written instead (the executor keeps its
+        own copy of `status_fd`). Armed with the pipe before the spawn (`pgid` None), the
+        watchdog learns the group from the pipe: an executor that dies right after the spawn
+        leaves no agent unwatched. Arming again updates the attempt."""
+        target = f"c:{container}" if container else str(pgid) if pgid else _UNKNOWN
+        self._groups[key] = target
+        who = f" {run_id} {attempt} {node}" if run_id and attempt and node else ""
+        self._send(f"arm {key} {target} {deadline:.3f}{who}", status_fd)
 
     def extend(self, key: str, deadline: float) -> None:
-        pgid = self._groups.get(key)
-        if pgid is not None:
-            self._send(f"arm {key} {pgid} {deadline:.3f}")
+        target = self._groups.get(key)
+        if target is not None:
+            self._send(f"arm {key} {target} {deadline:.3f}")
 
     def disarm(self, key: str) -> None:
         if self._groups.pop(key, None) is not None:
             self._send(f"disarm {key}")
 
-    def _send(self, line: str) -> None:
-        if self._proc is None or self._proc.stdin is None or self._proc.returncode is not None:
+    def _send(self, line: str, fd: int | None = None) -> None:
+        if self._sock is None or self._proc is None or self._proc.returncode is not None:
             return
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            self._proc.stdin.write(line.encode() + b"\n")
+        try:
+            if fd is None:
+                self._sock.send(line.encode())
+            else:
+                socket.send_fds(self._sock, [line.encode()], [fd])
+        except BlockingIOError:  # the watchdog is far behind: the executor's own deadline still holds
+            log.warning("executor: the watchdog does not keep up; %s not sent", line.split()[0])
+        except OSError as err:
+            log.warning("executor: the watchdog is gone (%r)", err)
 
     async def close(self) -> None:
         if self._proc is None:
             return
         proc, self._proc = self._proc, None
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            assert proc.stdin is not None
-            proc.stdin.close()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         try:
             await asyncio.wait_for(proc.wait(), 5)
         except TimeoutError:
@@ -75,41 +146,241 @@ class Watchdog:
             await proc.wait()
 
 
-def _kill(pgid: int, why: str) -> None:
+# -- the watchdog process ---------------------------------------------------------------------
+
+
+@dataclass
+class _Armed:
+    target: str  #: a process group, or `c:` and a container id
+    deadline: float
+    run_id: str | None = None
+    attempt: int | None = None
+    node: str | None = None
+    status: int | None = None  #: bwrap's status pipe, until it closes
+    pending: bytes = b""
+    exit_code: int | None = None
+    ended: float = 0.0  #: monotonic
+
+
+def _kill(target: str, why: str, docker: "_Docker | None" = None) -> None:
+    if target == _UNKNOWN:  # its agent never started
+        return
+    if target.startswith("c:"):
+        if docker is None or not docker.kill(target[2:]):
+            return
+        _say(f"killed agent container {target[2:12]}: {why}")
+        return
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(int(target), signal.SIGKILL)
     except ProcessLookupError:
         return
-    print(f"kjob watchdog: killed agent process group {pgid}: {why}", file=sys.stderr, flush=True)
+    _say(f"killed agent process group {target}: {why}")
+
+
+class _Docker:
+    """The few Engine API calls the watchdog needs, over its unix socket or TCP."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def _request(self, method: str, path: str) -> tuple[int, bytes]:
+        if self.url.startswith("unix://") or self.url.startswith("/"):
+            conn: http.client.HTTPConnection = _UnixHTTP(self.url.removeprefix("unix://"))
+        else:
+            host = self.url.split("://", 1)[-1].rstrip("/")
+            conn = http.client.HTTPConnection(host, timeout=3)
+        try:
+            conn.request(method, path)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def exit_code(self, container: str) -> int | None:
+        """The exit code of a container that exited by itself; None while it runs (or if the
+        engine does not say)."""
+        try:
+            status, body = self._request("GET", f"/containers/{container}/json")
+            state = json.loads(body).get("State", {}) if status == 200 else {}
+        except (OSError, ValueError, http.client.HTTPException):
+            return None
+        code = state.get("ExitCode")
+        if state.get("Status") != "exited" or state.get("OOMKilled") or not isinstance(code, int) or code >= 128:
+            return None
+        return code
+
+    def kill(self, container: str) -> bool:
+        try:
+            status, _ = self._request("POST", f"/containers/{container}/kill?signal=KILL")
+        except (OSError, http.client.HTTPException) as err:
+            _say(f"cannot kill container {container[:10]}: {err!r}")
+            return False
+        return status == 204
+
+
+class _UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=3)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def _say(text: str) -> None:
+    print(f"kjob watchdog: {text}", file=sys.stderr, flush=True)
+
+
+class _EndWriter:
+    """Writes agents' ends to the ledger from a thread of its own, so that a database that is
+    away never holds up a kill."""
+
+    def __init__(self) -> None:
+        self.dsn: str | None = None
+        self._queue: queue.Queue[tuple[_Armed, float] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def write(self, attempt: _Armed) -> None:
+        if self.dsn is None or attempt.run_id is None:
+            _say(f"no database to write the end of {attempt.run_id}.{attempt.attempt} to")
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+            self._thread.start()
+        self._queue.put((attempt, time.monotonic()))
+
+    def finish(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(WRITE_FOR_S)
+
+    async def _serve(self) -> None:
+        import asyncpg
+
+        while (item := await asyncio.to_thread(self._queue.get)) is not None:
+            attempt, queued = item
+            delay = 0.2
+            while True:
+                try:
+                    conn = await asyncpg.connect(self.dsn, timeout=5)
+                    try:
+                        written = await conn.fetchval(
+                            _RECORD_END_SQL, attempt.run_id, attempt.attempt, attempt.node, attempt.exit_code,
+                            max(0.0, time.monotonic() - attempt.ended), timeout=5)
+                    finally:
+                        await conn.close()
+                    _say(f"run {attempt.run_id} attempt {attempt.attempt}: its agent ended (exit code "
+                         f"{attempt.exit_code}) while its executor could not record it; "
+                         + ("written to the ledger" if written else "not written: the claim is no longer its"))
+                    break
+                except Exception as err:  # the database is away: the claim cannot move meanwhile either
+                    if time.monotonic() - queued > WRITE_FOR_S:
+                        _say(f"gave up writing the end of run {attempt.run_id}: {err!r}")
+                        break
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+
+
+def _read_status(attempt: _Armed) -> None:
+    """bwrap's JSON lines; `exit-code` is the agent's end. EOF closes the pipe."""
+    assert attempt.status is not None
+    try:
+        chunk = os.read(attempt.status, 4096)
+    except OSError:
+        chunk = b""
+    if not chunk:
+        os.close(attempt.status)
+        attempt.status = None
+        return
+    attempt.pending += chunk
+    *lines, attempt.pending = attempt.pending.split(b"\n")
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            report = json.loads(line)
+            if not isinstance(report, dict):
+                continue
+            if attempt.target == _UNKNOWN and isinstance(report.get("child-pid"), int):
+                # Armed before the spawn (its executor may die right after it): the sandbox's
+                # processes share the group of the launcher that started them.
+                with contextlib.suppress(ProcessLookupError):
+                    attempt.target = str(os.getpgid(report["child-pid"]))
+            code = report.get("exit-code")
+            # 128 + n: killed by signal n (a timeout, the executor's own stop, the OOM killer):
+            # not an end the agent reached, so not one that must stand for the attempt.
+            if isinstance(code, int) and code < 128:
+                attempt.exit_code, attempt.ended = code, time.monotonic()
+
+
+def _ended(attempt: _Armed, docker: _Docker | None) -> bool:
+    """Whether the attempt's agent ran to its end (a container is asked now)."""
+    if attempt.exit_code is None and attempt.target.startswith("c:") and docker is not None:
+        code = docker.exit_code(attempt.target[2:])
+        if code is not None:
+            attempt.exit_code, attempt.ended = code, time.monotonic()
+    return attempt.exit_code is not None
+
+
+def _conclude(key: str, attempt: _Armed, writer: _EndWriter, docker: _Docker | None, why: str) -> None:
+    """The executor can no longer see to this attempt: write its agent's end, or kill it."""
+    if attempt.status is not None:
+        os.close(attempt.status)
+    if _ended(attempt, docker):
+        writer.write(attempt)
+        _kill(attempt.target, f"the rest of attempt {key}: {why}", docker)
+    else:
+        _kill(attempt.target, why, docker)
 
 
 def main() -> None:
-    armed: dict[str, tuple[int, float]] = {}
-    pending = b""
-    fd = sys.stdin.fileno()
-    while True:
+    armed: dict[str, _Armed] = {}
+    writer = _EndWriter()
+    docker: _Docker | None = None
+    #: None once the executor died: its agents then run on to their deadlines, as if it were
+    #: paused (their claims hold till then), and an end reached meanwhile is written at once.
+    control: socket.socket | None = socket.socket(fileno=sys.stdin.fileno())
+    while control is not None or armed:
         now = time.monotonic()
-        for key, (pgid, deadline) in list(armed.items()):
-            if now >= deadline:
+        for key, attempt in list(armed.items()):
+            if now >= attempt.deadline or (control is None and attempt.exit_code is not None):
                 del armed[key]
-                _kill(pgid, f"its executor did not extend attempt {key}'s deadline")
-        timeout = max(0.0, min((d for _, d in armed.values()), default=now + 60) - now)
-        readable, _, _ = select.select([fd], [], [], timeout)
-        if not readable:
+                why = "its executor died" if control is None else "its executor did not extend its deadline"
+                _conclude(key, attempt, writer, docker, f"attempt {key}: {why}")
+        timeout = max(0.0, min((a.deadline for a in armed.values()), default=now + 60) - now)
+        statuses = {a.status: a for a in armed.values() if a.status is not None}
+        readable, _, _ = select.select([*statuses, *([control] if control else [])], [], [], timeout)
+        for fd in readable:
+            if fd in statuses:
+                _read_status(statuses[fd])
+        if control is None or control not in readable:
             continue
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            for key, (pgid, _) in armed.items():
-                _kill(pgid, f"its executor ended while attempt {key} ran")
-            return
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            words = line.decode(errors="replace").split()
-            if len(words) == 4 and words[0] == "arm":
-                armed[words[1]] = (int(words[2]), float(words[3]))
-            elif len(words) == 2 and words[0] == "disarm":
-                armed.pop(words[1], None)
+        message, fds, _, _ = socket.recv_fds(control, 65536, 1)
+        if not message:
+            control.close()
+            control = None
+            continue
+        words = message.decode(errors="replace").split()
+        if len(words) == 2 and words[0] == "db":
+            writer.dsn = words[1]
+        elif len(words) == 2 and words[0] == "docker":
+            docker = _Docker(words[1])
+        elif len(words) in (4, 7) and words[0] == "arm":
+            attempt = armed.setdefault(words[1], _Armed(target=_UNKNOWN, deadline=0.0))
+            attempt.deadline = float(words[3])
+            if words[2] != _UNKNOWN:
+                attempt.target = words[2]
+            if len(words) == 7:
+                attempt.run_id, attempt.attempt, attempt.node = words[4], int(words[5]), words[6]
+            if fds and attempt.status is None:
+                attempt.status, fds = fds[0], fds[1:]
+        elif len(words) == 2 and words[0] == "disarm":
+            if (gone := armed.pop(words[1], None)) is not None and gone.status is not None:
+                os.close(gone.status)
+        for fd in fds:
+            os.close(fd)
+    writer.finish()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ live in `kjob.model.job.JobSpec` and have already run when a JobSpec exists.)"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -11,6 +12,7 @@ from kjob.dispatcher.relay import WEBHOOK_PREFIX, channel_kind
 from kjob.dispatcher.targets import check_target_at_create
 from kjob.errors import InvalidInput
 from kjob.executor.agents import AgentRegistry
+from kjob.model.channels import DEFAULT_CHANNEL_KINDS, check_channel_kind
 from kjob.model.job import JobSpec
 from kjob.model.targets import AllowList
 from kjob.model.text import find_bad_text
@@ -25,6 +27,7 @@ def check_job(
     now: datetime,
     previous: JobSpec | None = None,
     text_checked: bool = False,
+    channel_kinds: Sequence[str] = DEFAULT_CHANNEL_KINDS,
 ) -> None:
     """Raise InvalidInput (naming the field) unless this node can run and deliver `spec`.
 
@@ -33,12 +36,13 @@ def check_job(
     a one-shot job that already fired can still be edited, disabled or re-applied unchanged.
 
     :raises InvalidInput: field `agent` (unknown agent), `output.channel` (a channel this node
-        cannot deliver to), `schedule` (no future slot), or any text field holding a NUL
+        cannot deliver to, or of a kind not in `channel_kinds`), `schedule` (no future slot), or any text field holding a NUL
         character (PostgreSQL cannot store one).
     """
     if not text_checked:  # else the caller checked the request's text as a whole
         check_storable(spec.model_dump(mode="json"), "")
     agents.get(spec.agent)
+    check_channel_kind(spec.output.channel, channel_kinds)
     channel_kind(spec.output.channel, relay_configured)
     timing_changed = previous is None or (previous.schedule, previous.timezone) != (spec.schedule, spec.timezone)
     if timing_changed:

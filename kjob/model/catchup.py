@@ -3,12 +3,17 @@
 A ticker starting (after a restart, a failover, an outage) finds, for each job, the slots
 between the job's cursor in the ledger and now. Each one is accounted for:
 
-- *pending*: the slot's fire time (the slot plus its jitter) is at most `late_grace` old. It
-  is not downtime at all (a quick failover, or a jittered slot the old leader had not fired
-  yet): it is handed back to the ticker, which fires it as scheduled, at its jittered time.
-- otherwise the job's catch-up rule decides, judged on the *newest* slots: `latest` runs the
-  newest one inside the window (unless a pending slot runs anyway), `all` runs those inside
-  the window, `none` runs none. Those that do not run are `missed`, with their reason.
+- *pending*: the slot's fire time (the slot plus its jitter) is still to come (a jittered slot
+  the old leader had not fired yet). It is handed back to the ticker, which fires it as
+  scheduled, at its jittered time (trigger `schedule`).
+- every other slot is *late*: it fell due while no ticker fired it. The job's catch-up rule
+  decides which late slots run, judged together on the newest ones, so late slots never
+  fire at once only to be skipped against each other: `latest` runs the newest late slot
+  inside the window, `all` runs every late slot inside it (the overlap policy then starts
+  them one after another), `none` runs none. A slot at most `late_grace` late (a failover,
+  a quick restart) counts as inside any window, and under `none` the newest such slot still
+  runs: a failover does not lose the slot of the moment. Every late slot that runs has
+  trigger `catchup`; the others are `missed`, with their reason.
 
 The newest `listed_max` slots are decided one by one (a ledger row each). Older ones, which
 a long outage of a frequent job piles up (an `@every 1s` job down a day has 86,400), are
@@ -48,7 +53,7 @@ BY_POLICY = "catchup_policy"
 
 @dataclass(frozen=True, slots=True)
 class SettledSlot:
-    """One downtime slot: it runs now (`runs`, trigger `catchup`) or is `missed` for `reason`."""
+    """One late slot: it runs now (`runs`, trigger `catchup`) or is `missed` for `reason`."""
 
     slot: datetime
     runs: bool
@@ -122,21 +127,22 @@ def settle(
     fire = fire_at or (lambda s: s)
     recent, more = newest_slots(schedule, tz, after, now, listed_max)
     # Fire times grow with slots (jitter never passes the next slot): pending ones are a suffix.
-    down = list(itertools.takewhile(lambda s: fire(s) < late_from, recent))
-    pending = len(down) < len(recent)
-    inside = [s for s in down if s > window_start]
+    down = list(itertools.takewhile(lambda s: fire(s) <= now, recent))
+    recent_enough = [s for s in down if fire(s) >= late_from]  # a failover's, a quick restart's
+    inside = [s for s in down if s > window_start or fire(s) >= late_from]
+    inside_set = set(inside)
     if policy.policy == "all":
         runs = set(inside)
-    elif policy.policy == "latest" and not pending:
+    elif policy.policy == "latest":
         runs = set(inside[-1:])
     else:
-        runs = set()
+        runs = set(recent_enough[-1:])
     window = format_duration(policy.window)
     outside_reason = f"scheduler was down at this slot, which is outside the catch-up window ({window})"
     policy_reason = f"scheduler was down at this slot; catch-up policy '{policy.policy}' did not run it"
     settled = [
         SettledSlot(s, True) if s in runs
-        else SettledSlot(s, False, outside_reason, OUTSIDE_WINDOW) if s <= window_start
+        else SettledSlot(s, False, outside_reason, OUTSIDE_WINDOW) if s not in inside_set
         else SettledSlot(s, False, policy_reason, BY_POLICY)
         for s in down
     ]

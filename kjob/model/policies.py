@@ -24,6 +24,10 @@ from kjob.model.schedule import Schedule
 #:
 #: - `skip` (default): the new run is not started; the ledger records it `skipped`, with the
 #:   reason "previous run <id> still running". Kubernetes' `Forbid`, Temporal's `SKIP`.
+#:   The runs of a backfill and of catch-up are each asked for (a range, the catch-up rule):
+#:   under `skip` they wait for one another, and for a run still going, as under `queue`, so
+#:   a backfill of 3 slots runs 3, one after another. A slot recorded `skipped` (or `missed`)
+#:   never ran: a backfill may run it.
 #: - `queue`: the new run waits until no other run of the job is going, then starts. Every
 #:   waiting run is kept (Temporal's `BUFFER_ALL`, not `BUFFER_ONE`) and they start one at a
 #:   time in slot order, so a backfill under `queue` replays its range in order.

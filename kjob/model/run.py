@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -191,6 +192,22 @@ class Attempt(BaseModel):
     finished_at: datetime | None = None
     exit_code: int | None = None
     reason: str | None = None
+
+
+@dataclass(frozen=True)
+class AgentEnd:
+    """An attempt's agent ran to its end while its executor could not record it (paused or
+    dead): its watchdog wrote the exit code down. The executor that takes the claim over
+    concludes the attempt from this, and never runs the agent again."""
+
+    exit_code: int
+    node: str | None
+    ended_at: datetime | None
+
+    @property
+    def reason(self) -> str:
+        return (f"the agent ran to its end on {self.node or 'its node'} (exit code {self.exit_code}) while its "
+                "executor was paused or had died; its output was lost with that executor")
 
 
 #: How many leading characters of a run id tables show, and the fewest a prefix may have:

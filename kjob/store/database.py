@@ -73,8 +73,10 @@ def create_engine(
     claim. asyncpg's `command_timeout` bounds each statement on the client side, where a
     paused or unreachable server cannot stop it from firing; PostgreSQL's own
     `statement_timeout` (a little longer) frees the server from statements nobody waits for any
-    more; connecting and waiting for a pooled connection have theirs. `statement_timeout_s=None`
-    lifts the statement deadlines (migrations may build indexes for minutes).
+    more; connecting and waiting for a pooled connection have theirs; a session left idle inside
+    a transaction (its client lost) is ended by the server after three statement deadlines, so
+    its locks go with it. `statement_timeout_s=None` lifts these deadlines (migrations may build
+    indexes for minutes).
 
     No `pool_pre_ping`: it would add a round trip to every statement of the hot path. After a
     PostgreSQL restart, the first disconnect error invalidates the whole pool (SQLAlchemy does
@@ -85,7 +87,13 @@ def create_engine(
     connect_args: dict[str, object] = {"timeout": connect_timeout_s}
     if statement_timeout_s is not None:
         connect_args["command_timeout"] = statement_timeout_s
-        connect_args["server_settings"] = {"statement_timeout": str(int(statement_timeout_s * 1000) + 1000)}
+        connect_args["server_settings"] = {
+            "statement_timeout": str(int(statement_timeout_s * 1000) + 1000),
+            # kjob never waits between the statements of a transaction on anything but itself:
+            # a session idle in one this long has a client that is gone or lost (seen after
+            # faults: a claim left open for minutes, its job's lock with it, stalling the job).
+            "idle_in_transaction_session_timeout": str(int(statement_timeout_s * 3000) + 1000),
+        }
     if not {"ssl", "sslmode"} & set(parsed.query) and (parsed.host in (None, "", "localhost", "127.0.0.1", "::1")):
         # asyncpg tries TLS first by default: on loopback that is a wasted round trip per connect.
         connect_args["ssl"] = False

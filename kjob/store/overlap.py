@@ -1,7 +1,7 @@
 """The overlap policy, enforced where a run starts: inside the executor's claim transaction.
 
-`RunLedger.claim` calls `lock_job` first, so the claims of one job's runs happen one after the
-other (two executors claiming two slots of a `skip` job at once cannot both start), then
+`RunLedger.claim` takes the job lock first (`job_lock_sql`), so the claims of one job's runs
+happen one after the other (two executors claiming two slots of a `skip` job at once cannot both start), then
 `settle` once it holds the run's row. What each policy does is stated in
 `kjob.model.policies.OverlapPolicy`. A run is *busy* when it is `running` or `retrying`, or
 `cancelled` by `replace` while its executor has not yet confirmed the sandbox stopped.
@@ -45,39 +45,31 @@ _BUSY = or_(
 )
 
 
-async def lock_job(conn: AsyncConnection, run_id: str) -> str | None:
-    """Hold the run's job lock until the transaction ends, and return the overlap policy the
-    run starts under (its own, else its job's); None if there is no such run."""
-    key = func.hashtextextended(literal("kjob.job:") + cast(job_runs.c.job_id, Text), 0)
-    row = (await conn.execute(
-        select(func.coalesce(job_runs.c.overlap, jobs.c.spec["overlap"].astext, "skip"),
-               func.pg_advisory_xact_lock(key))
-        .select_from(job_runs.join(jobs, jobs.c.id == job_runs.c.job_id))
-        .where(job_runs.c.id == run_id)
-    )).first()
-    return None if row is None else row[0]
+#: `_BUSY` in SQL, for a row `o` of another run of the job: the claim's own check of `skip`.
+BUSY_SQL = "(o.status IN ('running', 'retrying') OR (o.status = 'cancelled' AND o.claimed_by IS NOT NULL))"
+
+
+def job_lock_sql(job_id: str) -> str:
+    """SQL that holds the job lock of `job_id` (a column or parameter) until the transaction
+    ends: the claim reads the run, its job and this lock in one statement."""
+    return f"pg_advisory_xact_lock(hashtextextended('kjob.job:' || CAST({job_id} AS text), 0))"
 
 
 DISABLED_REASON = "the job was disabled before this slot started"
 
 
-async def refuse_if_disabled(conn: AsyncConnection, before: Any, now: datetime) -> Skipped | None:
-    """A scheduled slot of a job disabled since it was written does not start: it is final as
-    `skipped`, with the reason. The job row is read FOR SHARE, so a disable in flight commits
-    first (and is seen) or waits for this claim: once `disable` returns, no slot of the job
-    starts. Manual runs and backfills run on a disabled job, as asked."""
-    if before.status != RunStatus.scheduled.value:
-        return None
-    row = (await conn.execute(
-        select(jobs.c.enabled, job_runs.c.trigger)
-        .select_from(job_runs.join(jobs, jobs.c.id == job_runs.c.job_id))
-        .where(job_runs.c.id == before.id)
-        .with_for_update(read=True, of=jobs)
-    )).first()
-    if row is None or row.enabled or row.trigger not in (Trigger.schedule.value, Trigger.catchup.value):
-        return None
+def disabled_slot(enabled: bool, trigger: str) -> bool:
+    """A slot the ticker wrote, of a job that is disabled now: it does not start (it is final
+    as `skipped`, with the reason). The claim reads the job row FOR SHARE, so a disable in
+    flight commits first (and is seen) or waits for the claim: once `disable` returns, no slot
+    of the job starts. Manual runs and backfills run on a disabled job, as asked."""
+    return not enabled and trigger in (Trigger.schedule.value, Trigger.catchup.value)
+
+
+async def skip_disabled(conn: AsyncConnection, run_id: str, now: datetime) -> Skipped:
+    """Make the scheduled run `run_id` of a disabled job final as `skipped`, saying why."""
     skipped = (await conn.execute(
-        update(job_runs).where(job_runs.c.id == before.id)
+        update(job_runs).where(job_runs.c.id == run_id)
         .values(status=RunStatus.skipped.value, reason=DISABLED_REASON, finished_at=now,
                 delivery_status=DeliveryStatus.none.value)
         .returning(job_runs)
@@ -86,10 +78,12 @@ async def refuse_if_disabled(conn: AsyncConnection, before: Any, now: datetime) 
 
 
 async def settle(conn: AsyncConnection, before: Any, policy: str, new_run_id: str, now: datetime) -> Skipped | Deferred | None:
-    """Apply `policy` to the run `before` (its locked row: id, job_id, slot, status) before it
-    starts. None: it may start now (any run it replaces is cancelled in this transaction)."""
+    """Apply `policy` to the run `before` (its locked row: id, job_id, slot, status, trigger)
+    before it starts. None: it may start now (any run it replaces is cancelled in this
+    transaction)."""
     if policy == "allow" or before.status != RunStatus.scheduled.value:
         return None
+    policy = effective_policy(policy, before.trigger)
     waiting = and_(job_runs.c.status == RunStatus.scheduled.value, job_runs.c.slot < before.slot)
     query = (
         select(job_runs.c.id, job_runs.c.status, job_runs.c.claim_until, job_runs.c.attempt)
@@ -118,6 +112,29 @@ async def settle(conn: AsyncConnection, before: Any, policy: str, new_run_id: st
     if policy == "queue":
         return Deferred(f"waiting for run {first.id} ({first.status})")
     return await _replace(conn, others, new_run_id, now)
+
+
+#: Final statuses of slots that never ran: a backfill of the slot runs it after all.
+RERUNNABLE = (RunStatus.skipped.value, RunStatus.missed.value)
+
+
+def rerun_values(new: Any) -> dict[str, Any]:
+    """The columns a backfill sets on a `RERUNNABLE` row (`new`: the inserted row, e.g.
+    `excluded`): a fresh run of the same slot and key, as if the slot had never been settled."""
+    return dict(trigger=new.trigger, status=new.status, overlap=new.overlap, reason=None, error=None, exit_code=None,
+                finished_at=None, started_at=None, published_at=None, claimed_by=None, claim_until=None,
+                next_attempt_at=None, lost_attempts=0, delivery_status=DeliveryStatus.pending.value,
+                delivery_attempts=0, delivery_error=None, delivered_at=None, output_excerpt=None, output_bytes=None)
+
+
+def effective_policy(policy: str, trigger: str) -> str:
+    """`skip` keeps a slot from starting while the job still runs; the slots a user asked for
+    as a range (a backfill) or the catch-up rule chose after downtime are each meant to run,
+    so under `skip` they wait their turn (`queue`) instead of skipping one another
+    (kjob.model.policies.OverlapPolicy)."""
+    if policy == "skip" and trigger in (Trigger.backfill.value, Trigger.catchup.value):
+        return "queue"
+    return policy
 
 
 async def _replace(conn: AsyncConnection, others: list[Any], new_run_id: str, now: datetime) -> Deferred | None:

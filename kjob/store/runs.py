@@ -29,14 +29,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from kjob.errors import InvalidInput, NotFound
 from kjob.model.job import Job, RetryPolicy
 from kjob.model.run import (
-    FINAL_STATUSES, Attempt, DeliveryStatus, Run, RunStatus, Trigger, run_id_prefix, should_retry,
+    FINAL_STATUSES, AgentEnd, Attempt, DeliveryStatus, Run, RunStatus, Trigger, run_id_prefix, should_retry,
 )
 from kjob.store.audit import Actor, record_by
 from kjob.store.database import raw_connection
 from kjob.store.jobs import job_from_dict
 from kjob.store.quotas import check_running
 from kjob.store import overlap
-from kjob.store.overlap import Deferred, Skipped
+from kjob.store.overlap import RERUNNABLE, Deferred, Skipped, rerun_values
+from kjob.store.usage import USAGE_COLUMNS
 from kjob.store.tables import job_dispatch_targets, job_runs, jobs, missed_ranges, run_attempts, run_logs
 
 OPEN = (RunStatus.scheduled.value, RunStatus.running.value, RunStatus.retrying.value)
@@ -138,15 +139,50 @@ WITH fin AS (
 SELECT * FROM fin
 """
 
+#: With the attempt's end, what its agent reported (kjob.store.usage), in the same statement:
+#: the dispatcher, which only sees a run after its end, finds the answer it sends. Written
+#: whether or not the claim still held: the tokens were spent all the same.
+_FINISH_WITH_USAGE_SQL = _FINISH_SQL.replace("SELECT * FROM fin", """, usage AS (
+    INSERT INTO run_usage (run_id, attempt, """ + ", ".join(c for c, _ in USAGE_COLUMNS) + """)
+    SELECT $1, $3, """ + ", ".join(f"${14 + i}::{t}" for i, (_, t) in enumerate(USAGE_COLUMNS)) + """
+    WHERE EXISTS (SELECT 1 FROM job_runs WHERE id = $1)
+    ON CONFLICT (run_id, attempt) DO UPDATE SET """ + ", ".join(f"{c} = EXCLUDED.{c}" for c, _ in USAGE_COLUMNS) + """
+)
+SELECT * FROM fin""")
+
+
+#: The claim's first statement: the run if it is claimable, its job (read FOR SHARE: a disable
+#: in flight commits first, or waits for this claim) and the job lock, taken before the row
+#: locks. A run changed meanwhile (a duplicate's claim committed while we waited) is re-read as
+#: it is now, and left out if no longer claimable. A lapsed claim is taken over only
+#: `lease / 2` after it lapsed: the owner stopped its agent before the lapse
+#: (kjob.executor.executor.ClaimKeeper), and after a stall of the database this is its time to
+#: renew, or to write the end of an attempt that ran to it, before anyone may run it again.
+#: The database's clock only: claims written from each executor's own clock would let a node
+#: whose clock runs ahead see live claims as expired, and steal them.
+_CLAIM_LOCK_SQL = text("""
+SELECT r.id, r.job_id, r.slot, r.status, r.attempt, r.tenant, r.lost_attempts, r.trigger, j.enabled,
+       j.spec -> 'retries' AS retries, coalesce(r.overlap, j.spec ->> 'overlap', 'skip') AS policy, now() AS db_now,
+       """ + overlap.job_lock_sql("r.job_id") + """ AS locked
+FROM job_runs r JOIN jobs j ON j.id = r.job_id
+WHERE r.id = :run_id AND (
+    r.status = 'scheduled'
+    OR (r.status = 'retrying' AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now()))
+    OR (r.status = 'running' AND r.claim_until < now() - make_interval(secs => CAST(:lease AS float8) / 2)))
+FOR UPDATE OF r FOR SHARE OF j
+""")
 
 #: The claim itself, once the checks passed: the run row, the lost attempt (if any), the new
-#: attempt and the job as it is now, in one round trip.
+#: attempt and the job as it is now, in one round trip. With `:guard` (overlap `skip`, a first
+#: attempt), only if no other run of the job is busy: this statement starts after the job lock
+#: was taken, so it sees every claim of the job before it. No row: one is busy; `settle` decides.
 _CLAIM_SQL = text("""
 WITH claimed AS (
     UPDATE job_runs SET status = 'running', attempt = attempt + 1, lost_attempts = lost_attempts + :lost,
         claimed_by = :executor, claim_until = CAST(:now AS timestamptz) + make_interval(secs => CAST(:lease AS float8)), started_at = :now,
         next_attempt_at = NULL
-    WHERE id = :run_id
+    WHERE id = :run_id AND NOT (CAST(:guard AS bool) AND EXISTS (
+        SELECT 1 FROM job_runs o WHERE o.job_id = job_runs.job_id AND o.id <> :run_id AND """ + overlap.BUSY_SQL + """))
     RETURNING *
 ), lost AS (
     UPDATE run_attempts a SET status = 'lost', finished_at = :now, reason = :reason
@@ -159,6 +195,20 @@ WITH claimed AS (
 SELECT claimed.*, row_to_json(j)::text AS job FROM claimed JOIN jobs j ON j.id = claimed.job_id
 """)
 
+
+#: A lapsed claim whose agent had run to its end (its watchdog wrote the exit code): the claim
+#: moves to the new executor for the same attempt, which concludes it without the agent.
+_ADOPT_SQL = text("""
+WITH adopted AS (
+    UPDATE job_runs SET claimed_by = :executor, claim_until = now() + make_interval(secs => CAST(:lease AS float8))
+    WHERE id = :run_id
+    RETURNING *
+)
+SELECT adopted.*, row_to_json(j)::text AS job FROM adopted JOIN jobs j ON j.id = adopted.job_id
+""")
+
+
+_CLAIM_FIRST_SQL = "SELECT outcome, run_row, job_row FROM kjob_claim_first($1, $2, $3)"
 
 #: The end of a run whose attempts were lost once too often (kjob.model.run.should_retry): an
 #: agent that kills its node must not crash-loop the fleet.
@@ -244,6 +294,9 @@ class Claimed:
     job: Job
     #: The attempt before this one was lost (its executor died): recorded as such.
     previous_lost: bool
+    #: Set when the claim was taken over from an executor whose agent had ended (its watchdog
+    #: wrote the end): the same attempt, to conclude from this, without running the agent.
+    ended: AgentEnd | None = None
 
 
 @dataclass(frozen=True)
@@ -254,6 +307,13 @@ class Delivery:
 
 #: How many runs an ambiguous short id error names.
 AMBIGUOUS_SHOWN = 3
+
+
+def _claimed(row, **fields) -> Claimed:
+    """A claim statement's row: the run, with its job as JSON."""
+    mapping = dict(row._mapping)
+    job = json.loads(mapping.pop("job"))
+    return Claimed(run=Run.model_validate(mapping), job=job_from_dict(job), **fields)
 
 
 def _run(row) -> Run:
@@ -454,9 +514,11 @@ class RunLedger:
         self, job: Job, slots: Sequence[datetime], *, overlap: str | None = None, actor: Actor | None = None
     ) -> tuple[list[Run], int]:
         """Add a backfill run for each slot that the ledger does not hold yet (the slot is the
-        run key: a slot already run, missed or skipped is left alone). Returns the new runs, in
-        slot order, and how many slots were already there. `overlap` overrides the job's
-        overlap policy for these runs; with `actor`, the audit log records `job.backfill`."""
+        run key: a slot that ran, runs or waits is left alone). A slot recorded `skipped` or
+        `missed` never ran: its row becomes this backfill's run (kjob.store.overlap.RERUNNABLE).
+        Returns the new runs, in slot order, and how many slots were already there. `overlap`
+        overrides the job's overlap policy for these runs; with `actor`, the audit log records
+        `job.backfill`."""
         from kjob.model.run import run_id_for, utc_text
 
         if not slots:
@@ -467,8 +529,11 @@ class RunLedger:
             for slot in slots
         ]
         async with self.engine.begin() as conn:
+            stmt = insert(job_runs).values(values)
             rows = (await conn.execute(
-                insert(job_runs).values(values).on_conflict_do_nothing().returning(job_runs)
+                stmt.on_conflict_do_update(index_elements=[job_runs.c.id], set_=rerun_values(stmt.excluded),
+                                           where=job_runs.c.status.in_(RERUNNABLE))
+                .returning(job_runs)
             )).all()
             if actor is not None:
                 await record_by(conn, actor, "job.backfill", f"job/{job.slug}", {
@@ -492,38 +557,37 @@ class RunLedger:
         :raises TenantBusy: `max_running` (the tenant's concurrency quota) other runs of the
             tenant are running; nothing changed, so the run can be claimed again later.
         """
-        # The database's clock only: claims written from each executor's own clock would let a
-        # node whose clock runs ahead see live claims as expired, and steal them.
-        now = func.now()
-        claimable = or_(
-            and_(job_runs.c.status == RunStatus.scheduled.value),
-            and_(job_runs.c.status == RunStatus.retrying.value,
-                 or_(job_runs.c.next_attempt_at.is_(None), job_runs.c.next_attempt_at <= now)),
-            # A lapsed claim is taken over only `lease / 2` after it lapsed: the owner stopped its
-            # agent before the lapse (kjob.executor.executor.ClaimKeeper), and after a stall of the
-            # database this is its time to renew, or to write the end of an attempt that ran to it,
-            # before anyone may run the attempt again.
-            and_(job_runs.c.status == RunStatus.running.value,
-                 job_runs.c.claim_until < now - lease / 2),
-        )
+        if max_running is None:
+            # The common case in one round trip (migration 0009): a first attempt of an enabled
+            # `skip` or `allow` job that nothing else of runs. The function answers `slow` for
+            # the rest, left to the transaction below.
+            async with raw_connection(self.engine) as raw:
+                first = await raw.fetchrow(_CLAIM_FIRST_SQL, run_id, executor, lease.total_seconds())
+            if first["outcome"] == "none":
+                return None  # no such run
+            if first["outcome"] == "claimed":
+                return Claimed(run=Run.model_validate_json(first["run_row"]),
+                               job=job_from_dict(json.loads(first["job_row"])), previous_lost=False)
         async with self.engine.begin() as conn:
-            policy = await overlap.lock_job(conn, run_id)
-            if policy is None:
-                return None
-            # Under the job lock no other claim holds this row; a heartbeat or mark_published
-            # may, briefly: wait for it rather than skip a run that is ours to start.
-            before = (await conn.execute(
-                select(job_runs.c.id, job_runs.c.job_id, job_runs.c.slot, job_runs.c.status, job_runs.c.attempt,
-                       job_runs.c.tenant, job_runs.c.lost_attempts, jobs.c.spec["retries"].label("retries"),
-                       now.label("db_now"))
-                .select_from(job_runs.join(jobs, jobs.c.id == job_runs.c.job_id))
-                .where(job_runs.c.id == run_id, claimable)
-                .with_for_update(of=job_runs)
-            )).first()
+            # Three statements: the run, its job and the job lock; the claim (with the `skip`
+            # check in it); the commit. The other policies' checks, a quota and a busy job take
+            # the longer way (kjob.store.overlap.settle).
+            before = (await conn.execute(_CLAIM_LOCK_SQL, dict(run_id=run_id, lease=lease.total_seconds()))).first()
             if before is None:
-                return None
-            now = before.db_now
+                return None  # no such run, or not ours to run (done, owned, early)
+            now, policy = before.db_now, before.policy
             lost = before.status == RunStatus.running.value
+            if lost:  # read after the lock: a watchdog writing this attempt's end went first
+                ended = (await conn.execute(
+                    select(run_attempts.c.agent_exit_code, run_attempts.c.agent_ended_at, run_attempts.c.executor)
+                    .where(run_attempts.c.run_id == run_id, run_attempts.c.attempt == before.attempt,
+                           run_attempts.c.agent_exit_code.is_not(None))
+                )).first()
+                if ended is not None:
+                    row = (await conn.execute(_ADOPT_SQL, dict(
+                        run_id=run_id, executor=executor, lease=lease.total_seconds()))).one()
+                    return _claimed(row, previous_lost=False, ended=AgentEnd(
+                        exit_code=ended.agent_exit_code, node=ended.executor, ended_at=ended.agent_ended_at))
             if lost and not should_retry(RunStatus.lost, before.attempt, before.lost_attempts + 1,
                                          RetryPolicy.model_validate(before.retries or {})):
                 reason = (f"gave up after {before.lost_attempts + 1} lost attempts: each time its executor "
@@ -531,18 +595,25 @@ class RunLedger:
                 row = (await conn.execute(_GIVE_UP_SQL, dict(
                     run_id=run_id, now=now, reason=reason, lost_reason=LOST_REASON))).one()
                 return GaveUp(run=_run(row))
-            held = await overlap.refuse_if_disabled(conn, before, now) or await overlap.settle(conn, before, policy, run_id, now)
-            if held is not None:
-                return held
+            first = before.status == RunStatus.scheduled.value
+            if first and overlap.disabled_slot(before.enabled, before.trigger):
+                return await overlap.skip_disabled(conn, run_id, now)
+            guard = first and overlap.effective_policy(policy, before.trigger) == "skip" and max_running is None
+            if first and not guard:
+                held = await overlap.settle(conn, before, policy, run_id, now)
+                if held is not None:
+                    return held
             if max_running is not None:
                 await check_running(conn, before.tenant, run_id, max_running)
-            row = (await conn.execute(_CLAIM_SQL, dict(
-                run_id=run_id, executor=executor, lost=1 if lost else 0, lease=lease.total_seconds(), now=now,
-                reason=LOST_REASON,
-            ))).one()
-        mapping = dict(row._mapping)
-        job = json.loads(mapping.pop("job"))
-        return Claimed(run=Run.model_validate(mapping), job=job_from_dict(job), previous_lost=lost)
+            params = dict(run_id=run_id, executor=executor, lost=1 if lost else 0, lease=lease.total_seconds(),
+                          now=now, reason=LOST_REASON)
+            row = (await conn.execute(_CLAIM_SQL, dict(params, guard=guard))).first()
+            if row is None:  # another run of the `skip` job is busy (or stopping): settle it
+                held = await overlap.settle(conn, before, policy, run_id, now)
+                if held is not None:
+                    return held
+                row = (await conn.execute(_CLAIM_SQL, dict(params, guard=False))).one()
+        return _claimed(row, previous_lost=lost)
 
     async def heartbeat(self, run_id: str, executor: str, attempt: int, lease: timedelta) -> bool:
         """Extend our claim. False: the claim is no longer ours; stop the attempt."""
@@ -600,19 +671,23 @@ class RunLedger:
         output_bytes: int,
         dropped_bytes: int,
         retry_in_s: float | None,
+        usage: dict | None = None,
         excerpt_chars: int = 4000,
     ) -> Run | None:
         """Record the attempt's end, if our claim still holds. None: it did not (someone else
         owns the run now, so this attempt's result is void and must not be reported).
-        `retry_in_s`: the run is tried again this long after the database's now."""
+        `retry_in_s`: the run is tried again this long after the database's now. `usage`: what
+        the agent reported (kjob.store.usage.usage_row), written in the same statement."""
         run_status = RunStatus.retrying if retry_in_s is not None else status
         error = reason if status is not RunStatus.succeeded else None
         # One statement, outside an explicit transaction: the run, its attempt and its log change
         # together or not at all, in one round trip (this is on every run's path).
         async with raw_connection(self.engine) as raw:
             record = await raw.fetchrow(
-                _FINISH_SQL, run_id, executor, attempt, run_status.value, exit_code, error, reason,
+                _FINISH_SQL if usage is None else _FINISH_WITH_USAGE_SQL,
+                run_id, executor, attempt, run_status.value, exit_code, error, reason,
                 output[:excerpt_chars], output_bytes, retry_in_s, status.value, output, dropped_bytes,
+                *([] if usage is None else [usage[c] for c, _ in USAGE_COLUMNS]),
             )
         return None if record is None else Run.model_validate(dict(record))
 

@@ -8,6 +8,7 @@ finish it only while the claim is still its own.
 from __future__ import annotations
 
 from sqlalchemy import (
+    DDL,
     BigInteger,
     Boolean,
     Float,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    event,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB, UUID
@@ -129,6 +131,10 @@ run_attempts = Table(
     Column("finished_at", TS),
     Column("exit_code", Integer),
     Column("reason", Text),
+    #: Written by the executor's watchdog when the agent ended while its executor could not
+    #: record it (kjob.executor.watchdog); the attempt is concluded from it, never run again.
+    Column("agent_exit_code", Integer),
+    Column("agent_ended_at", TS),
     PrimaryKeyConstraint("run_id", "attempt", name="pk_run_attempts"),
 )
 
@@ -251,3 +257,50 @@ run_usage = Table(
 )
 Index("ix_run_usage_tenant_recorded_at", run_usage.c.tenant, run_usage.c.recorded_at)
 Index("ix_run_usage_job_recorded_at", run_usage.c.job_id, run_usage.c.recorded_at)
+
+
+#: The common claim in one round trip (migration 0009; kjob.store.runs.RunLedger.claim): a run's
+#: first attempt, of an enabled job whose overlap policy is `skip` (but for a backfill or catch-up
+#: slot, which `skip` queues) or `allow`, with no other run of the job busy. It takes the job lock
+#: first; each statement after it takes a fresh snapshot (READ COMMITTED, a VOLATILE function), so
+#: it sees every claim of the job that held the lock before, as the claim transaction does. The
+#: rest it answers `slow`, for the claim transaction. Lock and busy test: kjob.store.overlap.
+CLAIM_FIRST_FUNCTION = """
+CREATE OR REPLACE FUNCTION kjob_claim_first(p_run_id text, p_executor text, p_lease float8)
+RETURNS TABLE (outcome text, run_row text, job_row text)
+LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    v_job uuid;
+    v_run job_runs;
+    v_enabled boolean;
+    v_policy text;
+BEGIN
+    SELECT r.job_id INTO v_job FROM job_runs r WHERE r.id = p_run_id;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'none'::text, NULL::text, NULL::text;
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtextextended('kjob.job:' || CAST(v_job AS text), 0));
+    SELECT r.* INTO v_run FROM job_runs r WHERE r.id = p_run_id FOR UPDATE;
+    SELECT j.enabled, coalesce(v_run.overlap, j.spec ->> 'overlap', 'skip') INTO v_enabled, v_policy
+        FROM jobs j WHERE j.id = v_job FOR SHARE;
+    IF NOT FOUND OR v_run.status IS DISTINCT FROM 'scheduled' OR NOT v_enabled
+            OR v_policy NOT IN ('skip', 'allow')
+            OR (v_policy = 'skip' AND v_run.trigger IN ('backfill', 'catchup'))
+            OR (v_policy = 'skip' AND EXISTS (
+                SELECT 1 FROM job_runs o WHERE o.job_id = v_job AND o.id <> p_run_id
+                AND (o.status IN ('running', 'retrying') OR (o.status = 'cancelled' AND o.claimed_by IS NOT NULL)))) THEN
+        RETURN QUERY SELECT 'slow'::text, NULL::text, NULL::text;
+        RETURN;
+    END IF;
+    UPDATE job_runs SET status = 'running', attempt = attempt + 1, claimed_by = p_executor,
+        claim_until = now() + make_interval(secs => p_lease), started_at = now(), next_attempt_at = NULL
+        WHERE id = p_run_id RETURNING * INTO v_run;
+    INSERT INTO run_attempts (run_id, attempt, executor, status, started_at)
+        VALUES (p_run_id, v_run.attempt, p_executor, 'running', now()) ON CONFLICT DO NOTHING;
+    RETURN QUERY SELECT 'claimed'::text, row_to_json(v_run)::text,
+        (SELECT row_to_json(j)::text FROM jobs j WHERE j.id = v_job);
+END
+$fn$
+"""
+event.listen(metadata, "after_create", DDL(CLAIM_FIRST_FUNCTION))

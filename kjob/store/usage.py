@@ -36,18 +36,31 @@ class Answer:
     last_sent_run: str | None
 
 
+def usage_row(*, tenant: str, job_id: UUID, agent: str, report: AgentReport) -> dict[str, Any]:
+    """The `run_usage` columns of one attempt but its key (run_id, attempt), in `USAGE_COLUMNS`
+    order: `UsageStore.record` writes them, or `RunLedger.finish` with the attempt's end."""
+    answer = report.answer[:MAX_ANSWER_CHARS] if report.answer is not None else None
+    u = report.usage
+    return dict(tenant=tenant, job_id=job_id, agent=agent, model=u.model, tokens_in=u.tokens_in,
+                tokens_out=u.tokens_out, cost_usd=u.cost_usd, turns=u.turns, answer=answer,
+                answer_hash=answer_hash(answer) if answer is not None else None, summary=report.summary,
+                notify=report.notify)
+
+
+#: `usage_row`'s columns with their SQL types, for statements written out (RunLedger.finish).
+USAGE_COLUMNS = (("tenant", "text"), ("job_id", "uuid"), ("agent", "text"), ("model", "text"),
+                 ("tokens_in", "bigint"), ("tokens_out", "bigint"), ("cost_usd", "float8"), ("turns", "int"),
+                 ("answer", "text"), ("answer_hash", "text"), ("summary", "text"), ("notify", "bool"))
+
+
 class UsageStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
 
     async def record(self, *, run_id: str, attempt: int, tenant: str, job_id: UUID, agent: str,
                      report: AgentReport) -> None:
-        answer = report.answer[:MAX_ANSWER_CHARS] if report.answer is not None else None
-        u = report.usage
-        values = dict(run_id=run_id, attempt=attempt, tenant=tenant, job_id=job_id, agent=agent, model=u.model,
-                      tokens_in=u.tokens_in, tokens_out=u.tokens_out, cost_usd=u.cost_usd, turns=u.turns,
-                      answer=answer, answer_hash=answer_hash(answer) if answer is not None else None,
-                      summary=report.summary, notify=report.notify)
+        values = dict(run_id=run_id, attempt=attempt, **usage_row(tenant=tenant, job_id=job_id, agent=agent,
+                                                                  report=report))
         stmt = insert(run_usage).values(**values)
         stmt = stmt.on_conflict_do_update(index_elements=["run_id", "attempt"],
                                           set_={k: stmt.excluded[k] for k in values if k not in ("run_id", "attempt")})

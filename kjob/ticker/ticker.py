@@ -375,8 +375,8 @@ class Ticker:
     def _settle_downtime(self, job: ScheduledJob, schedule: Schedule, start: datetime,
                          now: datetime) -> catchup.Settlement:
         """The job's slots in (start, now] that no ticker fired, by its catch-up rule
-        (kjob.model.catchup). Slots whose fire time (jitter included) is at most
-        `late_grace_s` old are not settled: the ticker fires them as scheduled."""
+        (kjob.model.catchup). Slots whose fire time (jitter included) is still to come are not
+        settled: the ticker fires them as scheduled."""
         settled = catchup.settle(
             schedule, job.timezone, start, now, job.catchup, timedelta(seconds=self.settings.late_grace_s),
             fire_at=lambda slot: fire_time(job.id, schedule, job.timezone, slot, job.jitter),

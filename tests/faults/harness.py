@@ -102,9 +102,10 @@ class FaultCluster:
         self.pauses: list[tuple[str, float, float]] = []
 
     async def start(self, *, skewed: dict[str, float] | None = None, proxied: str | None = None,
-                    lead_skewed: bool = False) -> None:
+                    lead_skewed: bool = False, env: dict[str, str] | None = None) -> None:
         """`skewed`: node name -> seconds its wall clock is ahead (faketime; its monotonic clock
-        stays true). `proxied`: the node that reaches PostgreSQL through `self.proxy`."""
+        stays true). `proxied`: the node that reaches PostgreSQL through `self.proxy`. `env`:
+        settings for both nodes."""
         if not self.pg.running:
             await asyncio.to_thread(self.pg.start)
         self.db_url = self.pg.ensure_database("faults")
@@ -118,7 +119,8 @@ class FaultCluster:
             db_url = self.db_url
             if name == proxied:
                 db_url = self.db_url.replace(f":{self.pg.port}/", f":{self.proxy.port}/")
-            env = {**FAST_ENV, **replicas, **self.recorder.env(), "KJOB_NATS_URL": self.nats_url, "KJOB_DATABASE_URL": db_url}
+            env = {**FAST_ENV, **replicas, **self.recorder.env(), "KJOB_NATS_URL": self.nats_url, "KJOB_DATABASE_URL": db_url,
+                   **(env or {})}
             if skewed and name in skewed:
                 # libfaketime (Debian's faketime) preloaded into the node itself (the `faketime`
                 # command would stand between us and it, and eat our signals). The wall clock
@@ -174,7 +176,11 @@ class FaultCluster:
 
     async def running_now(self, timeout: float = 30) -> list[Execution]:
         """Wait until some agent is running, and return those that are."""
-        return await until(lambda: _ready(self.recorder.running()), timeout, "an agent to be running")
+        try:
+            return await until(lambda: _ready(self.recorder.running()), timeout, "an agent to be running")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\nsessions in a transaction:\n{self.activity()}\n"
+                                 f"nodes' logs: {self.tails(6000)}") from None
 
     async def leader(self, timeout: float = 30) -> str:
         async def read():
@@ -210,7 +216,7 @@ class FaultCluster:
             await until(settled, timeout, "every run final and no agent running")
         except AssertionError as err:
             raise AssertionError(f"{err}\nopen runs: {state.get('open')}\nagents running: {state.get('running')}"
-                                 f"\nnodes' logs: {self.tails()}") from None
+                                 f"\nsessions in a transaction:\n{self.activity()}\nnodes' logs: {self.tails()}") from None
 
     async def restart(self, name: str) -> None:
         """Start a stopped node again, and wait until it runs (a SIGTERM before it installed its
@@ -231,6 +237,20 @@ class FaultCluster:
                 logged = datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
                 return logged - node.started_at
         raise AssertionError(f"{name} logged no timestamped line")
+
+    def activity(self) -> str:
+        """The database's sessions that are in a transaction: who holds what, for how long."""
+        try:
+            return self.pg.psql(
+                "SELECT a.pid, a.client_port, a.application_name, a.state, now() - a.xact_start AS age, "
+                "a.wait_event_type, a.wait_event, left(a.query, 160), (SELECT string_agg(l.locktype || ':' || "
+                "coalesce(l.relation::regclass::text, '') || ':' || l.mode || ':' || l.granted, ' ') "
+                "FROM pg_locks l WHERE l.pid = a.pid AND l.locktype IN ('advisory', 'relation', 'tuple') "
+                "AND coalesce(l.relation::regclass::text, '') NOT LIKE 'pg_%') AS locks "
+                "FROM pg_stat_activity a WHERE a.datname = 'faults' AND a.xact_start IS NOT NULL "
+                "AND a.pid <> pg_backend_pid() ORDER BY a.xact_start", database="faults")
+        except Exception as err:
+            return repr(err)
 
     def tails(self, n: int = 1500) -> str:
         return " | ".join(f"{name}: ...{node.logs(n)}" for name, node in self.nodes.items())
@@ -315,8 +335,12 @@ def judge(jobs: list[Job], runs, attempts, recorder: Recorder,
                     verdict.reruns += 1
                     done = done[1:]
                 if len(done) != 1:
+                    ledger = "; ".join(f"{n}: {a.status} on {a.executor} ({a.reason})"
+                                       for n, a in sorted(tried.get(r.id, {}).items()))
                     verdict.problems.append(f"{where}: {len(done)} executions ran to their end: "
-                                            + ", ".join(f"attempt {e.attempt} on {e.node}" for e in done))
+                                            + ", ".join(f"attempt {e.attempt} on {e.node} [{e.started:.2f}, "
+                                                        f"{e.stopped(0):.2f}]" for e in done)
+                                            + f"; the ledger's attempts: {ledger}")
                     continue
                 if done[0].attempt != r.attempt:
                     verdict.problems.append(f"{where}: the ledger's attempt {r.attempt} succeeded, "

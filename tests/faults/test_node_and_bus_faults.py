@@ -4,10 +4,15 @@ NATS node lost from an R3 cluster."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import time
+
 import pytest
+from sqlalchemy import text
 
 from tests.faults.harness import (
-    _ready, exercise, executor_sigkill, executor_sigstop, fault_cluster, nats_node_lost, nats_restart,
+    FAST_ENV, LEASE_S, _ready, exercise, executor_sigkill, executor_sigstop, fault_cluster, nats_node_lost, nats_restart,
 )
 from tests.support.pipeline import until
 
@@ -15,12 +20,16 @@ pytestmark = pytest.mark.slow
 
 
 async def test_executor_sigkilled_mid_run(tmp_path, fresh_nats):
-    """The killed node's agents die with it; each of their runs is run again, once, elsewhere."""
+    """The killed node's agents run on within their claims (its watchdog watches them), and
+    their ends stand: each of their runs is concluded elsewhere without running again."""
     async with fault_cluster(tmp_path, fresh_nats) as c:
         await c.add_jobs(3, 1.5, slug="work", schedule="@every 4s")
         verdict = await exercise(c, executor_sigkill, before=3, after=6)
-    assert sum(1 for e in c.recorder.executions() if e.died is not None) >= 1, "no agent was killed mid-run"
-    verdict.check()
+    [(node, killed, _)] = c.pauses
+    orphans = [e for e in c.recorder.executions() if e.started < killed and e.finished and e.ended > killed
+               and e.node in (node, None)]  # an orphan's executor, its ancestor, is gone
+    assert orphans, "no agent of the killed node ran on to its end"
+    verdict.check()  # no excuses: one execution per slot, the orphans' among them
     assert c.exit_codes["node-a"] == 0 and c.exit_codes["node-b"] == 0, c.tails()
 
 
@@ -69,3 +78,43 @@ async def test_nats_node_lost_in_r3(tmp_path, nats_cluster):
         verdict = await exercise(c, nats_node_lost)
     verdict.check()
     assert all(code == 0 for code in c.exit_codes.values()), c.tails()
+
+
+@pytest.mark.parametrize("fault", ["sigstop", "sigkill"])
+async def test_an_agent_that_ends_while_its_executor_cannot_record_it_is_not_run_again(tmp_path, fresh_nats, fault):
+    """The executor is paused (or killed) at the instant its agent reports its end, before the
+    agent exits: only its watchdog sees the end (bwrap's status pipe) and writes it down, and
+    the node that takes the claim over concludes the attempt without running the agent again.
+    Every slot must have exactly one execution that ran to its end: no excuses."""
+    struck: list[tuple[str, float]] = []
+
+    def strike(execution) -> None:
+        if struck or not (execution.job or "").startswith("end"):
+            return
+        struck.append((execution.node, time.monotonic()))
+        c.nodes[execution.node].signal(signal.SIGSTOP if fault == "sigstop" else signal.SIGKILL)
+
+    async with fault_cluster(tmp_path, fresh_nats) as c:
+        await c.add_jobs(2, 1.0, slug="end", schedule="@every 3s")
+        await c.executions_done(2)
+        c.recorder.on_end = strike
+        await until(lambda: _ready(struck), 30, "an agent's end to strike at")
+        c.recorder.on_end = None
+        node, at = struck[0]
+        if fault == "sigstop":
+            # Past the lease, the takeover grace and a redelivery to the other node.
+            await asyncio.sleep(LEASE_S * 1.5 + float(FAST_ENV["KJOB_ACK_WAIT_S"]) + 3)
+            c.nodes[node].signal(signal.SIGCONT)
+        else:
+            await asyncio.to_thread(c.nodes[node].proc.wait, 10)
+            await c.restart(node)
+        await c.executions_done(3)
+        await c.end_window()
+        verdict = await c.verdict()  # no execution excused
+        async with c.engine.connect() as conn:
+            written = (await conn.execute(text(
+                "SELECT r.status, r.attempt, a.attempt AS a_attempt, a.executor, r.reason FROM run_attempts a "
+                "JOIN job_runs r ON r.id = a.run_id WHERE a.agent_exit_code = 0"))).all()
+    verdict.check()
+    assert written, f"no agent end was written by a watchdog (struck {node} at {at:.2f}); logs: {c.tails()}"
+    assert all(w.status == "succeeded" and w.executor == node and w.attempt == w.a_attempt for w in written), written

@@ -29,7 +29,7 @@ async def test_backfill_runs_the_past_slots_once_each_in_order_under_queue(tmp_p
     start, end = hours_ago(5), hours_ago(1)
     slots = next_slots("0 * * * *", "UTC", start - timedelta(seconds=1), 5)
     assert slots[0] == start and slots[-1] == end
-    # one slot of the range is already in the ledger (it was missed): it is left alone
+    # one slot of the range is already in the ledger, missed: it never ran, so the backfill runs it
     missed = SlotRow(run_id=run_id_for(job.id, slots[2]), job_id=job.id, tenant=job.tenant, slug=job.slug,
                      slot=slots[2], status=RunStatus.missed, reason="scheduler was down")
     await RunLedger(engine).record_slots([missed])
@@ -39,22 +39,23 @@ async def test_backfill_runs_the_past_slots_once_each_in_order_under_queue(tmp_p
         response = await api.post("/v1/jobs/hourly/backfill", json=body)
         assert response.status_code == 202, response.text
         result = response.json()
-        assert (result["slots"], result["queued"], result["existing"], result["overlap"]) == (5, 4, 1, "queue")
-        assert result["run_ids"] == [run_id_for(job.id, s) for s in slots if s != slots[2]]
+        assert (result["slots"], result["queued"], result["existing"], result["overlap"]) == (5, 5, 0, "queue")
+        assert result["run_ids"] == [run_id_for(job.id, s) for s in slots]
 
         async def all_done():
             runs = [r for r in await runs_of(engine, job) if r.trigger is Trigger.backfill]
-            return len(runs) == 4 and all(r.status is RunStatus.succeeded for r in runs) and runs
-        done = await until(all_done, 20, "the four backfilled runs to succeed")
+            return len(runs) == 5 and all(r.status is RunStatus.succeeded for r in runs) and runs
+        done = await until(all_done, 20, "the five backfilled runs to succeed")
         # the same request again finds every slot in the ledger: nothing runs twice
         again = (await api.post("/v1/jobs/hourly/backfill", json=body)).json()
         assert (again["queued"], again["existing"], again["run_ids"]) == (0, 5, [])
     never_overlap(done)
     assert [r.started_at for r in done] == sorted(r.started_at for r in done)  # in slot order
     assert [r.slot for r in await runs_of(engine, job)] == slots  # one row per slot
-    assert (await RunLedger(engine).get(job.tenant, missed.run_id)).status is RunStatus.missed
+    rerun = await RunLedger(engine).get(job.tenant, missed.run_id)
+    assert (rerun.status, rerun.trigger, rerun.reason) == (RunStatus.succeeded, Trigger.backfill, None)
     audit = [e for e in await list_audit(engine, job.tenant, target="job/hourly") if e.action == "job.backfill"]
-    assert [e.change["queued"] for e in audit] == [0, 4]
+    assert [e.change["queued"] for e in audit] == [0, 5]
 
 
 @pytest.mark.parametrize(
@@ -103,8 +104,6 @@ async def test_kjob_backfill_prints_what_it_queued(tmp_path, fresh_nats, databas
         assert result.exit_code == 0, result.output
         assert result.stdout.splitlines() == [
             "backfill of hourly: 3 runs queued, 0 slots already in the ledger (not run again); overlap skip",
-            "note: under overlap 'skip' a run that finds another still running is skipped; "
-            "--overlap queue runs them one after another",
         ]
         again = await _in_thread(kjob, "backfill", "hourly", "--from", start, "--to", end, "--overlap", "queue")
         assert again.stdout == "backfill of hourly: 0 runs queued, 3 slots already in the ledger (not run again); overlap queue\n"

@@ -6,8 +6,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 from kjob.model.policies import DEFER_MAX_S
-from kjob.model.run import DeliveryStatus, RunStatus, Trigger
-from kjob.store.runs import RunLedger
+from kjob.model.run import DeliveryStatus, RunStatus, Trigger, run_id_for
+from kjob.store.runs import RunLedger, SlotRow
 from tests.policies.conftest import never_overlap
 from tests.support.pipeline import attempts_of, create_job, fast_settings, running_node, runs_of, until
 
@@ -36,13 +36,16 @@ async def test_skip_records_each_slot_that_comes_while_the_previous_run_runs(tmp
 async def test_skip_lets_one_of_several_slots_claimed_at_once_run(tmp_path, fresh_nats, database_url, engine):
     # Five slots published together reach the executor together (concurrency 8): their claims
     # race, and the job lock lets exactly one of them start.
+    # (Scheduled slots: a backfill's runs under `skip` wait their turn instead, test_backfill.py.)
     job = await create_job(engine, slug="herd", prompt="sleep 3", schedule="0 0 1 1 *")
     ledger = RunLedger(engine)
     async with running_node(fast_settings(tmp_path), fresh_nats.url, database_url) as node:
         slots = [job.created_at.replace(microsecond=0) - timedelta(minutes=m) for m in range(5, 0, -1)]
-        runs, _ = await ledger.record_backfill(job, slots)
-        for run in runs:
-            await node.publish_due(run)
+        rows = [SlotRow(run_id=run_id_for(job.id, s), job_id=job.id, tenant=job.tenant, slug=job.slug, slot=s)
+                for s in slots]
+        await ledger.record_slots(rows)
+        for row in rows:
+            await node.publish_due(await ledger.get(job.tenant, row.run_id))
 
         async def settled():
             current = await runs_of(engine, job)

@@ -86,3 +86,42 @@ async def test_the_watchdog_runs_on_while_its_executor_is_paused(tmp_path):
 
 async def _not(check) -> bool:
     return not await check
+
+
+async def test_an_agent_its_executor_never_armed_by_group_is_still_killed(tmp_path):
+    """The executor dies between starting bwrap and learning its process group: the watchdog,
+    armed with bwrap's status pipe before the spawn, finds the group from the pipe and kills
+    the agent at its deadline (it would otherwise outlive everything: bwrap no longer dies
+    with its parent when a watchdog watches it)."""
+    marker = str(70_000 + os.getpid() % 9_000)
+    script = tmp_path / "executor.py"
+    script.write_text(
+        "import asyncio, os, time\n"
+        "from datetime import timedelta\n"
+        "from pathlib import Path\n"
+        "from kjob.executor.watchdog import Watchdog\n"
+        "from kjob.executor.sandbox.process import ProcessSandbox\n"
+        "from kjob.executor.sandbox.base import Launch\n"
+        "from kjob.model.job import SandboxSpec\n"
+        "async def main():\n"
+        "    dog = Watchdog(); await dog.start()\n"
+        "    box = ProcessSandbox(); await box.start()\n"
+        "    def armed(pgid, status_fd):\n"
+        "        if pgid is None:  # only the arm before the spawn; then the executor 'dies'\n"
+        "            dog.arm('a', None, time.monotonic() + 2.0, status_fd=status_fd)\n"
+        "        else:\n"
+        "            os._exit(9)\n"
+        f"    launch = Launch(run_id='r', tenant='t', job_slug='j', attempt=1, argv=['sleep', '{marker}'],\n"
+        "                    stdin=None, env={}, spec=SandboxSpec(), timeout=timedelta(seconds=60),\n"
+        f"                    output_cap_bytes=1000, work_root=Path({str(tmp_path / 'work')!r}), on_spawn=armed)\n"
+        "    async def out(stream, text): pass\n"
+        "    await box.run(launch, out)\n"
+        "asyncio.run(main())\n")
+    executor = await asyncio.create_subprocess_exec(os.environ.get("PYTHON", __import__("sys").executable), str(script))
+    assert await asyncio.wait_for(executor.wait(), 30) == 9
+
+    async def agents() -> list[str]:
+        out = await asyncio.create_subprocess_exec("pgrep", "-f", f"sleep {marker}$", stdout=asyncio.subprocess.PIPE)
+        return (await out.communicate())[0].decode().split()
+    assert await agents(), "the agent did not outlive its executor: nothing to watch"
+    await until(lambda: _not(agents()), 10, "the orphaned agent killed by the watchdog at its deadline")

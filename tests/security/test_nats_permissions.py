@@ -62,7 +62,7 @@ async def test_the_pipeline_runs_with_one_user_per_role(tmp_path, secured_nats, 
             async with httpx.AsyncClient(base_url=api, headers={"Authorization": f"Bearer {editor_token}"}) as editor:
                 created = await editor.post("/v1/jobs", json={
                     "slug": "every-second", "prompt": "echo tick", "agent": "shell", "schedule": "@every 1s",
-                    "output": {"channel": "ops"}})
+                    "output": {"channel": "kode-chat:ops"}})
                 assert created.status_code == 201, created.text
                 await editor.post("/v1/jobs", json={
                     "slug": "talks", "prompt": "echo first; sleep 1.5; echo live-line", "agent": "shell",

@@ -136,3 +136,27 @@ async def _try_select(engine: AsyncEngine) -> bool:
         return await _select(engine, 1) == 1
     except DBAPIError:
         return False
+
+
+async def test_a_transaction_its_client_left_idle_gives_its_locks_up(database_url: str) -> None:
+    """A client that stops mid-transaction (lost, wedged) must not hold its locks for ever: the
+    server ends the session after three statement deadlines, and the lock is free again."""
+    lost = create_engine(database_url, statement_timeout_s=0.5)  # idle limit: 2.5 s
+    other = create_engine(database_url, statement_timeout_s=5)
+    try:
+        stuck = await lost.connect()
+        await stuck.begin()
+        await stuck.execute(text("SELECT pg_advisory_xact_lock(4242)"))
+        # ...and nothing more from this client. Another one waits for the lock:
+        started = asyncio.get_running_loop().time()
+        async with other.connect() as conn:
+            await conn.execute(text("SELECT pg_advisory_xact_lock(4242)"))
+            waited = asyncio.get_running_loop().time() - started
+            await conn.rollback()
+        assert waited < 5, f"the lock was held {waited:.1f}s"
+        with pytest.raises(DBAPIError):  # the idle session was ended by the server
+            await stuck.execute(text("SELECT 1"))
+        await stuck.invalidate()
+    finally:
+        await lost.dispose()
+        await other.dispose()

@@ -158,8 +158,11 @@ class Recorder:
                 if execution is None and hook is not None:
                     with contextlib.suppress(Exception):
                         hook(recorder._last_end)
-                self.wfile.write(b"ok\n")
-                self.wfile.flush()
+                try:
+                    self.wfile.write(b"ok\n")
+                    self.wfile.flush()
+                except BrokenPipeError:  # the agent was killed as it reported
+                    return
                 if execution is not None:  # a start: the agent's holder keeps this open till it dies
                     with contextlib.suppress(OSError):
                         self.rfile.read()

@@ -1,5 +1,6 @@
-"""Settling downtime (kjob.model.catchup): every slot between the cursor and now is pending,
-run, missed one by one, or inside a compact missed range; never none of these, never two."""
+"""Settling downtime (kjob.model.catchup): every slot between the cursor and now is pending (its
+fire time still to come), run, missed one by one, or inside a compact missed range; never none
+of these, never two."""
 
 from __future__ import annotations
 
@@ -53,15 +54,16 @@ def test_every_second_down_20_minutes_lists_the_newest_and_counts_the_rest():
     after = NOW - timedelta(minutes=20)
     result = settle(Schedule.parse("@every 1s"), "UTC", after, NOW, policy(), GRACE)
     accounted("@every 1s", after, result)
-    # the last 15 s are pending: they fire as scheduled, so `latest` runs no catch-up
-    assert result.cursor == datetime(2026, 6, 1, 12, 0, 15, tzinfo=UTC)
-    assert not any(s.runs for s in result.slots)
-    assert len(result.slots) == 1000 - 15  # 1,000 newest, less the 15 pending (12:00:16 .. 12:00:30)
+    # every slot is late (none still to come): `latest` runs the newest one, as a catch-up;
+    # the 15 younger than the grace are late too, not fired together to skip one another
+    assert result.cursor == datetime(2026, 6, 1, 12, 0, 30, tzinfo=UTC)
+    assert [(s.slot, s.trigger.value) for s in result.slots if s.runs] == [(result.cursor, "catchup")]
+    assert len(result.slots) == 1000
     assert [r.count for r in result.ranges] == [1200 - 1000]
     assert result.ranges[0].first == datetime(2026, 6, 1, 11, 40, 31, tzinfo=UTC)
     assert result.ranges[0].last + timedelta(seconds=1) == result.slots[0].slot
     assert "catch-up policy 'latest'" in result.ranges[0].reason
-    assert result.missed == 1200 - 15
+    assert result.missed == 1200 - 1
 
 
 def test_every_minute_down_20_hours_with_a_1h_window_runs_the_newest_slot():
@@ -93,11 +95,34 @@ def test_all_runs_the_window_and_ranges_split_at_the_window_start():
     assert outside.count + inside.count == 3 * 1440 - 1000
 
 
-def test_latest_runs_nothing_when_a_late_slot_runs_anyway():
+def test_latest_runs_the_newest_late_slot_even_when_it_is_younger_than_the_grace():
     now = datetime(2026, 6, 1, 12, 0, 5, tzinfo=UTC)
     result = settle(Schedule.parse("* * * * *"), "UTC", now - timedelta(hours=2), now, policy(), GRACE)
-    assert result.cursor == datetime(2026, 6, 1, 11, 59, tzinfo=UTC)  # 12:00 is 5 s late: pending
-    assert not any(s.runs for s in result.slots)
+    assert result.cursor == datetime(2026, 6, 1, 12, 0, tzinfo=UTC)  # 12:00 is 5 s late: late, not pending
+    assert [(s.slot, s.trigger.value) for s in result.slots if s.runs] == [(result.cursor, "catchup")]
+    assert all(s.reason == "scheduler was down at this slot; catch-up policy 'latest' did not run it"
+               for s in result.slots if not s.runs and s.slot > now - timedelta(hours=1))
+
+
+def test_a_failover_loses_no_slot_even_under_none_or_a_short_window():
+    """A slot at most the grace late counts as inside any window; under `none` the newest such
+    slot runs too (the slot of the moment of a failover). Older late slots follow the rule."""
+    every = Schedule.parse("@every 5s")
+    now = datetime(2026, 6, 1, 12, 0, 12, tzinfo=UTC)  # 12:00:00, :05 and :10 are late, all within the grace
+    for kind, ran in (("none", ["12:00:10"]), ("latest", ["12:00:10"]), ("all", ["12:00:00", "12:00:05", "12:00:10"])):
+        result = settle(every, "UTC", datetime(2026, 6, 1, 11, 59, 55, tzinfo=UTC), now, policy("1s", kind), GRACE)
+        assert [s.slot.strftime("%H:%M:%S") for s in result.slots if s.runs] == ran, kind
+        assert all(s.trigger.value == "catchup" for s in result.slots if s.runs)
+        assert result.cursor == datetime(2026, 6, 1, 12, 0, 10, tzinfo=UTC)
+
+
+def test_all_judges_late_slots_on_the_window_the_grace_extends():
+    every = Schedule.parse("@every 10s")
+    now = datetime(2026, 6, 1, 12, 1, 0, tzinfo=UTC)
+    result = settle(every, "UTC", now - timedelta(minutes=1), now, policy("25s", "all"), GRACE)
+    # 12:00:40 and :50 are inside 25 s, 12:01:00 too (0 s late); older ones are outside
+    assert [s.slot.second for s in result.slots if s.runs] == [40, 50, 0]
+    assert {s.cause for s in result.slots if not s.runs} == {"outside_catchup_window"}
 
 
 def test_none_and_no_downtime():
@@ -133,7 +158,7 @@ def test_a_window_beyond_the_calendar_is_clamped_not_an_overflow(window):
 
 def test_a_job_created_at_the_dawn_of_time_settles_in_bounded_work():
     result = settle(Schedule.parse("@every 1s"), "UTC", datetime(1971, 1, 1, tzinfo=UTC), NOW, policy(), GRACE)
-    assert len(result.slots) < 1000 and result.ranges[0].count > 1_700_000_000 and result.ranges[0].exact
+    assert len(result.slots) <= 1000 and result.ranges[0].count > 1_700_000_000 and result.ranges[0].exact
 
 
 def test_newest_slots_across_a_dst_change():

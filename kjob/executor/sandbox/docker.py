@@ -206,6 +206,8 @@ class DockerSandbox(Sandbox):
             out = await _attach(stack, container, stdout=True, stderr=True)
             stdin = await _attach(stack, container, stdin=True) if launch.stdin is not None else None
             await container.start()
+            if launch.on_container is not None:
+                launch.on_container(container.id)
             tasks = [asyncio.create_task(_pump(out, collector))]
             if stdin is not None:
                 tasks.append(asyncio.create_task(_feed(stdin, launch.stdin or b"")))

@@ -165,12 +165,16 @@ class ProcessSandbox(Sandbox):
         uid = self._uids.take() if self._uids is not None else None
         try:
             with self._launcher(None, network="none", uid=uid, env={}, program=["/bin/true"], limits=[]) as (cmd, fds):
+                # A group of its own, as an attempt's: bwrap's inner process, re-parented to us
+                # (a subreaper), is reaped with the group instead of staying a zombie.
                 proc = await asyncio.create_subprocess_exec(
                     *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                     stderr=asyncio.subprocess.PIPE, env=LAUNCHER_ENV, cwd="/", pass_fds=fds,
+                    start_new_session=True,
                 )
             async with asyncio.timeout(PROBE_TIMEOUT_S):
                 _, err = await proc.communicate()
+            await _end_group(proc)
         except (OSError, TimeoutError) as e:
             return f"bwrap self-test failed: {e}"
         finally:
@@ -273,30 +277,44 @@ class ProcessSandbox(Sandbox):
         argv = [program, *launch.argv[1:]]
         stdin = asyncio.subprocess.PIPE if launch.stdin is not None else asyncio.subprocess.DEVNULL
         out = asyncio.subprocess.PIPE
+        # bwrap writes the agent's exit code here as the agent ends: the watchdog reads it, and
+        # so knows of an end this executor, paused or dead, could not record (watchdog.py).
+        # Our copy of the read end stays open until the agent is gone: bwrap never writes to
+        # a pipe without a reader.
+        status = os.pipe() if self._bwrap is not None and launch.on_spawn is not None else None
         try:
-            if self._bwrap is None:
-                # No boundary to keep: the agent itself is the program, with its own environment.
-                proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=stdin, stdout=out, stderr=out, cwd=workdir, env=env,
-                    start_new_session=True, preexec_fn=partial(_apply_limits, limits),
-                )
-            else:
-                with self._launcher(workdir, network=launch.spec.network, uid=uid, env=env, program=argv,
-                                    staged=self._staged.get(launch.run_id),
-                                    limits=limits, cgroup=cgroup) as (cmd, fds):
-                    # prlimit sets the limits and execs the rest (bwrap dies with us): no preexec_fn,
-                    # so Python spawns with vfork instead of copying the executor's page tables.
+            try:
+                if self._bwrap is None:
+                    # No boundary to keep: the agent itself is the program, with its own environment.
                     proc = await asyncio.create_subprocess_exec(
-                        *cmd, stdin=stdin, stdout=out, stderr=out, cwd="/", env=LAUNCHER_ENV,
-                        start_new_session=True,  # its own process group: a timeout kills all it started
-                        pass_fds=fds,
-                        preexec_fn=None if self._prlimit else partial(_apply_limits, limits),
+                        *argv, stdin=stdin, stdout=out, stderr=out, cwd=workdir, env=env,
+                        start_new_session=True, preexec_fn=partial(_apply_limits, limits),
                     )
-        except (OSError, ValueError) as e:
-            return Outcome(start_error=f"agent command {launch.argv[0]!r} could not start: {e}")
-        if launch.on_spawn is not None:
-            launch.on_spawn(proc.pid)  # start_new_session: the agent leads its own group
-        outcome = await self._watch(proc, launch, on_output)
+                else:
+                    if status is not None and launch.on_spawn is not None:
+                        launch.on_spawn(None, status[0])  # watched from before it exists
+                    with self._launcher(workdir, network=launch.spec.network, uid=uid, env=env, program=argv,
+                                        staged=self._staged.get(launch.run_id), limits=limits, cgroup=cgroup,
+                                        status_fd=status[1] if status else None) as (cmd, fds):
+                        # prlimit sets the limits and execs the rest (bwrap dies with us): no preexec_fn,
+                        # so Python spawns with vfork instead of copying the executor's page tables.
+                        proc = await asyncio.create_subprocess_exec(
+                            *cmd, stdin=stdin, stdout=out, stderr=out, cwd="/", env=LAUNCHER_ENV,
+                            start_new_session=True,  # its own process group: a timeout kills all it started
+                            pass_fds=fds,
+                            preexec_fn=None if self._prlimit else partial(_apply_limits, limits),
+                        )
+            except (OSError, ValueError) as e:
+                return Outcome(start_error=f"agent command {launch.argv[0]!r} could not start: {e}")
+            finally:
+                if status is not None:
+                    os.close(status[1])
+            if launch.on_spawn is not None:
+                launch.on_spawn(proc.pid, None)  # start_new_session: the agent leads its own group
+            outcome = await self._watch(proc, launch, on_output)
+        finally:
+            if status is not None:
+                os.close(status[0])
         if cgroup is not None and outcome.exit_code is not None and MemoryCgroups.oom_kills(cgroup):
             outcome = dataclasses.replace(outcome, reason=oom_reason(outcome.exit_code, launch.spec.memory),
                                           extra={**outcome.extra, "oom_killed": "true"})
@@ -362,6 +380,7 @@ class ProcessSandbox(Sandbox):
     def _launcher(
         self, workdir: Path | None, *, network: str, uid: int | None, env: Mapping[str, str], program: list[str],
         limits: list[tuple[int, int, int]], cgroup: Path | None = None, staged: Path | None = None,
+        status_fd: int | None = None,
     ) -> Iterator[tuple[list[str], tuple[int, ...]]]:
         """(argv, fds to pass) of the host-side chain: [join cgroup] [prlimit] [setpriv] [pasta] bwrap.
 
@@ -370,7 +389,10 @@ class ProcessSandbox(Sandbox):
         assert self._bwrap is not None
         fd = os.memfd_create("kjob-bwrap-args", os.MFD_CLOEXEC)
         try:
-            options = self._bwrap_options(workdir, network=network, uid=uid, env=env, staged=staged)
+            options = self._bwrap_options(workdir, network=network, uid=uid, env=env, staged=staged,
+                                          supervised=status_fd is not None)
+            if status_fd is not None:
+                options = ["--json-status-fd", str(status_fd), *options]
             os.write(fd, b"".join(o.encode() + b"\0" for o in options))
             os.lseek(fd, 0, os.SEEK_SET)
             chain: list[str] = joining_argv(cgroup) if cgroup is not None else []
@@ -385,15 +407,20 @@ class ProcessSandbox(Sandbox):
             if network == "egress":
                 assert self._egress is not None
                 chain += self._egress.argv()
-            yield [*chain, self._bwrap, "--args", str(fd), "--", *program], (fd,)
+            passed = (fd,) if status_fd is None else (fd, status_fd)
+            yield [*chain, self._bwrap, "--args", str(fd), "--", *program], passed
         finally:
             os.close(fd)
 
     def _bwrap_options(self, workdir: Path | None, *, network: str, uid: int | None, env: Mapping[str, str],
-                       staged: Path | None = None) -> list[str]:
+                       staged: Path | None = None, supervised: bool = False) -> list[str]:
         # The agent's uid inside is its uid outside (under pasta it would otherwise show as 0).
         ids = (str(os.geteuid()), str(os.getegid())) if uid is None else (str(uid), str(uid))
-        argv = ["--die-with-parent", "--unshare-user", "--disable-userns", "--uid", ids[0], "--gid", ids[1], "--unshare-pid",
+        # With a watchdog (status_fd), the agent outlives a killed executor until its claim's
+        # deadline, as under a paused one: one that ends meanwhile has its end written, the
+        # watchdog kills the rest then (watchdog.py). Without, bwrap dies with its executor.
+        argv = [] if supervised else ["--die-with-parent"]
+        argv += ["--unshare-user", "--disable-userns", "--uid", ids[0], "--gid", ids[1], "--unshare-pid",
                 "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--cap-drop", "ALL"]
         if network == "none":
             argv.append("--unshare-net")

@@ -94,6 +94,7 @@ async def _check(state: GatewayState, tenant: str, spec: JobSpec, now: datetime,
         now=now,
         previous=previous,  # a Job is a JobSpec: no copy (a job file may hold 10,000)
         text_checked=text_checked,
+        channel_kinds=state.settings.relay_channel_kinds,
     )
     await check_job_for_tenant(state, tenant, spec, now, previous)
     await check_target(spec, state.settings.dispatcher.allow_list())

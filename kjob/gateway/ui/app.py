@@ -38,8 +38,9 @@ from kjob.store.usage import UsageStore
 from kjob.model.job import validation_error
 from kjob.model.jobfile import dump_job, load_jobs
 from kjob.model.policies import OVERLAP_POLICIES, backfill_slots
-from kjob.model.run import dispatch_payload, run_page_url
+from kjob.model.run import RunStatus, dispatch_payload, run_page_url
 from kjob.model.schedule import Schedule
+from kjob.store.overlap import RERUNNABLE
 from kjob.store.tokens import Principal
 
 log = logging.getLogger(__name__)
@@ -388,7 +389,9 @@ def create_ui(state: GatewayState) -> FastAPI:
                 start = _instant(q.get("from", ""), job["timezone"], "from")
                 end = _instant(q.get("to", ""), job["timezone"], "to")
                 slots = backfill_slots(Schedule.parse(job["schedule"]), job["timezone"], start, end, jobs.now_utc())
-                held = {r["slot"]: r for r in map(_dump, await s.call(runs.list_runs, slug=slug, limit=1000))}
+                # a slot recorded skipped or missed never ran: the backfill runs it (kjob.store.overlap)
+                held = {r["slot"]: r for r in map(_dump, await s.call(runs.list_runs, slug=slug, limit=1000))
+                        if RunStatus(r["status"]).value not in RERUNNABLE}
                 preview = [(slot, held.get(slot)) for slot in slots]
             except InvalidInput as err:
                 error = err

@@ -23,7 +23,6 @@ from tests.faults.ticker.conftest import ledger_rows, node_settings, range_rows,
 from tests.cli.conftest import base_env, home, runner_for  # noqa: F401 (fixtures)
 from tests.support.pipeline import create_job, running_node, until
 
-GRACE = timedelta(seconds=15)  # TickerSettings.late_grace_s
 
 
 def utcnow() -> datetime:
@@ -43,8 +42,7 @@ async def fired_after(engine, job, moment: datetime):
 
 
 async def newest_minute_ran(engine, job, started: datetime):
-    """`latest` runs the newest missed minute: as a catch-up, or as merely late (trigger
-    `schedule`) when it is younger than the grace. Returns the runs up to it that ran."""
+    """`latest` runs the newest missed minute, as a catch-up. Returns the runs up to it that ran."""
     newest = started.replace(second=0, microsecond=0)
     rows = await ledger_rows(engine, job.id)
     ran = [r for r in rows if r.slot <= newest and r.status == RunStatus.succeeded.value]
@@ -53,7 +51,9 @@ async def newest_minute_ran(engine, job, started: datetime):
 
 def assert_caught_up_once(ran: list, started: datetime) -> None:
     (minute,) = ran  # one ran, no older one
-    assert minute.trigger == (Trigger.schedule if started - minute.slot <= GRACE else Trigger.catchup).value
+    # a late slot (even one younger than the grace) runs as a catch-up; only a minute that
+    # began while the node was loading may have been fired by the ticker at its time
+    assert minute.trigger == Trigger.catchup.value or minute.slot >= started - timedelta(seconds=5)
 
 
 async def test_every_second_job_down_20_minutes_has_every_slot_accounted_for(
@@ -84,8 +84,7 @@ async def test_every_second_job_down_20_minutes_has_every_slot_accounted_for(
     assert ranges[-1].last_slot < rows[0].slot
     listed = {r.slot for r in rows}
     assert all(s in listed for s in expected if s > ranges[-1].last_slot)
-    # the late slots ran as scheduled (one that came while another ran: `skipped`, by the
-    # overlap policy), every other slot is missed, each with its reason
+    # the newest late slot ran as a catch-up, every other slot is missed, each with its reason
     assert all(r.status in ("missed", "succeeded", "skipped") and (r.status == "succeeded" or r.reason) for r in rows)
     assert any(r.status == "missed" and r.reason.startswith("scheduler was down at this slot") for r in rows)
     assert [(r["count"], r["reason"]) for r in shown] == [(r.count, r.reason) for r in reversed(ranges)]

@@ -7,7 +7,16 @@ Prints, for each repeat on a fresh tenant: the first apply (every job created), 
 again (every job unchanged), and the file with every schedule changed (every job updated).
 Target: 10,000 jobs created in <= 10 s.
 
-Where the time went (before): FILLED IN BELOW.
+Where the time went (before; py-spy of the server, 250 jobs, 1.9 s of its CPU, 4 s wall):
+one transaction per job of five statements (lock, insert, target, audit, commit) ~45%, one
+SELECT per job for the previous version ~10%, the ticker reloading each job by its own query
+~10%, SQLAlchemy compiling each statement, and the CLI itself about 2 s (start, TOML, checks).
+A file of 1,000 was refused by the 256 KiB body limit. Now: one lookup, one transaction of a
+few statements (executemany pages), one job_changed event per 2,000 jobs, the body parsed and
+the answer built in a thread (the ticker sharing the loop keeps its lease), the text checked
+once for the whole body. What remains (10,000 jobs, some 7 s of server CPU): pydantic
+validation of the specs and of the answer's views, the checks, the JSON both ways; the CLI's
+TOML parse (1.3 s) and validation.
 """
 
 from __future__ import annotations

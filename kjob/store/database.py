@@ -6,6 +6,7 @@ its database without an alembic.ini or a checkout: `await migrate(url)`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -259,3 +260,15 @@ def is_row_error(err: BaseException) -> bool:
     them is pointless, leaving them out is the way on. Anything else may pass (transient)."""
     code = sqlstate(err)
     return code is not None and code[:2] in _ROW_ERROR_CLASSES
+
+
+async def clock_offset(engine: AsyncEngine) -> float:
+    """Seconds the database's clock is ahead of ours (negative: behind), read across one round
+    trip and taken at its middle. Slots are judged by the database's clock, as claims are: a
+    ticker whose host clock runs ahead must not fire early."""
+    async with engine.connect() as conn:
+        sent = time.time()
+        theirs = (await conn.execute(text("SELECT extract(epoch FROM clock_timestamp())"))).scalar_one()
+        back = time.time()
+    return float(theirs) - (sent + back) / 2
+

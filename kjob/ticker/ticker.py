@@ -45,7 +45,7 @@ from kjob.model import catchup
 from kjob.model.policies import fire_time
 from kjob.model.run import Run, RunStatus, Trigger, run_id_for
 from kjob.model.schedule import Schedule
-from kjob.store.database import is_row_error
+from kjob.store.database import clock_offset, is_row_error
 from kjob.store.jobs import JobStore, ScheduledJob, gc_paused
 from kjob.store.runs import Deposed, MissedRangeRow, Recorded, RunLedger, SlotRow
 from kjob.telemetry import metrics, tracing
@@ -70,10 +70,6 @@ class TermOver(Deposed):
 class LedgerUnavailable(Deposed):
     """The ledger could not be written for `ledger_give_up_s`: the term ends (a standby that
     reaches the database may lead), and the node waits before campaigning again."""
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class Ticker:
@@ -101,12 +97,30 @@ class Ticker:
         #: Slots are written and published this much before they fire; executors hold each
         #: message until its instant (kjob.bus.hold).
         self.lookahead_s = settings.lookahead_ms / 1000
+        #: How far the database's clock is ahead of this host's: the ticker fires by the
+        #: database's clock, as claims are judged by it (measured at start and each recovery).
+        self._clock_offset = 0.0
         self._schedules: dict[str, Schedule] = {}  # shared by every job with the same expression
         self._changed: set[UUID] = set()
         self._resync_soon = False
         self._wake = asyncio.Event()
         #: Why the term ended early, if it did (the ledger's fence, or the ledger unreachable).
         self.ended: Deposed | None = None
+
+    # -- the database's clock -----------------------------------------------------------
+
+    def _now_ts(self) -> float:
+        return time.time() + self._clock_offset
+
+    def _utcnow(self) -> datetime:
+        return datetime.fromtimestamp(self._now_ts(), timezone.utc)
+
+    async def _measure_clock(self) -> None:
+        offset = await clock_offset(self.ledger.engine)
+        if abs(offset - self._clock_offset) > 1.0:
+            log.warning("ticker: this host's clock is %.1fs %s the database's; firing by the database's",
+                        abs(offset), "behind" if offset > 0 else "ahead of")
+        self._clock_offset = offset
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -117,6 +131,7 @@ class Ticker:
             asyncio.create_task(_every(self.settings.resync_s, stop, self.resync, "resync")),
         ]
         try:
+            await self._measure_clock()
             await self._load()
             while not stop.is_set():
                 if self._resync_soon:
@@ -126,7 +141,7 @@ class Ticker:
                     except Exception as err:
                         log.warning("ticker: resync failed (%s)", err)
                 await self._apply_changes()
-                batch = self._pop_due(time.time() + self.lookahead_s)
+                batch = self._pop_due(self._now_ts() + self.lookahead_s)
                 if batch:
                     await self._fire_until_recorded(batch, stop)
                     continue
@@ -145,7 +160,7 @@ class Ticker:
         # `_wake` is cleared by `_apply_changes` before it takes the changes, never here: a
         # change that came in meanwhile keeps it set, and this returns at once.
         first = self._table.next_fire()
-        delay = (first - self.lookahead_s - time.time()) if first is not None else self.settings.resync_s
+        delay = (first - self.lookahead_s - self._now_ts()) if first is not None else self.settings.resync_s
         if delay <= 0:
             return
         waiters = [asyncio.create_task(self._wake.wait()), asyncio.create_task(stop.wait())]
@@ -181,7 +196,7 @@ class Ticker:
             await self._publish([r for r in rows if r.run_id in recorded.new], fire_ts=fire)
 
     def _note_ahead(self, batch: list[Due]) -> None:
-        now_ts = time.time()
+        now_ts = self._now_ts()
         if now_ts - self._pruned > 1.0:
             self._ahead = {job_id: ts for job_id, ts in self._ahead.items() if ts > now_ts}
             self._pruned = now_ts
@@ -220,7 +235,7 @@ class Ticker:
         stay unpublished in the ledger, and the recovery loop publishes them again. A run
         published before it fires says when (kjob.bus.hold): its executor waits until then."""
         outgoing = []
-        now_ts = time.time()
+        now_ts = self._now_ts()
         for r in rows:
             not_before = (fire_ts or {}).get(r.run_id) or r.slot.timestamp()
             msg = DueRun(run_id=r.run_id, job_id=r.job_id, tenant=r.tenant, slug=r.slug, slot=r.slot,
@@ -235,7 +250,7 @@ class Ticker:
                     **trace_headers}))
         try:
             stored = await publish_acked(self.nc, outgoing)
-            acked_at = utcnow()
+            acked_at = self._utcnow()
         except Exception as err:  # NATS away: everything stays unpublished
             log.warning("ticker: %d due messages not published (%s)", len(rows), err)
             return
@@ -274,7 +289,7 @@ class Ticker:
         in between), settle its downtime, and queue its next slot. Jobs that stopped at the
         same instant with the same schedule and policy (most, after a failover) share one
         settlement: computing it per job would take minutes for 1,000,000 jobs."""
-        now = utcnow()
+        now = self._utcnow()
         rows: list[SlotRow] = []
         ranges: list[MissedRangeRow] = []
         settlements: dict[tuple, tuple[catchup.Settlement, datetime | None, object]] = {}
@@ -429,7 +444,7 @@ class Ticker:
     async def _reload(self, job_ids: list[UUID]) -> None:
         """Reconcile these jobs with the store; void the slots this ticker queued ahead for
         those that stopped or were re-timed (the write voided those it saw: these raced it)."""
-        now = utcnow()
+        now = self._utcnow()
         voids: list[UUID] = []
         for i in range(0, len(job_ids), RELOAD_CHUNK):
             found = await self._read_changed(job_ids[i : i + RELOAD_CHUNK])
@@ -503,6 +518,7 @@ class Ticker:
         """Re-publish open runs nobody is moving. Returns how many."""
         if self.leadership is not None and not self.leadership.valid():
             return 0
+        await self._measure_clock()
         runs = await self.ledger.stranded(older_than=timedelta(seconds=self.settings.recover_s))
         runs += await self._vanished()
         results = await self.ledger.undelivered(timedelta(seconds=self.settings.vanished_after_s))

@@ -45,7 +45,7 @@ from kjob.model import catchup
 from kjob.model.policies import fire_time
 from kjob.model.run import Run, RunStatus, Trigger, run_id_for
 from kjob.model.schedule import Schedule
-from kjob.store.database import clock_offset, is_row_error
+from kjob.store.database import clock_offset, is_row_error, is_transient
 from kjob.store.jobs import JobStore, ScheduledJob, gc_paused
 from kjob.store.runs import Deposed, MissedRangeRow, Recorded, RunLedger, SlotRow
 from kjob.telemetry import metrics, tracing
@@ -116,7 +116,15 @@ class Ticker:
         return datetime.fromtimestamp(self._now_ts(), timezone.utc)
 
     async def _measure_clock(self) -> None:
-        offset = await clock_offset(self.ledger.engine)
+        """Keeps the last offset while the database is away (its loops retry on their own)."""
+        try:
+            offset = await clock_offset(self.ledger.engine)
+        except Exception as err:
+            if not is_transient(err):
+                raise
+            log.warning("ticker: cannot read the database's clock (%r); keeping an offset of %.1fs",
+                        err, self._clock_offset)
+            return
         if abs(offset - self._clock_offset) > 1.0:
             log.warning("ticker: this host's clock is %.1fs %s the database's; firing by the database's",
                         abs(offset), "behind" if offset > 0 else "ahead of")

@@ -331,7 +331,7 @@ def _conclude(key: str, attempt: _Armed, writer: _EndWriter, docker: _Docker | N
         writer.write(attempt)
         _kill(attempt.target, f"the rest of attempt {key}: {why}", docker)
     else:
-        _kill(attempt.target, why, docker)
+        _kill(attempt.target, f"attempt {key}: {why}", docker)
 
 
 def main() -> None:
@@ -347,7 +347,7 @@ def main() -> None:
             if now >= attempt.deadline or (control is None and attempt.exit_code is not None):
                 del armed[key]
                 why = "its executor died" if control is None else "its executor did not extend its deadline"
-                _conclude(key, attempt, writer, docker, f"attempt {key}: {why}")
+                _conclude(key, attempt, writer, docker, why)
         timeout = max(0.0, min((a.deadline for a in armed.values()), default=now + 60) - now)
         statuses = {a.status: a for a in armed.values() if a.status is not None}
         readable, _, _ = select.select([*statuses, *([control] if control else [])], [], [], timeout)

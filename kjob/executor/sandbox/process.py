@@ -291,7 +291,7 @@ class ProcessSandbox(Sandbox):
                         start_new_session=True, preexec_fn=partial(_apply_limits, limits),
                     )
                 else:
-                    if status is not None and launch.on_spawn is not None:
+                    if status is not None:  # only made for an on_spawn hook
                         launch.on_spawn(None, status[0])  # watched from before it exists
                     with self._launcher(workdir, network=launch.spec.network, uid=uid, env=env, program=argv,
                                         staged=self._staged.get(launch.run_id), limits=limits, cgroup=cgroup,

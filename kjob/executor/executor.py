@@ -48,7 +48,7 @@ from kjob.store.quotas import Quotas, TenantBusy, busy_retry_delay
 from kjob.executor.policies import RunPolicies
 from kjob.model.policies import defer_delay
 from kjob.store.database import is_transient
-from kjob.store.runs import Claimed, Deferred, GaveUp, RunLedger, Skipped
+from kjob.store.runs import TAKEOVER_GRACE, Claimed, Deferred, GaveUp, RunLedger, Skipped, TakeoverHeld
 from kjob.store.secrets import SecretStore
 from kjob.store.usage import UsageStore, usage_row
 from kjob.telemetry import metrics, tracing
@@ -97,6 +97,16 @@ class Executor:
         self.watchdog = Watchdog(dsn=ledger.engine.url.set(drivername="postgresql").render_as_string(hide_password=False),
                                  docker_url=getattr(docker, "url", None))
         self.in_flight = 0
+        #: When this executor last found the database away (a failed or stuck statement); its
+        #: start counts as one. For `TAKEOVER_GRACE` of the lease after it, lapsed claims are
+        #: left to their owners' watchdogs, which may have ends to write from the outage.
+        self.db_away_at = time.monotonic()
+
+    def database_away(self) -> None:
+        self.db_away_at = time.monotonic()
+
+    def _may_take_over(self) -> bool:
+        return time.monotonic() - self.db_away_at >= self.settings.claim_lease_s * TAKEOVER_GRACE
 
     async def run(self, stop: asyncio.Event) -> None:
         # Stopping cancels the attempts in flight, which kills their sandboxes. Their claims
@@ -122,7 +132,8 @@ class Executor:
         claim_sent = time.monotonic()  # the claim's lease runs from no earlier than this
         try:
             claimed = await self.ledger.claim(
-                due.run_id, self.node, self.lease, max_running=self.quotas.limits(due.tenant).max_concurrent_runs
+                due.run_id, self.node, self.lease, max_running=self.quotas.limits(due.tenant).max_concurrent_runs,
+                takeover=self._may_take_over(),
             )
         except TenantBusy:
             # The tenant is at its concurrency quota: the run stays scheduled; ask again later.
@@ -147,6 +158,9 @@ class Executor:
             await self._event(claimed.run, "run_finished", claimed.run.status.value)
             await msg.ack()
             return
+        if isinstance(claimed, TakeoverHeld):  # a lapsed claim, just after an outage: its watchdog first
+            await msg.nak(delay=self.settings.claim_lease_s * TAKEOVER_GRACE)
+            return
         if isinstance(claimed, Deferred):  # overlap `queue`/`replace`: not yet; nothing changed
             await msg.nak(delay=defer_delay(msg.metadata.num_delivered))
             return
@@ -165,6 +179,7 @@ class Executor:
         transient = is_transient(err)
         delay = min(2.0 * msg.metadata.num_delivered, 30.0) if transient else 300.0
         if transient:
+            self.database_away()
             log.warning("executor: cannot claim run %s (%r); again in %.0fs", due.run_id, err, delay)
         else:
             log.error("executor: claiming run %s failed permanently; again in %.0fs", due.run_id, delay, exc_info=err)
@@ -291,6 +306,7 @@ class Executor:
                 if not is_transient(err):
                     log.error("executor: cannot record the end of run %s", run.id, exc_info=err)
                     return None
+                self.database_away()
                 if time.monotonic() + delay > give_up:
                     log.error("executor: gave up recording the end of run %s after %.0fs (%r)",
                               run.id, self.settings.outcome_keep_s, err)
@@ -528,6 +544,8 @@ class ClaimKeeper:
                 if pending is not None:
                     await asyncio.wait({pending}, timeout=max(wake, 0.01))
                     if not pending.done():
+                        if time.monotonic() - sent > beat_s:
+                            ex.database_away()  # stuck: the server is stalled, or the network
                         continue
                     try:
                         if not pending.result():
@@ -536,6 +554,7 @@ class ClaimKeeper:
                         self.deadline = max(self.deadline, sent + self.lease_s - ex.margin_s)
                         ex.watchdog.extend(self.key, self.kill_by)
                     except Exception as err:
+                        ex.database_away()
                         log.warning("executor: renewing the claim on run %s failed (%r); stopping its agent in %.1fs "
                                     "unless a renewal succeeds", self.run.id, err, self.deadline - time.monotonic())
                     pending = None

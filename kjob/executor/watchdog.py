@@ -29,7 +29,7 @@ known), with the status pipe as an SCM_RIGHTS fd the first time; `disarm KEY`. E
 (the executor died): its agents run on to their deadlines, as if it were paused (their claims
 hold till then), and an end reached meanwhile is written at once; then the watchdog exits.
 
-Only the standard library is imported, and asyncpg once an end must be written.
+Only the standard library is imported, and asyncpg for the one session that writes ends.
 """
 
 from __future__ import annotations
@@ -243,13 +243,18 @@ class _EndWriter:
         self._queue: queue.Queue[tuple[_Armed, float] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
+    def open(self, dsn: str) -> None:
+        """Connect now, while the database is there: an end to write during an outage then
+        waits in line on a session that exists."""
+        self.dsn = dsn
+        if self._thread is None:
+            self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+            self._thread.start()
+
     def write(self, attempt: _Armed) -> None:
         if self.dsn is None or attempt.run_id is None:
             _say(f"no database to write the end of {attempt.run_id}.{attempt.attempt} to")
             return
-        if self._thread is None:
-            self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
-            self._thread.start()
         self._queue.put((attempt, time.monotonic()))
 
     def finish(self) -> None:
@@ -258,30 +263,59 @@ class _EndWriter:
             self._thread.join(WRITE_FOR_S)
 
     async def _serve(self) -> None:
+        """Writes the ends queued, oldest first, on one connection kept open: after an outage a
+        write is one statement already in line, not a new session racing the takeover's claim.
+        While the database is away, tried again every quarter of a second at most: a takeover
+        waits longer than that after an outage (kjob.store.runs.TakeoverHeld)."""
         import asyncpg
 
-        while (item := await asyncio.to_thread(self._queue.get)) is not None:
-            attempt, queued = item
-            delay = 0.2
+        try:
+            conn = await asyncpg.connect(self.dsn, timeout=5)
+        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            conn = None  # connected again at the first end to write
+        pending: list[tuple[_Armed, float]] = []
+        closing = False
+        delay = 0.05
+        while pending or not closing:
+            if not pending:
+                item = await asyncio.to_thread(self._queue.get)
+                if item is None:
+                    break
+                pending.append(item)
             while True:
                 try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    closing = True
+                else:
+                    pending.append(item)
+            try:
+                if conn is None or conn.is_closed():
                     conn = await asyncpg.connect(self.dsn, timeout=5)
-                    try:
-                        written = await conn.fetchval(
-                            _RECORD_END_SQL, attempt.run_id, attempt.attempt, attempt.node, attempt.exit_code,
-                            max(0.0, time.monotonic() - attempt.ended), timeout=5)
-                    finally:
-                        await conn.close()
+                while pending:
+                    attempt, _ = pending[0]
+                    # No statement deadline: one sent during a stall runs first thing after it.
+                    written = await conn.fetchval(
+                        _RECORD_END_SQL, attempt.run_id, attempt.attempt, attempt.node, attempt.exit_code,
+                        max(0.0, time.monotonic() - attempt.ended), timeout=WRITE_FOR_S)
+                    pending.pop(0)
                     _say(f"run {attempt.run_id} attempt {attempt.attempt}: its agent ended (exit code "
                          f"{attempt.exit_code}) while its executor could not record it; "
                          + ("written to the ledger" if written else "not written: the claim is no longer its"))
-                    break
-                except Exception as err:  # the database is away: the claim cannot move meanwhile either
-                    if time.monotonic() - queued > WRITE_FOR_S:
-                        _say(f"gave up writing the end of run {attempt.run_id}: {err!r}")
-                        break
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                delay = 0.05
+            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+                if conn is not None:
+                    conn.terminate()
+                    conn = None
+                for item in [p for p in pending if time.monotonic() - p[1] > WRITE_FOR_S]:
+                    _say(f"gave up writing the end of run {item[0].run_id}: {err!r}")
+                    pending.remove(item)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.25)
+        if conn is not None:
+            await conn.close()
 
 
 def _read_status(attempt: _Armed) -> None:
@@ -363,7 +397,7 @@ def main() -> None:
             continue
         words = message.decode(errors="replace").split()
         if len(words) == 2 and words[0] == "db":
-            writer.dsn = words[1]
+            writer.open(words[1])
         elif len(words) == 2 and words[0] == "docker":
             docker = _Docker(words[1])
         elif len(words) in (4, 7) and words[0] == "arm":

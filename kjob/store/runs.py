@@ -17,6 +17,7 @@ JetStream may deliver a due run twice; the conditional UPDATEs here make the sec
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Awaitable, Callable, Iterable, Sequence
@@ -151,11 +152,20 @@ _FINISH_WITH_USAGE_SQL = _FINISH_SQL.replace("SELECT * FROM fin", """, usage AS 
 SELECT * FROM fin""")
 
 
+#: A lapsed claim is taken over only this fraction of the lease after it lapsed (its owner's
+#: time to renew, or its watchdog's to write an end) and ...
+TAKEOVER_GRACE = 0.5
+#: ... only by a claim whose first statement came back within this fraction of the lease: one
+#: that took longer may have waited out a stall of the database, during which the watchdog's
+#: write waited too. It is tried again once the watchdog had its turn.
+TAKEOVER_PROMPT = 1 / 6
+
+
 #: The claim's first statement: the run if it is claimable, its job (read FOR SHARE: a disable
 #: in flight commits first, or waits for this claim) and the job lock, taken before the row
 #: locks. A run changed meanwhile (a duplicate's claim committed while we waited) is re-read as
 #: it is now, and left out if no longer claimable. A lapsed claim is taken over only
-#: `lease / 2` after it lapsed: the owner stopped its agent before the lapse
+#: `TAKEOVER_GRACE` of the lease after it lapsed: the owner stopped its agent before the lapse
 #: (kjob.executor.executor.ClaimKeeper), and after a stall of the database this is its time to
 #: renew, or to write the end of an attempt that ran to it, before anyone may run it again.
 #: The database's clock only: claims written from each executor's own clock would let a node
@@ -168,7 +178,7 @@ FROM job_runs r JOIN jobs j ON j.id = r.job_id
 WHERE r.id = :run_id AND (
     r.status = 'scheduled'
     OR (r.status = 'retrying' AND (r.next_attempt_at IS NULL OR r.next_attempt_at <= now()))
-    OR (r.status = 'running' AND r.claim_until < now() - make_interval(secs => CAST(:lease AS float8) / 2)))
+    OR (r.status = 'running' AND r.claim_until < now() - make_interval(secs => CAST(:lease AS float8) * CAST(:grace AS float8))))
 FOR UPDATE OF r FOR SHARE OF j
 """)
 
@@ -297,6 +307,14 @@ class Claimed:
     #: Set when the claim was taken over from an executor whose agent had ended (its watchdog
     #: wrote the end): the same attempt, to conclude from this, without running the agent.
     ended: AgentEnd | None = None
+
+
+@dataclass(frozen=True)
+class TakeoverHeld:
+    """A lapsed claim, not taken over now: the database was just away (the claim waited on it,
+    or the executor's last statements failed). Its owner's watchdog may have the end of an agent
+    that ran to write; after an outage it goes first (kjob.executor.watchdog). Nothing changed:
+    ask again in `TAKEOVER_GRACE` of the lease."""
 
 
 @dataclass(frozen=True)
@@ -546,9 +564,13 @@ class RunLedger:
     # -- executor -----------------------------------------------------------------------
 
     async def claim(
-        self, run_id: str, executor: str, lease: timedelta, *, max_running: int | None = None
-    ) -> Claimed | Skipped | Deferred | GaveUp | None:
+        self, run_id: str, executor: str, lease: timedelta, *, max_running: int | None = None,
+        takeover: bool = True,
+    ) -> Claimed | Skipped | Deferred | GaveUp | TakeoverHeld | None:
         """Take the run for one attempt, or None if it is not ours to run (done, owned, early).
+
+        A lapsed claim is taken over (its attempt counted lost) only with `takeover` and when
+        the database answered promptly; else TakeoverHeld, nothing changed.
 
         The job's overlap policy is applied here (kjob.store.overlap): Skipped, the run is now
         final as `skipped`; Deferred, it must wait for another run of its job to end. GaveUp:
@@ -557,6 +579,7 @@ class RunLedger:
         :raises TenantBusy: `max_running` (the tenant's concurrency quota) other runs of the
             tenant are running; nothing changed, so the run can be claimed again later.
         """
+        asked = time.monotonic()
         if max_running is None:
             # The common case in one round trip (migration 0009): a first attempt of an enabled
             # `skip` or `allow` job that nothing else of runs. The function answers `slow` for
@@ -572,7 +595,8 @@ class RunLedger:
             # Three statements: the run, its job and the job lock; the claim (with the `skip`
             # check in it); the commit. The other policies' checks, a quota and a busy job take
             # the longer way (kjob.store.overlap.settle).
-            before = (await conn.execute(_CLAIM_LOCK_SQL, dict(run_id=run_id, lease=lease.total_seconds()))).first()
+            before = (await conn.execute(_CLAIM_LOCK_SQL, dict(run_id=run_id, lease=lease.total_seconds(), grace=TAKEOVER_GRACE))).first()
+            answered = time.monotonic() - asked  # the claim's wait so far, this statement's included
             if before is None:
                 return None  # no such run, or not ours to run (done, owned, early)
             now, policy = before.db_now, before.policy
@@ -588,6 +612,8 @@ class RunLedger:
                         run_id=run_id, executor=executor, lease=lease.total_seconds()))).one()
                     return _claimed(row, previous_lost=False, ended=AgentEnd(
                         exit_code=ended.agent_exit_code, node=ended.executor, ended_at=ended.agent_ended_at))
+                if not takeover or answered > lease.total_seconds() * TAKEOVER_PROMPT:
+                    return TakeoverHeld()  # the transaction ends unwritten: the row lock goes
             if lost and not should_retry(RunStatus.lost, before.attempt, before.lost_attempts + 1,
                                          RetryPolicy.model_validate(before.retries or {})):
                 reason = (f"gave up after {before.lost_attempts + 1} lost attempts: each time its executor "

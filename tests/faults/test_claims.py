@@ -3,6 +3,7 @@ attempts are bounded, and a lapsed claim is taken over only after the owner's gr
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 from sqlalchemy import text
@@ -78,3 +79,72 @@ async def test_recovery_judges_claims_by_the_databases_clock(engine, monkeypatch
     stranded = {r.id for r in await ledger.stranded(timedelta(seconds=5))}
     assert lapsed.id in stranded
     assert live.id not in stranded, "a live claim looked lapsed to a ticker whose clock runs ahead"
+
+
+async def test_a_takeover_that_waited_out_a_stall_gives_way_to_the_owners_watchdog(engine, database_url):
+    """The owner died as its agent ended and the database stalled: the claim lapsed while
+    nobody could write. When the database is back, the other executor's claim (sent during the
+    stall) and the owner's watchdog's write of the end are both waiting on it. The claim that
+    waited is held (nothing changes), the watchdog's end goes in, and the next claim concludes
+    the attempt from it instead of running the agent again."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    from kjob.executor.watchdog import _RECORD_END_SQL
+    from kjob.store.database import create_engine
+    from kjob.store.runs import TAKEOVER_GRACE, TAKEOVER_PROMPT, TakeoverHeld
+    from tests.support.pipeline import until
+    from tests.support.tcpproxy import TcpProxy
+
+    job = await create_job(engine, slug="stalled-end", prompt="true", schedule="@every 1h")
+    ledger = RunLedger(engine)
+    run = await ledger.create_manual(job)
+    assert isinstance(await ledger.claim(run.id, "owner", LEASE), Claimed)
+    await lapse(engine, run.id, LEASE.total_seconds() * TAKEOVER_GRACE + 1)  # lapsed past the grace
+
+    url = make_url(database_url)
+    with TcpProxy(url.host, url.port) as proxy:
+        taker_engine = create_engine(url.set(port=proxy.port).render_as_string(hide_password=False), pool_size=1)
+        try:
+            taker = RunLedger(taker_engine)
+            async with taker_engine.connect() as conn:  # the session exists before the stall
+                await conn.execute(text("SELECT 1"))
+            proxy.stall()
+            claim = asyncio.create_task(taker.claim(run.id, "other", LEASE))
+            async def sent() -> bool:
+                return proxy.stalled_bytes > 0
+
+            await until(sent, 10, "the claim to be sent into the stall")
+            await asyncio.sleep(LEASE.total_seconds() * TAKEOVER_PROMPT + 0.5)  # the stall lasts
+            proxy.resume()
+            assert isinstance(await claim, TakeoverHeld), "a claim that waited out a stall took the run over"
+            assert (await ledger.get(run.tenant, run.id)).attempt == 1  # nothing changed
+            # The owner's watchdog writes the end (its own statement, as watchdog.py sends it).
+            dsn = make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+            conn = await asyncpg.connect(dsn)
+            try:
+                assert await conn.fetchval(_RECORD_END_SQL, run.id, 1, "owner", 0, 0.0)
+            finally:
+                await conn.close()
+            adopted = await taker.claim(run.id, "other", LEASE)
+            assert isinstance(adopted, Claimed) and adopted.ended is not None and adopted.ended.exit_code == 0
+            assert adopted.run.attempt == 1 and not adopted.previous_lost  # the same attempt, concluded
+        finally:
+            await taker_engine.dispose()
+
+
+async def test_an_executor_that_just_lost_the_database_takes_no_claim_over(engine):
+    """`takeover=False` (the executor's own statements failed a moment ago): a lapsed claim is
+    left to its owner's watchdog for now; a fresh run is claimed as usual."""
+    from kjob.store.runs import TakeoverHeld
+
+    job = await create_job(engine, slug="just-back", prompt="true", schedule="@every 1h", overlap="allow")
+    ledger = RunLedger(engine)
+    lapsed, fresh = await ledger.create_manual(job), await ledger.create_manual(job)
+    assert isinstance(await ledger.claim(lapsed.id, "owner", LEASE), Claimed)
+    await lapse(engine, lapsed.id, LEASE.total_seconds())
+    assert isinstance(await ledger.claim(lapsed.id, "other", LEASE, takeover=False), TakeoverHeld)
+    assert (await ledger.attempts(lapsed.id))[0].status is RunStatus.running
+    assert isinstance(await ledger.claim(fresh.id, "other", LEASE, takeover=False), Claimed)
+    taken = await ledger.claim(lapsed.id, "other", LEASE)
+    assert isinstance(taken, Claimed) and taken.previous_lost and taken.run.attempt == 2

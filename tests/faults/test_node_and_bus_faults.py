@@ -80,18 +80,24 @@ async def test_nats_node_lost_in_r3(tmp_path, nats_cluster):
     assert all(code == 0 for code in c.exit_codes.values()), c.tails()
 
 
-@pytest.mark.parametrize("fault", ["sigstop", "sigkill"])
+@pytest.mark.parametrize("fault", ["sigstop", "sigkill", "sigkill-in-a-stall"])
 async def test_an_agent_that_ends_while_its_executor_cannot_record_it_is_not_run_again(tmp_path, fresh_nats, fault):
     """The executor is paused (or killed) at the instant its agent reports its end, before the
     agent exits: only its watchdog sees the end (bwrap's status pipe) and writes it down, and
     the node that takes the claim over concludes the attempt without running the agent again.
-    Every slot must have exactly one execution that ran to its end: no excuses."""
+    Every slot must have exactly one execution that ran to its end: no excuses.
+
+    `sigkill-in-a-stall`: PostgreSQL is paused at the same instant, past the claim's lease and
+    grace, so nobody can write and the claim lapses meanwhile. When it is back, the watchdog's
+    write and the other node's takeover are both waiting on it: the takeover must give way."""
     struck: list[tuple[str, float]] = []
 
     def strike(execution) -> None:
         if struck or not (execution.job or "").startswith("end"):
             return
         struck.append((execution.node, time.monotonic()))
+        if fault == "sigkill-in-a-stall":
+            c.pg_pause()
         c.nodes[execution.node].signal(signal.SIGSTOP if fault == "sigstop" else signal.SIGKILL)
 
     async with fault_cluster(tmp_path, fresh_nats) as c:
@@ -105,6 +111,12 @@ async def test_an_agent_that_ends_while_its_executor_cannot_record_it_is_not_run
             # Past the lease, the takeover grace and a redelivery to the other node.
             await asyncio.sleep(LEASE_S * 1.5 + float(FAST_ENV["KJOB_ACK_WAIT_S"]) + 3)
             c.nodes[node].signal(signal.SIGCONT)
+        elif fault == "sigkill-in-a-stall":
+            # Past the lease, the takeover grace and a redelivery: the other node's claim is
+            # sent during the stall, and waits on it like the watchdog's write.
+            await asyncio.sleep(LEASE_S * 1.5 + float(FAST_ENV["KJOB_ACK_WAIT_S"]) + 3)
+            c.pg_resume()
+            await c.restart(node)
         else:
             await asyncio.to_thread(c.nodes[node].proc.wait, 10)
             await c.restart(node)

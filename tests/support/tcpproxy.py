@@ -5,6 +5,10 @@ no reset, no error, just silence; the client finds out only by its own deadlines
 connections are accepted and then left silent too. `heal()` lets bytes flow again on
 connections opened from then on, and drops the ones that went through the partition, as TCP
 would once the peer's retransmissions gave up.
+
+`stall()` holds every byte instead, to deliver it at `resume()`: the client's view of a server
+that was paused (SIGSTOP), whose sockets keep what was sent meanwhile. `stalled_bytes` counts
+what waits.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ class TcpProxy:
         self._flowing = asyncio.Event()
         self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._held: set[asyncio.StreamWriter] = set()
+        self._moving = asyncio.Event()  # clear: stalled
+        self._moving.set()
+        self.stalled_bytes = 0
 
     def start(self) -> "TcpProxy":
         self._thread.start()
@@ -61,6 +68,12 @@ class TcpProxy:
 
     def heal(self) -> None:
         self._call(self._heal)
+
+    def stall(self) -> None:
+        self._call(self._moving.clear)
+
+    def resume(self) -> None:
+        self._call(self._moving.set)
 
     def _call(self, fn) -> None:
         async def run() -> None:
@@ -111,5 +124,8 @@ class TcpProxy:
             # In the hole, bytes are swallowed: nothing reaches the other side, nothing errors.
             if not self._flowing.is_set():
                 continue
+            if not self._moving.is_set():
+                self.stalled_bytes += len(data)
+                await self._moving.wait()
             writer.write(data)
             await writer.drain()

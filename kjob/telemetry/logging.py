@@ -8,10 +8,9 @@
   (the run fields only on lines about a run, `exc` only with a traceback);
 - `fmt="console"`: the usual text line, with ` [tenant/job run=... trace=...]` appended.
 
-Which run a line is about comes from a context variable, set by whoever handles a run
-(`bind`, done for the executor and dispatcher by `kjob.telemetry.tracing.handles_run`).
-asyncio copies the context into every task it creates, so the fields follow a run into the
-tasks it starts and never leak into another run's task.
+Which run a line is about comes from a context variable (`kjob.telemetry.runcontext`), set by
+whoever handles a run (`bind`, re-exported here; done for the executor and dispatcher by
+`kjob.telemetry.tracing.handles_run`).
 
 The trace id on a run's lines is the run's own (`tracing.trace_id_for(run_id)`), also when
 tracing is off, so a line can be matched with the trace once tracing is turned on.
@@ -31,18 +30,18 @@ import logging.handlers
 import queue
 import socket
 import sys
-from contextvars import ContextVar, Token
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Awaitable, Callable, Literal
 
 from kjob.errors import InvalidInput
+from kjob.telemetry import tracing
+from kjob.telemetry.runcontext import bind, current, reset
+
+__all__ = ["bind", "current", "reset", "setup", "formatter", "agent_output", "attach_output_file"]
 
 LogFormat = Literal["json", "console"]
 FORMATS: tuple[LogFormat, ...] = ("json", "console")
-
-#: The run the current task handles: any of tenant, job, run_id.
-_run: ContextVar[dict[str, str] | None] = ContextVar("kjob_run", default=None)
 
 #: Agent stdout/stderr, one record per line; silent unless a sink is attached.
 output_logger = logging.getLogger("kjob.output")
@@ -53,34 +52,13 @@ output_logger.setLevel(logging.CRITICAL + 1)
 RUN_FIELDS = ("tenant", "job", "run_id", "trace_id", "span_id")
 
 
-def bind(*, tenant: str | None = None, job: str | None = None, run_id: str | None = None) -> Token:
-    """Add run fields to the current context (fields given as None are left as they are).
-    Returns a token for `reset`; a task that ends need not reset."""
-    fields = dict(_run.get() or {})
-    for key, value in (("tenant", tenant), ("job", job), ("run_id", run_id)):
-        if value is not None:
-            fields[key] = value
-    return _run.set(fields)
-
-
-def reset(token: Token) -> None:
-    _run.reset(token)
-
-
-def current() -> dict[str, str]:
-    """The run fields of the current context (a copy)."""
-    return dict(_run.get() or {})
-
-
 class RunContextFilter(logging.Filter):
     """Stamps each record with the run fields of the context that emitted it. Sits on handlers,
     so records from every logger are stamped, in the emitting task (a queue handler's thread
     would see no context)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from kjob.telemetry import tracing  # tracing imports this module
-
-        fields = _run.get() or {}
+        fields = current()
         for key in ("tenant", "job", "run_id"):
             if not hasattr(record, key):
                 setattr(record, key, fields.get(key))

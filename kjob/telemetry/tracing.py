@@ -54,7 +54,7 @@ from opentelemetry.semconv.attributes import service_attributes as service
 from opentelemetry.trace import Link, SpanKind, Tracer
 
 from kjob.bus import names
-from kjob.telemetry import logging as run_logging
+from kjob.telemetry import runcontext
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def handles_run(name: str, consumer: str) -> Callable[[F], F]:
         async def handler(self: Any, msg: Any) -> Any:
             headers = msg.headers or {}
             run_id, tenant = headers.get(names.HDR_RUN_ID), headers.get(names.HDR_TENANT)
-            run_logging.bind(run_id=run_id, tenant=tenant)  # the task is this message's alone
+            runcontext.bind(run_id=run_id, tenant=tenant)  # the task is this message's alone
             if _tracer is None:
                 return await fn(self, msg)
             attributes = _attributes({"run_id": run_id, "tenant": tenant})
@@ -288,7 +288,7 @@ def annotate(*, tenant: str | None = None, job: str | None = None, run_id: str |
     """Say more about the run being handled: on the current span (when tracing is on) and, for
     tenant, job and run id, on the log lines that follow in this task."""
     if tenant is not None or job is not None or run_id is not None:
-        run_logging.bind(tenant=tenant, job=job, run_id=run_id)
+        runcontext.bind(tenant=tenant, job=job, run_id=run_id)
     if _tracer is None:
         return
     current = trace.get_current_span()

@@ -142,3 +142,14 @@ def test_a_node_at_info_does_not_log_each_http_request(capsys):
     err = capsys.readouterr().err
     assert "delivered run-1" in err
     assert "HTTP Request" not in err and "/v1/dispatch" not in err
+
+
+def test_tracing_does_not_need_the_logging_module():
+    """The run context lives apart from both, so tracing loads without logging (no cycle, and
+    no import inside the filter that stamps every record)."""
+    import subprocess
+    import sys
+
+    probe = "import sys, kjob.telemetry.tracing; print('kjob.telemetry.logging' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -10,13 +10,13 @@ import asyncio
 import contextlib
 import json
 import logging
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
 
+from kjob._time import utcnow
 from kjob.bus import names
 
 log = logging.getLogger(__name__)
@@ -40,12 +40,12 @@ async def _bucket(js: JetStreamContext, replicas: int = 1, create: bool = True):
 async def announce(js: JetStreamContext, node: str, info: Callable[[], dict[str, Any]], stop: asyncio.Event,
                    replicas: int = 1) -> None:
     """Write this node's facts every EVERY_S seconds until `stop`; remove them on the way out."""
-    started = datetime.now(timezone.utc).isoformat()
+    started = utcnow().isoformat()
     kv = None
     while not stop.is_set():
         try:
             kv = kv or await _bucket(js, replicas)
-            value = {"node": node, "started": started, "seen": datetime.now(timezone.utc).isoformat(), **info()}
+            value = {"node": node, "started": started, "seen": utcnow().isoformat(), **info()}
             await kv.put(_key(node), json.dumps(value).encode())
         except Exception as err:
             log.debug("presence: cannot announce %s (%s)", node, err)

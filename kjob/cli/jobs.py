@@ -6,12 +6,12 @@ from __future__ import annotations
 import re
 import sys
 import tomllib
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from kjob._time import utcnow
 from kjob.cli.output import Format, WideOpt, api, console, dump, job_table, jobs_table, print_json, say, slots_table
 from kjob.cli.policies import OverlapOpt, policy_fields
 from kjob.client import InvalidInput as ApiInvalidInput
@@ -251,7 +251,7 @@ def next_fires(
     output: OutputOpt = Format.table,
 ) -> None:
     """Show when a schedule fires. Needs no server."""
-    slots = preview(expr, tz, after, count, now=datetime.now(timezone.utc))
+    slots = preview(expr, tz, after, count, now=utcnow())
     if output is Format.json:
         print_json([utc_text(s) for s in slots])
     elif not slots:

@@ -25,12 +25,13 @@ import logging
 import signal
 import socket
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from kjob._time import utcnow
 from kjob.bus import hold, names
 from kjob.bus.messages import DueRun, Event
 from kjob.bus.publish import publish_result
@@ -55,10 +56,6 @@ from kjob.telemetry import metrics, tracing
 from kjob.telemetry.logging import agent_output
 
 log = logging.getLogger(__name__)
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class Executor:

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ from sqlalchemy import ColumnElement, Row, Select, String, Text, any_, bindparam
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID as PgUUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from kjob._time import utcnow
 from kjob.errors import Conflict, InvalidInput, NotFound
 from kjob.model.durations import parse_duration
 from kjob.model.job import CatchupPolicy, Job, JobSpec
@@ -34,10 +35,6 @@ from kjob.telemetry import metrics
 log = logging.getLogger(__name__)
 
 ApplyResult = Literal["created", "updated", "unchanged"]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def dispatch_kind(channel: str) -> str:

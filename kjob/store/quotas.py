@@ -14,12 +14,13 @@ Exceeding one is always an error the caller sees, never a silent drop:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from itertools import islice
 
 from sqlalchemy import ColumnElement, Table, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from kjob._time import utcnow
 from kjob.config import QuotaSettings
 from kjob.errors import InvalidInput, QuotaExceeded, RateLimited
 from kjob.model.schedule import Schedule
@@ -127,7 +128,7 @@ async def check_run_now_rate(conn: AsyncConnection, tenant: str, limits: Limits)
     """Inside the run-now's own transaction (which writes its audit row): refuse it if the
     tenant already made `run_now_per_minute` run-now requests in the last minute."""
     await _tenant_lock(conn, "run_now", tenant)
-    since = datetime.now(timezone.utc) - RATE_WINDOW
+    since = utcnow() - RATE_WINDOW
     count, oldest = (
         await conn.execute(
             select(func.count(), func.min(audit_log.c.at)).where(
@@ -162,7 +163,7 @@ def busy_retry_delay(num_delivered: int | None) -> float:
 
 async def usage(engine: AsyncEngine, tenant: str) -> dict[str, int]:
     """What the tenant uses of each quota now."""
-    since = datetime.now(timezone.utc) - RATE_WINDOW
+    since = utcnow() - RATE_WINDOW
     async with engine.connect() as conn:
         return {
             "jobs": await _count(conn, jobs, jobs.c.tenant == tenant),

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from kjob._time import utcnow
 from kjob.model.run import FINAL_STATUSES, Trigger
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ DELETE FROM job_runs WHERE id IN (SELECT id FROM doomed)
 async def prune(engine: AsyncEngine, *, now: datetime | None = None, batch: int = PRUNE_BATCH) -> int | None:
     """Delete up to `batch` runs past their job's history policy. Returns how many, or None
     when another node is pruning right now."""
-    now = now or datetime.now(timezone.utc)
+    now = now or utcnow()
     async with engine.begin() as conn:
         mine = (await conn.execute(text("SELECT pg_try_advisory_xact_lock(hashtextextended('kjob.retention', 0))"))).scalar()
         if not mine:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Awaitable, Callable, Iterable, Sequence
 from uuid import UUID
 
@@ -27,6 +27,7 @@ from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from kjob._time import utcnow
 from kjob.errors import InvalidInput, NotFound
 from kjob.model.job import Job, RetryPolicy
 from kjob.model.run import (
@@ -248,10 +249,6 @@ class GaveUp:
 
 class Deposed(Exception):
     """The ledger's fence names another ticker leader: this one must stop writing slots."""
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 @dataclass(frozen=True, slots=True)

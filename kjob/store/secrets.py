@@ -20,7 +20,7 @@ import builtins
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -28,6 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from kjob._time import utcnow
 from kjob.config import Settings
 from kjob.errors import Conflict, InvalidInput, NotFound, ServerError
 from kjob.model.secrets import check_name
@@ -156,7 +157,7 @@ class SecretStore:
         if "\x00" in value:
             raise InvalidInput("holds a NUL character (\\0), which an environment variable cannot carry", "value")
         ciphertext = self._box().seal(actor.tenant, name, value)
-        now = datetime.now(UTC)
+        now = utcnow()
         async with self.engine.begin() as conn:
             row = (
                 await conn.execute(

@@ -12,13 +12,14 @@ import hashlib
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from kjob._time import utcnow
 from kjob.errors import InvalidInput, NotFound
 from kjob.private_files import write_private
 from kjob.store.audit import Actor, record
@@ -110,7 +111,7 @@ class TokenStore:
             await conn.execute(
                 api_tokens.insert().values(
                     id=token_id, tenant=tenant, role=role, name=name,
-                    secret_hash=hash_secret(secret), created_at=datetime.now(UTC),
+                    secret_hash=hash_secret(secret), created_at=utcnow(),
                 )
             )
             if actor is not None:
@@ -171,7 +172,7 @@ class TokenStore:
             await conn.execute(
                 api_tokens.update()
                 .where(api_tokens.c.id == token_id)
-                .values(revoked_at=datetime.now(UTC))
+                .values(revoked_at=utcnow())
             )
             if actor is not None:
                 await _record(conn, tenant, actor, "token.revoke", token_id, None)

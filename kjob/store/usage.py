@@ -8,7 +8,7 @@ an attempt whose claim was lost is recorded too: the tokens were spent all the s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -16,6 +16,7 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from kjob._time import utcnow
 from kjob.model.agent_report import MAX_ANSWER_CHARS, AgentReport
 from kjob.model.notify import answer_hash
 from kjob.store.tables import job_runs, jobs, run_usage
@@ -111,7 +112,7 @@ class UsageStore:
 
     async def job_week(self, job_id: UUID, now: datetime | None = None) -> dict[str, Any]:
         """The job's usage over the last 7 days (`kjob inspect`)."""
-        since = (now or datetime.now(timezone.utc)) - timedelta(days=7)
+        since = (now or utcnow()) - timedelta(days=7)
         async with self.engine.connect() as conn:
             r = (await conn.execute(
                 select(func.count().label("attempts"), func.sum(run_usage.c.tokens_in).label("tokens_in"),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Sequence
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -30,6 +30,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from kjob._time import utcnow
 from kjob.bus import names
 from kjob.model.run import FINAL_STATUSES, Trigger
 from kjob.telemetry.tracing import make_resource, otlp_configured
@@ -232,7 +233,7 @@ def render() -> tuple[bytes, str]:
 
 
 def _since(moment: datetime) -> float:
-    return (datetime.now(timezone.utc) - moment).total_seconds()
+    return (utcnow() - moment).total_seconds()
 
 
 # -- what the roles call ------------------------------------------------------------------------

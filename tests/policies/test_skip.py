@@ -15,20 +15,17 @@ together after a restart and the newer was `skipped`; the run catch-up chose kep
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 from sqlalchemy import insert, update
 
+from kjob._time import utcnow
 from kjob.model.run import RunStatus, Trigger, run_id_for, utc_text
 from kjob.model.schedule import next_slots
 from kjob.store.tables import job_runs, jobs
 from kjob.store.tokens import TokenStore
 from tests.policies.conftest import never_overlap, runner_for
 from tests.support.pipeline import create_job, fast_settings, running_node, runs_of, until
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 async def test_a_backfill_under_skip_runs_each_slot_in_turn_and_reruns_a_skipped_one(

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, status
 from pydantic import BaseModel, ConfigDict, Field
 
+from kjob._time import utcnow
 from kjob.errors import ServerError
 from kjob.gateway.auth import Operator, actor_of, gateway_state
 from kjob.gateway.routes.runs import _ledger as ledger_of
@@ -55,7 +56,7 @@ async def backfill(slug: str, body: BackfillRequest, principal: Operator, state:
     job = await state.jobs.get(principal.tenant, slug)
     if state.publish_due is None:
         raise ServerError("this gateway cannot start runs: it runs without a bus")
-    slots = backfill_slots(Schedule.parse(job.schedule), job.timezone, body.start, body.end, datetime.now(timezone.utc))
+    slots = backfill_slots(Schedule.parse(job.schedule), job.timezone, body.start, body.end, utcnow())
     runs, existing = await ledger.record_backfill(job, slots, overlap=body.overlap, actor=actor_of(principal))
     await _publish(state, runs)
     return BackfillResult(slots=len(slots), queued=len(runs), existing=existing, overlap=body.overlap or job.overlap,

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query, Request, Response, status
 from pydantic import BaseModel, Field, ValidationError
 
+from kjob._time import utcnow
 from kjob.errors import InvalidInput, NotFound
 from kjob.gateway.errors import error_response
 from kjob.gateway.auth import Editor, Operator, Viewer, actor_of, gateway_state
@@ -50,10 +51,6 @@ class ApplyResponse(BaseModel):
 
 class DisableRequest(BaseModel):
     note: str | None = Field(default=None, max_length=1000, description="why the job is paused; shown by inspect")
-
-
-def now_utc() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 def next_fire(job: Job, now: datetime) -> datetime | None:
@@ -110,7 +107,7 @@ async def _apply_checked(state: GatewayState, principal: Principal, spec: JobSpe
 @router.post("/jobs", status_code=status.HTTP_201_CREATED, response_model=JobView)
 async def create_job(spec: JobSpec, principal: Editor, state: State) -> JobView:
     """Create a job. 409 if the slug is taken in this tenant."""
-    now = now_utc()
+    now = utcnow()
     await _check(state, principal.tenant, spec, now)
     await check_new_jobs(state, principal.tenant, 1)
     job = await state.jobs.create(actor_of(principal), spec)
@@ -127,7 +124,7 @@ async def list_jobs(
 ) -> list[JobView]:
     """The tenant's jobs, by slug. Paged with `limit` and `after`: a page shorter than `limit`
     is the last."""
-    now = now_utc()
+    now = utcnow()
     return [job_view(job, now) for job in await state.jobs.list(principal.tenant, after=after, limit=limit)]
 
 
@@ -172,7 +169,7 @@ async def apply_jobs(raw: Request, principal: Editor, state: State) -> Response:
     The body is parsed and the answer built in a worker thread: for 10,000 jobs each takes
     seconds of CPU, which on the event loop would stall every other request and the ticker's
     lease renewals of a node running both."""
-    now = now_utc()
+    now = utcnow()
     try:
         specs = await asyncio.to_thread(_parse_apply, await raw.body())
     except InvalidInput:
@@ -209,7 +206,7 @@ async def apply_jobs(raw: Request, principal: Editor, state: State) -> Response:
 @router.get("/jobs/{slug}", response_model=JobView)
 async def get_job(slug: str, principal: Viewer, state: State) -> JobView:
     job = await state.jobs.get(principal.tenant, slug)
-    view = job_view(job, now_utc())
+    view = job_view(job, utcnow())
     if state.ledger is None:
         return view
     return view.model_copy(update={"usage_7d": await UsageStore(state.ledger.engine).job_week(job.id)})
@@ -221,7 +218,7 @@ async def put_job(slug: str, spec: JobSpec, principal: Editor, state: State, res
     """Create or replace one job, idempotently: 201 when created, 200 otherwise."""
     if spec.slug != slug:
         raise InvalidInput(f"the body's slug {spec.slug!r} differs from the URL's {slug!r}", "slug")
-    now = now_utc()
+    now = utcnow()
     previous = await _previous(state, principal.tenant, slug)
     await _check(state, principal.tenant, spec, now, previous)
     if previous is None:
@@ -244,7 +241,7 @@ async def patch_job(
     """Change some fields of a job. The slug cannot change (create a new job instead)."""
     if "slug" in changes and changes["slug"] != slug:
         raise InvalidInput("a job's slug cannot change; create a job with the new slug and delete this one", "slug")
-    now = now_utc()
+    now = utcnow()
     current = await state.jobs.get(principal.tenant, slug)
     spec = merge_job(current.spec(), changes)
     await _check(state, principal.tenant, spec, now, current)
@@ -267,7 +264,7 @@ async def enable_job(slug: str, principal: Operator, state: State) -> JobView:
     """Enable a job. Slots before now never run: no burst of old slots (invariant 1)."""
     job = await state.jobs.set_enabled(actor_of(principal), slug, True)
     await _announce(state, job, principal.tenant, slug, "enabled")
-    return job_view(job, now_utc())
+    return job_view(job, utcnow())
 
 
 @router.post("/jobs/{slug}/disable", response_model=JobView)
@@ -277,4 +274,4 @@ async def disable_job(slug: str, principal: Operator, state: State, body: Disabl
     check_storable(note, "note")
     job = await state.jobs.set_enabled(actor_of(principal), slug, False, note=note)
     await _announce(state, job, principal.tenant, slug, "disabled")
-    return job_view(job, now_utc())
+    return job_view(job, utcnow())

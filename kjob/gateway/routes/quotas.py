@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
+from kjob._time import utcnow
 from kjob.gateway.auth import Viewer, gateway_state
 from kjob.gateway.state import GatewayState
 from kjob.model.views import QuotaLimits, QuotaUsage, QuotaView
@@ -34,6 +34,6 @@ async def quotas(principal: Viewer, state: State) -> QuotaView:
             max_cost_usd_per_day=limits.max_cost_usd_per_day,
         ),
         usage=QuotaUsage(**await usage(state.engine, principal.tenant), cost_usd_today=await UsageStore(
-            state.engine).tenant_cost_since(principal.tenant, datetime.now(timezone.utc).replace(
+            state.engine).tenant_cost_since(principal.tenant, utcnow().replace(
                 hour=0, minute=0, second=0, microsecond=0))),
     )

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from kjob.gateway.auth import Viewer
-from kjob.gateway.routes.jobs import now_utc
+from kjob._time import utcnow
 from kjob.model.preview import MAX_PREVIEW, preview
 from kjob.model.run import utc_text
 
@@ -25,4 +25,4 @@ async def preview_schedule(
     n: Annotated[int, Query(description=f"how many slots, 1..{MAX_PREVIEW}")] = 5,
 ) -> list[str]:
     """The next `n` slots after `after`, as UTC instants `YYYY-MM-DDTHH:MM:SSZ`."""
-    return [utc_text(slot) for slot in preview(schedule, tz, after, n, now=now_utc())]
+    return [utc_text(slot) for slot in preview(schedule, tz, after, n, now=utcnow())]

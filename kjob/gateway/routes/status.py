@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 
+from kjob._time import utcnow
 from kjob.bus import presence
 from kjob.bus.setup import stream_info
 from kjob.gateway.auth import Viewer, gateway_state
@@ -28,5 +29,5 @@ async def status(principal: Viewer, state: State) -> dict[str, Any]:
     if lease is not None:
         renewed = datetime.fromisoformat(lease.renewed)
         leader = {"node": lease.node, "revision": lease.revision, "since": lease.since,
-                  "lease_age_s": round((datetime.now(timezone.utc) - renewed).total_seconds(), 3)}
+                  "lease_age_s": round((utcnow() - renewed).total_seconds(), 3)}
     return {"nodes": await presence.nodes(state.js), "leader": leader, "streams": await stream_info(state.js)}

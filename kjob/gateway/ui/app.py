@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kjob._time import utcnow
 from kjob.errors import Forbidden, InvalidInput, KjobError, NotFound, Unauthorized
 from kjob.gateway.auth import principal_of_token
 from kjob.gateway.errors import status_for
@@ -308,7 +309,7 @@ def create_ui(state: GatewayState) -> FastAPI:
         history = [_dump(r) for r in await s.call(runs.list_runs, slug=slug, limit=200)]
         nexts: list[str] = []
         if job["enabled"]:
-            after = job["enabled_at"] if job["enabled_at"] and job["enabled_at"] > jobs.now_utc() else None
+            after = job["enabled_at"] if job["enabled_at"] and job["enabled_at"] > utcnow() else None
             nexts = await s.call(schedules.preview_schedule, schedule=job["schedule"], tz=job["timezone"],
                                  after=after.isoformat() if after else None, n=10)
         trail = [_dump(a) for a in await s.call(audit.audit, slug=slug, limit=50)]
@@ -388,7 +389,7 @@ def create_ui(state: GatewayState) -> FastAPI:
             try:
                 start = _instant(q.get("from", ""), job["timezone"], "from")
                 end = _instant(q.get("to", ""), job["timezone"], "to")
-                slots = backfill_slots(Schedule.parse(job["schedule"]), job["timezone"], start, end, jobs.now_utc())
+                slots = backfill_slots(Schedule.parse(job["schedule"]), job["timezone"], start, end, utcnow())
                 # a slot recorded skipped or missed never ran: the backfill runs it (kjob.store.overlap)
                 held = {r["slot"]: r for r in map(_dump, await s.call(runs.list_runs, slug=slug, limit=1000))
                         if RunStatus(r["status"]).value not in RERUNNABLE}
@@ -458,6 +459,6 @@ def create_ui(state: GatewayState) -> FastAPI:
     async def cluster_page(request: Request) -> Response:
         s = await current(request)
         data = await s.call(status.status)
-        return render(s, "cluster.html", data=data, now=datetime.now(timezone.utc))
+        return render(s, "cluster.html", data=data, now=utcnow())
 
     return ui

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 from sqlalchemy import text, update
 
+from kjob._time import utcnow
 from kjob.model.job import CatchupPolicy
 from kjob.model.run import RunStatus, Trigger
 from kjob.store.tables import jobs
@@ -23,10 +24,6 @@ from tests.faults.ticker.conftest import ledger_rows, node_settings, range_rows,
 from tests.cli.conftest import base_env, home, runner_for  # noqa: F401 (fixtures)
 from tests.support.pipeline import create_job, running_node, until
 
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 async def down_since(engine, job, moment: datetime) -> None:

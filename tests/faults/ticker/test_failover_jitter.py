@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import select
 
+from kjob._time import utcnow
 from kjob.bus.publish import announce_job_changed
 from kjob.bus.setup import connect
 from kjob.model.policies import fire_time
@@ -41,10 +42,6 @@ GRACE_S = 6
 STOP_AFTER_S = 7
 JOBS = 16
 MISSED = "scheduler was down at this slot; catch-up policy 'none' did not run it"
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 async def leader(engine) -> tuple[str, int] | None:

@@ -10,8 +10,9 @@ foreign key error."""
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
+from datetime import datetime
 
+from kjob._time import utcnow
 from kjob.model.run import RunStatus, run_id_for
 from tests.faults.ticker.conftest import ledger_rows, node_settings, seconds, slots_between
 from tests.support.pipeline import create_job, running_node, until
@@ -19,10 +20,6 @@ from tests.support.pipeline import create_job, running_node, until
 KEEPERS = 3
 #: Victims per kind (deleted, disabled); the storm also creates as many new jobs.
 PER_KIND = 3
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 async def test_a_storm_of_deletes_disables_and_creates_never_stops_the_other_jobs(

@@ -9,8 +9,9 @@ messages are already in the stream when the change is made."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 
+from kjob._time import utcnow
 from kjob.model.run import run_id_for
 from tests.faults.ticker.conftest import ledger_rows, node_settings, seconds
 from tests.support.pipeline import create_job, running_node, until
@@ -18,10 +19,6 @@ from tests.support.pipeline import create_job, running_node, until
 #: Long enough that the changes fit between a slot's publication and its instant on a
 #: loaded machine.
 LOOKAHEAD_MS = 6000
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 async def test_a_job_changed_inside_the_lookahead_does_not_run_the_queued_slot(

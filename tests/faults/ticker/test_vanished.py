@@ -5,17 +5,11 @@ published."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 from kjob.bus import names
 from kjob.bus.setup import connect
 from kjob.model.run import RunStatus
 from tests.faults.ticker.conftest import ledger_rows, node_settings
 from tests.support.pipeline import create_job, running_node, until
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 async def test_runs_whose_message_was_purged_are_published_again_and_run_once(

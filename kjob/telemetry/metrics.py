@@ -81,8 +81,7 @@ CONSUMERS = {
 #: `job_gone`: the job was deleted or disabled as its slot was written; `unwritable`: the
 #: ledger refused the slot's row for good (a data or constraint error), so it was left out;
 #: `cost_cap`: the tenant's agents spent its daily cost cap.
-MISSED_REASONS = ("outside_catchup_window", "catchup_policy", "overlap", "disabled", "job_gone", "unwritable",
-                  "cost_cap")
+MISSED_REASONS = ("outside_catchup_window", "catchup_policy", "overlap", "job_gone", "unwritable", "cost_cap")
 #: Results of `delivery_attempt` and reasons of `delivery_failed`.
 DELIVERY_RESULTS = ("delivered", "rejected", "unavailable")
 DELIVERY_FAILURES = ("rejected", "gave_up")

@@ -18,16 +18,15 @@ The whole file is refused if any job in it is bad, so applying a file changes al
 
 from __future__ import annotations
 
-import math
-import re
 import tomllib
 from pathlib import Path
 from typing import Any, Iterable
 
+import tomli_w
+
 from kjob.errors import InvalidInput, JobFileError
 from kjob.model.job import JobSpec, parse_job
 
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 #: Fields written even when they hold the default, because a reader expects to see them.
 _ALWAYS_WRITTEN = frozenset({"enabled"})
 
@@ -121,46 +120,17 @@ def _table_body(spec: JobSpec) -> str:
 
 
 def _key(k: str) -> str:
-    return k if _BARE_KEY.match(k) else _string(k, multiline=False)
+    return tomli_w.dumps({k: 0}).rsplit(" = ", 1)[0]
 
 
 def _value(v: Any, top: bool = False) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return repr(v)
-    if isinstance(v, str):
-        # inline tables must stay on one line, so only top-level strings may span lines
-        return _string(v, multiline=top and "\n" in v)
+    """One value as TOML. tomli-w writes tables as `[job.sandbox]` sections; the RFC's shape
+    keeps a job's tables inline on its key's line, so only those are assembled here."""
     if isinstance(v, dict):
         inner = ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items() if x is not None)
         return f"{{ {inner} }}" if inner else "{}"
-    if isinstance(v, list):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\f": "\\f", "\r": "\\r"}
-
-
-def _string(s: str, multiline: bool) -> str:
-    out = []
-    for ch in s:
-        if ch in _ESCAPES:
-            out.append(_ESCAPES[ch])
-        elif ch == "\n":
-            out.append("\n" if multiline else "\\n")
-        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    if multiline:
-        # the newline after the opening quotes is dropped by TOML readers: it keeps prompts readable
-        return '"""\n' + "".join(out) + '"""'
-    return '"' + "".join(out) + '"'
+    # Inline tables must stay on one line, so only top-level strings may span lines; and not
+    # one with a carriage return: a reader turns a literal CRLF into LF, tomli-w writes it as is.
+    multiline = top and not (isinstance(v, str) and "\r" in v)
+    line = tomli_w.dumps({"v": v}, multiline_strings=multiline)
+    return line[len("v = "):].rstrip("\n")

@@ -31,7 +31,7 @@ from pathlib import Path
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from kjob.bus import hold, names
+from kjob.bus import ack, hold, names
 from kjob.bus.messages import DueRun, Event
 from kjob.bus.publish import publish_result
 from kjob.bus.consume import consume
@@ -126,7 +126,7 @@ class Executor:
             due = DueRun.decode(msg.data)
         except ValueError:
             log.error("executor: dropping a malformed due message on %s", msg.subject)
-            await msg.term()
+            await ack.drop(msg)
             return
         tracing.annotate(tenant=due.tenant, job=due.slug, run_id=due.run_id, slot=due.slot, trigger=due.trigger)
         claim_sent = time.monotonic()  # the claim's lease runs from no earlier than this
@@ -137,7 +137,7 @@ class Executor:
             )
         except TenantBusy:
             # The tenant is at its concurrency quota: the run stays scheduled; ask again later.
-            await msg.nak(delay=busy_retry_delay(msg.metadata.num_delivered))
+            await ack.later(msg, busy_retry_delay(msg.metadata.num_delivered))
             return
         except Exception as err:
             await self._claim_failed(due, msg, err)
@@ -148,7 +148,7 @@ class Executor:
         if isinstance(claimed, Skipped):  # overlap `skip`: final now, with its reason
             metrics.slots_missed("overlap")
             await self._event(claimed.run, "run_finished", claimed.run.status.value)
-            await msg.ack()
+            await ack.done(msg)
             return
         if isinstance(claimed, GaveUp):  # lost once too often: final now, with its reason
             log.error("executor: run %s: %s", claimed.run.id, claimed.run.reason)
@@ -156,13 +156,13 @@ class Executor:
             if claimed.run.delivery_status is DeliveryStatus.pending:
                 await self._publish_result(claimed.run)
             await self._event(claimed.run, "run_finished", claimed.run.status.value)
-            await msg.ack()
+            await ack.done(msg)
             return
         if isinstance(claimed, TakeoverHeld):  # a lapsed claim, just after an outage: its watchdog first
-            await msg.nak(delay=self.settings.claim_lease_s * TAKEOVER_GRACE)
+            await ack.later(msg, self.settings.claim_lease_s * TAKEOVER_GRACE)
             return
         if isinstance(claimed, Deferred):  # overlap `queue`/`replace`: not yet; nothing changed
-            await msg.nak(delay=defer_delay(msg.metadata.num_delivered))
+            await ack.later(msg, defer_delay(msg.metadata.num_delivered))
             return
         tracing.annotate(attempt=claimed.run.attempt)
         metrics.run_claimed(claimed.run, claimed.previous_lost)
@@ -183,36 +183,35 @@ class Executor:
             log.warning("executor: cannot claim run %s (%r); again in %.0fs", due.run_id, err, delay)
         else:
             log.error("executor: claiming run %s failed permanently; again in %.0fs", due.run_id, delay, exc_info=err)
-        with contextlib.suppress(Exception):
-            await msg.nak(delay=delay)
+        await ack.later(msg, delay)
 
     async def _not_ours(self, due: DueRun, msg) -> None:
         """The run is finished, owned by another executor, or not due yet. Answer the message
         now: one held un-acked would come back at every ack deadline for the whole run."""
         delivery = await self.ledger.delivery(due.run_id)
         if delivery is None:  # the job was deleted, and its runs with it
-            await msg.ack()
+            await ack.done(msg)
             return
         run = delivery.run
         if run.status is RunStatus.retrying:
             # Not due yet by the database's clock (the claim said so): come back about then.
             wait = (run.next_attempt_at - utcnow()).total_seconds() if run.next_attempt_at else 0.0
-            await msg.nak(delay=max(wait, 1.0))
+            await ack.later(msg, max(wait, 1.0))
             return
         if run.status is RunStatus.running:
             if msg.metadata.num_delivered > 1:
                 # Maybe the owner's own message, redelivered (its in_progress did not arrive): an
                 # ack would ack the owner's. Come back when its claim could have lapsed.
-                await msg.nak(delay=self.settings.claim_lease_s + self.settings.heartbeat_s)
+                await ack.later(msg, self.settings.claim_lease_s + self.settings.heartbeat_s)
             else:
                 # A second message for a run someone holds (a re-publish): the owner has its own.
                 # Should the owner die, the ticker re-publishes the run once its claim lapsed.
-                await msg.ack()
+                await ack.done(msg)
             return
         if run.status.final and run.delivery_status.value == "pending":
             # We may have died between recording the end and publishing the result.
             await self._publish_result(run)
-        await msg.ack()
+        await ack.done(msg)
 
     @tracing.span("kjob sandbox")
     async def _attempt(self, claimed: Claimed, msg, claim_sent: float) -> None:
@@ -285,12 +284,12 @@ class Executor:
         tracing.annotate(status=finished.status.value, exit_code=finished.exit_code)
         metrics.attempt_finished(finished)
         if retry_in is not None:
-            await msg.nak(delay=retry_in)
+            await ack.later(msg, retry_in)
             return
         if finished.delivery_status is DeliveryStatus.pending:  # channel `none`: nothing to deliver
             await self._publish_result(finished)
         await self._event(finished, "run_finished", finished.status.value)
-        await msg.ack()
+        await ack.done(msg)
         await self.policies.after_end(finished, job)
 
     async def _record_end(self, run: Run, fields: dict) -> Run | None:
@@ -331,15 +330,14 @@ class Executor:
         if claim.expired:
             log.warning("executor: run %s: stopped the agent; its claim could not be renewed for %.1fs",
                         run.id, self.settings.claim_lease_s - self.margin_s)
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=self.margin_s + self.settings.heartbeat_s)
+            await ack.later(msg, self.margin_s + self.settings.heartbeat_s)
             return
         stopped = False
         with contextlib.suppress(Exception):  # the database may still be away; the claim lapses then
             stopped = await self.ledger.stopped(run.id, self.node, run.attempt)
         if stopped:
             log.info("executor: run %s stopped: replaced by a newer run of %s", run.id, job.slug)
-            await msg.ack()
+            await ack.done(msg)
             return
         log.warning("executor: lost the claim on run %s; its result is void", run.id)
 
@@ -368,7 +366,7 @@ class Executor:
             if finished.delivery_status is DeliveryStatus.pending:
                 await self._publish_result(finished)
             await self._event(finished, "run_finished", finished.status.value)
-        await msg.ack()
+        await ack.done(msg)
 
     def _agent_run(self, job) -> AgentRun | None:
         if job.agent not in self.agents:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import contextlib
 import logging
 from datetime import datetime, timezone
 
@@ -19,7 +18,8 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from kjob.bus import ack, names
-from kjob.bus.messages import Event, RunResult
+from kjob.bus.messages import Event, EventKind, RunResult
+from kjob.bus.publish import publish_event
 from kjob.bus.consume import consume
 from kjob.bus.setup import BusSettings, ensure_consumer
 from kjob.config import DispatcherSettings
@@ -27,7 +27,7 @@ from kjob.dispatcher.relay import RelayClient
 from kjob.errors import RelayRejected, RelayUnavailable
 from kjob.model.policies import PAUSED_NOTICE, pause_alert, pause_note
 from kjob.model.notify import decide
-from kjob.model.run import DeliveryStatus, RunStatus, dispatch_payload, run_page_url
+from kjob.model.run import DeliveryStatus, Run, RunStatus, dispatch_payload, run_page_url
 from kjob.store.runs import RunLedger
 from kjob.store.usage import UsageStore
 from kjob.telemetry import metrics, tracing
@@ -93,7 +93,7 @@ class Dispatcher:
                           last_sent_run=answer.last_sent_run)
         if not decision.send:
             await self.ledger.mark_delivery(run.id, DeliveryStatus.suppressed, f"not sent: {decision.reason}")
-            await self._event(run.tenant, run, "suppressed")
+            await self._event(run, "suppressed")
             await ack.done(msg)
             return
         payload = dispatch_payload(run.slug, delivery.channel, run.status, body,
@@ -105,7 +105,7 @@ class Dispatcher:
             metrics.delivery_failed("rejected")
             tracing.annotate(delivery=DeliveryStatus.failed.value)
             await self.ledger.mark_delivery(run.id, DeliveryStatus.failed, str(err))
-            await self._event(run.tenant, run, "failed")
+            await self._event(run, "failed")
             await ack.done(msg)
             return
         except RelayUnavailable as err:
@@ -116,7 +116,7 @@ class Dispatcher:
                 metrics.delivery_failed("gave_up")
                 tracing.annotate(delivery=DeliveryStatus.failed.value)
                 await self.ledger.mark_delivery(run.id, DeliveryStatus.failed, f"gave up after {attempts} attempts: {err}")
-                await self._event(run.tenant, run, "failed")
+                await self._event(run, "failed")
                 await ack.done(msg)
                 return
             delay = min(self.settings.retry_initial_s * 2 ** (attempts - 1), self.settings.retry_max_s)
@@ -126,7 +126,7 @@ class Dispatcher:
         metrics.delivery_attempt("delivered")
         tracing.annotate(delivery=DeliveryStatus.delivered.value)
         await self.ledger.mark_delivery(run.id, DeliveryStatus.delivered)
-        await self._event(run.tenant, run, "delivered")
+        await self._event(run, "delivered")
         await ack.done(msg)
 
     async def _notice(self, result: RunResult, msg) -> None:
@@ -153,9 +153,5 @@ class Dispatcher:
             log.warning("dispatcher: gave up on the %s alert of %s: %s", result.notice, result.slug, err)
         await ack.done(msg)
 
-    async def _event(self, tenant: str, run, detail: str) -> None:
-        event = Event(kind="run_dispatched", tenant=tenant, job_id=run.job_id, slug=run.slug, run_id=run.id,
-                      detail=detail, at=datetime.now(timezone.utc))
-        with contextlib.suppress(Exception):
-            await self.nc.publish(names.event(tenant, "run_dispatched"), event.encode(),
-                                  headers={names.HDR_RUN_ID: run.id, names.HDR_TENANT: tenant})
+    async def _event(self, run: Run, detail: str) -> None:
+        await publish_event(self.nc, Event.about_run(EventKind.run_dispatched, run, detail, datetime.now(timezone.utc)))

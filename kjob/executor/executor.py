@@ -32,8 +32,8 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from kjob.bus import ack, hold, names
-from kjob.bus.messages import DueRun, Event
-from kjob.bus.publish import publish_result
+from kjob.bus.messages import DueRun, Event, EventKind
+from kjob.bus.publish import publish_event, publish_result
 from kjob.bus.consume import consume
 from kjob.bus.setup import BusSettings, ensure_consumer
 from kjob.config import ExecutorSettings
@@ -128,7 +128,7 @@ class Executor:
             log.error("executor: dropping a malformed due message on %s", msg.subject)
             await ack.drop(msg)
             return
-        tracing.annotate(tenant=due.tenant, job=due.slug, run_id=due.run_id, slot=due.slot, trigger=due.trigger)
+        tracing.annotate(tenant=due.tenant, job=due.slug, run_id=due.run_id, slot=due.slot, trigger=due.trigger.value)
         claim_sent = time.monotonic()  # the claim's lease runs from no earlier than this
         try:
             claimed = await self.ledger.claim(
@@ -147,7 +147,7 @@ class Executor:
             return
         if isinstance(claimed, Skipped):  # overlap `skip`: final now, with its reason
             metrics.slots_missed("overlap")
-            await self._event(claimed.run, "run_finished", claimed.run.status.value)
+            await self._event(claimed.run, EventKind.run_finished, claimed.run.status.value)
             await ack.done(msg)
             return
         if isinstance(claimed, GaveUp):  # lost once too often: final now, with its reason
@@ -155,7 +155,7 @@ class Executor:
             metrics.attempt_finished(claimed.run)
             if claimed.run.delivery_status is DeliveryStatus.pending:
                 await self._publish_result(claimed.run)
-            await self._event(claimed.run, "run_finished", claimed.run.status.value)
+            await self._event(claimed.run, EventKind.run_finished, claimed.run.status.value)
             await ack.done(msg)
             return
         if isinstance(claimed, TakeoverHeld):  # a lapsed claim, just after an outage: its watchdog first
@@ -223,7 +223,7 @@ class Executor:
             await self._claim_lost(run, job, msg, claim)
             return
         if claimed.ended is None:
-            await self._event(run, "run_started", f"attempt {run.attempt}")
+            await self._event(run, EventKind.run_started, f"attempt {run.attempt}")
             over_cap = await self._over_cost_cap(job)
             if over_cap is not None:  # the tenant's agents spent their day's budget: record, alert once
                 await self._skip_over_cost_cap(run, job, msg, over_cap)
@@ -288,7 +288,7 @@ class Executor:
             return
         if finished.delivery_status is DeliveryStatus.pending:  # channel `none`: nothing to deliver
             await self._publish_result(finished)
-        await self._event(finished, "run_finished", finished.status.value)
+        await self._event(finished, EventKind.run_finished, finished.status.value)
         await ack.done(msg)
         await self.policies.after_end(finished, job)
 
@@ -365,7 +365,7 @@ class Executor:
             metrics.slots_missed("cost_cap")
             if finished.delivery_status is DeliveryStatus.pending:
                 await self._publish_result(finished)
-            await self._event(finished, "run_finished", finished.status.value)
+            await self._event(finished, EventKind.run_finished, finished.status.value)
         await ack.done(msg)
 
     def _agent_run(self, job) -> AgentRun | None:
@@ -417,7 +417,7 @@ class Executor:
                 agent_run.feed(stream, text)
             with contextlib.suppress(Exception):  # live logs are best effort; the ledger keeps the output
                 await self.nc.publish(log_subject, text.encode(), headers={
-                    "Kjob-Stream": stream, names.HDR_RUN_ID: run.id, names.HDR_TENANT: job.tenant})
+                    names.HDR_STREAM: stream, **names.run_headers(run.id, job.tenant)})
 
         live = LiveMask(masker, on_output)  # every captured byte passes the mask of the secret values
         runner = asyncio.create_task(sandbox.run(launch, live.write))
@@ -480,14 +480,10 @@ class Executor:
     async def _log_end(self, run: Run) -> None:
         with contextlib.suppress(Exception):
             await self.nc.publish(names.run_log(run.tenant, run.id), b"",
-                                  headers={"Kjob-Stream": "end", "Kjob-Attempt": str(run.attempt)})
+                                  headers={names.HDR_STREAM: "end", names.HDR_ATTEMPT: str(run.attempt)})
 
-    async def _event(self, run: Run, kind: str, detail: str) -> None:
-        event = Event(kind=kind, tenant=run.tenant, job_id=run.job_id, slug=run.slug, run_id=run.id,
-                      detail=detail, at=utcnow())
-        with contextlib.suppress(Exception):  # events are for observers; never block a run on them
-            await self.nc.publish(names.event(run.tenant, kind), event.encode(),
-                                  headers={names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant})
+    async def _event(self, run: Run, kind: EventKind, detail: str) -> None:
+        await publish_event(self.nc, Event.about_run(kind, run, detail, utcnow()))
 
 
 class ClaimKeeper:

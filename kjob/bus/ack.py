@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 
+from kjob.bus.errors import BUS_ERRORS
+
 log = logging.getLogger(__name__)
 
 
@@ -36,6 +38,6 @@ async def _answer(msg, kind: str, delay_s: float | None = None) -> None:
             await msg.nak(delay=delay_s)
         else:
             await getattr(msg, kind)()
-    except Exception as err:  # nats.errors.* and a lost connection alike: the ack deadline decides
+    except BUS_ERRORS as err:  # the ack deadline decides
         log.warning("could not %s the message on %s (%r); it comes back at its ack deadline",
                     kind, getattr(msg, "subject", "?"), err)

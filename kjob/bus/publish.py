@@ -17,6 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from kjob.bus import names
+from kjob.bus.errors import BUS_ERRORS
 from kjob.bus.messages import DueRun, Event, EventKind, RunResult
 from kjob.model.run import Run, Trigger
 from kjob.telemetry import metrics, tracing
@@ -63,7 +64,7 @@ async def publish_event(nc, event: Event) -> None:
     try:
         await nc.publish(names.event(event.tenant, event.kind), event.encode(),
                          headers=names.run_headers(event.run_id or "", event.tenant))
-    except Exception as err:  # nats.errors.* and a lost connection alike
+    except BUS_ERRORS as err:
         log.warning("could not publish the %s event of run %s (%r)", event.kind, event.run_id, err)
 
 

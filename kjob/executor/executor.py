@@ -31,7 +31,9 @@ from pathlib import Path
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from kjob._tasks import cancel_and_wait
 from kjob.bus import ack, hold, names
+from kjob.bus.errors import BUS_ERRORS
 from kjob.bus.messages import DueRun, Event, EventKind
 from kjob.bus.publish import publish_event, publish_result
 from kjob.bus.consume import consume
@@ -47,7 +49,7 @@ from kjob.executor.secrets import LiveMask, SecretResolver, SecretsUnavailable
 from kjob.store.quotas import Quotas, TenantBusy, busy_retry_delay
 from kjob.executor.policies import RunPolicies
 from kjob.model.policies import defer_delay
-from kjob.store.database import is_transient
+from kjob.store.database import DATABASE_ERRORS, is_transient
 from kjob.store.runs import TAKEOVER_GRACE, Claimed, Deferred, GaveUp, RunLedger, Skipped, TakeoverHeld
 from kjob.store.secrets import SecretStore
 from kjob.store.usage import UsageStore, usage_row
@@ -246,9 +248,7 @@ class Executor:
                 usage = usage_row(tenant=job.tenant, job_id=job.id, agent=job.agent, report=report)
             if outcome is None:
                 if agent_run is not None:  # no end to write it with: the tokens were spent all the same
-                    with contextlib.suppress(Exception):  # usage is bookkeeping
-                        await self.usage.record(run_id=run.id, attempt=run.attempt, tenant=job.tenant,
-                                                job_id=job.id, agent=job.agent, report=report)
+                    await self._record_usage(run, job, report)
                 await self._claim_lost(run, job, msg, claim)
                 return
             status = attempt_status(outcome.exit_code, outcome.timed_out, outcome.start_error)
@@ -273,10 +273,7 @@ class Executor:
             ))
         finally:
             self.watchdog.disarm(claim.key)
-            for task in (keeper, acker):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(keeper, acker)
         await self._log_end(run)
         if finished is None:
             await self._claim_lost(run, job, msg, claim)
@@ -319,7 +316,7 @@ class Executor:
         """Push the message's ack deadline out every heartbeat, never waiting on the database."""
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*BUS_ERRORS):  # NATS away: the next beat tries again
                 await asyncio.wait_for(msg.in_progress(), timeout=self.settings.heartbeat_s)
 
     async def _claim_lost(self, run: Run, job, msg, claim: "ClaimKeeper") -> None:
@@ -333,7 +330,7 @@ class Executor:
             await ack.later(msg, self.margin_s + self.settings.heartbeat_s)
             return
         stopped = False
-        with contextlib.suppress(Exception):  # the database may still be away; the claim lapses then
+        with contextlib.suppress(*DATABASE_ERRORS):  # the database may still be away; the claim lapses then
             stopped = await self.ledger.stopped(run.id, self.node, run.attempt)
         if stopped:
             log.info("executor: run %s stopped: replaced by a newer run of %s", run.id, job.slug)
@@ -355,9 +352,7 @@ class Executor:
 
     async def _skip_over_cost_cap(self, run: Run, job, msg, why: str) -> None:
         """Record the run `skipped` for the cost cap (the alert rides on its delivery), then ack."""
-        with contextlib.suppress(Exception):
-            await self.usage.record(run_id=run.id, attempt=run.attempt, tenant=job.tenant, job_id=job.id,
-                                    agent=job.agent, report=AgentReport(answer=why))
+        await self._record_usage(run, job, AgentReport(answer=why))
         finished = await self._record_end(run, dict(
             status=RunStatus.skipped, exit_code=None, reason=why, output="", output_bytes=0, dropped_bytes=0,
             retry_in_s=None))
@@ -367,6 +362,15 @@ class Executor:
                 await self._publish_result(finished)
             await self._event(finished, EventKind.run_finished, finished.status.value)
         await ack.done(msg)
+
+    async def _record_usage(self, run: Run, job, report: AgentReport) -> None:
+        """The agent's usage row, apart from the attempt's end (that one has it in its statement).
+        Bookkeeping: the database away loses it, with a warning, and never the run."""
+        try:
+            await self.usage.record(run_id=run.id, attempt=run.attempt, tenant=job.tenant, job_id=job.id,
+                                    agent=job.agent, report=report)
+        except DATABASE_ERRORS as err:
+            log.warning("executor: run %s: its agent's usage was not recorded (%r)", run.id, err)
 
     def _agent_run(self, job) -> AgentRun | None:
         if job.agent not in self.agents:
@@ -415,7 +419,7 @@ class Executor:
             agent_output(stream, text)  # the file sink, when one is configured
             if agent_run is not None:
                 agent_run.feed(stream, text)
-            with contextlib.suppress(Exception):  # live logs are best effort; the ledger keeps the output
+            with contextlib.suppress(*BUS_ERRORS):  # live logs are best effort; the ledger keeps the output
                 await self.nc.publish(log_subject, text.encode(), headers={
                     names.HDR_STREAM: stream, **names.run_headers(run.id, job.tenant)})
 
@@ -426,9 +430,7 @@ class Executor:
         done, _ = await asyncio.wait({runner, lost, over}, return_when=asyncio.FIRST_COMPLETED)
         if over in done and runner not in done:  # over its budget: stop the agent, keep the run
             lost.cancel()
-            runner.cancel()
-            with contextlib.suppress(BaseException):
-                await runner
+            await cancel_and_wait(runner)
             await live.flush()
             assert agent_run is not None
             output = agent_run.output()
@@ -455,9 +457,7 @@ class Executor:
                 claim.expired = True
                 return None
             return masker.outcome(outcome)
-        runner.cancel()  # cancelling kills what the attempt started
-        with contextlib.suppress(BaseException):
-            await runner
+        await cancel_and_wait(runner)  # cancelling kills what the attempt started
         return None
 
     async def _publish_result(self, run: Run) -> None:
@@ -478,7 +478,7 @@ class Executor:
                 delay = min(delay * 2, 2.0)
 
     async def _log_end(self, run: Run) -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(*BUS_ERRORS):  # `kjob logs -f` then ends at its own timeout
             await self.nc.publish(names.run_log(run.tenant, run.id), b"",
                                   headers={names.HDR_STREAM: "end", names.HDR_ATTEMPT: str(run.attempt)})
 

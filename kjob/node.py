@@ -24,15 +24,20 @@ from typing import Awaitable, Callable
 
 import uvicorn
 
-from kjob.bus.publish import announce_job_changed, announce_jobs_changed, publish_due
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from kjob._tasks import cancel_and_wait
+from kjob.bus import presence
+from kjob.bus.errors import BUS_ERRORS
+from kjob.bus.publish import announce_job_changed, announce_jobs_changed, publish_due
 from kjob.bus.setup import BusSettings, connect, ensure_streams
 from kjob.config import ROLES, Settings
 from kjob.embedded._process import die_with_parent
 from kjob.errors import InvalidInput, ServerError
 from kjob.executor.agents import AgentRegistry
+from kjob.executor.sandbox import Sandbox
 from kjob.model.job import Job
 from kjob.model.run import Run
 from kjob.store.database import create_engine, migrate
@@ -41,6 +46,7 @@ from kjob.store.runs import RunLedger
 from kjob.store.tokens import TokenStore
 from kjob.telemetry import metrics
 from kjob.telemetry.logging import attach_output_file
+from kjob.ticker.leader import Leadership
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +60,37 @@ def parse_roles(text: str) -> frozenset[str]:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: the node owns SIGINT/SIGTERM."""
+    """uvicorn without its own signal handling (the node owns SIGINT/SIGTERM), saying when it
+    listens."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
 
     def capture_signals(self):  # type: ignore[override]
         return contextlib.nullcontext()
+
+    async def startup(self, sockets=None) -> None:  # type: ignore[override]
+        await super().startup(sockets)
+        if self.started:
+            self.listening.set()
+
+
+@dataclass
+class _Wiring:
+    """What the roles of a running node share: the engine, the bus (`bus_of(role)`: the role's
+    connection and its JetStream), the stores, and where each started role leaves its task and
+    what must be closed after it stopped."""
+
+    engine: AsyncEngine
+    bus_of: Callable[[str], tuple[NATS, JetStreamContext]]
+    bus: BusSettings
+    jobs: JobStore
+    ledger: RunLedger
+    agents: AgentRegistry
+    tasks: dict[str, asyncio.Task]
+    closers: contextlib.AsyncExitStack
+    stop: asyncio.Event
 
 
 @dataclass
@@ -73,168 +106,185 @@ class Node:
     name: str = field(default_factory=socket.gethostname)
     api_url: str | None = None
     #: Filled while starting: the sandboxes this node offers, those that failed and why.
-    sandboxes: dict = field(default_factory=dict)
-    unavailable: dict = field(default_factory=dict)
-    leadership: object | None = None
+    sandboxes: dict[str, Sandbox] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    leadership: Leadership | None = None
+    #: Where run-now and backfill publish (`publish_due`): the api role's bus when it runs here.
+    _js: JetStreamContext | None = field(default=None, init=False, repr=False)
+    _ledger: RunLedger | None = field(default=None, init=False, repr=False)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Start the roles, run until `stop` or until one fails, then stop them all and close
+        what they used, in the reverse order (also when start-up failed half-way: no role may
+        outlive the node)."""
         s = self.settings
         self.name = s.node_name or self.name
-        bus = BusSettings(replicas=s.stream_replicas, ack_wait_s=s.ack_wait_s)
-        engine = create_engine(self.database_url, statement_timeout_s=s.database.statement_timeout_s,
-                               connect_timeout_s=s.database.connect_timeout_s, pool_timeout_s=s.database.pool_timeout_s)
-        connections: dict[str, NATS] = {}
-        closers: list[Callable[[], Awaitable[None]]] = []
         tasks: dict[str, asyncio.Task] = {}
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            engine = create_engine(self.database_url, statement_timeout_s=s.database.statement_timeout_s,
+                                   connect_timeout_s=s.database.connect_timeout_s,
+                                   pool_timeout_s=s.database.pool_timeout_s)
+            stack.push_async_callback(engine.dispose)
             await migrate(self.database_url)  # without the statement deadline: an index build may take minutes
-            for url in sorted({self.nats_urls.get(role, self.nats_url) for role in self.roles}):
-                connections[url] = await connect(url, name=f"kjob-{self.name}")
-
-            def bus_of(role: str) -> tuple[NATS, JetStreamContext]:
-                conn = connections[self.nats_urls.get(role, self.nats_url)]
-                return conn, conn.jetstream()
-
-            # Any role may declare the streams and announce the node (each user may).
-            _, js = bus_of(min(self.roles))
+            bus_of = await self._connect(stack)
+            closers = await stack.enter_async_context(contextlib.AsyncExitStack())
+            stack.push_async_callback(_stop_all, tasks, stop)  # first on the way out
+            _, js = bus_of(min(self.roles))  # any role may declare the streams and announce the node
             await ensure_streams(js, s.stream_replicas)
-            jobs, ledger = JobStore(engine, void_ahead=s.ticker.lookahead_ms > 0), RunLedger(engine)
-            agents = AgentRegistry.load(s.executor.agents_file)
-
-            self._js, self._ledger = js, ledger  # publish_due: the api role's, below, when it runs here
-
+            w = _Wiring(engine=engine, bus_of=bus_of, bus=BusSettings(replicas=s.stream_replicas, ack_wait_s=s.ack_wait_s),
+                        jobs=JobStore(engine, void_ahead=s.ticker.lookahead_ms > 0), ledger=RunLedger(engine),
+                        agents=AgentRegistry.load(s.executor.agents_file), tasks=tasks, closers=closers, stop=stop)
+            self._js, self._ledger = js, w.ledger
             if "ticker" in self.roles:
-                from kjob.ticker.leader import Leadership
-                from kjob.ticker.role import lead_and_tick
-                from kjob.ticker.ticker import Ticker
-
-                nc, js = bus_of("ticker")
-                leadership = Leadership(js, self.name, ttl_s=s.ticker.lease_ttl_s, renew_s=s.ticker.lease_renew_s,
-                                        replicas=s.stream_replicas)
-                self.leadership = leadership
-                tasks["ticker"] = asyncio.create_task(lead_and_tick(
-                    leadership=leadership, ledger=ledger, stop=stop,
-                    make_ticker=lambda nc=nc, js=js: Ticker(nc=nc, js=js, jobs=jobs, ledger=ledger,
-                                                            settings=s.ticker, leadership=leadership),
-                ))
+                self._start_ticker(w)
             if "executor" in self.roles:
-                from kjob.executor.executor import Executor
-                from kjob.executor.secrets import secret_resolver
-                from kjob.store.quotas import Quotas
-                from kjob.executor.sandbox import make_sandboxes
-
-                nc, js = bus_of("executor")
-                sandboxes = self.sandboxes
-                unavailable = self.unavailable
-                for backend, sandbox in make_sandboxes(s).items():
-                    try:
-                        await sandbox.start()
-                    except ServerError as err:
-                        # One missing backend (no Docker engine on a laptop) must not stop the
-                        # node: its runs end as `error` saying why, the others run.
-                        log.warning("executor: sandbox backend %r unavailable on %s: %s", backend, self.name, err)
-                        unavailable[backend] = str(err)
-                        continue
-                    sandboxes[backend] = sandbox
-                    closers.append(sandbox.close)
-                own, *others = concurrency_shares(s.executor.concurrency, s.executor.processes)
-                executor = Executor(nc=nc, js=js, ledger=ledger, agents=agents, sandboxes=sandboxes,
-                                    settings=s.executor.model_copy(update={"concurrency": own}), bus=bus,
-                                    work_root=s.work_dir, node=self.name, unavailable=unavailable,
-                                    secrets=secret_resolver(engine, s), quotas=Quotas(s.quotas))
-                for index, share in enumerate(others, 1):
-                    tasks[f"executor.{index}"] = asyncio.create_task(self._executor_process(index, share, stop))
-                closers.append(metrics.watch_executor(self.name, lambda: executor.in_flight, own))
-                if s.executor.output_log is not None:
-                    closers.append(attach_output_file(s.executor.output_log, self.name))
-                tasks["executor"] = asyncio.create_task(executor.run(stop))
+                await self._start_executor(w)
             if "dispatcher" in self.roles:
-                from kjob.dispatcher.dispatcher import Dispatcher
-                from kjob.dispatcher.relay import RelayClient
-
-                nc, js = bus_of("dispatcher")
-                relay = RelayClient(s.relay_url, s.relay_token, s.dispatcher.timeout_s, s.dispatcher.allow_list())
-                closers.append(relay.aclose)
-                dispatcher = Dispatcher(nc=nc, js=js, ledger=ledger, relay=relay, settings=s.dispatcher,
-                                        bus=bus, log_url_base=s.public_url or self._own_api_url(), node=self.name)
-                tasks["dispatcher"] = asyncio.create_task(dispatcher.run(stop))
-            if "ticker" in self.roles:  # every ticker node takes turns (an advisory lock), leader or not
-                from kjob.store.retention import prune_forever
-
-                tasks["retention"] = asyncio.create_task(prune_forever(engine, stop, s.history_prune_s))
-            metrics.usage_by_job = s.metrics_usage_by_job
-            for role in sorted(self.roles & metrics.CONSUMERS.keys()):  # each reads its own consumer
-                tasks[f"metrics-{role}"] = asyncio.create_task(
-                    metrics.poll_consumers(bus_of(role)[1], {role}, stop, s.metrics_poll_s))
-            server = None
-            if "api" in self.roles:
-                from kjob.gateway.app import create_app
-                from kjob.gateway.state import GatewayState
-
-                _, js = bus_of("api")
-                self._js = js
-
-                async def job_changed(job: Job | None, tenant: str, slug: str, kind: str, js=js) -> None:
-                    await announce_job_changed(js, tenant, job.id if job is not None else None, slug, kind)
-
-                async def jobs_changed(tenant: str, changed: list, js=js) -> None:
-                    await announce_jobs_changed(js, tenant, [job.id for job, _ in changed], "applied")
-
-                state = GatewayState(settings=s, engine=engine, jobs=jobs, tokens=TokenStore(engine), agents=agents,
-                                     relay_configured=bool(s.relay_url), on_job_changed=job_changed,
-                                     on_jobs_changed_hook=jobs_changed,
-                                     ledger=ledger, publish_due=self.publish_due, js=js)
-                # log_config=None: uvicorn's lines go through kjob's logging (JSON when asked).
-                server = _Server(uvicorn.Config(create_app(state), host=s.host, port=s.port,
-                                                log_level="warning", lifespan="off", log_config=None))
-                tasks["api"] = asyncio.create_task(server.serve())
-                while not server.started and not tasks["api"].done():
-                    await asyncio.sleep(0.02)
-                if tasks["api"].done():
-                    tasks["api"].result()  # raises why it could not listen
-                port = server.servers[0].sockets[0].getsockname()[1]
-                self.api_url = f"http://{_display_host(s.host)}:{port}"
+                await self._start_dispatcher(w)
+            self._start_metrics(w)
+            server = await self._start_api(w) if "api" in self.roles else None
             if s.dbus.enabled:  # docs/dbus.md
                 from kjob import dbus
 
                 # It only reads events: the observer user where each role logs in as itself.
                 events_url = self.nats_urls.get("observer", self.nats_url)
                 tasks["dbus"] = asyncio.create_task((await dbus.start(s, events_url, self.api_url)).run(stop))
-            from kjob.bus import presence
-
-            def facts() -> dict:
-                return {
-                    "roles": sorted(self.roles),
-                    "api_url": self.api_url,
-                    "sandboxes": {name: sb.status() for name, sb in self.sandboxes.items()},
-                    "sandboxes_unavailable": self.unavailable,
-                    "leading": bool(self.leadership and self.leadership.valid()),
-                }
-
             tasks["presence"] = asyncio.create_task(
-                presence.announce(bus_of(min(self.roles))[1], self.name, facts, stop, s.stream_replicas))
+                presence.announce(js, self.name, self._facts, stop, s.stream_replicas))
             if self.on_ready is not None:
                 result = self.on_ready(self.api_url)
                 if asyncio.iscoroutine(result):
                     await result
             await self._supervise(tasks, stop, server)
-        finally:
-            # Also when start-up failed half-way: no role may outlive the node.
-            stop.set()
-            for task in tasks.values():
-                task.cancel()
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
-            for close in reversed(closers):
-                with contextlib.suppress(Exception):
-                    await close()
-            for conn in connections.values():
-                with contextlib.suppress(Exception):
-                    await conn.drain()
-            await engine.dispose()
+
+    async def _connect(self, stack: contextlib.AsyncExitStack) -> Callable[[str], tuple[NATS, JetStreamContext]]:
+        """One connection per distinct NATS URL of the roles (each role's user, or the node's)."""
+        connections: dict[str, NATS] = {}
+        for url in sorted({self.nats_urls.get(role, self.nats_url) for role in self.roles}):
+            connections[url] = await connect(url, name=f"kjob-{self.name}")
+            stack.push_async_callback(_drain, connections[url])
+
+        def bus_of(role: str) -> tuple[NATS, JetStreamContext]:
+            conn = connections[self.nats_urls.get(role, self.nats_url)]
+            return conn, conn.jetstream()
+
+        return bus_of
+
+    def _start_ticker(self, w: _Wiring) -> None:
+        from kjob.store.retention import prune_forever
+        from kjob.ticker.leader import Leadership
+        from kjob.ticker.role import lead_and_tick
+        from kjob.ticker.ticker import Ticker
+
+        s = self.settings
+        nc, js = w.bus_of("ticker")
+        leadership = Leadership(js, self.name, ttl_s=s.ticker.lease_ttl_s, renew_s=s.ticker.lease_renew_s,
+                                replicas=s.stream_replicas)
+        self.leadership = leadership
+        w.tasks["ticker"] = asyncio.create_task(lead_and_tick(
+            leadership=leadership, ledger=w.ledger, stop=w.stop,
+            make_ticker=lambda: Ticker(nc=nc, js=js, jobs=w.jobs, ledger=w.ledger, settings=s.ticker,
+                                       leadership=leadership),
+        ))
+        # Every ticker node takes turns (an advisory lock), leader or not.
+        w.tasks["retention"] = asyncio.create_task(prune_forever(w.engine, w.stop, s.history_prune_s))
+
+    async def _start_executor(self, w: _Wiring) -> None:
+        from kjob.executor.executor import Executor
+        from kjob.executor.sandbox import make_sandboxes
+        from kjob.executor.secrets import secret_resolver
+        from kjob.store.quotas import Quotas
+
+        s = self.settings
+        nc, js = w.bus_of("executor")
+        for backend, sandbox in make_sandboxes(s).items():
+            try:
+                await sandbox.start()
+            except ServerError as err:
+                # One missing backend (no Docker engine on a laptop) must not stop the node:
+                # its runs end as `error` saying why, the others run.
+                log.warning("executor: sandbox backend %r unavailable on %s: %s", backend, self.name, err)
+                self.unavailable[backend] = str(err)
+                continue
+            self.sandboxes[backend] = sandbox
+            w.closers.push_async_callback(sandbox.close)
+        own, *others = concurrency_shares(s.executor.concurrency, s.executor.processes)
+        executor = Executor(nc=nc, js=js, ledger=w.ledger, agents=w.agents, sandboxes=self.sandboxes,
+                            settings=s.executor.model_copy(update={"concurrency": own}), bus=w.bus,
+                            work_root=s.work_dir, node=self.name, unavailable=self.unavailable,
+                            secrets=secret_resolver(w.engine, s), quotas=Quotas(s.quotas))
+        for index, share in enumerate(others, 1):
+            w.tasks[f"executor.{index}"] = asyncio.create_task(self._executor_process(index, share, w.stop))
+        w.closers.push_async_callback(metrics.watch_executor(self.name, lambda: executor.in_flight, own))
+        if s.executor.output_log is not None:
+            w.closers.push_async_callback(attach_output_file(s.executor.output_log, self.name))
+        w.tasks["executor"] = asyncio.create_task(executor.run(w.stop))
+
+    async def _start_dispatcher(self, w: _Wiring) -> None:
+        from kjob.dispatcher.dispatcher import Dispatcher
+        from kjob.dispatcher.relay import RelayClient
+
+        s = self.settings
+        nc, js = w.bus_of("dispatcher")
+        relay = RelayClient(s.relay_url, s.relay_token, s.dispatcher.timeout_s, s.dispatcher.allow_list())
+        w.closers.push_async_callback(relay.aclose)
+        dispatcher = Dispatcher(nc=nc, js=js, ledger=w.ledger, relay=relay, settings=s.dispatcher,
+                                bus=w.bus, log_url_base=s.public_url or self._own_api_url(), node=self.name)
+        w.tasks["dispatcher"] = asyncio.create_task(dispatcher.run(w.stop))
+
+    def _start_metrics(self, w: _Wiring) -> None:
+        s = self.settings
+        metrics.usage_by_job = s.metrics_usage_by_job
+        for role in sorted(self.roles & metrics.CONSUMERS.keys()):  # each reads its own consumer
+            w.tasks[f"metrics-{role}"] = asyncio.create_task(
+                metrics.poll_consumers(w.bus_of(role)[1], {role}, w.stop, s.metrics_poll_s))
+
+    async def _start_api(self, w: _Wiring) -> _Server:
+        """The HTTP gateway, once it listens (`api_url` then says where)."""
+        from kjob.gateway.app import create_app
+        from kjob.gateway.state import GatewayState
+
+        s = self.settings
+        _, js = w.bus_of("api")
+        self._js = js
+
+        async def job_changed(job: Job | None, tenant: str, slug: str, kind: str) -> None:
+            await announce_job_changed(js, tenant, job.id if job is not None else None, slug, kind)
+
+        async def jobs_changed(tenant: str, changed: list) -> None:
+            await announce_jobs_changed(js, tenant, [job.id for job, _ in changed], "applied")
+
+        state = GatewayState(settings=s, engine=w.engine, jobs=w.jobs, tokens=TokenStore(w.engine), agents=w.agents,
+                             relay_configured=bool(s.relay_url), on_job_changed=job_changed,
+                             on_jobs_changed_hook=jobs_changed, ledger=w.ledger, publish_due=self.publish_due, js=js)
+        # log_config=None: uvicorn's lines go through kjob's logging (JSON when asked).
+        server = _Server(uvicorn.Config(create_app(state), host=s.host, port=s.port,
+                                        log_level="warning", lifespan="off", log_config=None))
+        serving = w.tasks["api"] = asyncio.create_task(server.serve())
+        listening = asyncio.create_task(server.listening.wait())
+        await asyncio.wait({serving, listening}, return_when=asyncio.FIRST_COMPLETED)
+        listening.cancel()
+        if serving.done():
+            serving.result()  # raises why it could not listen
+            raise ServerError(f"the API stopped before it listened on {s.host}:{s.port}")
+        port = server.servers[0].sockets[0].getsockname()[1]
+        self.api_url = f"http://{_display_host(s.host)}:{port}"
+        return server
+
+    def _facts(self) -> dict:
+        """What `kjob status` shows of this node (bus/presence.py)."""
+        return {
+            "roles": sorted(self.roles),
+            "api_url": self.api_url,
+            "sandboxes": {name: sb.status() for name, sb in self.sandboxes.items()},
+            "sandboxes_unavailable": self.unavailable,
+            "leading": bool(self.leadership and self.leadership.valid()),
+        }
 
     async def publish_due(self, run: Run) -> None:
         """Publish a run the ledger already holds (run-now, backfill); the ticker's recovery
         re-publishes it if this fails."""
+        assert self._js is not None and self._ledger is not None, "publish_due before the node started"
         await publish_due(self._js, run)
         await self._ledger.mark_published([run.id])
 
@@ -303,6 +353,18 @@ def settings_env(settings: Settings) -> dict[str, str]:
             continue
         env[f"KJOB_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
     return env
+
+
+async def _stop_all(tasks: dict[str, asyncio.Task], stop: asyncio.Event) -> None:
+    stop.set()
+    await cancel_and_wait(*tasks.values())
+
+
+async def _drain(conn: NATS) -> None:
+    try:
+        await conn.drain()
+    except BUS_ERRORS as err:  # NATS already away: nothing left to flush
+        log.warning("could not drain the NATS connection (%r)", err)
 
 
 def _display_host(host: str) -> str:

@@ -6,10 +6,13 @@ and, where a trace is active, the W3C `traceparent`.
 
 from __future__ import annotations
 
+import enum
 from datetime import datetime
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
+
+from kjob.model.run import Run, RunStatus, Trigger
 
 
 class _Message(BaseModel):
@@ -31,7 +34,7 @@ class DueRun(_Message):
     tenant: str
     slug: str
     slot: datetime
-    trigger: str
+    trigger: Trigger
     #: Fencing token of the ticker leader that published it (0 when not elected).
     leader_rev: int = 0
 
@@ -43,7 +46,7 @@ class RunResult(_Message):
     job_id: UUID
     tenant: str
     slug: str
-    status: str
+    status: RunStatus
     attempt: int
     exit_code: int | None = None
     finished_at: datetime
@@ -53,11 +56,25 @@ class RunResult(_Message):
     #: With notice `paused`: how many failed runs in a row paused the job.
     failures: int | None = None
 
+    @classmethod
+    def of(cls, run: Run, *, finished_at: datetime, notice: str | None = None,
+           failures: int | None = None) -> "RunResult":
+        return cls(run_id=run.id, job_id=run.job_id, tenant=run.tenant, slug=run.slug, status=run.status,
+                   attempt=run.attempt, exit_code=run.exit_code, finished_at=run.finished_at or finished_at,
+                   notice=notice, failures=failures)
+
+
+class EventKind(enum.StrEnum):
+    job_changed = "job_changed"
+    run_started = "run_started"
+    run_finished = "run_finished"
+    run_dispatched = "run_dispatched"
+
 
 class Event(_Message):
     """`kjob.event.<tenant>.<kind>`: what happened, for other services and for the ticker."""
 
-    kind: str  #: job_changed | run_started | run_finished | run_dispatched
+    kind: EventKind
     tenant: str
     job_id: UUID | None = None
     slug: str | None = None
@@ -67,3 +84,8 @@ class Event(_Message):
     #: job_changed: created | updated | enabled | disabled | deleted; runs: their status
     detail: str | None = None
     at: datetime
+
+    @classmethod
+    def about_run(cls, kind: EventKind, run: Run, detail: str, at: datetime) -> "Event":
+        return cls(kind=kind, tenant=run.tenant, job_id=run.job_id, slug=run.slug, run_id=run.id,
+                   detail=detail, at=at)

@@ -32,9 +32,14 @@ NODES_BUCKET = "kjob_nodes"
 LEADER_BUCKET = "kjob_leader"
 LEADER_KEY = "ticker"
 
+#: JetStream's de-duplication key (within the stream's duplicate window).
+HDR_MSG_ID = "Nats-Msg-Id"
 # Headers carried by every message, so a run is one trace and its logs correlate.
 HDR_RUN_ID = "Kjob-Run-Id"
 HDR_TENANT = "Kjob-Tenant"
+#: A run's live log line: `stdout` or `stderr`, and `end` (with `Kjob-Attempt`) after its last.
+HDR_STREAM = "Kjob-Stream"
+HDR_ATTEMPT = "Kjob-Attempt"
 HDR_LEADER_REV = "Kjob-Leader-Rev"
 #: A due run published ahead of its instant (the ticker's look-ahead): epoch seconds before
 #: which no executor starts it (kjob.bus.hold).
@@ -58,3 +63,21 @@ def event(tenant: str, kind: str) -> str:
 
 def run_log(tenant: str, run_id: str) -> str:
     return f"kjob.log.{tenant}.{run_id}"
+
+
+def run_headers(run_id: str, tenant: str) -> dict[str, str]:
+    return {HDR_RUN_ID: run_id, HDR_TENANT: tenant}
+
+
+def due_msg_id(run_id: str, *, backfill: bool = False, republished_at: int | None = None) -> str:
+    """The run id. A backfill's `<run id>.backfill`: it may run a slot whose own due message was
+    just published and skipped, which the stream would drop as a duplicate. A re-publish of a
+    run whose message vanished, `<run id>.re<epoch s>`, for the same reason."""
+    if republished_at is not None:
+        return f"{run_id}.re{republished_at}"
+    return f"{run_id}.backfill" if backfill else run_id
+
+
+def result_msg_id(run_id: str, notice: str | None = None) -> str:
+    """`<run id>.result`, or `<run id>.<notice>` for a notice about the run's job."""
+    return f"{run_id}.{notice or 'result'}"

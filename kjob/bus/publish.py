@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -16,9 +17,12 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from kjob.bus import names
-from kjob.bus.messages import DueRun, Event, RunResult
+from kjob.bus.errors import BUS_ERRORS
+from kjob.bus.messages import DueRun, Event, EventKind, RunResult
 from kjob.model.run import Run, Trigger
 from kjob.telemetry import metrics, tracing
+
+log = logging.getLogger(__name__)
 
 
 async def publish_due(js: JetStreamContext, run: Run) -> None:
@@ -26,13 +30,13 @@ async def publish_due(js: JetStreamContext, run: Run) -> None:
     `<run id>.backfill` for a backfill: it may run a slot whose own due message was just
     published and skipped, and the stream would drop the same id as a duplicate)."""
     msg = DueRun(run_id=run.id, job_id=run.job_id, tenant=run.tenant, slug=run.slug,
-                 slot=run.slot, trigger=run.trigger.value)
+                 slot=run.slot, trigger=run.trigger)
     subject = names.run_due(run.tenant)
     with tracing.publishing(subject, run_id=run.id, tenant=run.tenant, job=run.slug, slot=run.slot,
                             trigger=run.trigger.value) as trace_headers:
         await js.publish(subject, msg.encode(), headers={
-            "Nats-Msg-Id": f"{run.id}.backfill" if run.trigger is Trigger.backfill else run.id,
-            names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant, **trace_headers})
+            names.HDR_MSG_ID: names.due_msg_id(run.id, backfill=run.trigger is Trigger.backfill),
+            **names.run_headers(run.id, run.tenant), **trace_headers})
     metrics.run_published(run.slot, run.trigger.value)
 
 
@@ -40,10 +44,8 @@ async def publish_result(js: JetStreamContext, run: Run) -> None:
     """Put a final run on `kjob.run.result.<tenant>` for the dispatchers, `Nats-Msg-Id` =
     `<run id>.result`: from the executor that ran it, or the ticker's recovery when that
     message was lost (a repeat is harmless: the dispatcher claims the delivery)."""
-    result = RunResult(run_id=run.id, job_id=run.job_id, tenant=run.tenant, slug=run.slug,
-                       status=run.status.value, attempt=run.attempt, exit_code=run.exit_code,
-                       finished_at=run.finished_at or datetime.now(timezone.utc))
-    headers = {"Nats-Msg-Id": f"{run.id}.result", names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant,
+    result = RunResult.of(run, finished_at=datetime.now(timezone.utc))
+    headers = {names.HDR_MSG_ID: names.result_msg_id(run.id), **names.run_headers(run.id, run.tenant),
                **tracing.headers()}
     await js.publish(names.run_result(run.tenant), result.encode(), headers=headers)
 
@@ -51,9 +53,19 @@ async def publish_result(js: JetStreamContext, run: Run) -> None:
 async def announce_job_changed(js: JetStreamContext, tenant: str, job_id: UUID | None, slug: str, kind: str) -> None:
     """`kjob.event.<tenant>.job_changed`: the ticker reloads the job at once. `kind`: created,
     updated, enabled, disabled or deleted."""
-    event = Event(kind="job_changed", tenant=tenant, job_id=job_id, slug=slug, detail=kind,
+    event = Event(kind=EventKind.job_changed, tenant=tenant, job_id=job_id, slug=slug, detail=kind,
                   at=datetime.now(timezone.utc))
-    await js.publish(names.event(tenant, "job_changed"), event.encode())
+    await js.publish(names.event(tenant, EventKind.job_changed), event.encode())
+
+
+async def publish_event(nc, event: Event) -> None:
+    """`kjob.event.<tenant>.<kind>` about a run, core NATS (the events stream keeps it). Events
+    are for observers: one that cannot be sent is logged and never holds up the run."""
+    try:
+        await nc.publish(names.event(event.tenant, event.kind), event.encode(),
+                         headers=names.run_headers(event.run_id or "", event.tenant))
+    except BUS_ERRORS as err:
+        log.warning("could not publish the %s event of run %s (%r)", event.kind, event.run_id, err)
 
 
 #: Job ids per batch event: some 80 KB, well inside NATS's 1 MB message limit.
@@ -66,8 +78,9 @@ async def announce_jobs_changed(js: JetStreamContext, tenant: str, job_ids: list
     a job, and reloads every job."""
     now = datetime.now(timezone.utc)
     for i in range(0, len(job_ids), JOBS_PER_EVENT):
-        event = Event(kind="job_changed", tenant=tenant, job_ids=job_ids[i : i + JOBS_PER_EVENT], detail=kind, at=now)
-        await js.publish(names.event(tenant, "job_changed"), event.encode())
+        event = Event(kind=EventKind.job_changed, tenant=tenant, job_ids=job_ids[i : i + JOBS_PER_EVENT],
+                      detail=kind, at=now)
+        await js.publish(names.event(tenant, EventKind.job_changed), event.encode())
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 from pathlib import Path
@@ -14,6 +15,8 @@ from rich.console import Console
 
 from kjob.config import ROLES, Settings
 from kjob.errors import KjobError
+
+log = logging.getLogger(__name__)
 
 err_console = Console(stderr=True)
 console = Console()
@@ -190,19 +193,34 @@ async def _database(settings: Settings):
 
 
 def _saved_port(path: Path, preferred: int) -> int:
-    """The port used last time, else `preferred` if free, else any free one (0)."""
+    """The port used last time if it is free, else `preferred` if free, else any free one. A
+    port taken meanwhile (another program, another `kjob up`) moves this one, saying so, rather
+    than fail the start."""
     from kjob.embedded._process import free_port
-    import socket
 
+    saved = None
     if path.exists():
         with contextlib.suppress(ValueError):
-            return int(path.read_text())
+            saved = int(path.read_text())
+    if saved is not None:
+        if _is_free(saved):
+            return saved
+        log.warning("the embedded NATS port %d used last time is taken now; choosing another", saved)
+    return preferred if preferred != saved and _is_free(preferred) else free_port()
+
+
+def _is_free(port: int) -> bool:
+    import socket
+
     with socket.socket() as s:
+        # As nats-server binds (SO_REUSEADDR): the closed connections of our own last run in
+        # TIME_WAIT do not make the port taken; a listener does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", preferred))
-            return preferred
+            s.bind(("127.0.0.1", port))
         except OSError:
-            return free_port()
+            return False
+    return True
 
 
 def _without_password(url: str) -> str:

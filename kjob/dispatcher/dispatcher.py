@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import contextlib
 import logging
 from datetime import datetime, timezone
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from kjob.bus import names
-from kjob.bus.messages import Event, RunResult
+from kjob.bus import ack, names
+from kjob.bus.messages import Event, EventKind, RunResult
+from kjob.bus.publish import publish_event
 from kjob.bus.consume import consume
 from kjob.bus.setup import BusSettings, ensure_consumer
 from kjob.config import DispatcherSettings
@@ -27,7 +27,7 @@ from kjob.dispatcher.relay import RelayClient
 from kjob.errors import RelayRejected, RelayUnavailable
 from kjob.model.policies import PAUSED_NOTICE, pause_alert, pause_note
 from kjob.model.notify import decide
-from kjob.model.run import DeliveryStatus, RunStatus, dispatch_payload, run_page_url
+from kjob.model.run import DeliveryStatus, Run, RunStatus, dispatch_payload, run_page_url
 from kjob.store.runs import RunLedger
 from kjob.store.usage import UsageStore
 from kjob.telemetry import metrics, tracing
@@ -64,7 +64,7 @@ class Dispatcher:
             result = RunResult.decode(msg.data)
         except ValueError:
             log.error("dispatcher: dropping a malformed result on %s", msg.subject)
-            await msg.term()
+            await ack.drop(msg)
             return
         tracing.annotate(tenant=result.tenant, job=result.slug, run_id=result.run_id, status=result.status,
                          attempt=result.attempt)
@@ -77,9 +77,9 @@ class Dispatcher:
             if current is not None and current.run.delivery_status is DeliveryStatus.pending:
                 # Another dispatcher is delivering it right now; look again later rather than ack
                 # a message it may still need to nak.
-                await msg.nak(delay=self.settings.retry_max_s)
+                await ack.later(msg, self.settings.retry_max_s)
             else:
-                await msg.ack()  # deleted, already delivered, failed for good, or nothing to deliver
+                await ack.done(msg)  # deleted, already delivered, failed for good, or nothing to deliver
             return
         run = delivery.run
         # The agent's answer, not its raw output, when its adapter or result file gave one.
@@ -93,8 +93,8 @@ class Dispatcher:
                           last_sent_run=answer.last_sent_run)
         if not decision.send:
             await self.ledger.mark_delivery(run.id, DeliveryStatus.suppressed, f"not sent: {decision.reason}")
-            await self._event(run.tenant, run, "suppressed")
-            await msg.ack()
+            await self._event(run, "suppressed")
+            await ack.done(msg)
             return
         payload = dispatch_payload(run.slug, delivery.channel, run.status, body,
                                    run_page_url(self.log_url_base, run.id))
@@ -105,8 +105,8 @@ class Dispatcher:
             metrics.delivery_failed("rejected")
             tracing.annotate(delivery=DeliveryStatus.failed.value)
             await self.ledger.mark_delivery(run.id, DeliveryStatus.failed, str(err))
-            await self._event(run.tenant, run, "failed")
-            await msg.ack()
+            await self._event(run, "failed")
+            await ack.done(msg)
             return
         except RelayUnavailable as err:
             metrics.delivery_attempt("unavailable")
@@ -116,18 +116,18 @@ class Dispatcher:
                 metrics.delivery_failed("gave_up")
                 tracing.annotate(delivery=DeliveryStatus.failed.value)
                 await self.ledger.mark_delivery(run.id, DeliveryStatus.failed, f"gave up after {attempts} attempts: {err}")
-                await self._event(run.tenant, run, "failed")
-                await msg.ack()
+                await self._event(run, "failed")
+                await ack.done(msg)
                 return
             delay = min(self.settings.retry_initial_s * 2 ** (attempts - 1), self.settings.retry_max_s)
             log.info("dispatcher: run %s not delivered (%s); retry %d in %.1fs", run.id, err, attempts, delay)
-            await msg.nak(delay=delay)
+            await ack.later(msg, delay)
             return
         metrics.delivery_attempt("delivered")
         tracing.annotate(delivery=DeliveryStatus.delivered.value)
         await self.ledger.mark_delivery(run.id, DeliveryStatus.delivered)
-        await self._event(run.tenant, run, "delivered")
-        await msg.ack()
+        await self._event(run, "delivered")
+        await ack.done(msg)
 
     async def _notice(self, result: RunResult, msg) -> None:
         """A notice about the run's job: today `paused` (kjob.executor.policies), an alert to the
@@ -135,7 +135,7 @@ class Dispatcher:
         the ledger keeps no delivery state for it."""
         delivery = await self.ledger.delivery(result.run_id)
         if result.notice != PAUSED_NOTICE or delivery is None or delivery.channel == "none":
-            await msg.ack()  # an unknown notice (a newer node's), a deleted job, or nowhere to send it
+            await ack.done(msg)  # an unknown notice (a newer node's), a deleted job, or nowhere to send it
             return
         failures = result.failures or 0
         log_url = run_page_url(self.log_url_base, result.run_id)
@@ -148,14 +148,10 @@ class Dispatcher:
             age = (datetime.now(timezone.utc) - result.finished_at).total_seconds()
             if age <= self.settings.give_up_after_s:
                 delay = min(self.settings.retry_initial_s * 2 ** (msg.metadata.num_delivered - 1), self.settings.retry_max_s)
-                await msg.nak(delay=delay)
+                await ack.later(msg, delay)
                 return
             log.warning("dispatcher: gave up on the %s alert of %s: %s", result.notice, result.slug, err)
-        await msg.ack()
+        await ack.done(msg)
 
-    async def _event(self, tenant: str, run, detail: str) -> None:
-        event = Event(kind="run_dispatched", tenant=tenant, job_id=run.job_id, slug=run.slug, run_id=run.id,
-                      detail=detail, at=datetime.now(timezone.utc))
-        with contextlib.suppress(Exception):
-            await self.nc.publish(names.event(tenant, "run_dispatched"), event.encode(),
-                                  headers={names.HDR_RUN_ID: run.id, names.HDR_TENANT: tenant})
+    async def _event(self, run: Run, detail: str) -> None:
+        await publish_event(self.nc, Event.about_run(EventKind.run_dispatched, run, detail, datetime.now(timezone.utc)))

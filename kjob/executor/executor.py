@@ -32,9 +32,11 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from kjob._time import utcnow
-from kjob.bus import hold, names
-from kjob.bus.messages import DueRun, Event
-from kjob.bus.publish import publish_result
+from kjob._tasks import cancel_and_wait
+from kjob.bus import ack, hold, names
+from kjob.bus.errors import BUS_ERRORS
+from kjob.bus.messages import DueRun, Event, EventKind
+from kjob.bus.publish import publish_event, publish_result
 from kjob.bus.consume import consume
 from kjob.bus.setup import BusSettings, ensure_consumer
 from kjob.config import ExecutorSettings
@@ -48,7 +50,7 @@ from kjob.executor.secrets import LiveMask, SecretResolver, SecretsUnavailable
 from kjob.store.quotas import Quotas, TenantBusy, busy_retry_delay
 from kjob.executor.policies import RunPolicies
 from kjob.model.policies import defer_delay
-from kjob.store.database import is_transient
+from kjob.store.database import DATABASE_ERRORS, is_transient
 from kjob.store.runs import TAKEOVER_GRACE, Claimed, Deferred, GaveUp, RunLedger, Skipped, TakeoverHeld
 from kjob.store.secrets import SecretStore
 from kjob.store.usage import UsageStore, usage_row
@@ -123,9 +125,9 @@ class Executor:
             due = DueRun.decode(msg.data)
         except ValueError:
             log.error("executor: dropping a malformed due message on %s", msg.subject)
-            await msg.term()
+            await ack.drop(msg)
             return
-        tracing.annotate(tenant=due.tenant, job=due.slug, run_id=due.run_id, slot=due.slot, trigger=due.trigger)
+        tracing.annotate(tenant=due.tenant, job=due.slug, run_id=due.run_id, slot=due.slot, trigger=due.trigger.value)
         claim_sent = time.monotonic()  # the claim's lease runs from no earlier than this
         try:
             claimed = await self.ledger.claim(
@@ -134,7 +136,7 @@ class Executor:
             )
         except TenantBusy:
             # The tenant is at its concurrency quota: the run stays scheduled; ask again later.
-            await msg.nak(delay=busy_retry_delay(msg.metadata.num_delivered))
+            await ack.later(msg, busy_retry_delay(msg.metadata.num_delivered))
             return
         except Exception as err:
             await self._claim_failed(due, msg, err)
@@ -144,22 +146,22 @@ class Executor:
             return
         if isinstance(claimed, Skipped):  # overlap `skip`: final now, with its reason
             metrics.slots_missed("overlap")
-            await self._event(claimed.run, "run_finished", claimed.run.status.value)
-            await msg.ack()
+            await self._event(claimed.run, EventKind.run_finished, claimed.run.status.value)
+            await ack.done(msg)
             return
         if isinstance(claimed, GaveUp):  # lost once too often: final now, with its reason
             log.error("executor: run %s: %s", claimed.run.id, claimed.run.reason)
             metrics.attempt_finished(claimed.run)
             if claimed.run.delivery_status is DeliveryStatus.pending:
                 await self._publish_result(claimed.run)
-            await self._event(claimed.run, "run_finished", claimed.run.status.value)
-            await msg.ack()
+            await self._event(claimed.run, EventKind.run_finished, claimed.run.status.value)
+            await ack.done(msg)
             return
         if isinstance(claimed, TakeoverHeld):  # a lapsed claim, just after an outage: its watchdog first
-            await msg.nak(delay=self.settings.claim_lease_s * TAKEOVER_GRACE)
+            await ack.later(msg, self.settings.claim_lease_s * TAKEOVER_GRACE)
             return
         if isinstance(claimed, Deferred):  # overlap `queue`/`replace`: not yet; nothing changed
-            await msg.nak(delay=defer_delay(msg.metadata.num_delivered))
+            await ack.later(msg, defer_delay(msg.metadata.num_delivered))
             return
         tracing.annotate(attempt=claimed.run.attempt)
         metrics.run_claimed(claimed.run, claimed.previous_lost)
@@ -180,36 +182,35 @@ class Executor:
             log.warning("executor: cannot claim run %s (%r); again in %.0fs", due.run_id, err, delay)
         else:
             log.error("executor: claiming run %s failed permanently; again in %.0fs", due.run_id, delay, exc_info=err)
-        with contextlib.suppress(Exception):
-            await msg.nak(delay=delay)
+        await ack.later(msg, delay)
 
     async def _not_ours(self, due: DueRun, msg) -> None:
         """The run is finished, owned by another executor, or not due yet. Answer the message
         now: one held un-acked would come back at every ack deadline for the whole run."""
         delivery = await self.ledger.delivery(due.run_id)
         if delivery is None:  # the job was deleted, and its runs with it
-            await msg.ack()
+            await ack.done(msg)
             return
         run = delivery.run
         if run.status is RunStatus.retrying:
             # Not due yet by the database's clock (the claim said so): come back about then.
             wait = (run.next_attempt_at - utcnow()).total_seconds() if run.next_attempt_at else 0.0
-            await msg.nak(delay=max(wait, 1.0))
+            await ack.later(msg, max(wait, 1.0))
             return
         if run.status is RunStatus.running:
             if msg.metadata.num_delivered > 1:
                 # Maybe the owner's own message, redelivered (its in_progress did not arrive): an
                 # ack would ack the owner's. Come back when its claim could have lapsed.
-                await msg.nak(delay=self.settings.claim_lease_s + self.settings.heartbeat_s)
+                await ack.later(msg, self.settings.claim_lease_s + self.settings.heartbeat_s)
             else:
                 # A second message for a run someone holds (a re-publish): the owner has its own.
                 # Should the owner die, the ticker re-publishes the run once its claim lapsed.
-                await msg.ack()
+                await ack.done(msg)
             return
         if run.status.final and run.delivery_status.value == "pending":
             # We may have died between recording the end and publishing the result.
             await self._publish_result(run)
-        await msg.ack()
+        await ack.done(msg)
 
     @tracing.span("kjob sandbox")
     async def _attempt(self, claimed: Claimed, msg, claim_sent: float) -> None:
@@ -221,7 +222,7 @@ class Executor:
             await self._claim_lost(run, job, msg, claim)
             return
         if claimed.ended is None:
-            await self._event(run, "run_started", f"attempt {run.attempt}")
+            await self._event(run, EventKind.run_started, f"attempt {run.attempt}")
             over_cap = await self._over_cost_cap(job)
             if over_cap is not None:  # the tenant's agents spent their day's budget: record, alert once
                 await self._skip_over_cost_cap(run, job, msg, over_cap)
@@ -244,9 +245,7 @@ class Executor:
                 usage = usage_row(tenant=job.tenant, job_id=job.id, agent=job.agent, report=report)
             if outcome is None:
                 if agent_run is not None:  # no end to write it with: the tokens were spent all the same
-                    with contextlib.suppress(Exception):  # usage is bookkeeping
-                        await self.usage.record(run_id=run.id, attempt=run.attempt, tenant=job.tenant,
-                                                job_id=job.id, agent=job.agent, report=report)
+                    await self._record_usage(run, job, report)
                 await self._claim_lost(run, job, msg, claim)
                 return
             status = attempt_status(outcome.exit_code, outcome.timed_out, outcome.start_error)
@@ -271,10 +270,7 @@ class Executor:
             ))
         finally:
             self.watchdog.disarm(claim.key)
-            for task in (keeper, acker):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(keeper, acker)
         await self._log_end(run)
         if finished is None:
             await self._claim_lost(run, job, msg, claim)
@@ -282,12 +278,12 @@ class Executor:
         tracing.annotate(status=finished.status.value, exit_code=finished.exit_code)
         metrics.attempt_finished(finished)
         if retry_in is not None:
-            await msg.nak(delay=retry_in)
+            await ack.later(msg, retry_in)
             return
         if finished.delivery_status is DeliveryStatus.pending:  # channel `none`: nothing to deliver
             await self._publish_result(finished)
-        await self._event(finished, "run_finished", finished.status.value)
-        await msg.ack()
+        await self._event(finished, EventKind.run_finished, finished.status.value)
+        await ack.done(msg)
         await self.policies.after_end(finished, job)
 
     async def _record_end(self, run: Run, fields: dict) -> Run | None:
@@ -317,7 +313,7 @@ class Executor:
         """Push the message's ack deadline out every heartbeat, never waiting on the database."""
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(*BUS_ERRORS):  # NATS away: the next beat tries again
                 await asyncio.wait_for(msg.in_progress(), timeout=self.settings.heartbeat_s)
 
     async def _claim_lost(self, run: Run, job, msg, claim: "ClaimKeeper") -> None:
@@ -328,15 +324,14 @@ class Executor:
         if claim.expired:
             log.warning("executor: run %s: stopped the agent; its claim could not be renewed for %.1fs",
                         run.id, self.settings.claim_lease_s - self.margin_s)
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=self.margin_s + self.settings.heartbeat_s)
+            await ack.later(msg, self.margin_s + self.settings.heartbeat_s)
             return
         stopped = False
-        with contextlib.suppress(Exception):  # the database may still be away; the claim lapses then
+        with contextlib.suppress(*DATABASE_ERRORS):  # the database may still be away; the claim lapses then
             stopped = await self.ledger.stopped(run.id, self.node, run.attempt)
         if stopped:
             log.info("executor: run %s stopped: replaced by a newer run of %s", run.id, job.slug)
-            await msg.ack()
+            await ack.done(msg)
             return
         log.warning("executor: lost the claim on run %s; its result is void", run.id)
 
@@ -354,9 +349,7 @@ class Executor:
 
     async def _skip_over_cost_cap(self, run: Run, job, msg, why: str) -> None:
         """Record the run `skipped` for the cost cap (the alert rides on its delivery), then ack."""
-        with contextlib.suppress(Exception):
-            await self.usage.record(run_id=run.id, attempt=run.attempt, tenant=job.tenant, job_id=job.id,
-                                    agent=job.agent, report=AgentReport(answer=why))
+        await self._record_usage(run, job, AgentReport(answer=why))
         finished = await self._record_end(run, dict(
             status=RunStatus.skipped, exit_code=None, reason=why, output="", output_bytes=0, dropped_bytes=0,
             retry_in_s=None))
@@ -364,8 +357,17 @@ class Executor:
             metrics.slots_missed("cost_cap")
             if finished.delivery_status is DeliveryStatus.pending:
                 await self._publish_result(finished)
-            await self._event(finished, "run_finished", finished.status.value)
-        await msg.ack()
+            await self._event(finished, EventKind.run_finished, finished.status.value)
+        await ack.done(msg)
+
+    async def _record_usage(self, run: Run, job, report: AgentReport) -> None:
+        """The agent's usage row, apart from the attempt's end (that one has it in its statement).
+        Bookkeeping: the database away loses it, with a warning, and never the run."""
+        try:
+            await self.usage.record(run_id=run.id, attempt=run.attempt, tenant=job.tenant, job_id=job.id,
+                                    agent=job.agent, report=report)
+        except DATABASE_ERRORS as err:
+            log.warning("executor: run %s: its agent's usage was not recorded (%r)", run.id, err)
 
     def _agent_run(self, job) -> AgentRun | None:
         if job.agent not in self.agents:
@@ -414,9 +416,9 @@ class Executor:
             agent_output(stream, text)  # the file sink, when one is configured
             if agent_run is not None:
                 agent_run.feed(stream, text)
-            with contextlib.suppress(Exception):  # live logs are best effort; the ledger keeps the output
+            with contextlib.suppress(*BUS_ERRORS):  # live logs are best effort; the ledger keeps the output
                 await self.nc.publish(log_subject, text.encode(), headers={
-                    "Kjob-Stream": stream, names.HDR_RUN_ID: run.id, names.HDR_TENANT: job.tenant})
+                    names.HDR_STREAM: stream, **names.run_headers(run.id, job.tenant)})
 
         live = LiveMask(masker, on_output)  # every captured byte passes the mask of the secret values
         runner = asyncio.create_task(sandbox.run(launch, live.write))
@@ -425,9 +427,7 @@ class Executor:
         done, _ = await asyncio.wait({runner, lost, over}, return_when=asyncio.FIRST_COMPLETED)
         if over in done and runner not in done:  # over its budget: stop the agent, keep the run
             lost.cancel()
-            runner.cancel()
-            with contextlib.suppress(BaseException):
-                await runner
+            await cancel_and_wait(runner)
             await live.flush()
             assert agent_run is not None
             output = agent_run.output()
@@ -454,9 +454,7 @@ class Executor:
                 claim.expired = True
                 return None
             return masker.outcome(outcome)
-        runner.cancel()  # cancelling kills what the attempt started
-        with contextlib.suppress(BaseException):
-            await runner
+        await cancel_and_wait(runner)  # cancelling kills what the attempt started
         return None
 
     async def _publish_result(self, run: Run) -> None:
@@ -477,16 +475,12 @@ class Executor:
                 delay = min(delay * 2, 2.0)
 
     async def _log_end(self, run: Run) -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(*BUS_ERRORS):  # `kjob logs -f` then ends at its own timeout
             await self.nc.publish(names.run_log(run.tenant, run.id), b"",
-                                  headers={"Kjob-Stream": "end", "Kjob-Attempt": str(run.attempt)})
+                                  headers={names.HDR_STREAM: "end", names.HDR_ATTEMPT: str(run.attempt)})
 
-    async def _event(self, run: Run, kind: str, detail: str) -> None:
-        event = Event(kind=kind, tenant=run.tenant, job_id=run.job_id, slug=run.slug, run_id=run.id,
-                      detail=detail, at=utcnow())
-        with contextlib.suppress(Exception):  # events are for observers; never block a run on them
-            await self.nc.publish(names.event(run.tenant, kind), event.encode(),
-                                  headers={names.HDR_RUN_ID: run.id, names.HDR_TENANT: run.tenant})
+    async def _event(self, run: Run, kind: EventKind, detail: str) -> None:
+        await publish_event(self.nc, Event.about_run(kind, run, detail, utcnow()))
 
 
 class ClaimKeeper:

@@ -59,12 +59,6 @@ class RunPolicies:
         await announce_job_changed(self.js, job.tenant, job.id, job.slug, "disabled")
         if job.output.channel == "none":
             return
-        notice = RunResult(run_id=run.id, job_id=run.job_id, tenant=run.tenant, slug=run.slug,
-                           status=run.status.value, attempt=run.attempt, exit_code=run.exit_code,
-                           finished_at=run.finished_at or paused.updated_at, notice=PAUSED_NOTICE,
-                           failures=failures)
-        await self.js.publish(
-            names.run_result(run.tenant), notice.encode(),
-            headers={"Nats-Msg-Id": f"{run.id}.{PAUSED_NOTICE}", names.HDR_RUN_ID: run.id,
-                     names.HDR_TENANT: run.tenant},
-        )
+        notice = RunResult.of(run, finished_at=paused.updated_at, notice=PAUSED_NOTICE, failures=failures)
+        await self.js.publish(names.run_result(run.tenant), notice.encode(), headers={
+            names.HDR_MSG_ID: names.result_msg_id(run.id, PAUSED_NOTICE), **names.run_headers(run.id, run.tenant)})

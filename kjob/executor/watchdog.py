@@ -271,8 +271,8 @@ class _EndWriter:
 
         try:
             conn = await asyncpg.connect(self.dsn, timeout=5)
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            conn = None  # connected again at the first end to write
+        except Exception:  # the database away at start: connected at the first end to write
+            conn = None
         pending: list[tuple[_Armed, float]] = []
         closing = False
         delay = 0.05
@@ -305,7 +305,8 @@ class _EndWriter:
                          f"{attempt.exit_code}) while its executor could not record it; "
                          + ("written to the ledger" if written else "not written: the claim is no longer its"))
                 delay = 0.05
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+            except Exception as err:  # whatever broke (asyncpg's own state errors after a dropped
+                # session among them): a new session, and the end tried again; this thread never dies
                 if conn is not None:
                     conn.terminate()
                     conn = None
@@ -315,7 +316,7 @@ class _EndWriter:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.25)
         if conn is not None:
-            await conn.close()
+            conn.terminate()
 
 
 def _read_status(attempt: _Armed) -> None:

@@ -18,7 +18,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from kjob.errors import InvalidInput
@@ -147,6 +147,12 @@ async def raw_connection(engine: AsyncEngine) -> AsyncIterator[asyncpg.Connectio
                 await conn.invalidate()
             raise
 
+
+#: What a database call raises, whether the server refused the statement or is away: for the
+#: callers whose work is bookkeeping (logged, never fatal); `is_transient` tells them apart.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError,
+    OSError, TimeoutError)
 
 #: SQLSTATE classes a retry may get past: 08 connection exception; 57 operator intervention
 #: (shutdown, a terminated backend, our own statement timeout); 53 insufficient resources

@@ -247,13 +247,13 @@ class Ticker:
         for r in rows:
             not_before = (fire_ts or {}).get(r.run_id) or r.slot.timestamp()
             msg = DueRun(run_id=r.run_id, job_id=r.job_id, tenant=r.tenant, slug=r.slug, slot=r.slot,
-                         trigger=r.trigger.value, leader_rev=r.leader_rev or 0)
-            msg_id = f"{r.run_id}.re{int(time.time())}" if republish else r.run_id
+                         trigger=r.trigger, leader_rev=r.leader_rev or 0)
+            msg_id = names.due_msg_id(r.run_id, republished_at=int(time.time()) if republish else None)
             subject = names.run_due(r.tenant)
             with tracing.publishing(subject, run_id=r.run_id, tenant=r.tenant, job=r.slug, slot=r.slot,
                                     trigger=r.trigger.value, republish=republish) as trace_headers:
                 outgoing.append(Outgoing(subject, msg.encode(), {
-                    "Nats-Msg-Id": msg_id, names.HDR_RUN_ID: r.run_id, names.HDR_TENANT: r.tenant,
+                    names.HDR_MSG_ID: msg_id, **names.run_headers(r.run_id, r.tenant),
                     names.HDR_LEADER_REV: str(r.leader_rev or 0), **hold.headers(not_before, now_ts),
                     **trace_headers}))
         try:

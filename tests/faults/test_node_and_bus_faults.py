@@ -80,7 +80,7 @@ async def test_nats_node_lost_in_r3(tmp_path, nats_cluster):
     assert all(code == 0 for code in c.exit_codes.values()), c.tails()
 
 
-@pytest.mark.parametrize("fault", ["sigstop", "sigkill", "sigkill-in-a-stall"])
+@pytest.mark.parametrize("fault", ["sigstop", "sigkill", "sigkill-in-a-stall", "sigkill-sessions-dropped"])
 async def test_an_agent_that_ends_while_its_executor_cannot_record_it_is_not_run_again(tmp_path, fresh_nats, fault):
     """The executor is paused (or killed) at the instant its agent reports its end, before the
     agent exits: only its watchdog sees the end (bwrap's status pipe) and writes it down, and
@@ -89,7 +89,9 @@ async def test_an_agent_that_ends_while_its_executor_cannot_record_it_is_not_run
 
     `sigkill-in-a-stall`: PostgreSQL is paused at the same instant, past the claim's lease and
     grace, so nobody can write and the claim lapses meanwhile. When it is back, the watchdog's
-    write and the other node's takeover are both waiting on it: the takeover must give way."""
+    write and the other node's takeover are both waiting on it: the takeover must give way.
+    `sigkill-sessions-dropped`: every kjob session is terminated first (pg_terminate_backend),
+    the watchdog's own among them: it must write the end on a new one."""
     struck: list[tuple[str, float]] = []
 
     def strike(execution) -> None:
@@ -98,6 +100,9 @@ async def test_an_agent_that_ends_while_its_executor_cannot_record_it_is_not_run
         struck.append((execution.node, time.monotonic()))
         if fault == "sigkill-in-a-stall":
             c.pg_pause()
+        elif fault == "sigkill-sessions-dropped":
+            c.pg.psql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                      "WHERE datname = 'faults' AND pid <> pg_backend_pid()")
         c.nodes[execution.node].signal(signal.SIGSTOP if fault == "sigstop" else signal.SIGKILL)
 
     async with fault_cluster(tmp_path, fresh_nats) as c:

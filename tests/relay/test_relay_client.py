@@ -76,9 +76,13 @@ async def test_503_is_unavailable_and_the_retry_carries_the_same_key(relay: Reco
 
 
 async def test_a_timed_outage_ends_on_time(relay: RecordingRelay) -> None:
-    relay.fail(status=502, seconds=0.3)
-    started = time.monotonic()
     async with RelayClient(relay.url, TOKEN, timeout_s=5) as client:
+        # Connected first: on a loaded machine a first request (a new connection) can take
+        # longer than the whole outage, which would then never be seen.
+        await client.dispatch("kode-chat:user-1", PAYLOAD, "warm-up")
+        relay.clear()
+        relay.fail(status=502, seconds=0.3)
+        started = time.monotonic()
         while True:
             try:
                 await client.dispatch("kode-chat:user-1", PAYLOAD, RUN_ID)

@@ -161,7 +161,9 @@ class Recorder:
                 try:
                     self.wfile.write(b"ok\n")
                     self.wfile.flush()
-                except BrokenPipeError:  # the agent was killed as it reported
+                except (BrokenPipeError, ConnectionResetError):  # the agent was killed as it reported
+                    if execution is not None:  # killed at its start: it died there
+                        recorder._gone(execution, time.monotonic())
                     return
                 if execution is not None:  # a start: the agent's holder keeps this open till it dies
                     with contextlib.suppress(OSError):

@@ -134,7 +134,7 @@ async def _follow(state: GatewayState, ledger: RunLedger, run: Run) -> AsyncIter
             except Exception:  # nats' own timeout type differs across versions
                 msg = None
             if msg is not None:
-                kind = (msg.headers or {}).get("Kjob-Stream")
+                kind = (msg.headers or {}).get(names.HDR_STREAM)
                 if kind != "end":
                     yield msg.data
                     continue

@@ -1,0 +1,19 @@
+"""Stopping asyncio tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+log = logging.getLogger(__name__)
+
+
+async def cancel_and_wait(*tasks: asyncio.Task) -> None:
+    """Cancel `tasks` and wait until they ended. Their cancellation is what was asked for; the
+    caller's own (it is cancelled while it waits) goes on up, unlike a `suppress(BaseException)`
+    around the await, which eats it. An error a task raised as it stopped is logged."""
+    for task in tasks:
+        task.cancel()
+    for task, result in zip(tasks, await asyncio.gather(*tasks, return_exceptions=True)):
+        if isinstance(result, Exception):
+            log.warning("task %s failed as it stopped: %r", task.get_name(), result)

@@ -1,0 +1,43 @@
+"""What becomes of a consumed message: the one ack policy of the executor and the dispatcher.
+
+- `done`: its work is over, or was never ours to do (a final run, a run someone else holds, a
+  deleted job, a result delivered or given up on): acked, never seen again.
+- `later`: its work is not over and cannot go on now (a busy tenant, a deferred or retrying run,
+  a claim that lapsed, Relay away): redelivered after `delay_s`, to this node or another.
+- `drop`: it can never be handled (it does not decode): terminated, never redelivered.
+
+An answer that does not reach the server (NATS away) is logged and nothing else: the message
+then comes back at its ack deadline, and every consumer's first step (the run's claim, the
+delivery's claim) makes handling it twice harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kjob.bus.errors import BUS_ERRORS
+
+log = logging.getLogger(__name__)
+
+
+async def done(msg) -> None:
+    await _answer(msg, "ack")
+
+
+async def later(msg, delay_s: float) -> None:
+    await _answer(msg, "nak", delay_s)
+
+
+async def drop(msg) -> None:
+    await _answer(msg, "term")
+
+
+async def _answer(msg, kind: str, delay_s: float | None = None) -> None:
+    try:
+        if kind == "nak":
+            await msg.nak(delay=delay_s)
+        else:
+            await getattr(msg, kind)()
+    except BUS_ERRORS as err:  # the ack deadline decides
+        log.warning("could not %s the message on %s (%r); it comes back at its ack deadline",
+                    kind, getattr(msg, "subject", "?"), err)

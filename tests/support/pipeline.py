@@ -83,15 +83,6 @@ async def attempts_of(engine, run_id: str) -> list:
     return await RunLedger(engine).attempts(run_id)
 
 
-async def slot_counts(engine, job: Job) -> dict:
-    async with engine.connect() as conn:
-        rows = await conn.execute(select(job_runs.c.slot).where(job_runs.c.job_id == job.id))
-        counts: dict = {}
-        for (slot,) in rows:
-            counts[slot] = counts.get(slot, 0) + 1
-        return counts
-
-
 async def attempt_rows(engine, job: Job) -> list:
     async with engine.connect() as conn:
         return list(await conn.execute(

@@ -14,10 +14,11 @@ from typing import Any, Callable
 
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BucketNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, NotFoundError
 
 from kjob._time import utcnow
 from kjob.bus import names
+from kjob.bus.errors import BUS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +43,21 @@ async def announce(js: JetStreamContext, node: str, info: Callable[[], dict[str,
     """Write this node's facts every EVERY_S seconds until `stop`; remove them on the way out."""
     started = utcnow().isoformat()
     kv = None
+    announced = True  # so that the first failure is said
     while not stop.is_set():
         try:
             kv = kv or await _bucket(js, replicas)
             value = {"node": node, "started": started, "seen": utcnow().isoformat(), **info()}
             await kv.put(_key(node), json.dumps(value).encode())
-        except Exception as err:
-            log.debug("presence: cannot announce %s (%s)", node, err)
-            kv = None
+            announced = True
+        except BUS_ERRORS as err:
+            # `kjob status` stops listing the node after a while: say why, once per outage.
+            if announced:
+                log.warning("presence: cannot announce %s (%r); trying again every %ss", node, err, EVERY_S)
+            kv, announced = None, False
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=EVERY_S)
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(*BUS_ERRORS):  # NATS away at the stop: the entry ages out instead
         if kv is not None:
             await kv.delete(_key(node))
 
@@ -67,7 +72,7 @@ async def nodes(js: JetStreamContext) -> list[dict[str, Any]]:
         return []
     out = []
     for key in keys:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(KeyNotFoundError, ValueError):  # gone meanwhile, or not ours
             entry = await kv.get(key)
             if entry.value:
                 out.append(json.loads(entry.value))

@@ -24,20 +24,22 @@ def headers(not_before_ts: float, now_ts: float) -> dict[str, str]:
     return {names.HDR_NOT_BEFORE: f"{not_before_ts:.6f}", names.HDR_HOLD_MS: f"{(not_before_ts - now_ts) * 1000:.0f}"}
 
 
-async def until_instant(msg) -> None:
+async def until_instant(msg, clock_offset_s: float = 0.0) -> None:
     """Wait until the due message's instant, if it came early. Call it first in the handler:
     everything after it (the claim, reading the job) happens at or after the instant.
 
-    The wait is the instant by this node's clock, but never longer than the delay the ticker
-    saw when it published: a node whose clock is behind the ticker's would otherwise hold a
-    run for as long as its clock is behind. A message that waited in the stream (executors
-    busy) is not held again once its instant has passed here."""
+    The instant is on the database's clock, which the ticker fires by: `clock_offset_s` is how
+    far the database's clock is ahead of this host's (kjob.store.database.clock_offset), so an
+    executor whose host clock runs ahead does not start runs early. Never longer than the delay
+    the ticker saw when it published, should the offset be off. A message that waited in the
+    stream (executors busy) is not held again once its instant has passed."""
     headers = msg.headers or {}
     value = headers.get(names.HDR_NOT_BEFORE)
     if not value:
         return
     try:
-        wait = min(float(value) - time.time(), float(headers.get(names.HDR_HOLD_MS) or "inf") / 1000, MAX_HOLD_S)
+        wait = min(float(value) - (time.time() + clock_offset_s),
+                   float(headers.get(names.HDR_HOLD_MS) or "inf") / 1000, MAX_HOLD_S)
     except ValueError:
         return
     if wait > 0:

@@ -101,8 +101,10 @@ def test_a_fork_bomb_is_bounded_and_the_node_keeps_firing(
     assert "fork" in attack.output.lower(), attack.output[-500:]  # it did hit the limit
     biggest = census.most.most_common(1)
     assert biggest and biggest[0][1] >= PIDS - 10, f"the bomb never reached the limit: {census.most} {attack.output[-600:]}"
-    # The pids limit plus the few processes of the sandbox itself (bwrap's two, tini).
-    assert biggest[0][1] <= PIDS + 3, census.most
+    # The pids limit plus the few processes of the sandbox itself (bwrap's two, tini), and the
+    # few the kernel lets through when many forks race the limit at once (seen: 104, 105 of
+    # 100 on a loaded 2-core machine). An unbounded bomb is hundreds within one sample.
+    assert biggest[0][1] <= PIDS + 10, census.most
     assert_kept_firing(acme, tick, start, end)
     leaks.assert_none_in(attack.output)
 

@@ -1,4 +1,4 @@
-"""Stopping asyncio tasks."""
+"""Stopping asyncio tasks, and waiting on a stop."""
 
 from __future__ import annotations
 
@@ -17,3 +17,13 @@ async def cancel_and_wait(*tasks: asyncio.Task) -> None:
     for task, result in zip(tasks, await asyncio.gather(*tasks, return_exceptions=True)):
         if isinstance(result, Exception):
             log.warning("task %s failed as it stopped: %r", task.get_name(), result)
+
+
+async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds` for `stop`: True if it was set (the loop ends), False if the time
+    ran out (the loop's next round)."""
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except asyncio.TimeoutError:
+        return False
+    return True

@@ -19,6 +19,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, N
 from kjob._time import utcnow
 from kjob.bus import names
 from kjob.bus.errors import BUS_ERRORS
+from kjob._tasks import stopped_within
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,7 @@ async def announce(js: JetStreamContext, node: str, info: Callable[[], dict[str,
             if announced:
                 log.warning("presence: cannot announce %s (%r); trying again every %ss", node, err, EVERY_S)
             kv, announced = None, False
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=EVERY_S)
+        await stopped_within(stop, EVERY_S)
     with contextlib.suppress(*BUS_ERRORS):  # NATS away at the stop: the entry ages out instead
         if kv is not None:
             await kv.delete(_key(node))

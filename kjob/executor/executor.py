@@ -32,7 +32,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from kjob._time import utcnow
-from kjob._tasks import cancel_and_wait
+from kjob._tasks import cancel_and_wait, stopped_within
 from kjob.bus import ack, hold, names
 from kjob.bus.errors import BUS_ERRORS
 from kjob.bus.messages import DueRun, Event, EventKind
@@ -134,8 +134,7 @@ class Executor:
             except DATABASE_ERRORS as err:
                 log.warning("executor: cannot read the database's clock (%r); holding by an offset of %.3fs",
                             err, self.clock_offset_s)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=CLOCK_EVERY_S)
+            await stopped_within(stop, CLOCK_EVERY_S)
 
     @tracing.handles_run("kjob claim", names.EXECUTOR_CONSUMER)
     async def _handle(self, msg) -> None:

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kjob._time import utcnow
 from kjob.model.run import FINAL_STATUSES, Trigger
+from kjob._tasks import stopped_within
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,4 @@ async def prune_forever(engine: AsyncEngine, stop: asyncio.Event, every_s: float
             log.info("retention: pruned %d runs past their job's history policy", pruned)
         if pruned == PRUNE_BATCH:
             continue
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=every_s)
-        except asyncio.TimeoutError:
-            pass
+        await stopped_within(stop, every_s)

@@ -34,6 +34,7 @@ from kjob._time import utcnow
 from kjob.bus import names
 from kjob.model.run import FINAL_STATUSES, Trigger
 from kjob.telemetry.tracing import make_resource, otlp_configured
+from kjob._tasks import stopped_within
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -338,7 +339,7 @@ async def poll_consumers(js: "JetStreamContext", roles: Iterable[str], stop: asy
     for _, durable in consumers:  # a series from the start (see Metrics._start_at_zero)
         consumer_state(durable, 0, 0, 0)
     # Wait first: the roles create their consumers as they start.
-    while not await _stopped_within(stop, interval_s):
+    while not await stopped_within(stop, interval_s):
         for stream, durable in consumers:
             try:
                 info = await js.consumer_info(stream, durable)
@@ -351,10 +352,3 @@ async def poll_consumers(js: "JetStreamContext", roles: Iterable[str], stop: asy
             failing.discard(durable)
             consumer_state(durable, info.num_pending or 0, info.num_ack_pending or 0, info.num_redelivered or 0)
 
-
-async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except asyncio.TimeoutError:
-        return False
-    return True

@@ -33,6 +33,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyWrongLastSe
 
 from kjob.bus import names
 from kjob.telemetry import metrics
+from kjob._tasks import stopped_within
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,7 @@ class Leadership:
                     log.warning("ticker: campaign failed (%s)", err)
                     self._kv = None
                 self.term = None
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=self._next_try())
+                await stopped_within(stop, self._next_try())
             return False
         finally:
             if watcher is not None:
@@ -172,9 +172,7 @@ class Leadership:
         try:
             while not stop.is_set():
                 wait = max(0.0, min(self.renew_s, self._deadline - time.monotonic()))
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=wait)
-                if stop.is_set():
+                if await stopped_within(stop, wait):
                     return
                 if time.monotonic() >= self._deadline:
                     log.warning("ticker: %s could not renew its lease in time; stepping down", self.node)

@@ -11,6 +11,7 @@ from kjob.store.runs import RunLedger
 from kjob.telemetry import metrics
 from kjob.ticker.leader import Leadership
 from kjob.ticker.ticker import TermOver, Ticker
+from kjob._tasks import stopped_within
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ async def lead_and_tick(
             await leadership.resign()
             delay = backoff.next()
             log.warning("ticker: %s stands by for %.1fs before campaigning again", leadership.node, delay)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
+            await stopped_within(stop, delay)
         else:
             backoff.reset()
         log.info("ticker: %s is a standby now", leadership.node)

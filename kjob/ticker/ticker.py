@@ -52,6 +52,7 @@ from kjob.telemetry import metrics, tracing
 from kjob.bus import hold
 from kjob.ticker.leader import Leadership
 from kjob.ticker.table import Due, JobTable
+from kjob._tasks import stopped_within
 
 log = logging.getLogger(__name__)
 
@@ -587,9 +588,7 @@ async def _every(interval_s: float, stop: asyncio.Event, fn, what: str) -> None:
     """Call `fn` every `interval_s` seconds until `stop`; a failure is logged, and tried again
     at the next interval."""
     while not stop.is_set():
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval_s)
-        if stop.is_set():
+        if await stopped_within(stop, interval_s):
             return
         try:
             await fn()

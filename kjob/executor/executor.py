@@ -50,7 +50,7 @@ from kjob.executor.secrets import LiveMask, SecretResolver, SecretsUnavailable
 from kjob.store.quotas import Quotas, TenantBusy, busy_retry_delay
 from kjob.executor.policies import RunPolicies
 from kjob.model.policies import defer_delay
-from kjob.store.database import DATABASE_ERRORS, clock_offset, is_transient
+from kjob.store.database import DATABASE_ERRORS, DatabaseClock, is_transient
 from kjob.store.runs import TAKEOVER_GRACE, Claimed, Deferred, GaveUp, RunLedger, Skipped, TakeoverHeld
 from kjob.store.secrets import SecretStore
 from kjob.store.usage import UsageStore, usage_row
@@ -103,9 +103,9 @@ class Executor:
         #: start counts as one. For `TAKEOVER_GRACE` of the lease after it, lapsed claims are
         #: left to their owners' watchdogs, which may have ends to write from the outage.
         self.db_away_at = time.monotonic()
-        #: How far the database's clock is ahead of this host's (measured at start, then every
-        #: minute): look-ahead runs are held until their instant by the database's clock.
-        self.clock_offset_s = 0.0
+        #: Look-ahead runs are held until their instant by the database's clock (measured at
+        #: start, then every minute).
+        self.clock = DatabaseClock(ledger.engine, "executor")
 
     def database_away(self) -> None:
         self.db_away_at = time.monotonic()
@@ -129,17 +129,13 @@ class Executor:
     async def _keep_clock(self, stop: asyncio.Event) -> None:
         """The database's clock offset, every minute; the last one stands while it is away."""
         while not stop.is_set():
-            try:
-                self.clock_offset_s = await clock_offset(self.ledger.engine)
-            except DATABASE_ERRORS as err:
-                log.warning("executor: cannot read the database's clock (%r); holding by an offset of %.3fs",
-                            err, self.clock_offset_s)
+            await self.clock.measure()
             await stopped_within(stop, CLOCK_EVERY_S)
 
     @tracing.handles_run("kjob claim", names.EXECUTOR_CONSUMER)
     async def _handle(self, msg) -> None:
         # A run published ahead (the ticker's look-ahead) starts at its instant, by the database's clock.
-        await hold.until_instant(msg, self.clock_offset_s)
+        await hold.until_instant(msg, self.clock.offset)
         try:
             due = DueRun.decode(msg.data)
         except ValueError:

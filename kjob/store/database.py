@@ -6,6 +6,7 @@ its database without an alembic.ini or a checkout: `await migrate(url)`.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,6 +23,8 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, Operationa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from kjob.errors import InvalidInput
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -278,3 +281,35 @@ async def clock_offset(engine: AsyncEngine) -> float:
         back = time.time()
     return float(theirs) - (sent + back) / 2
 
+
+
+
+class DatabaseClock:
+    """This host's reading of the database's clock, which slots, claims and look-ahead holds go
+    by (the ticker's and the executor's): the offset measured by `measure`, and kept while the
+    database is away. `who` names the role in what it logs."""
+
+    def __init__(self, engine: AsyncEngine, who: str) -> None:
+        self.engine, self.who = engine, who
+        #: Seconds the database's clock is ahead of this host's (negative: behind).
+        self.offset = 0.0
+
+    def now_ts(self) -> float:
+        """Now by the database's clock, epoch seconds."""
+        return time.time() + self.offset
+
+    async def measure(self) -> None:
+        """Read the offset again; keep the last one while the database is away (the caller's
+        loop tries again), and say so when the host's clock is off by more than a second."""
+        try:
+            offset = await clock_offset(self.engine)
+        except Exception as err:
+            if not is_transient(err):
+                raise
+            log.warning("%s: cannot read the database's clock (%r); keeping an offset of %.1fs",
+                        self.who, err, self.offset)
+            return
+        if abs(offset - self.offset) > 1.0:
+            log.warning("%s: this host's clock is %.1fs %s the database's; going by the database's",
+                        self.who, abs(offset), "behind" if offset > 0 else "ahead of")
+        self.offset = offset

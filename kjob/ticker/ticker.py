@@ -45,7 +45,7 @@ from kjob.model import catchup
 from kjob.model.policies import fire_time
 from kjob.model.run import Run, RunStatus, Trigger, run_id_for
 from kjob.model.schedule import Schedule
-from kjob.store.database import clock_offset, is_row_error, is_transient
+from kjob.store.database import DatabaseClock, is_row_error
 from kjob.store.jobs import JobStore, ScheduledJob, gc_paused
 from kjob.store.runs import Deposed, MissedRangeRow, Recorded, RunLedger, SlotRow
 from kjob.telemetry import metrics, tracing
@@ -98,9 +98,9 @@ class Ticker:
         #: Slots are written and published this much before they fire; executors hold each
         #: message until its instant (kjob.bus.hold).
         self.lookahead_s = settings.lookahead_ms / 1000
-        #: How far the database's clock is ahead of this host's: the ticker fires by the
-        #: database's clock, as claims are judged by it (measured at start and each recovery).
-        self._clock_offset = 0.0
+        #: The ticker fires by the database's clock, as claims are judged by it (measured at
+        #: start and each recovery).
+        self._clock = DatabaseClock(ledger.engine, "ticker")
         self._schedules: dict[str, Schedule] = {}  # shared by every job with the same expression
         self._changed: set[UUID] = set()
         self._resync_soon = False
@@ -111,25 +111,10 @@ class Ticker:
     # -- the database's clock -----------------------------------------------------------
 
     def _now_ts(self) -> float:
-        return time.time() + self._clock_offset
+        return self._clock.now_ts()
 
     def _utcnow(self) -> datetime:
         return datetime.fromtimestamp(self._now_ts(), timezone.utc)
-
-    async def _measure_clock(self) -> None:
-        """Keeps the last offset while the database is away (its loops retry on their own)."""
-        try:
-            offset = await clock_offset(self.ledger.engine)
-        except Exception as err:
-            if not is_transient(err):
-                raise
-            log.warning("ticker: cannot read the database's clock (%r); keeping an offset of %.1fs",
-                        err, self._clock_offset)
-            return
-        if abs(offset - self._clock_offset) > 1.0:
-            log.warning("ticker: this host's clock is %.1fs %s the database's; firing by the database's",
-                        abs(offset), "behind" if offset > 0 else "ahead of")
-        self._clock_offset = offset
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -140,7 +125,7 @@ class Ticker:
             asyncio.create_task(_every(self.settings.resync_s, stop, self.resync, "resync")),
         ]
         try:
-            await self._measure_clock()
+            await self._clock.measure()
             await self._load()
             while not stop.is_set():
                 if self._resync_soon:
@@ -527,7 +512,7 @@ class Ticker:
         """Re-publish open runs nobody is moving. Returns how many."""
         if self.leadership is not None and not self.leadership.valid():
             return 0
-        await self._measure_clock()
+        await self._clock.measure()
         runs = await self.ledger.stranded(older_than=timedelta(seconds=self.settings.recover_s))
         runs += await self._vanished()
         results = await self.ledger.undelivered(timedelta(seconds=self.settings.vanished_after_s))

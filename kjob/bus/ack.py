@@ -14,6 +14,7 @@ delivery's claim) makes handling it twice harmless.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 
 from kjob.bus.errors import BUS_ERRORS
 
@@ -21,23 +22,20 @@ log = logging.getLogger(__name__)
 
 
 async def done(msg) -> None:
-    await _answer(msg, "ack")
+    await _answer(msg, "ack", msg.ack())
 
 
 async def later(msg, delay_s: float) -> None:
-    await _answer(msg, "nak", delay_s)
+    await _answer(msg, "nak", msg.nak(delay=delay_s))
 
 
 async def drop(msg) -> None:
-    await _answer(msg, "term")
+    await _answer(msg, "term", msg.term())
 
 
-async def _answer(msg, kind: str, delay_s: float | None = None) -> None:
+async def _answer(msg, what: str, answer: Awaitable[None]) -> None:
     try:
-        if kind == "nak":
-            await msg.nak(delay=delay_s)
-        else:
-            await getattr(msg, kind)()
+        await answer
     except BUS_ERRORS as err:  # the ack deadline decides
         log.warning("could not %s the message on %s (%r); it comes back at its ack deadline",
-                    kind, getattr(msg, "subject", "?"), err)
+                    what, getattr(msg, "subject", "?"), err)

@@ -29,7 +29,7 @@ async def until_instant(msg, clock_offset_s: float = 0.0) -> None:
     everything after it (the claim, reading the job) happens at or after the instant.
 
     The instant is on the database's clock, which the ticker fires by: `clock_offset_s` is how
-    far the database's clock is ahead of this host's (kjob.store.database.clock_offset), so an
+    far the database's clock is ahead of this host's (kjob.store.database.DatabaseClock), so an
     executor whose host clock runs ahead does not start runs early. Never longer than the delay
     the ticker saw when it published, should the offset be off. A message that waited in the
     stream (executors busy) is not held again once its instant has passed."""

@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import logging
-from datetime import datetime, timezone
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from kjob._time import utcnow
 from kjob.bus import ack, names
 from kjob.bus.messages import Event, EventKind, RunResult
 from kjob.bus.publish import publish_event
@@ -111,7 +111,8 @@ class Dispatcher:
         except RelayUnavailable as err:
             metrics.delivery_attempt("unavailable")
             attempts = await self.ledger.count_delivery_attempt(run.id, str(err))
-            age = (datetime.now(timezone.utc) - (run.finished_at or datetime.now(timezone.utc))).total_seconds()
+            now = utcnow()
+            age = (now - (run.finished_at or now)).total_seconds()
             if age > self.settings.give_up_after_s:
                 metrics.delivery_failed("gave_up")
                 tracing.annotate(delivery=DeliveryStatus.failed.value)
@@ -145,7 +146,7 @@ class Dispatcher:
         except RelayRejected as err:
             log.warning("dispatcher: the %s alert of %s was refused (%s); not retried", result.notice, result.slug, err)
         except RelayUnavailable as err:
-            age = (datetime.now(timezone.utc) - result.finished_at).total_seconds()
+            age = (utcnow() - result.finished_at).total_seconds()
             if age <= self.settings.give_up_after_s:
                 delay = min(self.settings.retry_initial_s * 2 ** (msg.metadata.num_delivered - 1), self.settings.retry_max_s)
                 await ack.later(msg, delay)
@@ -154,4 +155,4 @@ class Dispatcher:
         await ack.done(msg)
 
     async def _event(self, run: Run, detail: str) -> None:
-        await publish_event(self.nc, Event.about_run(EventKind.run_dispatched, run, detail, datetime.now(timezone.utc)))
+        await publish_event(self.nc, Event.about_run(EventKind.run_dispatched, run, detail, utcnow()))

@@ -172,7 +172,6 @@ class Node:
 
     def _start_ticker(self, w: _Wiring) -> None:
         from kjob.store.retention import prune_forever
-        from kjob.ticker.leader import Leadership
         from kjob.ticker.role import lead_and_tick
         from kjob.ticker.ticker import Ticker
 

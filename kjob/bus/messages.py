@@ -59,6 +59,7 @@ class RunResult(_Message):
     @classmethod
     def of(cls, run: Run, *, finished_at: datetime, notice: str | None = None,
            failures: int | None = None) -> "RunResult":
+        """The message of `run`; `finished_at` stands in for an end the ledger has not stamped."""
         return cls(run_id=run.id, job_id=run.job_id, tenant=run.tenant, slug=run.slug, status=run.status,
                    attempt=run.attempt, exit_code=run.exit_code, finished_at=run.finished_at or finished_at,
                    notice=notice, failures=failures)

@@ -10,12 +10,12 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from uuid import UUID
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from kjob._time import utcnow
 from kjob.bus import names
 from kjob.bus.errors import BUS_ERRORS
 from kjob.bus.messages import DueRun, Event, EventKind, RunResult
@@ -44,7 +44,7 @@ async def publish_result(js: JetStreamContext, run: Run) -> None:
     """Put a final run on `kjob.run.result.<tenant>` for the dispatchers, `Nats-Msg-Id` =
     `<run id>.result`: from the executor that ran it, or the ticker's recovery when that
     message was lost (a repeat is harmless: the dispatcher claims the delivery)."""
-    result = RunResult.of(run, finished_at=datetime.now(timezone.utc))
+    result = RunResult.of(run, finished_at=utcnow())
     headers = {names.HDR_MSG_ID: names.result_msg_id(run.id), **names.run_headers(run.id, run.tenant),
                **tracing.headers()}
     await js.publish(names.run_result(run.tenant), result.encode(), headers=headers)
@@ -54,7 +54,7 @@ async def announce_job_changed(js: JetStreamContext, tenant: str, job_id: UUID |
     """`kjob.event.<tenant>.job_changed`: the ticker reloads the job at once. `kind`: created,
     updated, enabled, disabled or deleted."""
     event = Event(kind=EventKind.job_changed, tenant=tenant, job_id=job_id, slug=slug, detail=kind,
-                  at=datetime.now(timezone.utc))
+                  at=utcnow())
     await js.publish(names.event(tenant, EventKind.job_changed), event.encode())
 
 
@@ -76,7 +76,7 @@ async def announce_jobs_changed(js: JetStreamContext, tenant: str, job_ids: list
     """`kjob.event.<tenant>.job_changed` naming many jobs (`job_ids`), a few events for a file
     of 10,000 jobs instead of one each. A reader that knows no `job_ids` sees an event without
     a job, and reloads every job."""
-    now = datetime.now(timezone.utc)
+    now = utcnow()
     for i in range(0, len(job_ids), JOBS_PER_EVENT):
         event = Event(kind=EventKind.job_changed, tenant=tenant, job_ids=job_ids[i : i + JOBS_PER_EVENT],
                       detail=kind, at=now)

@@ -196,31 +196,17 @@ def _saved_port(path: Path, preferred: int) -> int:
     """The port used last time if it is free, else `preferred` if free, else any free one. A
     port taken meanwhile (another program, another `kjob up`) moves this one, saying so, rather
     than fail the start."""
-    from kjob.embedded._process import free_port
+    from kjob.embedded._process import free_port, port_is_free
 
     saved = None
     if path.exists():
         with contextlib.suppress(ValueError):
             saved = int(path.read_text())
     if saved is not None:
-        if _is_free(saved):
+        if port_is_free(saved):
             return saved
         log.warning("the embedded NATS port %d used last time is taken now; choosing another", saved)
-    return preferred if preferred != saved and _is_free(preferred) else free_port()
-
-
-def _is_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        # As nats-server binds (SO_REUSEADDR): the closed connections of our own last run in
-        # TIME_WAIT do not make the port taken; a listener does.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+    return preferred if preferred != saved and port_is_free(preferred) else free_port()
 
 
 def _without_password(url: str) -> str:

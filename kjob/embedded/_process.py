@@ -43,6 +43,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on `port`. Bound as nats-server and PostgreSQL bind
+    (SO_REUSEADDR): the closed connections of a server's last run, in TIME_WAIT, do not make
+    its port taken; a listener does."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def _spawn(fn: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
     """Run `fn` (which forks) on the spawner thread; see the module docstring for why."""
     global _spawner

@@ -6,11 +6,16 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import asyncpg
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
+from kjob.executor.watchdog import _RECORD_END_SQL
 from kjob.model.run import MAX_LOST_RETRIES, RunStatus
-from kjob.store.runs import Claimed, GaveUp, RunLedger
-from tests.support.pipeline import create_job
+from kjob.store.database import create_engine
+from kjob.store.runs import TAKEOVER_GRACE, TAKEOVER_PROMPT, Claimed, GaveUp, RunLedger, TakeoverHeld
+from tests.support.pipeline import create_job, until
+from tests.support.tcpproxy import TcpProxy
 
 LEASE = timedelta(seconds=10)
 
@@ -87,15 +92,6 @@ async def test_a_takeover_that_waited_out_a_stall_gives_way_to_the_owners_watchd
     stall) and the owner's watchdog's write of the end are both waiting on it. The claim that
     waited is held (nothing changes), the watchdog's end goes in, and the next claim concludes
     the attempt from it instead of running the agent again."""
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
-    from kjob.executor.watchdog import _RECORD_END_SQL
-    from kjob.store.database import create_engine
-    from kjob.store.runs import TAKEOVER_GRACE, TAKEOVER_PROMPT, TakeoverHeld
-    from tests.support.pipeline import until
-    from tests.support.tcpproxy import TcpProxy
-
     job = await create_job(engine, slug="stalled-end", prompt="true", schedule="@every 1h")
     ledger = RunLedger(engine)
     run = await ledger.create_manual(job)
@@ -136,8 +132,6 @@ async def test_a_takeover_that_waited_out_a_stall_gives_way_to_the_owners_watchd
 async def test_an_executor_that_just_lost_the_database_takes_no_claim_over(engine):
     """`takeover=False` (the executor's own statements failed a moment ago): a lapsed claim is
     left to its owner's watchdog for now; a fresh run is claimed as usual."""
-    from kjob.store.runs import TakeoverHeld
-
     job = await create_job(engine, slug="just-back", prompt="true", schedule="@every 1h", overlap="allow")
     ledger = RunLedger(engine)
     lapsed, fresh = await ledger.create_manual(job), await ledger.create_manual(job)

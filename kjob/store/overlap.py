@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Text, and_, cast, func, literal, or_, select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kjob.model.policies import replaced_reason, skipped_reason
 from kjob.model.run import DeliveryStatus, Run, RunStatus, Trigger
-from kjob.store.tables import job_runs, jobs, run_attempts
+from kjob.store.tables import job_runs, run_attempts
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from kjob.store.quotas import check_running
 from kjob.store import overlap
 from kjob.store.overlap import RERUNNABLE, Deferred, Skipped, rerun_values
 from kjob.store.usage import USAGE_COLUMNS
-from kjob.store.tables import job_dispatch_targets, job_runs, jobs, missed_ranges, run_attempts, run_logs
+from kjob.store.tables import job_dispatch_targets, job_runs, missed_ranges, run_attempts, run_logs
 
 OPEN = (RunStatus.scheduled.value, RunStatus.running.value, RunStatus.retrying.value)
 

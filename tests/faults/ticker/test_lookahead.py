@@ -44,7 +44,9 @@ async def test_a_job_changed_inside_the_lookahead_does_not_run_the_queued_slot(
         slot = await until(queued, 40, "a slot of every job queued ahead of its instant")
         r = await client.post("/v1/jobs/disable/disable", json={})
         assert r.status_code == 200, r.text
-        r = await client.patch("/v1/jobs/retime", json={"schedule": "@every 7s"})
+        # A schedule that cannot have the queued slot (`@every 7s` has it every 70 s, and then
+        # running it would be right): the slot's second plus five, once a minute.
+        r = await client.patch("/v1/jobs/retime", json={"schedule": f"{(slot.second + 5) % 60} * * * * *"})
         assert r.status_code == 200, r.text
         r = await client.delete("/v1/jobs/delete")
         assert r.status_code == 204, r.text

@@ -309,6 +309,8 @@ def judge(jobs: list[Job], runs, attempts, recorder: Recorder,
     tried: dict[str, dict[int, object]] = {}
     for a in attempts:
         tried.setdefault(a.run_id, {})[a.attempt] = a
+    # A report the recorder refused fails its agent (exit 97/98): say why, not only "failed".
+    verdict.problems += [f"the recorder refused a report: {e}" for e in recorder.errors]
     known = {r.id for r in runs}
     for run_id, execs in executions.items():
         if run_id not in known:

@@ -85,10 +85,15 @@ async def test_late_slots_after_downtime_follow_the_catchup_rule_as_catchup_runs
     async with running_node(fast_settings(tmp_path), fresh_nats.url, database_url):
         async def late_ones_ended():
             late = [r for job in (together, newest) for r in await runs_of(engine, job) if r.slot <= started]
-            return all(r.status.final for r in late) and len(late) >= 12 and late
+            caught_ended = any(r.trigger is Trigger.catchup and r.status.final for r in await runs_of(engine, newest))
+            return all(r.status.final for r in late) and len(late) >= 12 and caught_ended and late
         await until(late_ones_ended, 30, "every late slot to end")
         late_all = [r for r in await runs_of(engine, together) if r.slot <= started]
-        late_latest = [r for r in await runs_of(engine, newest) if r.slot <= started]
+        # The newest late slot is judged when the ticker loads, which a loaded machine can put
+        # after `started`: it is then a slot after the last one before `started`.
+        caught = [r for r in await runs_of(engine, newest) if r.trigger is Trigger.catchup]
+        late_latest = [r for r in await runs_of(engine, newest)
+                       if r.slot <= max([started, *(c.slot for c in caught)])]
 
     ran = [r for r in late_all if r.status is RunStatus.succeeded]
     assert len(ran) >= 2 and all(r.trigger is Trigger.catchup for r in ran)
@@ -98,7 +103,8 @@ async def test_late_slots_after_downtime_follow_the_catchup_rule_as_catchup_runs
     assert others and all(r.status is RunStatus.missed and "outside the catch-up window (25s)" in r.reason
                           for r in others)
     assert not [r for r in late_all + late_latest if r.status is RunStatus.skipped]
-    (caught,) = [r for r in late_latest if r.status is not RunStatus.missed]
-    assert (caught.trigger, caught.status, caught.slot) == (Trigger.catchup, RunStatus.succeeded,
-                                                            max(r.slot for r in late_latest))
-    assert all("catch-up policy 'latest' did not run it" in r.reason for r in late_latest if r is not caught)
+    assert len(caught) == 1, caught
+    (caught,) = caught
+    assert [r for r in late_latest if r.status is not RunStatus.missed] == [caught]
+    assert (caught.status, caught.slot) == (RunStatus.succeeded, max(r.slot for r in late_latest))
+    assert all("catch-up policy 'latest' did not run it" in r.reason for r in late_latest if r.slot != caught.slot)

@@ -45,9 +45,21 @@ event = sys.argv[1]
 msg = {"event": event, "run_id": os.environ.get("KJOB_RUN_ID"), "attempt": int(os.environ.get("KJOB_ATTEMPT") or 0),
        "job": os.environ.get("KJOB_JOB"), "tenant": os.environ.get("KJOB_TENANT"), "pid": os.getppid(),
        "mono": time.monotonic(), "wall": time.time()}
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.settimeout(10)
-s.connect(os.path.join(os.path.dirname(os.path.abspath(__file__)), "rec.sock"))
+# A burst of agents starting at once on a loaded machine can find the listen queue full: the
+# recorder is the test's, not the product's, so its reports try again for 20 s before failing.
+path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rec.sock")
+give_up = time.monotonic() + 20
+while True:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    try:
+        s.connect(path)
+        break
+    except OSError as err:
+        s.close()
+        if time.monotonic() > give_up:
+            sys.exit(f"recorder unreachable at {event}: {err!r}")
+        time.sleep(0.05)
 s.sendall(json.dumps(msg).encode() + b"\n")
 if s.makefile().readline().strip() != "ok":
     sys.exit("recorder refused " + event)
@@ -170,8 +182,11 @@ class Recorder:
                         self.rfile.read()
                     recorder._gone(execution, time.monotonic())
 
-        self._server = socketserver.ThreadingUnixStreamServer(str(self.socket_path), Handler)
-        self._server.daemon_threads = True
+        class Server(socketserver.ThreadingUnixStreamServer):
+            request_queue_size = 512  # every agent of a burst connects at its start
+            daemon_threads = True
+
+        self._server = Server(str(self.socket_path), Handler)
         os.chmod(self.socket_path, 0o777)
         self._thread = threading.Thread(target=self._server.serve_forever, name="recorder", daemon=True)
         self._thread.start()

@@ -130,10 +130,10 @@ class TickerSettings(BaseModel):
     ledger_give_up_s: float = Field(default=30.0, gt=0, description="the leader steps down when it cannot write to the ledger this long, so a standby that can may lead")
     vanished_after_s: float = Field(default=60.0, gt=0, description="a published run still waiting this long is re-published if the stream no longer holds as many due messages as the ledger")
     lookahead_ms: float = Field(
-        default=0.0, ge=0, le=60_000,
+        default=2000.0, ge=0, le=60_000,
         description="slots are written and published this long before they fire, and executors hold each until its "
-                    "instant, so a herd starts on time (5000 for herds of 10,000); a job disabled, re-scheduled or "
-                    "deleted meanwhile does not run it. 0 (default): at the instant",
+                    "instant (by the database's clock), so a herd or a failover starts on time; a job disabled, "
+                    "re-scheduled or deleted meanwhile does not run it. 0: written and published at the instant",
     )
 
 

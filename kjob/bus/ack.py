@@ -4,6 +4,9 @@
   deleted job, a result delivered or given up on): acked, never seen again.
 - `later`: its work is not over and cannot go on now (a busy tenant, a deferred or retrying run,
   a claim that lapsed, Relay away): redelivered after `delay_s`, to this node or another.
+- `give_back`: its handler never started and this consumer is stopping (a run held for its
+  instant, a message waiting for a slot): redelivered at once, to another node or this one
+  restarted, rather than at its ack deadline.
 - `drop`: it can never be handled (it does not decode): terminated, never redelivered.
 
 An answer that does not reach the server (NATS away) is logged and nothing else: the message
@@ -27,6 +30,10 @@ async def done(msg) -> None:
 
 async def later(msg, delay_s: float) -> None:
     await _answer(msg, "nak", msg.nak(delay=delay_s))
+
+
+async def give_back(msg) -> None:
+    await _answer(msg, "nak", msg.nak())
 
 
 async def drop(msg) -> None:

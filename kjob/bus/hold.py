@@ -6,7 +6,6 @@ time. A message without the header (a late slot, a re-publish, an older ticker) 
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from kjob.bus import names
@@ -24,23 +23,21 @@ def headers(not_before_ts: float, now_ts: float) -> dict[str, str]:
     return {names.HDR_NOT_BEFORE: f"{not_before_ts:.6f}", names.HDR_HOLD_MS: f"{(not_before_ts - now_ts) * 1000:.0f}"}
 
 
-async def until_instant(msg, clock_offset_s: float = 0.0) -> None:
-    """Wait until the due message's instant, if it came early. Call it first in the handler:
-    everything after it (the claim, reading the job) happens at or after the instant.
+def wait_s(msg, clock_offset_s: float = 0.0) -> float:
+    """How long the due message is still to be held: 0 when it has no hold or its instant has
+    passed (a message that waited in the stream while executors were busy is not held again).
 
     The instant is on the database's clock, which the ticker fires by: `clock_offset_s` is how
     far the database's clock is ahead of this host's (kjob.store.database.DatabaseClock), so an
     executor whose host clock runs ahead does not start runs early. Never longer than the delay
-    the ticker saw when it published, should the offset be off. A message that waited in the
-    stream (executors busy) is not held again once its instant has passed."""
+    the ticker saw when it published, should the offset be off."""
     headers = msg.headers or {}
     value = headers.get(names.HDR_NOT_BEFORE)
     if not value:
-        return
+        return 0.0
     try:
         wait = min(float(value) - (time.time() + clock_offset_s),
                    float(headers.get(names.HDR_HOLD_MS) or "inf") / 1000, MAX_HOLD_S)
     except ValueError:
-        return
-    if wait > 0:
-        await asyncio.sleep(wait)
+        return 0.0
+    return max(wait, 0.0)

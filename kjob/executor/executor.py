@@ -121,7 +121,10 @@ class Executor:
         await self.watchdog.start()
         clock = asyncio.create_task(self._keep_clock(stop))
         try:
-            await consume(sub, self._handle, concurrency=self.settings.concurrency, stop=stop, name="executor")
+            # A run published ahead (the ticker's look-ahead) starts at its instant, by the
+            # database's clock; it waits for it outside the run slots.
+            await consume(sub, self._handle, concurrency=self.settings.concurrency, stop=stop, name="executor",
+                          hold=lambda msg: hold.wait_s(msg, self.clock.offset), keepalive_s=self.bus.ack_wait_s / 3)
         finally:
             await cancel_and_wait(clock)
             await self.watchdog.close()
@@ -134,8 +137,6 @@ class Executor:
 
     @tracing.handles_run("kjob claim", names.EXECUTOR_CONSUMER)
     async def _handle(self, msg) -> None:
-        # A run published ahead (the ticker's look-ahead) starts at its instant, by the database's clock.
-        await hold.until_instant(msg, self.clock.offset)
         try:
             due = DueRun.decode(msg.data)
         except ValueError:

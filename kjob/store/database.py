@@ -271,17 +271,22 @@ def is_row_error(err: BaseException) -> bool:
     return code is not None and code[:2] in _ROW_ERROR_CLASSES
 
 
-async def clock_offset(engine: AsyncEngine) -> float:
-    """Seconds the database's clock is ahead of ours (negative: behind), read across one round
-    trip and taken at its middle. Slots are judged by the database's clock, as claims are: a
-    ticker whose host clock runs ahead must not fire early."""
+async def clock_offset(engine: AsyncEngine, readings: int = 3) -> tuple[float, float]:
+    """(offset, uncertainty): seconds the database's clock is ahead of ours (negative: behind),
+    read across a round trip and taken at its middle, and half that round trip, within which the
+    true offset lies. The shortest of `readings` round trips counts: a loaded host's slow one
+    says little. Slots are judged by the database's clock, as claims are: a ticker whose host
+    clock runs ahead must not fire early."""
+    best: tuple[float, float] | None = None
     async with engine.connect() as conn:
-        sent = time.time()
-        theirs = (await conn.execute(text("SELECT extract(epoch FROM clock_timestamp())"))).scalar_one()
-        back = time.time()
-    return float(theirs) - (sent + back) / 2
-
-
+        for _ in range(readings):
+            sent = time.time()
+            theirs = (await conn.execute(text("SELECT extract(epoch FROM clock_timestamp())"))).scalar_one()
+            back = time.time()
+            if best is None or (back - sent) / 2 < best[1]:
+                best = (float(theirs) - (sent + back) / 2, (back - sent) / 2)
+    assert best is not None
+    return best
 
 
 class DatabaseClock:
@@ -293,6 +298,8 @@ class DatabaseClock:
         self.engine, self.who = engine, who
         #: Seconds the database's clock is ahead of this host's (negative: behind).
         self.offset = 0.0
+        #: How far `offset` may be off (half the round trip it was read across).
+        self.uncertainty = 0.0
 
     def now_ts(self) -> float:
         """Now by the database's clock, epoch seconds."""
@@ -302,7 +309,7 @@ class DatabaseClock:
         """Read the offset again; keep the last one while the database is away (the caller's
         loop tries again), and say so when the host's clock is off by more than a second."""
         try:
-            offset = await clock_offset(self.engine)
+            offset, uncertainty = await clock_offset(self.engine)
         except Exception as err:
             if not is_transient(err):
                 raise
@@ -312,4 +319,9 @@ class DatabaseClock:
         if abs(offset - self.offset) > 1.0:
             log.warning("%s: this host's clock is %.1fs %s the database's; going by the database's",
                         self.who, abs(offset), "behind" if offset > 0 else "ahead of")
-        self.offset = offset
+        self.offset, self.uncertainty = offset, uncertainty
+
+    def not_before_offset(self) -> float:
+        """The offset to wait for an instant by: the database's clock may be up to the
+        uncertainty behind what `offset` says, and a run must not start before its instant."""
+        return self.offset - self.uncertainty

@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from kjob._time import utcnow
 from kjob.bus import names
-from kjob.model.run import FINAL_STATUSES, Trigger
+from kjob.model.run import FINAL_STATUSES, MissReason, Trigger
 from kjob.telemetry.tracing import make_resource, otlp_configured
 from kjob._tasks import stopped_within
 
@@ -78,11 +78,8 @@ CONSUMERS = {
     "dispatcher": (names.RESULTS_STREAM, names.DISPATCHER_CONSUMER),
 }
 
-#: Reasons for `slots_missed`: the ticker's, and the overlap policy's.
-#: `job_gone`: the job was deleted or disabled as its slot was written; `unwritable`: the
-#: ledger refused the slot's row for good (a data or constraint error), so it was left out;
-#: `cost_cap`: the tenant's agents spent its daily cost cap.
-MISSED_REASONS = ("outside_catchup_window", "catchup_policy", "overlap", "job_gone", "unwritable", "cost_cap")
+#: Reasons for `slots_missed`, each stated in kjob.model.run.MissReason.
+MISSED_REASONS = tuple(reason.value for reason in MissReason)
 #: Results of `delivery_attempt` and reasons of `delivery_failed`.
 DELIVERY_RESULTS = ("delivered", "rejected", "unavailable")
 DELIVERY_FAILURES = ("rejected", "gave_up")
@@ -287,10 +284,10 @@ def agent_usage(tenant: str, job: str, agent: str, usage) -> None:
         m.agent_turns.add(usage.turns, labels)
 
 
-def slots_missed(reason: str, count: int = 1) -> None:
-    """Slots recorded as missed or skipped; `reason` is one of MISSED_REASONS."""
+def slots_missed(reason: MissReason | str, count: int = 1) -> None:
+    """Slots recorded as missed or skipped, for `reason` (a MissReason or its value)."""
     if count:
-        get().missed.add(count, {"reason": reason})
+        get().missed.add(count, {"reason": str(reason)})  # the label is the value, not the member
 
 
 def job_skipped(reason: str) -> None:

@@ -386,19 +386,16 @@ class Ticker:
         """The job's slots in (start, now] that no ticker fired, by its catch-up rule
         (kjob.model.catchup). Slots whose fire time (jitter included) is still to come are not
         settled: the ticker fires them as scheduled."""
-        settled = catchup.settle(
-            schedule, job.timezone, start, now, job.catchup, timedelta(seconds=self.settings.late_grace_s),
-            fire_at=lambda slot: fire_time(job.id, schedule, job.timezone, slot, job.jitter),
-        )
+        settled = catchup.settle_job(job.id, schedule, job.timezone, job.jitter, job.catchup, start, now,
+                                     timedelta(seconds=self.settings.late_grace_s))
         self._count_settled(job, settled)
         return settled
 
     def _count_settled(self, job: ScheduledJob, settled: catchup.Settlement) -> None:
         if not settled.slots and not settled.ranges:
             return
-        for cause in (catchup.OUTSIDE_WINDOW, catchup.BY_POLICY):
-            metrics.slots_missed(cause, sum(1 for s in settled.slots if s.cause == cause)
-                                 + sum(r.count for r in settled.ranges if r.cause == cause))
+        for cause, count in settled.missed_by_cause().items():
+            metrics.slots_missed(cause, count)
         if settled.ranges:
             log.warning("ticker: job %s/%s missed %d slots before its newest %d; recorded as %d range(s)",
                         job.tenant, job.slug, sum(r.count for r in settled.ranges), len(settled.slots),
@@ -582,10 +579,7 @@ async def _every(interval_s: float, stop: asyncio.Event, fn, what: str) -> None:
 
 
 def _resume_point(job: ScheduledJob, last_slot: datetime | None) -> datetime:
-    """Slots after this instant are the job's: after its last recorded slot, and never before
-    it was (re-)enabled, so enabling a paused job fires no burst of old slots."""
-    floor = job.enabled_at or job.created_at
-    return max(last_slot, floor) if last_slot is not None else floor
+    return catchup.resume_point(last_slot, job.enabled_at or job.created_at)
 
 
 def _row_of(run: Run, rev: int) -> SlotRow:

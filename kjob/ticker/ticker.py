@@ -36,6 +36,7 @@ from uuid import UUID
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential
 
 from kjob.bus import names
 from kjob.bus.messages import DueRun, Event
@@ -546,24 +547,34 @@ class Ticker:
         return vanished
 
     async def _retry_db(self, fn, stop: asyncio.Event | None = None):
-        """`await fn()`, retried while the database is unreachable, for `ledger_give_up_s` at
-        most; then LedgerUnavailable ends the term. None if `stop` is set meanwhile."""
-        delay = 0.2
+        """`await fn()`, retried while the database is unreachable (0.2 s, doubling to 5 s), for
+        `ledger_give_up_s` at most; then LedgerUnavailable ends the term. None if `stop` is set
+        meanwhile. A Deposed (or a cancellation) is never retried."""
         give_up = time.monotonic() + self.settings.ledger_give_up_s
-        while True:
-            try:
-                return await fn()
-            except Deposed:
-                raise
-            except Exception as err:
-                if stop is not None and stop.is_set():
-                    return None
-                if time.monotonic() + delay > give_up:
-                    raise LedgerUnavailable(f"the ledger was unreachable for {self.settings.ledger_give_up_s:.0f}s "
-                                            f"({type(err).__name__}: {err})") from err
-                log.warning("ticker: database not ready (%s); retrying in %.1fs", err, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+
+        def over(state: RetryCallState) -> bool:  # before each sleep, the sleep's length known
+            return (stop is not None and stop.is_set()) or time.monotonic() + state.upcoming_sleep > give_up
+
+        def ended(state: RetryCallState) -> None:
+            if stop is not None and stop.is_set():
+                return None
+            err = state.outcome.exception()
+            raise LedgerUnavailable(f"the ledger was unreachable for {self.settings.ledger_give_up_s:.0f}s "
+                                    f"({type(err).__name__}: {err})") from err
+
+        def waiting(state: RetryCallState) -> None:
+            log.warning("ticker: database not ready (%s); retrying in %.1fs", state.outcome.exception(),
+                        state.upcoming_sleep)
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(lambda err: isinstance(err, Exception) and not isinstance(err, Deposed)),
+            wait=wait_exponential(multiplier=0.2, max=5.0), stop=over, before_sleep=waiting,
+            retry_error_callback=ended)
+
+        async def attempt():  # `fn` may be a lambda: tenacity awaits only what a coroutine function returns
+            return await fn()
+
+        return await retrying(attempt)
 
 
 async def _every(interval_s: float, stop: asyncio.Event, fn, what: str) -> None:

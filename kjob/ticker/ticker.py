@@ -241,8 +241,7 @@ class Ticker:
                                     trigger=r.trigger.value, republish=republish) as trace_headers:
                 outgoing.append(Outgoing(subject, msg.encode(), {
                     names.HDR_MSG_ID: msg_id, **names.run_headers(r.run_id, r.tenant),
-                    names.HDR_LEADER_REV: str(r.leader_rev or 0), **hold.headers(not_before, now_ts),
-                    **trace_headers}))
+                    **hold.headers(not_before, now_ts), **trace_headers}))
         try:
             stored = await publish_acked(self.nc, outgoing)
             acked_at = self._utcnow()

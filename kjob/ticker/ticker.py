@@ -274,7 +274,8 @@ class Ticker:
         metrics.job_skipped("schedule")
         self._table.drop(job_id)
 
-    def _set(self, job: ScheduledJob, schedule: Schedule, next_slot: datetime | None) -> None:
+    def _queue_next_slot(self, job: ScheduledJob, schedule: Schedule, next_slot: datetime | None) -> None:
+        """Hold the job in the table with `next_slot` (None: it has none) and when that fires."""
         self._table.put(job.id, job.tenant, job.slug, schedule, job.timezone, job.version, job.jitter, next_slot,
                         self._fire_at(job.id, schedule, job.timezone, next_slot, job.jitter))
 
@@ -352,14 +353,14 @@ class Ticker:
         if settled.slots or settled.ranges:
             self._settled_rows(job, settled, rows, ranges)
         try:
-            self._set(job, schedule, next_slot)
+            self._queue_next_slot(job, schedule, next_slot)
         except Exception as err:
             self._skip(job.id, f"{job.tenant}/{job.slug}", err)
 
     def _settled_rows(self, job: ScheduledJob, settled: catchup.Settlement, rows: list[SlotRow],
                       ranges: list[MissedRangeRow]) -> None:
-        rows.extend(self._row(job, s.slot, s.trigger, RunStatus.scheduled if s.runs else RunStatus.missed, s.reason)
-                    for s in settled.slots)
+        rows.extend(self._slot_row(job, s.slot, s.trigger, RunStatus.scheduled if s.runs else RunStatus.missed,
+                                   s.reason) for s in settled.slots)
         ranges.extend(MissedRangeRow(job_id=job.id, tenant=job.tenant, slug=job.slug, first=r.first, last=r.last,
                                      count=r.count, exact=r.exact, reason=r.reason, leader_rev=self.fence())
                       for r in settled.ranges)
@@ -401,7 +402,8 @@ class Ticker:
                         job.tenant, job.slug, sum(r.count for r in settled.ranges), len(settled.slots),
                         len(settled.ranges))
 
-    def _row(self, job: ScheduledJob, slot: datetime, trigger: Trigger, status: RunStatus, reason: str | None) -> SlotRow:
+    def _slot_row(self, job: ScheduledJob, slot: datetime, trigger: Trigger, status: RunStatus,
+                  reason: str | None) -> SlotRow:
         return SlotRow(run_id=run_id_for(job.id, slot), job_id=job.id, tenant=job.tenant, slug=job.slug,
                        slot=slot, trigger=trigger, status=status, reason=reason, leader_rev=self.fence())
 
@@ -469,12 +471,12 @@ class Ticker:
         old = self._table.get(job_id)
         if old is not None and old.schedule.expr == job.schedule and old.tz == job.timezone:
             if old.jitter != job.jitter:  # same slots, new delays: the pending slot is kept
-                self._set(job, old.schedule, old.next_slot)
+                self._queue_next_slot(job, old.schedule, old.next_slot)
             else:
                 self._table.set_names(job_id, job.tenant, job.slug, job.version)
             return False
         schedule = self._schedule(job.schedule)
-        self._set(job, schedule, schedule.next_slot(now, job.timezone))
+        self._queue_next_slot(job, schedule, schedule.next_slot(now, job.timezone))
         return old is not None
 
     async def resync(self) -> None:
@@ -522,8 +524,8 @@ class Ticker:
             return len(results)
         fresh = [r for r in runs if r.published_at is None]
         stale = [r for r in runs if r.published_at is not None]
-        await self._publish([_row_of(r, self.fence()) for r in fresh])
-        await self._publish([_row_of(r, self.fence()) for r in stale], republish=True)
+        await self._publish([_row_to_republish(r, self.fence()) for r in fresh])
+        await self._publish([_row_to_republish(r, self.fence()) for r in stale], republish=True)
         log.info("ticker: re-published %d stranded runs", len(runs))
         return len(runs)
 
@@ -592,6 +594,7 @@ def _resume_point(job: ScheduledJob, last_slot: datetime | None) -> datetime:
     return catchup.resume_point(last_slot, job.enabled_at or job.created_at)
 
 
-def _row_of(run: Run, rev: int) -> SlotRow:
+def _row_to_republish(run: Run, rev: int) -> SlotRow:
+    """A stranded run of the ledger as the slot row `_publish` sends again, under term `rev`."""
     return SlotRow(run_id=run.id, job_id=run.job_id, tenant=run.tenant, slug=run.slug, slot=run.slot,
                    trigger=run.trigger, leader_rev=rev)

@@ -40,7 +40,6 @@ HDR_TENANT = "Kjob-Tenant"
 #: A run's live log line: `stdout` or `stderr`, and `end` (with `Kjob-Attempt`) after its last.
 HDR_STREAM = "Kjob-Stream"
 HDR_ATTEMPT = "Kjob-Attempt"
-HDR_LEADER_REV = "Kjob-Leader-Rev"
 #: A due run published ahead of its instant (the ticker's look-ahead): epoch seconds before
 #: which no executor starts it (kjob.bus.hold).
 HDR_NOT_BEFORE = "Kjob-Not-Before"

@@ -41,44 +41,23 @@ class BusSettings:
 
 
 def stream_configs(replicas: int) -> list[StreamConfig]:
-    common = dict(storage=StorageType.FILE, num_replicas=replicas)
+    def work_queue(name: str, subject: str, description: str) -> StreamConfig:
+        """A stream each message of which one consumer takes, de-duplicated by `Nats-Msg-Id`."""
+        return StreamConfig(name=name, subjects=[subject], retention=RetentionPolicy.WORK_QUEUE,
+                            duplicate_window=DEDUP_WINDOW_S, description=description,
+                            storage=StorageType.FILE, num_replicas=replicas)
+
+    def kept(name: str, subject: str, max_age_s: float, max_bytes: int, description: str) -> StreamConfig:
+        """A stream for any reader, kept `max_age_s` or up to `max_bytes`, the oldest dropped first."""
+        return StreamConfig(name=name, subjects=[subject], retention=RetentionPolicy.LIMITS, max_age=max_age_s,
+                            max_bytes=max_bytes, discard=DiscardPolicy.OLD, description=description,
+                            storage=StorageType.FILE, num_replicas=replicas)
+
     return [
-        StreamConfig(
-            name=names.RUNS_STREAM,
-            subjects=[names.RUN_DUE_ALL],
-            retention=RetentionPolicy.WORK_QUEUE,
-            duplicate_window=DEDUP_WINDOW_S,
-            description="due runs: ticker -> executors",
-            **common,
-        ),
-        StreamConfig(
-            name=names.RESULTS_STREAM,
-            subjects=[names.RUN_RESULT_ALL],
-            retention=RetentionPolicy.WORK_QUEUE,
-            duplicate_window=DEDUP_WINDOW_S,
-            description="finished runs: executors -> dispatchers",
-            **common,
-        ),
-        StreamConfig(
-            name=names.EVENTS_STREAM,
-            subjects=[names.EVENT_ALL],
-            retention=RetentionPolicy.LIMITS,
-            max_age=7 * 86_400.0,
-            max_bytes=1 << 30,
-            discard=DiscardPolicy.OLD,
-            description="job and run events for other services",
-            **common,
-        ),
-        StreamConfig(
-            name=names.LOGS_STREAM,
-            subjects=[names.LOG_ALL],
-            retention=RetentionPolicy.LIMITS,
-            max_age=86_400.0,
-            max_bytes=2 << 30,
-            discard=DiscardPolicy.OLD,
-            description="live agent output per run",
-            **common,
-        ),
+        work_queue(names.RUNS_STREAM, names.RUN_DUE_ALL, "due runs: ticker -> executors"),
+        work_queue(names.RESULTS_STREAM, names.RUN_RESULT_ALL, "finished runs: executors -> dispatchers"),
+        kept(names.EVENTS_STREAM, names.EVENT_ALL, 7 * 86_400.0, 1 << 30, "job and run events for other services"),
+        kept(names.LOGS_STREAM, names.LOG_ALL, 86_400.0, 2 << 30, "live agent output per run"),
     ]
 
 

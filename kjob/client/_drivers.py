@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import TypeVar
 
 import httpx
@@ -28,6 +29,22 @@ def _stream_timeout(lines: Lines, timeout_s: float) -> httpx.Timeout:
     return httpx.Timeout(timeout_s, read=None) if lines.endless else httpx.Timeout(timeout_s)
 
 
+@contextmanager
+def _reaching(target: Target) -> Iterator[None]:
+    """httpx's connection errors inside, as the client's own (kjob.client._errors.unreachable)."""
+    try:
+        yield
+    except httpx.TransportError as err:
+        raise unreachable(target.url, err) from None
+
+
+def _answered(response: httpx.Response, target: Target) -> httpx.Response:
+    """`response` if it is 2xx or 3xx. :raises ApiError: by kind, for any other."""
+    if response.status_code >= 400:
+        raise error_for(response, target)
+    return response
+
+
 class SyncDriver:
     def __init__(self, target: Target, timeout_s: float, attempts: int) -> None:
         self.target, self.timeout_s, self.attempts = target, timeout_s, attempts
@@ -40,16 +57,12 @@ class SyncDriver:
         """The 2xx answer to `request`. :raises ApiError: by kind (kjob.client._errors)."""
         if request.delay_s:
             time.sleep(request.delay_s)
-        try:
+        with _reaching(self.target):
             for attempt in Retrying(**retry_policy(request, self.attempts)):
                 with attempt:
                     response = self._http.request(request.method, request.path, params=request.params,
                                                   json=request.json)
-        except httpx.TransportError as err:
-            raise unreachable(self.target.url, err) from None
-        if response.status_code >= 400:
-            raise error_for(response, self.target)
-        return response
+        return _answered(response, self.target)
 
     def run(self, flow: Flow[T]) -> T:
         try:
@@ -67,15 +80,11 @@ class SyncDriver:
 
     def lines(self, lines: Lines) -> Iterator[str]:
         r = lines.request
-        try:
-            with self._http.stream(r.method, r.path, params=r.params,
-                                   timeout=_stream_timeout(lines, self.timeout_s)) as response:
-                if response.status_code >= 400:
-                    response.read()
-                    raise error_for(response, self.target)
-                yield from response.iter_lines()
-        except httpx.TransportError as err:
-            raise unreachable(self.target.url, err) from None
+        with _reaching(self.target), self._http.stream(r.method, r.path, params=r.params,
+                                                       timeout=_stream_timeout(lines, self.timeout_s)) as response:
+            if response.status_code >= 400:
+                response.read()
+            yield from _answered(response, self.target).iter_lines()
 
 
 class AsyncDriver:
@@ -90,16 +99,12 @@ class AsyncDriver:
         """The 2xx answer to `request`. :raises ApiError: by kind (kjob.client._errors)."""
         if request.delay_s:
             await asyncio.sleep(request.delay_s)
-        try:
+        with _reaching(self.target):
             async for attempt in AsyncRetrying(**retry_policy(request, self.attempts)):
                 with attempt:
                     response = await self._http.request(request.method, request.path, params=request.params,
                                                         json=request.json)
-        except httpx.TransportError as err:
-            raise unreachable(self.target.url, err) from None
-        if response.status_code >= 400:
-            raise error_for(response, self.target)
-        return response
+        return _answered(response, self.target)
 
     async def run(self, flow: Flow[T]) -> T:
         try:
@@ -118,13 +123,10 @@ class AsyncDriver:
 
     async def lines(self, lines: Lines) -> AsyncIterator[str]:
         r = lines.request
-        try:
+        with _reaching(self.target):
             async with self._http.stream(r.method, r.path, params=r.params,
                                          timeout=_stream_timeout(lines, self.timeout_s)) as response:
                 if response.status_code >= 400:
                     await response.aread()
-                    raise error_for(response, self.target)
-                async for line in response.aiter_lines():
+                async for line in _answered(response, self.target).aiter_lines():
                     yield line
-        except httpx.TransportError as err:
-            raise unreachable(self.target.url, err) from None

@@ -22,21 +22,8 @@ from kjob.client._ops import D, Resource, listing, operation, text_lines
 from kjob.client._wire import Flow, Lines, Paged, Request, name_segment, parse, segment
 from kjob.model.job import JobSpec, merge_job, parse_job
 from kjob.model.policies import OverlapPolicy
-from kjob.model.views import (
-    ApplyResult,
-    AuditView,
-    BackfillResult,
-    JobView,
-    MissedRangeView,
-    NewToken,
-    QuotaView,
-    Role,
-    RunDetail,
-    RunView,
-    SecretView,
-    StatusView,
-    TokenView,
-)
+from kjob.model.views import (ApplyResult, AuditView, BackfillResult, JobView, MissedRangeView, NewToken, QuotaView,
+                              Role, RunDetail, RunView, SecretView, StatusView, TokenView)
 from kjob.model.secrets import check_name
 
 #: A job as the client takes it: a JobSpec, or the fields of one (as in a job file or the API).

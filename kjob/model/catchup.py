@@ -32,9 +32,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from uuid import UUID
+
 from kjob.model.durations import format_duration
 from kjob.model.job import CatchupPolicy
-from kjob.model.run import Trigger
+from kjob.model.policies import fire_time
+from kjob.model.run import MissReason, Trigger
 from kjob.model.schedule import Schedule
 
 #: Slots of one job decided one by one after downtime; older ones become compact ranges.
@@ -46,10 +49,6 @@ COUNT_SCAN_MAX = 100_000
 EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
 LATEST = datetime.max.replace(tzinfo=timezone.utc)
 
-#: Metric reasons (kjob.telemetry.metrics.MISSED_REASONS) of the slots settled here.
-OUTSIDE_WINDOW = "outside_catchup_window"
-BY_POLICY = "catchup_policy"
-
 
 @dataclass(frozen=True, slots=True)
 class SettledSlot:
@@ -57,9 +56,10 @@ class SettledSlot:
 
     slot: datetime
     runs: bool
+    #: The ledger's sentence for a missed slot.
     reason: str | None = None
-    #: OUTSIDE_WINDOW or BY_POLICY for a missed slot.
-    cause: str | None = None
+    #: `outside_catchup_window` or `catchup_policy` for a missed slot.
+    cause: MissReason | None = None
 
     @property
     def trigger(self) -> Trigger:
@@ -76,7 +76,7 @@ class MissedRange:
     #: False when the count stopped at COUNT_SCAN_MAX: then there were at least `count`.
     exact: bool
     reason: str
-    cause: str
+    cause: MissReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +90,16 @@ class Settlement:
     @property
     def missed(self) -> int:
         return sum(1 for s in self.slots if not s.runs) + sum(r.count for r in self.ranges)
+
+    def missed_by_cause(self) -> dict[MissReason, int]:
+        """How many slots are missed for each cause, listed or in ranges (causes with none left out)."""
+        counts: dict[MissReason, int] = {}
+        for s in self.slots:
+            if s.cause is not None:
+                counts[s.cause] = counts.get(s.cause, 0) + 1
+        for r in self.ranges:
+            counts[r.cause] = counts.get(r.cause, 0) + r.count
+        return counts
 
 
 def minus(moment: datetime, span: timedelta) -> datetime:
@@ -106,6 +116,22 @@ def plus(moment: datetime, span: timedelta) -> datetime:
         return moment + span
     except OverflowError:
         return LATEST
+
+
+def resume_point(last_slot: datetime | None, floor: datetime) -> datetime:
+    """Where settling a job starts: after its last slot in the ledger, and never before
+    `floor` (when it was created or last enabled), so enabling a paused job settles none of the
+    slots that passed while it was paused."""
+    return max(last_slot, floor) if last_slot is not None else floor
+
+
+def settle_job(job_id: UUID, schedule: Schedule, tz: str, jitter: timedelta, policy: CatchupPolicy,
+               after: datetime, now: datetime, late_grace: timedelta) -> Settlement:
+    """`settle` for one job, its slots judged by when the ticker fires them: the slot plus the
+    job's own jitter (kjob.model.policies.fire_time), so a jittered slot not yet fired is
+    pending, not downtime."""
+    return settle(schedule, tz, after, now, policy, late_grace,
+                  fire_at=lambda slot: fire_time(job_id, schedule, tz, slot, jitter))
 
 
 def settle(
@@ -142,8 +168,8 @@ def settle(
     policy_reason = f"scheduler was down at this slot; catch-up policy '{policy.policy}' did not run it"
     settled = [
         SettledSlot(s, True) if s in runs
-        else SettledSlot(s, False, outside_reason, OUTSIDE_WINDOW) if s not in inside_set
-        else SettledSlot(s, False, policy_reason, BY_POLICY)
+        else SettledSlot(s, False, outside_reason, MissReason.outside_catchup_window) if s not in inside_set
+        else SettledSlot(s, False, policy_reason, MissReason.catchup_policy)
         for s in down
     ]
     ranges: list[MissedRange] = []
@@ -154,13 +180,13 @@ def settle(
         outside = count_slots(schedule, tz, after, outside_before)
         if outside is not None:
             ranges.append(MissedRange(*outside, reason=f"scheduler was down at these slots, outside the catch-up "
-                                                        f"window ({window})", cause=OUTSIDE_WINDOW))
+                                                        f"window ({window})", cause=MissReason.outside_catchup_window))
         if window_start < oldest:
             kept = "runs only the newest slots" if policy.policy == "all" else "did not run them"
             inner = count_slots(schedule, tz, max(after, window_start), oldest)
             if inner is not None:
                 ranges.append(MissedRange(*inner, reason=f"scheduler was down at these slots; catch-up policy "
-                                                         f"'{policy.policy}' {kept}", cause=BY_POLICY))
+                                                         f"'{policy.policy}' {kept}", cause=MissReason.catchup_policy))
     cursor = down[-1] if down else after
     return Settlement(settled, ranges, cursor)
 

@@ -42,6 +42,22 @@ class RunStatus(str, enum.Enum):
         return self in FINAL_STATUSES
 
 
+class MissReason(enum.StrEnum):
+    """Why a slot will not run (`missed`, `skipped`, or never written): the label its count
+    carries (kjob.telemetry.metrics.slots_missed). The ledger's `reason` column keeps the
+    sentence a person reads (kjob.model.catchup, kjob.model.policies), which names the window,
+    the policy or the run in the way."""
+
+    outside_catchup_window = "outside_catchup_window"  #: late, and older than the job's catch-up window
+    catchup_policy = "catchup_policy"  #: late, inside the window, and not the slot the catch-up policy runs
+    #: skipped as it came to start: the job's previous run still ran (overlap `skip`), or the
+    #: job was disabled meanwhile (the executor counts both under this label)
+    overlap = "overlap"
+    job_gone = "job_gone"  #: the job was deleted or disabled as its slot was written
+    unwritable = "unwritable"  #: the ledger refused the slot's row for good (a data or constraint error)
+    cost_cap = "cost_cap"  #: skipped: the tenant's agents spent its daily cost cap
+
+
 FINAL_STATUSES = frozenset(
     {RunStatus.succeeded, RunStatus.failed, RunStatus.timed_out, RunStatus.error,
      RunStatus.missed, RunStatus.skipped, RunStatus.cancelled, RunStatus.budget_exceeded}

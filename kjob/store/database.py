@@ -16,7 +16,6 @@ import asyncpg
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
@@ -195,13 +194,6 @@ def alembic_config() -> Config:
     return config
 
 
-def head_revision() -> str:
-    """The newest migration this kjob ships."""
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    assert head is not None, "kjob ships no migrations"
-    return head
-
-
 async def migrate(engine_or_url: AsyncEngine | str) -> str:
     """Upgrade the database to the newest schema; return the revision it is at.
 
@@ -223,13 +215,6 @@ async def migrate(engine_or_url: AsyncEngine | str) -> str:
             revision = await conn.run_sync(upgrade)
     assert revision is not None
     return revision
-
-
-async def current_revision(engine_or_url: AsyncEngine | str) -> str | None:
-    """The revision the database is at; None if it was never migrated."""
-    async with _engine(engine_or_url) as engine:
-        async with engine.connect() as conn:
-            return await conn.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
 
 
 @asynccontextmanager

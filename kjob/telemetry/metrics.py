@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from kjob._time import utcnow
 from kjob.bus import names
-from kjob.model.run import FINAL_STATUSES, Trigger
+from kjob.model.run import FINAL_STATUSES, MissReason, Trigger
 from kjob.telemetry.tracing import make_resource, otlp_configured
 from kjob._tasks import stopped_within
 
@@ -78,11 +78,8 @@ CONSUMERS = {
     "dispatcher": (names.RESULTS_STREAM, names.DISPATCHER_CONSUMER),
 }
 
-#: Reasons for `slots_missed`: the ticker's, and the overlap policy's.
-#: `job_gone`: the job was deleted or disabled as its slot was written; `unwritable`: the
-#: ledger refused the slot's row for good (a data or constraint error), so it was left out;
-#: `cost_cap`: the tenant's agents spent its daily cost cap.
-MISSED_REASONS = ("outside_catchup_window", "catchup_policy", "overlap", "job_gone", "unwritable", "cost_cap")
+#: Reasons for `slots_missed`, each stated in kjob.model.run.MissReason.
+MISSED_REASONS = tuple(reason.value for reason in MissReason)
 #: Results of `delivery_attempt` and reasons of `delivery_failed`.
 DELIVERY_RESULTS = ("delivered", "rejected", "unavailable")
 DELIVERY_FAILURES = ("rejected", "gave_up")
@@ -101,42 +98,45 @@ class Metrics:
         self.readers = tuple(readers)
         self.provider = MeterProvider(metric_readers=[prometheus, *readers], resource=make_resource(node))
         meter = self.provider.get_meter("kjob")
-        self.runs = meter.create_counter("kjob.runs", "{run}", EXPORTED["kjob_runs_total"])
-        self.duration = meter.create_histogram("kjob.run.duration", "s", EXPORTED["kjob_run_duration_seconds"],
-                                               explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
-        self.retried = meter.create_counter("kjob.attempts.retried", "{attempt}", EXPORTED["kjob_attempts_retried_total"])
-        self.lost = meter.create_counter("kjob.attempts.lost", "{attempt}", EXPORTED["kjob_attempts_lost_total"])
-        self.published = meter.create_counter("kjob.runs.published", "{message}", EXPORTED["kjob_runs_published_total"])
-        self.lag_published = meter.create_histogram(
-            "kjob.fire_lag.published", "s", EXPORTED["kjob_fire_lag_published_seconds"],
-            explicit_bucket_boundaries_advisory=LAG_BUCKETS)
-        self.lag_started = meter.create_histogram(
-            "kjob.fire_lag.started", "s", EXPORTED["kjob_fire_lag_started_seconds"],
-            explicit_bucket_boundaries_advisory=LAG_BUCKETS)
-        self.missed = meter.create_counter("kjob.slots.missed", "{slot}", EXPORTED["kjob_slots_missed_total"])
-        self.jobs_skipped = meter.create_counter("kjob.ticker.jobs_skipped", "{job}",
-                                                 EXPORTED["kjob_ticker_jobs_skipped_total"])
-        self.delivery = meter.create_counter("kjob.delivery.attempts", "{request}", EXPORTED["kjob_delivery_attempts_total"])
-        self.delivery_failed = meter.create_counter("kjob.delivery.failures", "{run}",
-                                                    EXPORTED["kjob_delivery_failures_total"])
-        self.agent_tokens = meter.create_counter("kjob.agent.tokens", "{token}", EXPORTED["kjob_agent_tokens_total"])
-        self.agent_cost = meter.create_counter("kjob.agent.cost_usd", "{USD}", EXPORTED["kjob_agent_cost_usd_total"])
-        self.agent_turns = meter.create_counter("kjob.agent.turns", "{turn}", EXPORTED["kjob_agent_turns_total"])
-        self.leader = meter.create_gauge("kjob.ticker.leader", "1", EXPORTED["kjob_ticker_leader"])
-        self.leader_changes = meter.create_counter("kjob.ticker.leader_changes", "{change}",
-                                                   EXPORTED["kjob_ticker_leader_changes_total"])
-        self.pending = meter.create_gauge("kjob.consumer.pending", "{message}", EXPORTED["kjob_consumer_pending"])
-        self.ack_pending = meter.create_gauge("kjob.consumer.ack_pending", "{message}",
-                                              EXPORTED["kjob_consumer_ack_pending"])
-        self.redelivered = meter.create_gauge("kjob.consumer.redelivered", "{message}",
-                                              EXPORTED["kjob_consumer_redelivered"])
+
+        # Each instrument's description is looked up by the name Prometheus gives it (dots to
+        # underscores, `_total` on counters, `_seconds` for the unit s), so EXPORTED is the one
+        # place that spells it.
+        def counter(name: str, unit: str):
+            return meter.create_counter(name, unit, EXPORTED[f"{_prometheus(name)}_total"])
+
+        def gauge(name: str, unit: str):
+            return meter.create_gauge(name, unit, EXPORTED[_prometheus(name)])
+
+        def seconds(name: str, buckets: Sequence[float]):
+            return meter.create_histogram(name, "s", EXPORTED[f"{_prometheus(name)}_seconds"],
+                                          explicit_bucket_boundaries_advisory=buckets)
+
+        self.runs = counter("kjob.runs", "{run}")
+        self.duration = seconds("kjob.run.duration", DURATION_BUCKETS)
+        self.retried = counter("kjob.attempts.retried", "{attempt}")
+        self.lost = counter("kjob.attempts.lost", "{attempt}")
+        self.published = counter("kjob.runs.published", "{message}")
+        self.lag_published = seconds("kjob.fire_lag.published", LAG_BUCKETS)
+        self.lag_started = seconds("kjob.fire_lag.started", LAG_BUCKETS)
+        self.missed = counter("kjob.slots.missed", "{slot}")
+        self.jobs_skipped = counter("kjob.ticker.jobs_skipped", "{job}")
+        self.delivery = counter("kjob.delivery.attempts", "{request}")
+        self.delivery_failed = counter("kjob.delivery.failures", "{run}")
+        self.agent_tokens = counter("kjob.agent.tokens", "{token}")
+        self.agent_cost = counter("kjob.agent.cost_usd", "{USD}")
+        self.agent_turns = counter("kjob.agent.turns", "{turn}")
+        self.leader = gauge("kjob.ticker.leader", "1")
+        self.leader_changes = counter("kjob.ticker.leader_changes", "{change}")
+        self.pending = gauge("kjob.consumer.pending", "{message}")
+        self.ack_pending = gauge("kjob.consumer.ack_pending", "{message}")
+        self.redelivered = gauge("kjob.consumer.redelivered", "{message}")
         # Read when collected, so a scrape sees the executor as it is, not as last sampled.
         self._executors: dict[int, tuple[str, Callable[[], int], int]] = {}
         self._lock = threading.Lock()
-        meter.create_observable_gauge("kjob.executor.slots_in_use", [self._observe_in_use], "{run}",
-                                      EXPORTED["kjob_executor_slots_in_use"])
-        meter.create_observable_gauge("kjob.executor.slots", [self._observe_capacity], "{run}",
-                                      EXPORTED["kjob_executor_slots"])
+        for name, observe in (("kjob.executor.slots_in_use", self._observe_in_use),
+                              ("kjob.executor.slots", self._observe_capacity)):
+            meter.create_observable_gauge(name, [observe], "{run}", EXPORTED[_prometheus(name)])
         self._start_at_zero()
 
     def _start_at_zero(self) -> None:
@@ -232,6 +232,11 @@ def render() -> tuple[bytes, str]:
     return get().render()
 
 
+def _prometheus(name: str) -> str:
+    """An instrument's name as the Prometheus exporter writes it, before any suffix."""
+    return name.replace(".", "_")
+
+
 def _since(moment: datetime) -> float:
     return (utcnow() - moment).total_seconds()
 
@@ -287,10 +292,10 @@ def agent_usage(tenant: str, job: str, agent: str, usage) -> None:
         m.agent_turns.add(usage.turns, labels)
 
 
-def slots_missed(reason: str, count: int = 1) -> None:
-    """Slots recorded as missed or skipped; `reason` is one of MISSED_REASONS."""
+def slots_missed(reason: MissReason | str, count: int = 1) -> None:
+    """Slots recorded as missed or skipped, for `reason` (a MissReason or its value)."""
     if count:
-        get().missed.add(count, {"reason": reason})
+        get().missed.add(count, {"reason": str(reason)})  # the label is the value, not the member
 
 
 def job_skipped(reason: str) -> None:

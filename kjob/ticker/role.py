@@ -7,6 +7,8 @@ import contextlib
 import logging
 from typing import Callable
 
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
+
 from kjob.store.runs import RunLedger
 from kjob.telemetry import metrics
 from kjob.ticker.leader import Leadership
@@ -73,19 +75,21 @@ class _Backoff:
 
 
 async def _fence(leadership: Leadership, ledger: RunLedger, holder: asyncio.Task) -> bool:
-    """Write the new revision into the ledger's fence, retrying while the lease holds."""
-    delay = 0.2
-    while not holder.done():
+    """Write the new revision into the ledger's fence, retrying (0.2 s, doubling to 2 s) while
+    the lease holds."""
+
+    async def take() -> bool:
         revision = leadership.term
-        if revision is None:
+        if holder.done() or revision is None:
             return False
-        try:
-            if await ledger.take_lease(revision, leadership.node, stale_after_s=60.0):
-                return True
-            log.warning("ticker: the ledger fence holds a newer revision than %d; standing by", revision)
-            return False
-        except Exception as err:
-            log.warning("ticker: cannot write the ledger fence (%s); retrying", err)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-    return False
+        if await ledger.take_lease(revision, leadership.node, stale_after_s=60.0):
+            return True
+        log.warning("ticker: the ledger fence holds a newer revision than %d; standing by", revision)
+        return False
+
+    def waiting(state: RetryCallState) -> None:
+        log.warning("ticker: cannot write the ledger fence (%s); retrying", state.outcome.exception())
+
+    retrying = AsyncRetrying(retry=retry_if_exception_type(Exception), wait=wait_exponential(multiplier=0.2, max=2.0),
+                             before_sleep=waiting)
+    return await retrying(take)

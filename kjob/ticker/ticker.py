@@ -36,6 +36,7 @@ from uuid import UUID
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential
 
 from kjob.bus import names
 from kjob.bus.messages import DueRun, Event
@@ -240,8 +241,7 @@ class Ticker:
                                     trigger=r.trigger.value, republish=republish) as trace_headers:
                 outgoing.append(Outgoing(subject, msg.encode(), {
                     names.HDR_MSG_ID: msg_id, **names.run_headers(r.run_id, r.tenant),
-                    names.HDR_LEADER_REV: str(r.leader_rev or 0), **hold.headers(not_before, now_ts),
-                    **trace_headers}))
+                    **hold.headers(not_before, now_ts), **trace_headers}))
         try:
             stored = await publish_acked(self.nc, outgoing)
             acked_at = self._utcnow()
@@ -274,7 +274,8 @@ class Ticker:
         metrics.job_skipped("schedule")
         self._table.drop(job_id)
 
-    def _set(self, job: ScheduledJob, schedule: Schedule, next_slot: datetime | None) -> None:
+    def _queue_next_slot(self, job: ScheduledJob, schedule: Schedule, next_slot: datetime | None) -> None:
+        """Hold the job in the table with `next_slot` (None: it has none) and when that fires."""
         self._table.put(job.id, job.tenant, job.slug, schedule, job.timezone, job.version, job.jitter, next_slot,
                         self._fire_at(job.id, schedule, job.timezone, next_slot, job.jitter))
 
@@ -352,14 +353,14 @@ class Ticker:
         if settled.slots or settled.ranges:
             self._settled_rows(job, settled, rows, ranges)
         try:
-            self._set(job, schedule, next_slot)
+            self._queue_next_slot(job, schedule, next_slot)
         except Exception as err:
             self._skip(job.id, f"{job.tenant}/{job.slug}", err)
 
     def _settled_rows(self, job: ScheduledJob, settled: catchup.Settlement, rows: list[SlotRow],
                       ranges: list[MissedRangeRow]) -> None:
-        rows.extend(self._row(job, s.slot, s.trigger, RunStatus.scheduled if s.runs else RunStatus.missed, s.reason)
-                    for s in settled.slots)
+        rows.extend(self._slot_row(job, s.slot, s.trigger, RunStatus.scheduled if s.runs else RunStatus.missed,
+                                   s.reason) for s in settled.slots)
         ranges.extend(MissedRangeRow(job_id=job.id, tenant=job.tenant, slug=job.slug, first=r.first, last=r.last,
                                      count=r.count, exact=r.exact, reason=r.reason, leader_rev=self.fence())
                       for r in settled.ranges)
@@ -386,25 +387,23 @@ class Ticker:
         """The job's slots in (start, now] that no ticker fired, by its catch-up rule
         (kjob.model.catchup). Slots whose fire time (jitter included) is still to come are not
         settled: the ticker fires them as scheduled."""
-        settled = catchup.settle(
-            schedule, job.timezone, start, now, job.catchup, timedelta(seconds=self.settings.late_grace_s),
-            fire_at=lambda slot: fire_time(job.id, schedule, job.timezone, slot, job.jitter),
-        )
+        settled = catchup.settle_job(job.id, schedule, job.timezone, job.jitter, job.catchup, start, now,
+                                     timedelta(seconds=self.settings.late_grace_s))
         self._count_settled(job, settled)
         return settled
 
     def _count_settled(self, job: ScheduledJob, settled: catchup.Settlement) -> None:
         if not settled.slots and not settled.ranges:
             return
-        for cause in (catchup.OUTSIDE_WINDOW, catchup.BY_POLICY):
-            metrics.slots_missed(cause, sum(1 for s in settled.slots if s.cause == cause)
-                                 + sum(r.count for r in settled.ranges if r.cause == cause))
+        for cause, count in settled.missed_by_cause().items():
+            metrics.slots_missed(cause, count)
         if settled.ranges:
             log.warning("ticker: job %s/%s missed %d slots before its newest %d; recorded as %d range(s)",
                         job.tenant, job.slug, sum(r.count for r in settled.ranges), len(settled.slots),
                         len(settled.ranges))
 
-    def _row(self, job: ScheduledJob, slot: datetime, trigger: Trigger, status: RunStatus, reason: str | None) -> SlotRow:
+    def _slot_row(self, job: ScheduledJob, slot: datetime, trigger: Trigger, status: RunStatus,
+                  reason: str | None) -> SlotRow:
         return SlotRow(run_id=run_id_for(job.id, slot), job_id=job.id, tenant=job.tenant, slug=job.slug,
                        slot=slot, trigger=trigger, status=status, reason=reason, leader_rev=self.fence())
 
@@ -472,12 +471,12 @@ class Ticker:
         old = self._table.get(job_id)
         if old is not None and old.schedule.expr == job.schedule and old.tz == job.timezone:
             if old.jitter != job.jitter:  # same slots, new delays: the pending slot is kept
-                self._set(job, old.schedule, old.next_slot)
+                self._queue_next_slot(job, old.schedule, old.next_slot)
             else:
                 self._table.set_names(job_id, job.tenant, job.slug, job.version)
             return False
         schedule = self._schedule(job.schedule)
-        self._set(job, schedule, schedule.next_slot(now, job.timezone))
+        self._queue_next_slot(job, schedule, schedule.next_slot(now, job.timezone))
         return old is not None
 
     async def resync(self) -> None:
@@ -525,8 +524,8 @@ class Ticker:
             return len(results)
         fresh = [r for r in runs if r.published_at is None]
         stale = [r for r in runs if r.published_at is not None]
-        await self._publish([_row_of(r, self.fence()) for r in fresh])
-        await self._publish([_row_of(r, self.fence()) for r in stale], republish=True)
+        await self._publish([_row_to_republish(r, self.fence()) for r in fresh])
+        await self._publish([_row_to_republish(r, self.fence()) for r in stale], republish=True)
         log.info("ticker: re-published %d stranded runs", len(runs))
         return len(runs)
 
@@ -549,24 +548,34 @@ class Ticker:
         return vanished
 
     async def _retry_db(self, fn, stop: asyncio.Event | None = None):
-        """`await fn()`, retried while the database is unreachable, for `ledger_give_up_s` at
-        most; then LedgerUnavailable ends the term. None if `stop` is set meanwhile."""
-        delay = 0.2
+        """`await fn()`, retried while the database is unreachable (0.2 s, doubling to 5 s), for
+        `ledger_give_up_s` at most; then LedgerUnavailable ends the term. None if `stop` is set
+        meanwhile. A Deposed (or a cancellation) is never retried."""
         give_up = time.monotonic() + self.settings.ledger_give_up_s
-        while True:
-            try:
-                return await fn()
-            except Deposed:
-                raise
-            except Exception as err:
-                if stop is not None and stop.is_set():
-                    return None
-                if time.monotonic() + delay > give_up:
-                    raise LedgerUnavailable(f"the ledger was unreachable for {self.settings.ledger_give_up_s:.0f}s "
-                                            f"({type(err).__name__}: {err})") from err
-                log.warning("ticker: database not ready (%s); retrying in %.1fs", err, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+
+        def over(state: RetryCallState) -> bool:  # before each sleep, the sleep's length known
+            return (stop is not None and stop.is_set()) or time.monotonic() + state.upcoming_sleep > give_up
+
+        def ended(state: RetryCallState) -> None:
+            if stop is not None and stop.is_set():
+                return None
+            err = state.outcome.exception()
+            raise LedgerUnavailable(f"the ledger was unreachable for {self.settings.ledger_give_up_s:.0f}s "
+                                    f"({type(err).__name__}: {err})") from err
+
+        def waiting(state: RetryCallState) -> None:
+            log.warning("ticker: database not ready (%s); retrying in %.1fs", state.outcome.exception(),
+                        state.upcoming_sleep)
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(lambda err: isinstance(err, Exception) and not isinstance(err, Deposed)),
+            wait=wait_exponential(multiplier=0.2, max=5.0), stop=over, before_sleep=waiting,
+            retry_error_callback=ended)
+
+        async def attempt():  # `fn` may be a lambda: tenacity awaits only what a coroutine function returns
+            return await fn()
+
+        return await retrying(attempt)
 
 
 async def _every(interval_s: float, stop: asyncio.Event, fn, what: str) -> None:
@@ -582,12 +591,10 @@ async def _every(interval_s: float, stop: asyncio.Event, fn, what: str) -> None:
 
 
 def _resume_point(job: ScheduledJob, last_slot: datetime | None) -> datetime:
-    """Slots after this instant are the job's: after its last recorded slot, and never before
-    it was (re-)enabled, so enabling a paused job fires no burst of old slots."""
-    floor = job.enabled_at or job.created_at
-    return max(last_slot, floor) if last_slot is not None else floor
+    return catchup.resume_point(last_slot, job.enabled_at or job.created_at)
 
 
-def _row_of(run: Run, rev: int) -> SlotRow:
+def _row_to_republish(run: Run, rev: int) -> SlotRow:
+    """A stranded run of the ledger as the slot row `_publish` sends again, under term `rev`."""
     return SlotRow(run_id=run.id, job_id=run.job_id, tenant=run.tenant, slug=run.slug, slot=run.slot,
                    trigger=run.trigger, leader_rev=rev)

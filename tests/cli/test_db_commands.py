@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kjob.store.database import head_revision
 from kjob.store.tokens import TokenStore
+from tests.support.servers import head_revision
 
 KJOB = str(Path(sys.executable).with_name("kjob"))
 

@@ -18,8 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from kjob.embedded import EmbeddedPostgres
 from kjob.embedded.postgres import postgres_bin_dir
 from kjob.errors import InvalidInput
-from kjob.store.database import create_engine, current_revision, head_revision, migrate, normalize_url
+from kjob.store.database import create_engine, migrate, normalize_url
 from kjob.store.tables import metadata
+from tests.support.servers import current_revision, head_revision
 
 
 @pytest.mark.parametrize(

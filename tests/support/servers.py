@@ -8,17 +8,36 @@ import os
 import time
 from pathlib import Path
 
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from kjob.embedded import EmbeddedNats, EmbeddedPostgres
 from kjob.errors import ServerError
-from kjob.store.database import migrate
+from kjob.store.database import alembic_config, create_engine, migrate
 
 TEMPLATE_DB = "kjob_template"
 #: A JetStream cluster is ready once its nodes have elected a meta leader: seconds, not ms.
 CLUSTER_READY_S = 30.0
+
+
+def head_revision() -> str:
+    """The newest migration this kjob ships."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "kjob ships no migrations"
+    return head
+
+
+async def current_revision(url: str) -> str | None:
+    """The revision the database at `url` is at; None if it was never migrated."""
+    engine = create_engine(url, pool_size=1, statement_timeout_s=None)
+    try:
+        async with engine.connect() as conn:
+            return await conn.run_sync(lambda c: MigrationContext.configure(c).get_current_revision())
+    finally:
+        await engine.dispose()
 
 
 class NatsCluster:

@@ -9,10 +9,12 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from kjob.model.catchup import COUNT_SCAN_MAX, EARLIEST, count_slots, newest_slots, settle
+from kjob.model.catchup import (COUNT_SCAN_MAX, EARLIEST, count_slots, newest_slots, resume_point, settle,
+                                settle_job)
 from kjob.model.durations import parse_duration
 from kjob.model.job import CatchupPolicy
 from kjob.model.policies import fire_time
+from kjob.model.run import MissReason
 from kjob.model.schedule import Schedule
 
 UTC = timezone.utc
@@ -144,6 +146,40 @@ def test_a_jittered_slot_not_yet_fired_is_pending_not_downtime():
     result = settle(hourly, "UTC", slot - timedelta(minutes=30), now, policy(kind="none"), GRACE,
                     fire_at=lambda s: fire_time(job, hourly, "UTC", s, jitter))
     assert result.slots == [] and result.cursor < slot  # handed back, to fire at its own time
+
+
+def test_settle_job_judges_each_slot_by_the_jobs_own_jitter():
+    job = uuid.UUID(int=4)  # its slot of 12:00 fires at 12:23:34
+    hourly = Schedule.parse("0 * * * *")
+    jitter = timedelta(minutes=30)
+    slot = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+    now = fire_time(job, hourly, "UTC", slot, jitter) - timedelta(seconds=1)
+    assert now > slot + timedelta(minutes=20)
+    after = slot - timedelta(minutes=30)
+    jittered = settle_job(job, hourly, "UTC", jitter, policy(kind="none"), after, now, GRACE)
+    assert jittered.slots == [] and jittered.cursor == after  # not fired yet: handed back, not missed
+    plain = settle_job(job, hourly, "UTC", timedelta(0), policy(kind="none"), after, now, GRACE)
+    assert [(s.slot, s.runs, s.cause) for s in plain.slots] == [(slot, False, MissReason.catchup_policy)]
+
+
+def test_settling_resumes_after_the_last_slot_and_never_before_the_job_was_enabled():
+    enabled = NOW - timedelta(minutes=5)
+    assert resume_point(None, enabled) == enabled  # a new job: nothing before it existed
+    assert resume_point(NOW - timedelta(minutes=1), enabled) == NOW - timedelta(minutes=1)
+    # paused a day and enabled 5 minutes ago: the paused day's slots are not downtime
+    after = resume_point(NOW - timedelta(days=1), enabled)
+    result = settle(Schedule.parse("* * * * *"), "UTC", after, NOW, policy(kind="none"), GRACE)
+    assert after == enabled and len(result.slots) == 5 and result.ranges == []
+
+
+def test_missed_slots_are_counted_by_cause_listed_and_in_ranges():
+    after = NOW - timedelta(hours=20)
+    result = settle(Schedule.parse("* * * * *"), "UTC", after, NOW, policy("1h"), GRACE)
+    by_cause = result.missed_by_cause()
+    # the 60 minutes inside the window but the newest missed by the policy; the rest outside it
+    assert by_cause == {MissReason.catchup_policy: 59, MissReason.outside_catchup_window: 1200 - 60}
+    assert sum(by_cause.values()) == result.missed
+    assert settle(Schedule.parse("0 0 1 1 *"), "UTC", after, NOW, policy(), GRACE).missed_by_cause() == {}
 
 
 @pytest.mark.parametrize("window", ["99999999d", "999999999d"])

@@ -19,7 +19,6 @@ import os
 import re
 import secrets
 import shutil
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,9 +50,6 @@ EGRESS_NETWORK, EGRESS_BRIDGE = "kjob-egress", "kjob-egress0"
 KILL_GRACE_S = 2
 #: After the container exits, how long its attach stream may take to deliver the last output.
 DRAIN_S = 2.0
-#: How long after a SIGKILL exit the engine's `oom` event may still come: the engine can take
-#: the exit before the OOM notice, and then leaves `OOMKilled` false for good.
-OOM_EVENT_WAIT_S = 1.0
 #: How long the engine may take to answer at start().
 PING_TIMEOUT_S = 10.0
 #: Used when an image has no USER and no regular user in /etc/passwd.
@@ -210,7 +206,6 @@ class DockerSandbox(Sandbox):
             out = await _attach(stack, container, stdout=True, stderr=True)
             stdin = await _attach(stack, container, stdin=True) if launch.stdin is not None else None
             await container.start()
-            started = time.time() - 1.0
             if launch.on_container is not None:
                 launch.on_container(container.id)
             tasks = [asyncio.create_task(_pump(out, collector))]
@@ -231,27 +226,8 @@ class DockerSandbox(Sandbox):
         if status is None:
             return Outcome(timed_out=True, reason=f"killed at the {format_duration(launch.timeout)} timeout",
                            **fields)
-        code = int(status.get("StatusCode", -1))
-        oom = bool((await container.show()).get("State", {}).get("OOMKilled"))
-        if not oom and code == 137 and launch.spec.memory:
-            oom = await self._oom_event(container.id, started)
-        return self._ended(launch, code, oom, fields)
-
-    async def _oom_event(self, container_id: str, since: float) -> bool:
-        """Whether the engine reported an `oom` of the container since `since` (epoch seconds),
-        waiting up to OOM_EVENT_WAIT_S for a notice that comes after the exit."""
-        docker = self._require()
-        filters = json.dumps({"container": [container_id], "event": ["oom"]})
-        give_up = time.monotonic() + OOM_EVENT_WAIT_S
-        while True:
-            # `until` makes the engine answer with what it has and close the stream.
-            params = {"since": f"{since:.6f}", "until": f"{time.time():.6f}", "filters": filters}
-            async with docker._query("events", params=params) as response:
-                if (await response.text()).strip():
-                    return True
-            if time.monotonic() >= give_up:
-                return False
-            await asyncio.sleep(0.1)
+        state = (await container.show()).get("State", {})
+        return self._ended(launch, int(status.get("StatusCode", -1)), bool(state.get("OOMKilled")), fields)
 
     def _ended(self, launch: Launch, code: int, oom: bool, fields: dict[str, Any]) -> Outcome:
         if code == 127 and (failed := _TINI_EXEC_FAILED.search(fields["output"])):

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import tempfile
 import logging
 import os
@@ -229,11 +230,10 @@ class ProcessSandbox(Sandbox):
                 await launch.collect(staged)
             return outcome
         finally:
-            if (staged_dir := self._staged.pop(launch.run_id, None)) is not None:
-                await asyncio.shield(asyncio.to_thread(_remove_staged, staged_dir))
             if uid is not None and self._uids is not None:
                 self._uids.give(uid)  # the attempt's process group is gone: nothing runs as it
-            await asyncio.shield(asyncio.to_thread(shutil.rmtree, workdir, True))
+            # One trip to a worker thread for both: each trip costs about what the removals do.
+            await asyncio.shield(asyncio.to_thread(_remove_dirs, workdir, self._staged.pop(launch.run_id, None)))
 
     async def _run_in(self, workdir: Path, launch: Launch, on_output: OutputSink, uid: int | None) -> Outcome:
         if not launch.argv:
@@ -488,21 +488,43 @@ def _mount_tmpfs(path: Path, size_bytes: int) -> bool:
     return False
 
 
-def _remove_staged(path: Path) -> None:
-    if os.path.ismount(path):
-        _LIBC.umount2(os.fsencode(path), MNT_DETACH)
-    shutil.rmtree(path, True)
+def _remove_dirs(workdir: Path, staged: Path | None) -> None:
+    """Remove an attempt's staged dir (unmounting its tmpfs) and its work dir. Under bwrap the
+    work dir was only a mount point, left empty: one rmdir, and a tree walk only if not."""
+    if staged is not None:
+        if os.path.ismount(staged):
+            _LIBC.umount2(os.fsencode(staged), MNT_DETACH)
+        shutil.rmtree(staged, True)
+    try:
+        os.rmdir(workdir)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(workdir, True)
+
+
+@functools.lru_cache(maxsize=16)
+def _work_root(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
 
 
 def _make_workdir(launch: Launch) -> Path:
     """`<work_root>/<run id>-<attempt>`, fresh and private (a leftover of a crash is replaced).
     Under bwrap it stays empty: the mount point of the sandbox's tmpfs work dir."""
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{launch.run_id}-{launch.attempt}")
-    launch.work_root.mkdir(parents=True, exist_ok=True)
-    workdir = (launch.work_root / name).resolve()
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(mode=0o700)
-    return workdir
+    for _ in range(2):
+        workdir = _work_root(launch.work_root) / name
+        try:
+            workdir.mkdir(mode=0o700)
+            return workdir
+        except FileExistsError:  # a leftover of a crash
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir(mode=0o700)
+            return workdir
+        except FileNotFoundError:  # the work root went away since it was made: make it again
+            _work_root.cache_clear()
+    raise FileNotFoundError(f"cannot create the work dir {workdir}")
 
 
 def _environment(launch: Launch, workdir: Path) -> dict[str, str]:

@@ -212,3 +212,19 @@ async def test_a_bad_job_of_an_apply_is_named_by_its_slug(api: httpx.AsyncClient
     assert assert_error(await api.post("/v1/jobs:apply", json={"jobs": [job_body("z"), 7]}), 422, "jobs.1").startswith(
         "jobs.1: ")
     assert (await api.get("/v1/jobs")).json() == []
+
+
+async def test_a_fired_once_job_reapplied_unchanged_in_a_file_is_accepted(api: httpx.AsyncClient,
+                                                                       state: GatewayState) -> None:
+    # The apply compares with the stored timing: only a new or changed past @once is refused.
+    from kjob.gateway.auth import actor_of
+    from kjob.model.job import parse_job
+    from kjob.store.tokens import Principal
+
+    past = job_body("one-shot", schedule="@once 2020-01-01T09:00Z")
+    await state.jobs.create(actor_of(Principal(tenant="acme", role="admin", token_id="t")), parse_job(past))
+    batch = [{**past, "description": "done"}, job_body("other")]
+    applied = await api.post("/v1/jobs:apply", params={"results": "actions"}, json={"jobs": batch})
+    assert applied.json()["results"] == [{"slug": "one-shot", "action": "updated"}, {"slug": "other", "action": "created"}]
+    moved = [{**past, "schedule": "@once 2021-01-01T09:00Z"}]
+    assert_error(await api.post("/v1/jobs:apply", json={"jobs": moved}), 422, "jobs.0.schedule")

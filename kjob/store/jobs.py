@@ -596,9 +596,10 @@ def _new_row(tenant: str, spec: JobSpec, now: datetime) -> dict[str, Any]:
                 updated_at=now, **_spec_columns(spec))
 
 
-def _replacement(row: Row[Any], spec: JobSpec, now: datetime) -> tuple[dict[str, Any], dict[str, Any]]:
+def _replacement(row: Row[Any] | _Locked, spec: JobSpec, now: datetime) -> tuple[dict[str, Any], dict[str, Any]]:
     """(what changes, the column values) of making `row` equal `spec`: `({}, {})` if nothing.
     Enabling sets `enabled_at` (no burst of the paused time's slots) and clears the pause."""
+    assert row.spec is not None, "compared only where the stored spec differs"
     new = _spec_json(spec)
     change = _diff({**row.spec, "enabled": row.enabled}, new)
     if not change:
@@ -619,7 +620,7 @@ def _job_of(spec: JobSpec, columns: Any) -> Job:
     return Job.model_validate({**dict(spec), **{name: columns[name] for name in _META}})
 
 
-def _stops_or_retimes(row: Row[Any], change: dict[str, Any]) -> bool:
+def _stops_or_retimes(row: Row[Any] | _Locked, change: dict[str, Any]) -> bool:
     """Whether a change to the job means its queued slots are no longer its slots."""
     return bool(row.enabled and ("enabled" in change or "schedule" in change or "timezone" in change))
 
@@ -683,6 +684,7 @@ _LOCK_MANY_SQL = """
 SELECT j.id, j.tenant, j.slug, j.enabled, j.version, j.enabled_at, j.paused_note, j.paused_at, j.created_at,
        j.updated_at,
        CASE WHEN j.spec || jsonb_build_object('enabled', j.enabled) = n.spec::jsonb THEN NULL ELSE j.spec::text END
+         AS spec
 FROM jobs j JOIN unnest($2::text[], $3::text[]) AS n(slug, spec) ON j.slug = n.slug
 WHERE j.tenant = $1
 ORDER BY j.id
@@ -722,7 +724,12 @@ ON CONFLICT (job_id) DO UPDATE SET channel = excluded.channel, kind = excluded.k
 async def _lock_many_raw(db: asyncpg.Connection, tenant: str, texts: dict[str, str]) -> dict[str, _Locked]:
     """`_LOCK_MANY_SQL` of the slugs of `texts` (slug: the spec applied, as JSON text)."""
     rows = await db.fetch(_LOCK_MANY_SQL, tenant, builtins.list(texts), builtins.list(texts.values()))
-    return {r[2]: _Locked(*r[:10], spec=json.loads(r[10]) if r[10] is not None else None) for r in rows}
+    locked = {}
+    for r in rows:
+        columns = dict(r.items())
+        columns["spec"] = json.loads(columns["spec"]) if columns["spec"] is not None else None
+        locked[r["slug"]] = _Locked(**columns)
+    return locked
 
 
 async def _void_ahead_raw(db: asyncpg.Connection, job_ids: Sequence[uuid.UUID]) -> None:

@@ -25,7 +25,7 @@ from kjob.gateway.tenant_checks import check_job_for_tenant, check_new_jobs
 from kjob.gateway.limits import MAX_APPLY_JOBS
 from kjob.gateway.validation import check_job, check_storable, check_target
 from kjob.store.usage import UsageStore
-from kjob.model.job import TEXT_CHECKED, Job, JobSpec, error_from_detail, in_job, merge_job
+from kjob.model.job import TEXT_CHECKED, Job, JobSpec, Timing, error_from_detail, in_job, merge_job
 from kjob.model.run import utc_text
 from kjob.model.schedule import Schedule
 from kjob.model.views import AppliedAction, ApplyResult, JobView
@@ -93,7 +93,8 @@ async def _previous(state: GatewayState, tenant: str, slug: str) -> Job | None:
         return None
 
 
-async def _check(state: GatewayState, tenant: str, spec: JobSpec, now: datetime, previous: Job | None = None,
+async def _check(state: GatewayState, tenant: str, spec: JobSpec, now: datetime,
+                 previous: JobSpec | Timing | None = None,
                  text_checked: bool = False) -> None:
     check_job(
         spec,
@@ -228,7 +229,7 @@ async def apply_jobs(
     # jobs this request creates, for the tenant's job quota
     await check_new_jobs(state, principal.tenant, sum(spec.slug not in previous for spec in specs))
     applied = await state.jobs.apply_many(actor_of(principal), specs)
-    changed = [(a, a.action) for a in applied if a.action != "unchanged"]
+    changed: list[tuple[Applied, ChangeKind]] = [(a, a.action) for a in applied if a.action != "unchanged"]
     if changed:
         try:  # committed: a failed announcement must not fail the request (the ticker resyncs)
             await state.on_jobs_changed(principal.tenant, changed)

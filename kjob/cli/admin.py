@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import getpass
 import sys
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, get_args
 
 import typer
 
 from kjob.cli.output import Col, Format, WideOpt, api, dump, print_json, print_table, say, when
 from kjob.errors import InvalidInput
 from kjob.model.secrets import check_name
-from kjob.store.secrets import generate_key
-from kjob.store.tokens import ROLES
+from kjob.model.views import Role
 
 OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for programs")]
 TenantOpt = Annotated[
@@ -28,7 +27,7 @@ token_app = typer.Typer(help="API tokens (admin): create, list, revoke.", no_arg
 
 @token_app.command("create")
 def token_create(
-    role: Annotated[str, typer.Option(help=f"one of {', '.join(ROLES)}")],
+    role: Annotated[str, typer.Option(help=f"one of {', '.join(get_args(Role))}")],
     tenant: TenantOpt = None,
     name: Annotated[str, typer.Option(help="a note for people, e.g. 'ci deploys'")] = "",
     output: OutputOpt = Format.table,
@@ -121,6 +120,8 @@ def secret_delete(name: Annotated[str, typer.Argument(help="the secret's name")]
 @secret_app.command("keygen")
 def secret_keygen() -> None:
     """Print a new key for KJOB_SECRET_KEY (give every node the same one)."""
+    from kjob.store.secrets import generate_key  # the store's imports: not at every command's start
+
     say(generate_key())
 
 

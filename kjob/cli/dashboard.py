@@ -9,7 +9,6 @@ import typer
 from kjob.client._config import resolve
 from kjob.config import Settings
 from kjob.errors import Unauthorized
-from kjob.gateway.ui import dashboard_url
 
 
 def dashboard(
@@ -21,6 +20,8 @@ def dashboard(
     target = resolve(settings=Settings())
     if not target.token:
         raise Unauthorized(f"no token: set KJOB_TOKEN or run `kjob up` (it writes {target.token_source})")
+    from kjob.gateway.ui import dashboard_url  # the gateway's imports (FastAPI): only for this command
+
     url = dashboard_url(target.url, target.token)
     typer.echo(url)
     if open_browser:

@@ -17,8 +17,8 @@ from kjob.cli.policies import OverlapOpt, policy_fields
 from kjob.client import InvalidInput as ApiInvalidInput
 from kjob.client import JobView
 from kjob.errors import InvalidInput
-from kjob.model.job import JobSpec, parse_job
-from kjob.model.jobfile import load_jobs, load_jobs_file
+from kjob.model.job import parse_job
+from kjob.model.jobfile import load_job_tables, load_job_tables_file
 from kjob.model.preview import MAX_PREVIEW, preview
 from kjob.model.run import utc_text
 
@@ -110,19 +110,20 @@ def create(
     say(f"created {job.slug}; {_fire_text(job)}")
 
 
-def _read_jobs(file: str) -> list[JobSpec]:
+def _read_jobs(file: str) -> list[tuple[str, dict[str, Any]]]:
     if file == "-":
-        return load_jobs(sys.stdin.read())
-    return load_jobs_file(Path(file))
+        return load_job_tables(sys.stdin.read())
+    return load_job_tables_file(Path(file))
 
 
-def file_field(field: str | None, count: int) -> str | None:
+def file_field(field: str | None, paths: list[str]) -> str | None:
     """The API names the i-th job of a batch `jobs.<i>.<field>` (from 0); say it as job file
-    errors do: `job.<field>` for a one-job file, `job[<i+1>].<field>` otherwise."""
+    errors do, by the job's path in the file: `job.<field>` for a `[job]` file, `job[<i+1>].<field>`
+    for `[[job]]` tables (`paths`: each job's, in order)."""
     m = re.match(r"^jobs\.(\d+)(.*)$", field or "")
-    if not m:
+    if not m or int(m[1]) >= len(paths):
         return field
-    return ("job" if count == 1 else f"job[{int(m[1]) + 1}]") + m[2]
+    return paths[int(m[1])] + m[2]
 
 
 def apply(
@@ -130,18 +131,22 @@ def apply(
     output: OutputOpt = Format.table,
 ) -> None:
     """Create or update the jobs of a file. Idempotent; a bad file changes nothing."""
-    specs = _read_jobs(file)  # every job is validated here, and again by the API, before any is written
+    # The file's own checks here; each job's, once, by the API before any is written (checking
+    # them here too doubled the CPU of a file of 10,000 jobs, and the API's check is the one
+    # that counts: only it knows the agents, channels and quotas).
+    entries = _read_jobs(file)
     with api() as kjob:
         try:
-            results = kjob.jobs.apply(specs)
-        except ApiInvalidInput as e:
-            e.field = file_field(e.field, len(specs))
+            results = kjob.jobs.apply_actions([table for _, table in entries])
+        except ApiInvalidInput as e:  # said as the file's own errors are: by file, job[<n>] and field
+            e.field = file_field(e.field, [path for path, _ in entries])
+            if file != "-":
+                e.message = f"{Path(file)}: {e.message}"
             raise
     if output is Format.json:
-        print_json([{"slug": r.job.slug, "action": r.action} for r in results])
+        print_json([{"slug": r.slug, "action": r.action} for r in results])
         return
-    for r in results:
-        say(f"{r.action:<9} {r.job.slug}")
+    say("\n".join(f"{r.action:<9} {r.slug}" for r in results))
 
 
 def list_jobs(output: OutputOpt = Format.table, wide: WideOpt = False) -> None:

@@ -31,6 +31,7 @@ from kjob.client._errors import (
 from kjob.model.job import JobSpec
 from kjob.model.run import RunStatus
 from kjob.model.views import (
+    AppliedAction,
     ApplyResult,
     AuditView,
     BackfillResult,
@@ -47,6 +48,7 @@ from kjob.model.views import (
 
 __all__ = [
     "ApiError",
+    "AppliedAction",
     "ApplyResult",
     "AsyncClient",
     "AuditView",

@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from kjob.config import Settings
 from kjob.executor.agents import AgentRegistry
 from kjob.model.job import Job
-from kjob.store.jobs import JobStore
+from kjob.store.jobs import Applied, JobStore
 from kjob.store.tokens import TokenStore
 
 if TYPE_CHECKING:
@@ -30,8 +30,10 @@ ChangeKind = Literal["created", "updated", "enabled", "disabled", "deleted"]
 JobChangedHook = Callable[[Job | None, str, str, ChangeKind], Awaitable[None]]
 
 
-#: Called after a committed apply of many jobs: (tenant, [(job after the write, kind)]).
-JobsChangedHook = Callable[[str, "list[tuple[Job, ChangeKind]]"], Awaitable[None]]
+#: Called after a committed apply of many jobs: (tenant, [(job after the write, kind)]). Each
+#: job is the store's `Applied` (`.id`, `.slug`; `.job()` builds the `Job`, which an apply of
+#: 10,000 need not do just to announce their ids).
+JobsChangedHook = Callable[[str, "list[tuple[Applied, ChangeKind]]"], Awaitable[None]]
 
 
 async def _ignore_change(job: Job | None, tenant: str, slug: str, kind: ChangeKind) -> None:
@@ -66,9 +68,9 @@ class GatewayState:
     secrets: "SecretStore | None" = None
     quotas: "Quotas | None" = None
 
-    async def on_jobs_changed(self, tenant: str, changed: "list[tuple[Job, ChangeKind]]") -> None:
+    async def on_jobs_changed(self, tenant: str, changed: "list[tuple[Applied, ChangeKind]]") -> None:
         if self.on_jobs_changed_hook is not None:
             await self.on_jobs_changed_hook(tenant, changed)
             return
-        for job, kind in changed:
-            await self.on_job_changed(job, tenant, job.slug, kind)
+        for applied, kind in changed:
+            await self.on_job_changed(applied.job(), tenant, applied.slug, kind)

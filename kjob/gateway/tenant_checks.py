@@ -11,13 +11,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kjob.errors import InvalidInput
 from kjob.gateway.state import GatewayState
-from kjob.model.job import JobSpec
+from kjob.model.job import JobSpec, Timing
 from kjob.store.quotas import Quotas, check_interval, check_job_count, check_run_now_rate
 from kjob.store.secrets import references
 
 
 async def check_job_for_tenant(
-    state: GatewayState, tenant: str, spec: JobSpec, now: datetime, previous: JobSpec | None = None
+    state: GatewayState, tenant: str, spec: JobSpec, now: datetime, previous: JobSpec | Timing | None = None
 ) -> None:
     """Raise InvalidInput (naming the field) if `spec` cannot be stored for `tenant`.
 

@@ -13,7 +13,7 @@ from kjob.dispatcher.targets import check_target_at_create
 from kjob.errors import InvalidInput
 from kjob.executor.agents import AgentRegistry
 from kjob.model.channels import DEFAULT_CHANNEL_KINDS, check_channel_kind
-from kjob.model.job import JobSpec
+from kjob.model.job import JobSpec, Timing
 from kjob.model.targets import AllowList
 from kjob.model.text import find_bad_text
 from kjob.model.schedule import Schedule
@@ -25,7 +25,7 @@ def check_job(
     agents: AgentRegistry,
     relay_configured: bool,
     now: datetime,
-    previous: JobSpec | None = None,
+    previous: JobSpec | Timing | None = None,
     text_checked: bool = False,
     channel_kinds: Sequence[str] = DEFAULT_CHANNEL_KINDS,
 ) -> None:

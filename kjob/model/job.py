@@ -9,7 +9,7 @@ from __future__ import annotations
 import posixpath
 import re
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, Literal, Mapping, NamedTuple
 from uuid import UUID
 
 from pydantic import (
@@ -362,6 +362,14 @@ class JobSpec(_Strict):
         return self
 
 
+class Timing(NamedTuple):
+    """When a stored job fires: what the checks of a write compare the new spec with (a
+    schedule that can no longer fire, or fires too often, is refused only when it changes)."""
+
+    schedule: str
+    timezone: str
+
+
 class Job(JobSpec):
     """A stored job: the spec plus what the store assigns."""
 
@@ -406,6 +414,15 @@ def error_from_detail(first: Mapping[str, Any]) -> InvalidInput:
     elif first["type"] == "extra_forbidden":
         msg = "is not a job field"
     return InvalidInput(msg, field)
+
+
+def in_job(err: InvalidInput, slug: Any, where: str) -> str:
+    """The message of `err`, about one job of a file or batch, naming the job: `job 'audit':
+    prompt is required`; by `where` (`job[2]`) when it has no slug to name it by."""
+    who = f"job {slug!r}" if isinstance(slug, str) and slug else where
+    # pydantic's short messages ("is required") read as a sentence with the field in front
+    what = f"{err.field} {err.message}" if err.field and err.message.startswith("is ") else err.message
+    return f"{who}: {what}"
 
 
 def parse_job(data: dict[str, Any]) -> JobSpec:

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import tomli_w
 
 from kjob.errors import InvalidInput, JobFileError
-from kjob.model.job import JobSpec, parse_job
+from kjob.model.job import JobSpec, in_job, parse_job
+from kjob.model.text import find_bad_text
+
+T = TypeVar("T")
 
 #: Fields written even when they hold the default, because a reader expects to see them.
 _ALWAYS_WRITTEN = frozenset({"enabled"})
@@ -37,6 +40,23 @@ def load_jobs(text: str) -> list[JobSpec]:
     :raises JobFileError: the text is not TOML, holds no `job` table, has other top-level keys,
         a job is invalid (the error's field is e.g. `job[2].schedule`), or two jobs share a slug.
     """
+    return [_load_one(path, table) for path, table in _entries(text)]
+
+
+def load_job_tables(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(path, table) of each job of a job file's text, in file order, as written (`job`, or
+    `job[1]`, `job[2]`...: what errors call it): `load_jobs` without validating each job, for a
+    caller that has them validated elsewhere (`kjob apply`, by the server: one check of 10,000
+    jobs instead of two). What is the file's alone is checked here: TOML, its tables, distinct
+    slugs, and text that can be stored (refused in the words of `load_jobs`).
+
+    :raises JobFileError: as `load_jobs`, except for the fields of each job.
+    """
+    return _entries(text)
+
+
+def _entries(text: str) -> list[tuple[str, dict[str, Any]]]:
+    """(path, table) of each job of the file, e.g. `("job[2]", {...})`; the file's own checks."""
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -57,34 +77,45 @@ def load_jobs(text: str) -> list[JobSpec]:
                            "several jobs", "job")
     else:
         raise JobFileError("job must be a [job] table or [[job]] tables", "job")
-    specs: list[JobSpec] = []
     seen: dict[str, str] = {}
     for path, table in entries:
-        spec = _load_one(path, table)
-        if spec.slug in seen:
-            raise JobFileError(f"slug {spec.slug!r} is already used by {seen[spec.slug]}; "
+        if not isinstance(table, dict):
+            raise JobFileError(f"{path} must be a table of fields", path)
+        slug = table.get("slug")
+        if isinstance(slug, str) and slug in seen:
+            raise JobFileError(f"slug {slug!r} is already used by {seen[slug]}; "
                                "each job in a file needs its own slug", f"{path}.slug")
-        seen[spec.slug] = path
-        specs.append(spec)
-    return specs
+        if isinstance(slug, str):
+            seen[slug] = path
+    # One pass over the whole file's text (a TOML escape can write a NUL), not one per job.
+    found = find_bad_text([table for _, table in entries])
+    if found:
+        where, problem = found
+        index, _, field = (where or "").partition(".")
+        path, table = entries[int(index)]
+        raise JobFileError(in_job(InvalidInput(problem, field or None), table.get("slug"), path),
+                           f"{path}.{field}" if field else path)
+    return entries
 
 
-def _load_one(path: str, table: Any) -> JobSpec:
-    if not isinstance(table, dict):
-        raise JobFileError(f"{path} must be a table of fields", path)
+def _load_one(path: str, table: dict[str, Any]) -> JobSpec:
     try:
         return parse_job(table)
     except InvalidInput as e:
-        slug = table.get("slug")
-        who = f"job {slug!r}" if isinstance(slug, str) and slug else path
-        field = f"{path}.{e.field}" if e.field else path
-        # pydantic's short messages ("is required") read as a sentence with the field in front
-        what = f"{e.field} {e.message}" if e.field and e.message.startswith("is ") else e.message
-        raise JobFileError(f"{who}: {what}", field) from None
+        raise JobFileError(in_job(e, table.get("slug"), path), f"{path}.{e.field}" if e.field else path) from None
 
 
 def load_jobs_file(path: str | Path) -> list[JobSpec]:
     """`load_jobs` of a file; errors start with the file's name."""
+    return _from_file(path, load_jobs)
+
+
+def load_job_tables_file(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """`load_job_tables` of a file; errors start with the file's name."""
+    return _from_file(path, load_job_tables)
+
+
+def _from_file(path: str | Path, load: Callable[[str], list[T]]) -> list[T]:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -93,7 +124,7 @@ def load_jobs_file(path: str | Path) -> list[JobSpec]:
     except UnicodeDecodeError:
         raise JobFileError(f"{p} is not UTF-8 text; save the job file as UTF-8", "file") from None
     try:
-        return load_jobs(text)
+        return load(text)
     except JobFileError as e:
         raise JobFileError(f"{p}: {e.message}", e.field) from None
 

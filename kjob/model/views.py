@@ -35,6 +35,13 @@ class ApplyResult(BaseModel):
     job: JobView
 
 
+class AppliedAction(BaseModel):
+    """One job of an apply answered with `results=actions`: its slug and what was done."""
+
+    slug: str
+    action: ApplyAction
+
+
 class RunView(Run):
     """A ledger row, plus how long it ran (seconds, null until finished) and what its agent
     reported over all its attempts (`agent`, `model`, `tokens_in`, `tokens_out`, `cost_usd`,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -66,16 +67,21 @@ async def record_by(
     await record(conn, actor.tenant, actor.subject, actor.token_id, action, target, change)
 
 
-async def record_many_by(
-    conn: AsyncConnection, actor: Actor, entries: list[tuple[str, str, dict[str, Any] | None]]
-) -> None:
-    """`record_by` of many `(action, target, change)` in one executemany statement."""
+#: Audit rows of many changes, in the order given (their ids say it), from columns as arrays.
+_RECORD_MANY_SQL = """
+INSERT INTO audit_log (tenant, actor, token_id, action, target, change)
+SELECT $1, $2, $3, a.action, a.target, a.change::jsonb
+FROM unnest($4::text[], $5::text[], $6::text[]) WITH ORDINALITY AS a(action, target, change, i)
+ORDER BY a.i
+"""
+
+
+async def record_many_raw(db: asyncpg.Connection, actor: Actor, entries: list[tuple[str, str, str]]) -> None:
+    """`record_by` of many `(action, target, change as JSON text)` in one statement, on the
+    asyncpg connection of the caller's transaction (`JobStore.apply_many`)."""
     if entries:
-        await conn.execute(audit_log.insert(), [
-            dict(tenant=actor.tenant, actor=actor.subject, token_id=actor.token_id, action=action, target=target,
-                 change=change)
-            for action, target, change in entries
-        ])
+        actions, targets, changes = (list(column) for column in zip(*entries, strict=True))
+        await db.execute(_RECORD_MANY_SQL, actor.tenant, actor.subject, actor.token_id, actions, targets, changes)
 
 
 async def list_audit(

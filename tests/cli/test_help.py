@@ -6,6 +6,8 @@ overlap policy ..." on two lines of 20 and 70 characters)."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -109,3 +111,12 @@ def test_help_fits_80_columns_and_breaks_only_where_it_must(path: tuple[str, ...
             if tail and head:
                 assert not (tail[0] + head[0] in known and tail[0] not in known), \
                     f"a word cut in two: {above!r} / {below!r}"
+
+
+def test_the_cli_starts_without_the_servers_libraries() -> None:
+    # Every command pays for what `kjob` imports at start: the server's stack (FastAPI, the
+    # store's SQLAlchemy and cryptography) was most of a second of each `kjob apply`.
+    code = "import sys, kjob.cli.main; print(' '.join(sorted(m for m in sys.modules if '.' not in m)))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "typer" in loaded and "httpx" in loaded  # what a client command needs
+    assert not {"fastapi", "starlette", "sqlalchemy", "cryptography", "uvicorn", "asyncpg"} & set(loaded)

@@ -219,8 +219,17 @@ def test_apply_reads_stdin(kjob: Run) -> None:
         (JOBS_FILE.replace('channel = "none"', 'channel = "kode-chat:ops"'), "job[1].output.channel"),
         (JOBS_FILE.replace('schedule = "*/5 * * * *"', 'schedule = "@once 2020-01-01T00:00Z"'), "job[2].schedule"),
         ("", "job"),  # no job at all
+        (JOBS_FILE.replace('prompt   = "curl -fsS https://example.test/health"\n', ""), "job[2].prompt"),
+        (JOBS_FILE.replace('timeout  = "30m"', 'timeout  = "30 minutes"'), "job[1].timeout"),
+        (JOBS_FILE + "bogus = 1\n", "job[2].bogus"),
+        (JOBS_FILE + "sandbox = { cpus = inf }\n", "job[2].sandbox.cpus"),  # no JSON for it: refused here
+        (JOBS_FILE + "description = 2026-05-15\n", "job[2].description"),  # a TOML date, neither
+        (JOBS_FILE + 'description = "a\\u0000b"\n', "job[2].description"),  # NUL, through an escape
+        (JOBS_FILE + JOBS_FILE.split("[[job]]")[2].join(["[[job]]", ""]), "job[3].slug"),  # a slug twice
     ],
-    ids=["malformed toml", "bad cron", "unknown agent", "undeliverable channel", "once in the past", "empty file"],
+    ids=["malformed toml", "bad cron", "unknown agent", "undeliverable channel", "once in the past", "empty file",
+         "missing prompt", "bad duration", "unknown field", "infinite cpus", "date for text", "NUL",
+         "slug twice"],
 )
 def test_a_bad_file_changes_nothing(kjob: Run, tmp_path: Path, text: str, field: str | None) -> None:
     kjob("create", "--slug", "health-probe", "--prompt", "old", "--schedule", "@hourly", "--agent", "shell")
@@ -229,6 +238,36 @@ def test_a_bad_file_changes_nothing(kjob: Run, tmp_path: Path, text: str, field:
     path.write_text(text)
     one_line_error(kjob("apply", "-f", str(path)), field)
     assert jobs_json(kjob) == before
+
+
+@pytest.mark.parametrize(
+    "old,new,field,says",
+    [
+        ('agent    = "shell"', 'agent    = "nobody"', "job[2].agent", "job 'health-probe': unknown agent 'nobody'"),
+        ('prompt   = "curl -fsS https://example.test/health"\n', "", "job[2].prompt",
+         "job 'health-probe': prompt is required"),
+        ('schedule = "0 9 * * MON"', 'schedule = "0 9 * *"', "job[1].schedule",
+         "job 'weekly-stack-audit': '0 9 * *': a cron expression has 5 fields"),
+    ],
+    ids=["a check of the server's", "a missing field", "a bad value"],
+)
+def test_a_bad_job_is_named_by_file_job_and_field(
+        kjob: Run, tmp_path: Path, old: str, new: str, field: str, says: str) -> None:
+    path = tmp_path / "jobs.toml"
+    path.write_text(JOBS_FILE.replace(old, new))
+    assert one_line_error(kjob("apply", "-f", str(path)), field).startswith(f"error: {field}: {path}: {says}")
+    # from stdin: no file to name
+    assert one_line_error(kjob("apply", "-f", "-", input=path.read_text()), field).startswith(f"error: {field}: {says}")
+    assert jobs_json(kjob) == []
+
+
+@pytest.mark.parametrize("header,path", [("[job]", "job"), ("[[job]]", "job[1]")])
+def test_a_file_of_one_job_names_it_as_written(kjob: Run, tmp_path: Path, header: str, path: str) -> None:
+    file = tmp_path / "one.toml"
+    file.write_text(f'{header}\nslug = "one"\nprompt = "p"\nagent = "nobody"\nschedule = "@daily"\n')
+    one_line_error(kjob("apply", "-f", str(file)), f"{path}.agent")  # the server's check
+    file.write_text(f'{header}\nslug = "one"\nprompt = "p"\nagent = "shell"\nschedule = "@daily"\nbogus = 1\n')
+    one_line_error(kjob("apply", "-f", str(file)), f"{path}.bogus")  # the model's
 
 
 def test_apply_of_a_missing_file_is_one_line(kjob: Run, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from kjob.bus import names
 from kjob.client import (
+    AppliedAction,
     ApplyResult,
     AsyncClient,
     Client,
@@ -75,6 +76,26 @@ async def test_apply_is_idempotent_and_a_bad_job_refuses_the_batch_naming_it(api
     assert remote.value.field == "jobs.1.agent" and remote.value.status == 422 and "nobody" in remote.value.message
     jobs = await collect(api.jobs.list())
     assert [(j.slug, j.description) for j in jobs] == [("a-one", ""), ("a-two", "")]  # all or nothing
+
+
+async def test_apply_actions_answers_slug_and_action_and_leaves_the_checks_to_the_server(api: Api) -> None:
+    first = await done(api.jobs.apply_actions([job("b-one"), JobSpec(**job("b-two"))]))  # type: ignore[arg-type]
+    assert first == [AppliedAction(slug="b-one", action="created"), AppliedAction(slug="b-two", action="created")]
+    changed = await done(api.jobs.apply_actions([job("b-one", description="changed"), job("b-two")]))
+    assert [(r.slug, r.action) for r in changed] == [("b-one", "updated"), ("b-two", "unchanged")]
+
+    # a bad value is refused by the server (422), in the words of the model, naming the job
+    with pytest.raises(InvalidInput) as remote:
+        await done(api.jobs.apply_actions([job("b-one", description="again"), job("b-three", schedule="61 * * * *")]))
+    assert remote.value.field == "jobs.1.schedule" and remote.value.status == 422
+    assert remote.value.message.startswith("job 'b-three': '61 * * * *'")
+    # one JSON cannot carry (a job file's date) is refused here, in the same words
+    with pytest.raises(InvalidInput) as local:
+        await done(api.jobs.apply_actions([job("b-one", description=datetime(2026, 1, 1, tzinfo=timezone.utc))]))
+    assert local.value.field == "jobs.0.description" and local.value.status is None
+    assert local.value.message == "job 'b-one': Input should be a valid string"
+    jobs = await collect(api.jobs.list())
+    assert [(j.slug, j.description) for j in jobs] == [("b-one", "changed"), ("b-two", "")]  # all or nothing
 
 
 async def test_list_pages_past_one_page(api: Api) -> None:

@@ -176,3 +176,55 @@ async def test_a_job_file_larger_than_other_bodies_applies_all_or_nothing(api: h
     big = job_body("big", prompt="x" * 1000)
     response = await api.post("/v1/jobs", json={**big, "labels": {f"k{i}": "v" * 60 for i in range(4000)}})
     assert_error(response, 413, "body")
+
+
+async def test_apply_can_answer_with_each_jobs_action_alone(api: httpx.AsyncClient, changes: list) -> None:
+    # `kjob apply` prints no more than this: for 10,000 jobs the full answer was most of the time
+    await api.post("/v1/jobs", json=job_body("existing"))
+    jobs = [job_body("existing", prompt="changed"), job_body("fresh")]
+    first = await api.post("/v1/jobs:apply", params={"results": "actions"}, json={"jobs": jobs})
+    assert first.status_code == 200, first.text
+    assert first.json() == {"results": [{"slug": "existing", "action": "updated"}, {"slug": "fresh", "action": "created"}]}
+    assert [c[1:] for c in changes] == [("existing", "created", True), ("existing", "updated", True),
+                                        ("fresh", "created", True)]
+    assert {j["slug"]: j["prompt"] for j in (await api.get("/v1/jobs")).json()} == {
+        "existing": "changed", "fresh": jobs[1]["prompt"]}
+    again = await api.post("/v1/jobs:apply", params={"results": "actions"}, json={"jobs": jobs})
+    assert [r["action"] for r in again.json()["results"]] == ["unchanged", "unchanged"]
+    full = await api.post("/v1/jobs:apply", params={"results": "jobs"}, json={"jobs": jobs})
+    assert [(r["action"], r["job"]["slug"], r["job"]["next_fire"] is not None) for r in full.json()["results"]] == [
+        ("unchanged", "existing", True), ("unchanged", "fresh", True)]
+    assert_error(await api.post("/v1/jobs:apply", params={"results": "some"}, json={"jobs": jobs}), 422, "results")
+
+
+async def test_a_bad_job_of_an_apply_is_named_by_its_slug(api: httpx.AsyncClient) -> None:
+    missing = {k: v for k, v in job_body("no-prompt").items() if k != "prompt"}
+    message = assert_error(await api.post("/v1/jobs:apply", json={"jobs": [job_body("good"), missing]}),
+                           422, "jobs.1.prompt")
+    assert message == "job 'no-prompt': prompt is required"
+    message = assert_error(await api.post("/v1/jobs:apply", json={"jobs": [job_body("x", timeout="soon")]}),
+                           422, "jobs.0.timeout")
+    assert message.startswith("job 'x': 'soon' is not a duration")
+    message = assert_error(await api.post("/v1/jobs:apply", json={"jobs": [job_body("y", agent="nobody")]}),
+                           422, "jobs.0.agent")  # a check of the server's, after the model's
+    assert message.startswith("job 'y': unknown agent 'nobody'")
+    # no slug to name it by: its place in the batch
+    assert assert_error(await api.post("/v1/jobs:apply", json={"jobs": [job_body("z"), 7]}), 422, "jobs.1").startswith(
+        "jobs.1: ")
+    assert (await api.get("/v1/jobs")).json() == []
+
+
+async def test_a_fired_once_job_reapplied_unchanged_in_a_file_is_accepted(api: httpx.AsyncClient,
+                                                                       state: GatewayState) -> None:
+    # The apply compares with the stored timing: only a new or changed past @once is refused.
+    from kjob.gateway.auth import actor_of
+    from kjob.model.job import parse_job
+    from kjob.store.tokens import Principal
+
+    past = job_body("one-shot", schedule="@once 2020-01-01T09:00Z")
+    await state.jobs.create(actor_of(Principal(tenant="acme", role="admin", token_id="t")), parse_job(past))
+    batch = [{**past, "description": "done"}, job_body("other")]
+    applied = await api.post("/v1/jobs:apply", params={"results": "actions"}, json={"jobs": batch})
+    assert applied.json()["results"] == [{"slug": "one-shot", "action": "updated"}, {"slug": "other", "action": "created"}]
+    moved = [{**past, "schedule": "@once 2021-01-01T09:00Z"}]
+    assert_error(await api.post("/v1/jobs:apply", json={"jobs": moved}), 422, "jobs.0.schedule")

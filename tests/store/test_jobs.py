@@ -11,11 +11,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from kjob._time import utcnow
 from kjob.errors import Conflict, InvalidInput, NotFound
 from kjob.model.job import JobSpec, parse_job
 from kjob.store.audit import Actor, list_audit
 from kjob.store.jobs import JobStore
-from kjob.store.tables import job_dispatch_targets
+from kjob.store.tables import job_dispatch_targets, job_runs
 from kjob.store.tables import jobs as jobs_table
 
 ALICE = Actor(subject="alice", token_id="tok-a", tenant="acme")
@@ -312,3 +313,77 @@ async def test_listed_jobs_equal_the_jobs_read_one_by_one(store: JobStore) -> No
     assert by_slug["docker"].sandbox.env == {"A": "1"} and by_slug["docker"].retries.max == 3
     assert by_slug["plain"].sandbox.backend == "process" and by_slug["plain"].retries.max == 0
     assert by_slug["hooked"].catchup.policy == "all" and by_slug["hooked"].timeout == timedelta(minutes=5)
+
+
+async def test_apply_many_creates_updates_and_leaves_alone_in_one_go(store: JobStore, engine: AsyncEngine) -> None:
+    kept = await store.create(ALICE, spec("kept"))
+    moved = await store.create(ALICE, spec("moved", output={"channel": "none"}))
+    files = [spec("moved", output={"channel": "slack:#ops"}, schedule="0 10 * * *"), spec("fresh"), spec("kept")]
+
+    applied = await store.apply_many(ALICE, files)
+
+    assert [(a.slug, a.action) for a in applied] == [("moved", "updated"), ("fresh", "created"), ("kept", "unchanged")]
+    by_slug = {a.slug: a.job() for a in applied}
+    assert by_slug["kept"] == kept == await store.get("acme", "kept")
+    assert by_slug["moved"] == await store.get("acme", "moved")
+    assert by_slug["moved"].id == moved.id and by_slug["moved"].schedule == "0 10 * * *"
+    assert by_slug["moved"].updated_at > moved.updated_at and by_slug["moved"].created_at == moved.created_at
+    assert by_slug["fresh"] == await store.get("acme", "fresh")
+    assert by_slug["fresh"].spec() == spec("fresh") and by_slug["fresh"].enabled_at == by_slug["fresh"].created_at
+    assert (await _version(engine, "moved"), await _version(engine, "kept"), await _version(engine, "fresh")) == (2, 1, 1)
+    assert await _target(engine, moved.id) == ("slack:#ops", "relay")
+    assert await _target(engine, by_slug["fresh"].id) == ("none", "none")
+    # one audit row per change, in the file's order, saying what changed (newest first)
+    create, update = (await list_audit(engine, "acme"))[:2]
+    assert (update.action, update.target, create.action, create.target) == (
+        "job.update", "job/moved", "job.create", "job/fresh")
+    assert update.id < create.id and update.actor == "alice" and update.token_id == "tok-a"
+    assert update.change == {"output": {"from": {"channel": "none", "notify": "always", "quiet": "NO_REPLY"},
+                                        "to": {"channel": "slack:#ops", "notify": "always", "quiet": "NO_REPLY"}},
+                             "schedule": {"from": "0 9 * * *", "to": "0 10 * * *"}}
+    assert create.change == {"spec": by_slug["fresh"].spec().model_dump(mode="json")}
+
+    again = await store.apply_many(ALICE, files)
+    assert [a.action for a in again] == ["unchanged"] * 3
+    assert [a.job() for a in again] == [by_slug["moved"], by_slug["fresh"], by_slug["kept"]]
+    assert len(await list_audit(engine, "acme")) == 4  # nothing written for the unchanged
+
+
+async def test_apply_many_pauses_and_resumes_as_apply_does(store: JobStore) -> None:
+    await store.apply_many(ALICE, [spec("a"), spec("b", enabled=False)])
+    [paused, resumed] = await store.apply_many(ALICE, [spec("a", enabled=False), spec("b")])
+    assert (paused.action, resumed.action) == ("updated", "updated")
+    a, b = await store.get("acme", "a"), await store.get("acme", "b")
+    assert (a.enabled, a.paused_at is not None, b.enabled, b.paused_at) == (False, True, True, None)
+    assert b.enabled_at is not None and b.enabled_at == b.updated_at  # no slot from the paused time runs
+    assert (paused.job(), resumed.job()) == (a, b)
+
+
+async def test_apply_many_compares_with_what_apply_compares(store: JobStore, engine: AsyncEngine) -> None:
+    # A job stored before a field existed has no key for it; the spec applied now holds the
+    # field's default (null): unchanged, as one `apply` says, not an update with no change.
+    await store.create(ALICE, spec())
+    async with engine.begin() as conn:
+        await conn.execute(jobs_table.update().values(spec=jobs_table.c.spec.op("-")("workspace")))
+    [result] = await store.apply_many(ALICE, [spec()])
+    assert result.action == "unchanged" and (await store.apply(ALICE, spec()))[1] == "unchanged"
+    # ... and another tenant's job of the same slug is neither read nor touched
+    [theirs] = await store.apply_many(BOB, [spec(prompt="theirs")])
+    assert theirs.action == "created" and (await store.get("acme", "nightly-report")).prompt == "summarise the day"
+
+
+async def test_apply_many_drops_the_slots_queued_ahead_of_the_jobs_it_stops_or_retimes(engine: AsyncEngine) -> None:
+    store = JobStore(engine, void_ahead=True)
+    created = {a.slug: a.id for a in await store.apply_many(ALICE, [spec(s) for s in ("stop", "retime", "reword")])}
+    ahead = utcnow() + timedelta(minutes=5)
+    async with engine.begin() as conn:
+        await conn.execute(job_runs.insert(), [
+            {"id": f"run-{slug}", "job_id": job_id, "tenant": "acme", "slug": slug, "slot": ahead,
+             "trigger": "schedule", "status": "scheduled"} for slug, job_id in created.items()])
+
+    await store.apply_many(ALICE, [spec("stop", enabled=False), spec("retime", schedule="0 8 * * *"),
+                                   spec("reword", prompt="other words")])
+
+    async with engine.connect() as conn:
+        left = (await conn.execute(select(job_runs.c.slug))).scalars().all()
+    assert left == ["reword"]  # the same slots: its queued one is still its own

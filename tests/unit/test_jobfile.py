@@ -9,7 +9,7 @@ import pytest
 
 from kjob.errors import JobFileError
 from kjob.model.job import parse_job
-from kjob.model.jobfile import dump_job, dump_jobs, load_jobs, load_jobs_file
+from kjob.model.jobfile import dump_job, dump_jobs, load_job_tables, load_jobs, load_jobs_file
 
 #: RFC-001 section 5, verbatim.
 RFC_EXAMPLE = """\
@@ -154,3 +154,27 @@ def test_every_field_survives_a_round_trip() -> None:
 def test_dump_jobs_of_one_still_uses_an_array_of_tables() -> None:
     [job] = load_jobs(RFC_EXAMPLE)
     assert dump_jobs([job]).startswith("[[job]]\n")
+
+
+def test_the_tables_of_a_file_are_its_jobs_as_written_checked_as_a_file() -> None:
+    # `kjob apply` has each job checked by the server: its fields pass through unjudged ...
+    entries = load_job_tables(TWO_JOBS.replace('"@every 5m"', '"61 * * * *"'))
+    assert [path for path, _ in entries] == ["job[1]", "job[2]"]
+    assert entries[1][1] == {"slug": "probe", "prompt": "curl -fsS https://status.example.com", "agent": "shell",
+                             "schedule": "61 * * * *"}
+    assert [path for path, _ in load_job_tables(RFC_EXAMPLE)] == ["job"]
+    # ... and what is the file's is refused as `load_jobs` refuses it
+    for text, field, message in [
+        (TWO_JOBS.replace('"probe"', '"nightly-report"'), "job[2].slug", "slug 'nightly-report' is already used by job[1]"),
+        (TWO_JOBS.replace('agent = "shell"', 'agent = "she\\u0000ll"'), "job[2].agent", "job 'probe': holds a NUL"),
+        (TWO_JOBS.replace('"nightly-report"', '"night\\u0000ly"'), "job[1].slug", "job 'night\\x00ly': holds a NUL"),
+        ("job = 3", "job", "job must be a [job] table"),
+        ("[[job]]\n[[job]]\nslug = 'x'\n[other]\n", "other", "unknown top-level key 'other'"),
+        ("", "job", "no job in the file"),
+    ]:
+        with pytest.raises(JobFileError) as e:
+            load_job_tables(text)
+        assert (e.value.field, e.value.message[:len(message)]) == (field, message)
+        with pytest.raises(JobFileError) as same:
+            load_jobs(text)
+        assert (same.value.field, same.value.message) == (e.value.field, e.value.message)

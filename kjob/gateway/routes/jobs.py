@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, Query, Request, Response, status
 from pydantic import BaseModel, Field, ValidationError
@@ -25,10 +25,11 @@ from kjob.gateway.tenant_checks import check_job_for_tenant, check_new_jobs
 from kjob.gateway.limits import MAX_APPLY_JOBS
 from kjob.gateway.validation import check_job, check_storable, check_target
 from kjob.store.usage import UsageStore
-from kjob.model.job import TEXT_CHECKED, Job, JobSpec, error_from_detail, merge_job
+from kjob.model.job import TEXT_CHECKED, Job, JobSpec, Timing, error_from_detail, in_job, merge_job
 from kjob.model.run import utc_text
 from kjob.model.schedule import Schedule
-from kjob.model.views import ApplyResult, JobView
+from kjob.model.views import AppliedAction, ApplyResult, JobView
+from kjob.store.jobs import Applied, gc_paused
 from kjob.store.tokens import Principal
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,16 @@ class ApplyRequest(BaseModel):
 
 class ApplyResponse(BaseModel):
     results: list[ApplyResult]
+
+
+class ApplyActionsResponse(BaseModel):
+    """The answer of `results=actions`."""
+
+    results: list[AppliedAction]
+
+
+#: How much an apply answers of each job (the query parameter `results`).
+ApplyAnswer = Literal["jobs", "actions"]
 
 
 class DisableRequest(BaseModel):
@@ -82,7 +93,8 @@ async def _previous(state: GatewayState, tenant: str, slug: str) -> Job | None:
         return None
 
 
-async def _check(state: GatewayState, tenant: str, spec: JobSpec, now: datetime, previous: Job | None = None,
+async def _check(state: GatewayState, tenant: str, spec: JobSpec, now: datetime,
+                 previous: JobSpec | Timing | None = None,
                  text_checked: bool = False) -> None:
     check_job(
         spec,
@@ -141,34 +153,59 @@ _CHECKS_PER_YIELD = 200
 
 
 def _parse_apply(body: bytes) -> list[JobSpec]:
-    """The jobs of an apply body. Raises InvalidInput naming `jobs.<i>.<field>`, or
-    ValueError for a body that is not JSON."""
-    try:
-        data = json.loads(body)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-    try:
-        # BodyLimit checked the whole body's text: not again, job by job.
-        return ApplyRequest.model_validate(data, context={TEXT_CHECKED: True}).jobs
-    except ValidationError as err:
-        e = error_from_detail(err.errors()[0])
-        raise InvalidInput(e.message, e.field or "body") from None
+    """The jobs of an apply body. Raises InvalidInput naming `jobs.<i>.<field>` (and the job,
+    by its slug, in the message), or ValueError for a body that is not JSON."""
+    # Some 100,000 objects for a file of 10,000 jobs, none in a cycle: the collector's passes
+    # over them were 2/3 of the time.
+    with gc_paused():
+        try:
+            data = json.loads(body)
+        except RecursionError:
+            raise ValueError("nested too deeply") from None
+        try:
+            # BodyLimit checked the whole body's text: not again, job by job.
+            return ApplyRequest.model_validate(data, context={TEXT_CHECKED: True}).jobs
+        except ValidationError as err:
+            raise _body_error(data, err.errors()[0]) from None
 
 
-def _apply_response(applied: list[tuple[Job, str]], now: datetime) -> Response:
-    response = ApplyResponse(results=[ApplyResult(action=action, job=job_view(job, now)) for job, action in applied])
+def _body_error(data: Any, first: Any) -> InvalidInput:
+    """pydantic's first error in an apply body, naming the job by its slug as the checks after
+    it do: `job 'audit': prompt is required`, field `jobs.3.prompt`."""
+    e = error_from_detail(first)
+    loc = first["loc"]
+    if len(loc) < 2 or loc[0] != "jobs" or not isinstance(loc[1], int):
+        return InvalidInput(e.message, e.field or "body")
+    where = f"jobs.{loc[1]}"
+    job = data["jobs"][loc[1]]
+    inner = InvalidInput(e.message, (e.field or "")[len(where) + 1:] or None)
+    return InvalidInput(in_job(inner, job.get("slug") if isinstance(job, dict) else None, where), e.field)
+
+
+def _apply_response(applied: list[Applied], now: datetime, results: ApplyAnswer) -> Response:
+    if results == "actions":  # what `kjob apply` prints: a small answer, whatever the jobs hold
+        body = json.dumps({"results": [{"slug": a.slug, "action": a.action} for a in applied]})
+        return Response(body, media_type="application/json")
+    response = ApplyResponse(results=[ApplyResult(action=a.action, job=job_view(a.job(), now)) for a in applied])
     return Response(response.model_dump_json(), media_type="application/json")
 
 
-@router.post("/jobs:apply", response_model=ApplyResponse, openapi_extra=_APPLY_BODY)
-async def apply_jobs(raw: Request, principal: Editor, state: State) -> Response:
+@router.post("/jobs:apply", response_model=ApplyResponse | ApplyActionsResponse, openapi_extra=_APPLY_BODY)
+async def apply_jobs(
+    raw: Request,
+    principal: Editor,
+    state: State,
+    results: Annotated[ApplyAnswer, Query(
+        description="`jobs`: each result holds its job as GET shows it; `actions`: only its slug and action "
+                    "(`kjob apply`: the same answer for 10,000 jobs in a fraction of the time)")] = "jobs",
+) -> Response:
     """Create or update several jobs, idempotently (a job file), all or none. Every job is
     checked before any is written: one bad job refuses the whole request, naming it
     (`jobs.<i>.<field>`); then all are written in one transaction and announced together.
 
     The body is parsed and the answer built in a worker thread: for 10,000 jobs each takes
-    seconds of CPU, which on the event loop would stall every other request and the ticker's
-    lease renewals of a node running both."""
+    a large share of a second of CPU, which on the event loop would stall every other
+    request and the ticker's lease renewals of a node running both."""
     now = utcnow()
     try:
         specs = await asyncio.to_thread(_parse_apply, await raw.body())
@@ -181,26 +218,24 @@ async def apply_jobs(raw: Request, principal: Editor, state: State) -> Response:
         if spec.slug in seen:
             raise InvalidInput(f"slug {spec.slug!r} appears twice (jobs {seen[spec.slug]} and {i})", f"jobs.{i}.slug")
         seen[spec.slug] = i
-    previous = await state.jobs.get_many(principal.tenant, list(seen))
+    previous = await state.jobs.timings(principal.tenant, list(seen))
     for i, spec in enumerate(specs):
         if i % _CHECKS_PER_YIELD == _CHECKS_PER_YIELD - 1:
             await asyncio.sleep(0)
         try:
             await _check(state, principal.tenant, spec, now, previous.get(spec.slug), text_checked=True)
         except InvalidInput as e:
-            raise InvalidInput(
-                f"job {spec.slug!r}: {e.message}", f"jobs.{i}.{e.field}" if e.field else f"jobs.{i}"
-            ) from None
+            raise InvalidInput(in_job(e, spec.slug, f"jobs.{i}"), f"jobs.{i}.{e.field}" if e.field else f"jobs.{i}") from None
     # jobs this request creates, for the tenant's job quota
     await check_new_jobs(state, principal.tenant, sum(spec.slug not in previous for spec in specs))
     applied = await state.jobs.apply_many(actor_of(principal), specs)
-    changed = [(job, action) for job, action in applied if action != "unchanged"]
+    changed: list[tuple[Applied, ChangeKind]] = [(a, a.action) for a in applied if a.action != "unchanged"]
     if changed:
         try:  # committed: a failed announcement must not fail the request (the ticker resyncs)
             await state.on_jobs_changed(principal.tenant, changed)
         except Exception:
             log.exception("%d jobs of %s applied, but announcing them failed", len(changed), principal.tenant)
-    return await asyncio.to_thread(_apply_response, applied, now)
+    return await asyncio.to_thread(_apply_response, applied, now, results)
 
 
 @router.get("/jobs/{slug}", response_model=JobView)

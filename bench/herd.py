@@ -24,6 +24,7 @@ the run: a sleep to the instant, then the claim.
 from __future__ import annotations
 
 import argparse
+import os
 import asyncio
 import sys
 from datetime import datetime, timedelta, timezone
@@ -50,6 +51,9 @@ async def herd(s: Servers, n: int, lookahead_ms: int) -> None:
         slot += timedelta(minutes=1)
     await asyncio.sleep((slot - datetime.now(timezone.utc)).total_seconds() + 3)
     rows, published, started = await lags(s.engine, slot, slot + timedelta(seconds=1))
+    if os.environ.get("HERD_LOGS"):
+        for node in s.nodes:
+            print(node.logs(20_000))
     for node in s.nodes:
         node.stop()
     s.nodes.clear()

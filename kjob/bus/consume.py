@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 from typing import Awaitable, Callable
 
 from nats.js.errors import FetchTimeoutError
 
-from kjob._tasks import cancel_and_wait
 from kjob.bus import ack
 from kjob.bus.errors import BUS_ERRORS
 
@@ -34,47 +35,54 @@ async def consume(sub, handle: Callable[[object], Awaitable[None]], *, concurren
     """Run `handle(msg)` for every message of the pull subscription, at most `concurrency` at
     once, until `stop`. A handler that raises is logged; its message is left to redelivery.
     `hold(msg)`: seconds the message is to wait before its handler (0: none)."""
+    loop = asyncio.get_running_loop()
     free = asyncio.Semaphore(concurrency)
     tasks: set[asyncio.Task] = set()
-    held = 0
+    #: Early messages by instant (loop time). One releaser starts them as slots free up, so a
+    #: herd's first run starts at the instant instead of after 10,000 timers have fired.
+    held: list[tuple[float, int, object]] = []
+    order = itertools.count()
+    added = asyncio.Event()
 
-    async def run(msg) -> None:
-        nonlocal held
-        owns_slot = True
+    async def run(msg, wait: float = 0.0) -> None:
         try:
-            wait = hold(msg) if hold is not None else 0.0
-            if wait > 0:
-                alive = asyncio.create_task(_keep_alive(msg, keepalive_s))
-                try:
-                    if held < MAX_HELD:
-                        free.release()
-                        owns_slot, held = False, held + 1
-                        try:
-                            await asyncio.sleep(wait)
-                        finally:
-                            held -= 1
-                        await free.acquire()
-                        owns_slot = True
-                    else:
-                        await asyncio.sleep(wait)
-                except asyncio.CancelledError:
-                    await asyncio.shield(ack.give_back(msg))
-                    raise
-                finally:
-                    await cancel_and_wait(alive)
+            if wait > 0:  # more held than MAX_HELD: this one waits in its slot
+                await asyncio.sleep(wait)
             if stop.is_set():  # stopping: what has not started here is another's to start
                 await ack.give_back(msg)
                 return
             await handle(msg)
         finally:
-            if owns_slot:
-                free.release()
+            free.release()
+
+    def start(msg, wait: float = 0.0) -> None:  # holding a slot of `free`
+        task = asyncio.create_task(run(msg, wait))
+        tasks.add(task)
+        task.add_done_callback(done)
 
     def done(task: asyncio.Task) -> None:
         tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: handler crashed", name, exc_info=task.exception())
 
+    async def release_held() -> None:
+        while True:
+            if not held or held[0][0] > loop.time():
+                added.clear()
+                timeout = held[0][0] - loop.time() if held else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(added.wait(), timeout)
+                continue
+            await free.acquire()
+            start(heapq.heappop(held)[2])  # only this task pops: the earliest is still due
+
+    async def keep_held_alive() -> None:
+        while True:
+            await asyncio.sleep(keepalive_s)
+            for _, _, msg in list(held):
+                await _in_progress(msg)
+
+    helpers = [asyncio.create_task(release_held()), asyncio.create_task(keep_held_alive())]
     try:
         while not stop.is_set():
             await free.acquire()
@@ -87,28 +95,32 @@ async def consume(sub, handle: Callable[[object], Awaitable[None]], *, concurren
                 log.warning("%s: fetch failed (%s); retrying", name, err)
                 msgs = []
                 await asyncio.sleep(0.5)
-            if not msgs:
-                free.release()
-                continue
-            for i, msg in enumerate(msgs):
-                if i > 0:
+            in_hand = True  # the slot acquired above
+            for msg in msgs:
+                wait = hold(msg) if hold is not None else 0.0
+                if wait > 0 and len(held) < MAX_HELD:
+                    heapq.heappush(held, (loop.time() + wait, next(order), msg))
+                    added.set()
+                    continue
+                if not in_hand:
                     await free.acquire()
-                task = asyncio.create_task(run(msg))
-                tasks.add(task)
-                task.add_done_callback(done)
+                in_hand = False
+                start(msg, wait)
+            if in_hand:
+                free.release()
     finally:
-        for task in list(tasks):
+        for task in [*helpers, *tasks]:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*helpers, *tasks, return_exceptions=True)
+        # Held, never started: given back, to be redelivered at once rather than at their ack deadline.
+        await asyncio.gather(*(ack.give_back(msg) for _, _, msg in held))
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
 
 
-async def _keep_alive(msg, every_s: float) -> None:
-    """Push the message's ack deadline out every `every_s` while it waits for its handler."""
-    while True:
-        await asyncio.sleep(every_s)
-        try:
-            await msg.in_progress()
-        except BUS_ERRORS as err:  # NATS away: the message may come again, and the claim decides
-            log.debug("in_progress of a held message failed (%s)", err)
+async def _in_progress(msg) -> None:
+    """Push a held message's ack deadline out."""
+    try:
+        await msg.in_progress()
+    except BUS_ERRORS as err:  # NATS away: the message may come again, and the claim decides
+        log.debug("in_progress of a held message failed (%s)", err)

@@ -59,7 +59,7 @@ async def test_memory_hog_is_oom_killed_with_the_reason(docker_sandbox: DockerSa
 
     assert all(o.exit_code == 137 for o in outcomes), outcomes
     named = [o for o in outcomes if o.reason == "OOM killed (memory limit 16m)"]
-    assert named and all(o.extra.get("oom_killed") == "true" for o in named), outcomes
+    assert named and all(o.oom_killed for o in named), outcomes
     assert all(o in named or "SIGKILL" in o.reason for o in outcomes), outcomes
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Awaitable, Callable, Optional
@@ -65,7 +65,7 @@ class Outcome:
     output: str = ""  #: stdout+stderr interleaved, up to the cap
     output_bytes: int = 0  #: total produced, including what the cap dropped
     dropped_bytes: int = 0  #: produced beyond the cap: counted, never silently lost
-    extra: dict[str, str] = field(default_factory=dict)
+    oom_killed: bool = False  #: the kernel killed it at its memory limit
 
 
 class Sandbox(abc.ABC):

@@ -234,7 +234,7 @@ class DockerSandbox(Sandbox):
             return Outcome(start_error=f"agent command {launch.argv[0]!r} could not start in image "
                                        f"{launch.spec.image!r}: {failed.group(1)}", permanent=True, **fields)
         if oom:
-            return Outcome(exit_code=code, reason=oom_reason(code, launch.spec.memory), extra={"oom_killed": "true"},
+            return Outcome(exit_code=code, reason=oom_reason(code, launch.spec.memory), oom_killed=True,
                            **fields)
         return Outcome(exit_code=code, reason=exit_reason(code), **fields)
 

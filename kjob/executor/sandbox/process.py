@@ -317,7 +317,7 @@ class ProcessSandbox(Sandbox):
                 os.close(status[0])
         if cgroup is not None and outcome.exit_code is not None and MemoryCgroups.oom_kills(cgroup):
             outcome = dataclasses.replace(outcome, reason=oom_reason(outcome.exit_code, launch.spec.memory),
-                                          extra={**outcome.extra, "oom_killed": "true"})
+                                          oom_killed=True)
         return outcome
 
     def _visible(self, program: str) -> bool:

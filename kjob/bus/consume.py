@@ -69,9 +69,11 @@ async def consume(sub, handle: Callable[[object], Awaitable[None]], *, concurren
         while True:
             if not held or held[0][0] > loop.time():
                 added.clear()
-                timeout = held[0][0] - loop.time() if held else None
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow the cancellation
+                # that ends this loop when `added` is set at the same moment (seen: a stop hung).
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(added.wait(), timeout)
+                    async with asyncio.timeout(held[0][0] - loop.time() if held else None):
+                        await added.wait()
                 continue
             await free.acquire()
             start(heapq.heappop(held)[2])  # only this task pops: the earliest is still due

@@ -190,7 +190,8 @@ FOR UPDATE OF r FOR SHARE OF j
 _CLAIM_SQL = text("""
 WITH claimed AS (
     UPDATE job_runs SET status = 'running', attempt = attempt + 1, lost_attempts = lost_attempts + :lost,
-        claimed_by = :executor, claim_until = CAST(:now AS timestamptz) + make_interval(secs => CAST(:lease AS float8)), started_at = :now,
+        claimed_by = :executor, claim_until = CAST(:now AS timestamptz) + make_interval(secs => CAST(:lease AS float8)),
+        started_at = clock_timestamp(),  -- after the job lock: not before the end of a run it waited for
         next_attempt_at = NULL
     WHERE id = :run_id AND NOT (CAST(:guard AS bool) AND EXISTS (
         SELECT 1 FROM job_runs o WHERE o.job_id = job_runs.job_id AND o.id <> :run_id AND """ + overlap.BUSY_SQL + """))
@@ -200,7 +201,7 @@ WITH claimed AS (
     FROM claimed WHERE :lost = 1 AND a.run_id = claimed.id AND a.attempt = claimed.attempt - 1
 ), attempt AS (
     INSERT INTO run_attempts (run_id, attempt, executor, status, started_at)
-    SELECT id, attempt, :executor, 'running', :now FROM claimed
+    SELECT id, attempt, :executor, 'running', started_at FROM claimed
     ON CONFLICT DO NOTHING
 )
 SELECT claimed.*, row_to_json(j)::text AS job FROM claimed JOIN jobs j ON j.id = claimed.job_id

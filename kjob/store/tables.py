@@ -293,11 +293,13 @@ BEGIN
         RETURN QUERY SELECT 'slow'::text, NULL::text, NULL::text;
         RETURN;
     END IF;
+    -- started_at: the moment of the claim, after the job lock and the busy check (now() is the
+    -- transaction's start, which can precede the end of the run whose lock it waited for).
     UPDATE job_runs SET status = 'running', attempt = attempt + 1, claimed_by = p_executor,
-        claim_until = now() + make_interval(secs => p_lease), started_at = now(), next_attempt_at = NULL
+        claim_until = now() + make_interval(secs => p_lease), started_at = clock_timestamp(), next_attempt_at = NULL
         WHERE id = p_run_id RETURNING * INTO v_run;
     INSERT INTO run_attempts (run_id, attempt, executor, status, started_at)
-        VALUES (p_run_id, v_run.attempt, p_executor, 'running', now()) ON CONFLICT DO NOTHING;
+        VALUES (p_run_id, v_run.attempt, p_executor, 'running', v_run.started_at) ON CONFLICT DO NOTHING;
     RETURN QUERY SELECT 'claimed'::text, row_to_json(v_run)::text,
         (SELECT row_to_json(j)::text FROM jobs j WHERE j.id = v_job);
 END

@@ -67,7 +67,21 @@ async def running_node(settings: Settings, nats_url: str, database_url: str,
         yield node
     finally:
         stop.set()
-        await asyncio.wait_for(task, timeout=30)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=30)
+        except TimeoutError:
+            stuck = "\n".join(_where(t) for t in asyncio.all_tasks() if not t.done())
+            task.cancel()
+            raise AssertionError(f"the node did not stop within 30 s; tasks still running:\n{stuck}") from None
+
+
+def _where(task: asyncio.Task) -> str:
+    """Where a task waits, down its chain of awaits (a task's own stack shows only its top)."""
+    coro, frames = task.get_coro(), []
+    while coro is not None and getattr(coro, "cr_frame", None) is not None:
+        frames.append(f"{coro.cr_code.co_name}:{coro.cr_frame.f_lineno}")
+        coro = coro.cr_await
+    return f"{task.get_name()}: " + " > ".join(frames)
 
 
 async def create_job(engine, **fields: Any) -> Job:

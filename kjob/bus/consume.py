@@ -6,7 +6,7 @@ A message that came early (the ticker's look-ahead, kjob.bus.hold) gives its slo
 waits for its instant, so a look-ahead of any length never starves the runs due now: up to
 MAX_HELD messages wait so, their ack deadlines kept by `in_progress` until their handler starts.
 On stop, a message whose handler has not started is given back (kjob.bus.ack.give_back): it is
-redelivered at once, not after its ack deadline, and a stopping node starts nothing new.""" 
+redelivered at once, not after its ack deadline, and a stopping node starts nothing new."""
 
 from __future__ import annotations
 

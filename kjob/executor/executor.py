@@ -124,7 +124,8 @@ class Executor:
             # A run published ahead (the ticker's look-ahead) starts at its instant, by the
             # database's clock; it waits for it outside the run slots.
             await consume(sub, self._handle, concurrency=self.settings.concurrency, stop=stop, name="executor",
-                          hold=lambda msg: hold.wait_s(msg, self.clock.not_before_offset()), keepalive_s=self.bus.ack_wait_s / 3)
+                          hold=lambda msg: hold.wait_s(msg, self.clock.not_before_offset()),
+                          keepalive_s=self.bus.ack_wait_s / 3)
         finally:
             await cancel_and_wait(clock)
             await self.watchdog.close()

@@ -585,15 +585,9 @@ class JobStore:
                                               "updated_at": now})
 
 
-#: The columns a replacement writes (`_replacement`), in one executemany UPDATE.
-_REPLACED = ("spec", "schedule", "timezone", "agent", "enabled", "version", "updated_at", "enabled_at",
-             "paused_note", "paused_at")
-
-
 def _new_row(tenant: str, spec: JobSpec, now: datetime) -> dict[str, Any]:
-    return dict(id=uuid.uuid4(), tenant=tenant, slug=spec.slug, enabled_at=now if spec.enabled else None,
-                paused_at=None if spec.enabled else now, paused_note=None, version=1, created_at=now,
-                updated_at=now, **_spec_columns(spec))
+    """Every column of a new job: its own ones and those that copy the spec."""
+    return {**_new_columns(tenant, spec, now), "version": 1, **_spec_columns(spec)}
 
 
 def _replacement(row: Row[Any] | _Locked, spec: JobSpec, now: datetime) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -513,18 +513,20 @@ def _make_workdir(launch: Launch) -> Path:
     """`<work_root>/<run id>-<attempt>`, fresh and private (a leftover of a crash is replaced).
     Under bwrap it stays empty: the mount point of the sandbox's tmpfs work dir."""
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{launch.run_id}-{launch.attempt}")
-    for _ in range(2):
-        workdir = _work_root(launch.work_root) / name
-        try:
-            workdir.mkdir(mode=0o700)
-            return workdir
-        except FileExistsError:  # a leftover of a crash
-            shutil.rmtree(workdir, ignore_errors=True)
-            workdir.mkdir(mode=0o700)
-            return workdir
-        except FileNotFoundError:  # the work root went away since it was made: make it again
-            _work_root.cache_clear()
-    raise FileNotFoundError(f"cannot create the work dir {workdir}")
+    try:
+        return _fresh_dir(_work_root(launch.work_root) / name)
+    except FileNotFoundError:  # the work root went away since it was made: make it again
+        _work_root.cache_clear()
+        return _fresh_dir(_work_root(launch.work_root) / name)
+
+
+def _fresh_dir(path: Path) -> Path:
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:  # a leftover of a crash
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(mode=0o700)
+    return path
 
 
 def _environment(launch: Launch, workdir: Path) -> dict[str, str]:

@@ -65,7 +65,7 @@ WITH r AS (
     FOR UPDATE
 )
 UPDATE run_attempts a SET agent_exit_code = $4, agent_ended_at = now() - make_interval(secs => $5)
-FROM r WHERE a.run_id = r.id AND a.attempt = $2 AND a.finished_at IS NULL
+WHERE a.run_id = $1 AND a.attempt = $2 AND a.finished_at IS NULL AND EXISTS (SELECT 1 FROM r)
 RETURNING a.run_id
 """
 

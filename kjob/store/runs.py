@@ -130,8 +130,10 @@ WITH fin AS (
     WHERE r.id = $1 AND r.claimed_by = $2 AND r.attempt = $3 AND r.status = 'running'
     RETURNING r.*
 ), attempt AS (
+    -- By the parameters, not a join with `fin`: a join is planned from the statistics of an
+    -- empty table (a new ledger), as a scan of every attempt ever made, once per run.
     UPDATE run_attempts a SET status = $11, finished_at = now(), exit_code = $5, reason = $7
-    FROM fin WHERE a.run_id = fin.id AND a.attempt = $3
+    WHERE a.run_id = $1 AND a.attempt = $3 AND EXISTS (SELECT 1 FROM fin)
 ), log AS (
     INSERT INTO run_logs (run_id, output, output_bytes, dropped_bytes)
     SELECT fin.id, $12, $9, $13 FROM fin
@@ -198,7 +200,7 @@ WITH claimed AS (
     RETURNING *
 ), lost AS (
     UPDATE run_attempts a SET status = 'lost', finished_at = :now, reason = :reason
-    FROM claimed WHERE :lost = 1 AND a.run_id = claimed.id AND a.attempt = claimed.attempt - 1
+    WHERE :lost = 1 AND a.run_id = :run_id AND a.attempt = (SELECT claimed.attempt - 1 FROM claimed)
 ), attempt AS (
     INSERT INTO run_attempts (run_id, attempt, executor, status, started_at)
     SELECT id, attempt, :executor, 'running', started_at FROM claimed

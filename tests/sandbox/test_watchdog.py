@@ -89,10 +89,11 @@ async def _not(check) -> bool:
 
 
 async def test_an_agent_its_executor_never_armed_by_group_is_still_killed(tmp_path):
-    """The executor dies between starting bwrap and learning its process group: the watchdog,
-    armed with bwrap's status pipe before the spawn, finds the group from the pipe and kills
-    the agent at its deadline (it would otherwise outlive everything: bwrap no longer dies
-    with its parent when a watchdog watches it)."""
+    """Under bwrap the executor arms the watchdog once, with bwrap's status pipe before the
+    spawn, and never tells it the process group. The executor dies while the agent runs: the
+    watchdog finds the group from the pipe and kills the agent at its deadline (it would
+    otherwise outlive everything: bwrap no longer dies with its parent when a watchdog
+    watches it)."""
     marker = str(70_000 + os.getpid() % 9_000)
     script = tmp_path / "executor.py"
     script.write_text(
@@ -107,10 +108,9 @@ async def test_an_agent_its_executor_never_armed_by_group_is_still_killed(tmp_pa
         "    dog = Watchdog(); await dog.start()\n"
         "    box = ProcessSandbox(); await box.start()\n"
         "    def armed(pgid, status_fd):\n"
-        "        if pgid is None:  # only the arm before the spawn; then the executor 'dies'\n"
-        "            dog.arm('a', None, time.monotonic() + 2.0, status_fd=status_fd)\n"
-        "        else:\n"
-        "            os._exit(9)\n"
+        "        assert pgid is None, 'armed by group under bwrap'\n"
+        "        dog.arm('a', None, time.monotonic() + 2.0, status_fd=status_fd)\n"
+        "        asyncio.get_running_loop().call_later(0.5, os._exit, 9)  # the executor dies\n"
         f"    launch = Launch(run_id='r', tenant='t', job_slug='j', attempt=1, argv=['sleep', '{marker}'],\n"
         "                    stdin=None, env={}, spec=SandboxSpec(), timeout=timedelta(seconds=60),\n"
         f"                    output_cap_bytes=1000, work_root=Path({str(tmp_path / 'work')!r}), on_spawn=armed)\n"

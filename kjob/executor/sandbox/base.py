@@ -41,10 +41,10 @@ class Launch:
     #: Called with the work dir after the agent ended, before it is removed (the result file).
     collect: Optional[Callable[[Path], Awaitable[None]]] = None
     #: Called with the agent's process group as soon as it exists (backends whose agents are
-    #: host processes), so the executor's watchdog can kill it should the executor be paused;
-    #: before that, when bwrap starts it, with (None, the read end of bwrap's status pipe), on
-    #: which the group's first pid and the agent's exit code arrive, so that the watchdog can
-    #: record an end the executor could not.
+    #: host processes), so the executor's watchdog can kill it should the executor be paused.
+    #: When bwrap starts it, called once instead, before the spawn, with (None, the read end of
+    #: bwrap's status pipe), on which the group's first pid and the agent's exit code arrive, so
+    #: that the watchdog can also record an end the executor could not.
     on_spawn: Optional[Callable[[int, Optional[int]], None]] = None
     #: The same for backends whose agents run in containers: called with the container's id
     #: once it started (the engine keeps its exit code until the container is removed).

@@ -311,8 +311,10 @@ class ProcessSandbox(Sandbox):
             finally:
                 if status is not None:
                     os.close(status[1])
-            if launch.on_spawn is not None:
-                launch.on_spawn(proc.pid, None)  # start_new_session: the agent leads its own group
+            if launch.on_spawn is not None and status is None:
+                # start_new_session: the agent leads its own group. With the status pipe the
+                # watchdog learns the group from bwrap's first report: one message fewer per run.
+                launch.on_spawn(proc.pid, None)
             outcome = await self._watch(proc, launch, on_output)
         finally:
             if status is not None:
@@ -324,7 +326,7 @@ class ProcessSandbox(Sandbox):
 
     def _visible(self, program: str) -> bool:
         real = Path(os.path.realpath(program))
-        return any(real.is_relative_to(os.path.realpath(d)) for d in (*SYSTEM_DIRS, *map(str, self.extra_binds)))
+        return any(real.is_relative_to(d) for d in _real_dirs((*SYSTEM_DIRS, *map(str, self.extra_binds))))
 
     async def _watch(self, proc: asyncio.subprocess.Process, launch: Launch, on_output: OutputSink) -> Outcome:
         """Pump output and stdin until the agent exits or times out; then end its group."""
@@ -508,6 +510,13 @@ def _remove_dir(path: Path) -> None:
         pass
     except OSError:  # not empty: no tmpfs could be mounted, or bwrap could not be used
         shutil.rmtree(path, True)
+
+
+@functools.lru_cache(maxsize=16)
+def _real_dirs(dirs: tuple[str, ...]) -> tuple[str, ...]:
+    """What the sandbox's visible dirs resolve to: fixed while the executor runs (its own
+    system dirs and configured binds), so resolved once, not at every spawn."""
+    return tuple(os.path.realpath(d) for d in dirs)
 
 
 @functools.lru_cache(maxsize=16)

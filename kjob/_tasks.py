@@ -23,7 +23,10 @@ async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
     """Wait up to `seconds` for `stop`: True if it was set (the loop ends), False if the time
     ran out (the loop's next round)."""
     try:
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except asyncio.TimeoutError:
+        # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that comes
+        # as the wait ends, and the loop that was being stopped would go on. The same below.
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+    except TimeoutError:
         return False
     return True

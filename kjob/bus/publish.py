@@ -121,8 +121,9 @@ async def publish_acked(nc: NATS, messages: Sequence[Outgoing], timeout_s: float
         for i, m in enumerate(messages):
             await nc.publish(m.subject, m.data, reply=f"{inbox}.{i}", headers=m.headers)
         await nc.flush(timeout=timeout_s)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(all_acked.wait(), timeout=timeout_s)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await all_acked.wait()
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()

@@ -331,7 +331,8 @@ class Executor:
         while True:
             await asyncio.sleep(self.settings.heartbeat_s)
             with contextlib.suppress(*BUS_ERRORS):  # NATS away: the next beat tries again
-                await asyncio.wait_for(msg.in_progress(), timeout=self.settings.heartbeat_s)
+                async with asyncio.timeout(self.settings.heartbeat_s):
+                    await msg.in_progress()
 
     async def _claim_lost(self, run: Run, job, msg, claim: "ClaimKeeper") -> None:
         """The attempt's claim is gone: the overlap policy `replace` cancelled the run (confirm

@@ -140,7 +140,8 @@ class Watchdog:
             self._sock.close()
             self._sock = None
         try:
-            await asyncio.wait_for(proc.wait(), 5)
+            async with asyncio.timeout(5):
+                await proc.wait()
         except TimeoutError:
             proc.kill()
             await proc.wait()

@@ -153,7 +153,8 @@ class Leadership:
         finally:
             self._renewed_seen = None
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(watcher.stop(), self.ttl_s)
+                async with asyncio.timeout(self.ttl_s):
+                    await watcher.stop()
 
     async def _claim(self, kv) -> int:
         """Create the key, or, after stepping down on a stall, take it back if nobody wrote it
@@ -180,10 +181,8 @@ class Leadership:
                 started = time.monotonic()
                 try:
                     kv = await self.bucket()
-                    self.revision = await asyncio.wait_for(
-                        kv.update(names.LEADER_KEY, self._value(), last=self.revision),
-                        timeout=max(0.1, self._deadline - started),
-                    )
+                    async with asyncio.timeout(max(0.1, self._deadline - started)):
+                        self.revision = await kv.update(names.LEADER_KEY, self._value(), last=self.revision)
                     self._deadline = started + self.ttl_s - self.margin_s
                 except KeyWrongLastSequenceError:
                     log.warning("ticker: %s lost its lease to another node; stepping down", self.node)

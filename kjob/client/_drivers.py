@@ -61,7 +61,7 @@ class SyncDriver:
             for attempt in Retrying(**retry_policy(request, self.attempts)):
                 with attempt:
                     response = self._http.request(request.method, request.path, params=request.params,
-                                                  json=request.json)
+                                                  **request.body())
         return _answered(response, self.target)
 
     def run(self, flow: Flow[T]) -> T:
@@ -103,7 +103,7 @@ class AsyncDriver:
             async for attempt in AsyncRetrying(**retry_policy(request, self.attempts)):
                 with attempt:
                     response = await self._http.request(request.method, request.path, params=request.params,
-                                                        json=request.json)
+                                                        **request.body())
         return _answered(response, self.target)
 
     async def run(self, flow: Flow[T]) -> T:

@@ -105,11 +105,12 @@ class Jobs(Resource[D]):
         InvalidInput naming `jobs.<i>.<field>`, and the job in the message; one holding a value
         JSON cannot carry (a date, an infinite number) is refused here, in the same words."""
         body = [s.model_dump(mode="json") if isinstance(s, JobSpec) else s for s in specs]
-        try:
-            json.dumps(body, allow_nan=False)
+        try:  # serialized once, and sent as it is
+            content = json.dumps({"jobs": body}, allow_nan=False).encode()
         except (TypeError, ValueError):  # the model says which job and field, as the server would
             body = [_batch_spec(s, i).model_dump(mode="json") for i, s in enumerate(body)]
-        response = yield Request("POST", "/v1/jobs:apply", params={"results": "actions"}, json={"jobs": body},
+            content = json.dumps({"jobs": body}).encode()
+        response = yield Request("POST", "/v1/jobs:apply", params={"results": "actions"}, content=content,
                                  idempotent=True)
         return [AppliedAction.model_validate(r) for r in response.json()["results"]]
 

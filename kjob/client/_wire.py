@@ -34,10 +34,18 @@ class Request:
     path: str
     params: Mapping[str, Any] | None = None
     json: Any = None
+    #: A body already serialized as JSON, sent as it is (instead of `json`).
+    content: bytes | None = None
     #: Sending it twice changes nothing more than once: retried after a connection error.
     idempotent: bool = False
     #: Seconds to wait before sending (polling).
     delay_s: float = 0.0
+
+    def body(self) -> dict[str, Any]:
+        """httpx's keyword arguments for the body."""
+        if self.content is not None:
+            return {"content": self.content, "headers": {"content-type": "application/json"}}
+        return {"json": self.json}
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ day at one of 1,440 minutes (`0 <m> <h> * * *`, a herd of ~700 every minute at 1
 Targets: 1,000,000 jobs in <= 1.5 GB RSS, loaded in <= 30 s (DESIGN.md: 100,000 in <= 300 MB).
 
 Where the memory and the time went (before, 100,000 jobs: 178 MB): per job a ScheduledJob, a
-datetime cursor in a dict of every job (`RunLedger.last_slots`), an `_Entry` dataclass, a heap
+datetime cursor in a dict of every job (`SlotLedger.last_slots`), an `_Entry` dataclass, a heap
 tuple and a datetime, about 1 KB, all built at once before any was kept; a full reload of
 every job each `resync_s`. Now (kjob/ticker/table.py): columns and a heap of distinct fire
 instants, pages of 2,000 jobs with their cursors, a settlement shared by jobs that stopped

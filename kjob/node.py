@@ -42,7 +42,10 @@ from kjob.model.job import Job
 from kjob.model.run import Run
 from kjob.store.database import create_engine, migrate
 from kjob.store.jobs import JobStore
-from kjob.store.runs import RunLedger
+from kjob.store.claims import ClaimLedger
+from kjob.store.deliveries import DeliveryLedger
+from kjob.store.runs import RunReads
+from kjob.store.slots import SlotLedger
 from kjob.store.tokens import TokenStore
 from kjob.telemetry import metrics
 from kjob.telemetry.logging import attach_output_file
@@ -86,7 +89,7 @@ class _Wiring:
     bus_of: Callable[[str], tuple[NATS, JetStreamContext]]
     bus: BusSettings
     jobs: JobStore
-    ledger: RunLedger
+    slots: SlotLedger
     agents: AgentRegistry
     tasks: dict[str, asyncio.Task]
     closers: contextlib.AsyncExitStack
@@ -111,7 +114,7 @@ class Node:
     leadership: Leadership | None = None
     #: Where run-now and backfill publish (`publish_due`): the api role's bus when it runs here.
     _js: JetStreamContext | None = field(default=None, init=False, repr=False)
-    _ledger: RunLedger | None = field(default=None, init=False, repr=False)
+    _slots: SlotLedger | None = field(default=None, init=False, repr=False)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start the roles, run until `stop` or until one fails, then stop them all and close
@@ -132,9 +135,9 @@ class Node:
             _, js = bus_of(min(self.roles))  # any role may declare the streams and announce the node
             await ensure_streams(js, s.stream_replicas)
             w = _Wiring(engine=engine, bus_of=bus_of, bus=BusSettings(replicas=s.stream_replicas, ack_wait_s=s.ack_wait_s),
-                        jobs=JobStore(engine, void_ahead=s.ticker.lookahead_ms > 0), ledger=RunLedger(engine),
+                        jobs=JobStore(engine, void_ahead=s.ticker.lookahead_ms > 0), slots=SlotLedger(engine),
                         agents=AgentRegistry.load(s.executor.agents_file), tasks=tasks, closers=closers, stop=stop)
-            self._js, self._ledger = js, w.ledger
+            self._js, self._slots = js, w.slots
             if "ticker" in self.roles:
                 self._start_ticker(w)
             if "executor" in self.roles:
@@ -181,8 +184,8 @@ class Node:
                                 replicas=s.stream_replicas)
         self.leadership = leadership
         w.tasks["ticker"] = asyncio.create_task(lead_and_tick(
-            leadership=leadership, ledger=w.ledger, stop=w.stop,
-            make_ticker=lambda: Ticker(nc=nc, js=js, jobs=w.jobs, ledger=w.ledger, settings=s.ticker,
+            leadership=leadership, ledger=w.slots, stop=w.stop,
+            make_ticker=lambda: Ticker(nc=nc, js=js, jobs=w.jobs, ledger=w.slots, settings=s.ticker,
                                        leadership=leadership),
         ))
         # Every ticker node takes turns (an advisory lock), leader or not.
@@ -208,7 +211,7 @@ class Node:
             self.sandboxes[backend] = sandbox
             w.closers.push_async_callback(sandbox.close)
         own, *others = concurrency_shares(s.executor.concurrency, s.executor.processes)
-        executor = Executor(nc=nc, js=js, ledger=w.ledger, agents=w.agents, sandboxes=self.sandboxes,
+        executor = Executor(nc=nc, js=js, ledger=ClaimLedger(w.engine), agents=w.agents, sandboxes=self.sandboxes,
                             settings=s.executor.model_copy(update={"concurrency": own}), bus=w.bus,
                             work_root=s.work_dir, node=self.name, unavailable=self.unavailable,
                             secrets=secret_resolver(w.engine, s), quotas=Quotas(s.quotas))
@@ -227,7 +230,7 @@ class Node:
         nc, js = w.bus_of("dispatcher")
         relay = RelayClient(s.relay_url, s.relay_token, s.dispatcher.timeout_s, s.dispatcher.allow_list())
         w.closers.push_async_callback(relay.aclose)
-        dispatcher = Dispatcher(nc=nc, js=js, ledger=w.ledger, relay=relay, settings=s.dispatcher,
+        dispatcher = Dispatcher(nc=nc, js=js, ledger=DeliveryLedger(w.engine), relay=relay, settings=s.dispatcher,
                                 bus=w.bus, log_url_base=s.public_url or self._own_api_url(), node=self.name)
         w.tasks["dispatcher"] = asyncio.create_task(dispatcher.run(w.stop))
 
@@ -255,7 +258,8 @@ class Node:
 
         state = GatewayState(settings=s, engine=w.engine, jobs=w.jobs, tokens=TokenStore(w.engine), agents=w.agents,
                              relay_configured=bool(s.relay_url), on_job_changed=job_changed,
-                             on_jobs_changed_hook=jobs_changed, ledger=w.ledger, publish_due=self.publish_due, js=js)
+                             on_jobs_changed_hook=jobs_changed, runs=RunReads(w.engine), slots=w.slots,
+                             publish_due=self.publish_due, js=js)
         # log_config=None: uvicorn's lines go through kjob's logging (JSON when asked).
         server = _Server(uvicorn.Config(create_app(state), host=s.host, port=s.port,
                                         log_level="warning", lifespan="off", log_config=None))
@@ -283,9 +287,9 @@ class Node:
     async def publish_due(self, run: Run) -> None:
         """Publish a run the ledger already holds (run-now, backfill); the ticker's recovery
         re-publishes it if this fails."""
-        assert self._js is not None and self._ledger is not None, "publish_due before the node started"
+        assert self._js is not None and self._slots is not None, "publish_due before the node started"
         await publish_due(self._js, run)
-        await self._ledger.mark_published([run.id])
+        await self._slots.mark_published([run.id])
 
     async def _executor_process(self, index: int, concurrency: int, stop: asyncio.Event) -> None:
         """One more executor of this node in a process of its own (`executor.processes`): the

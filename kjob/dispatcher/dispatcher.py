@@ -28,7 +28,7 @@ from kjob.errors import RelayRejected, RelayUnavailable
 from kjob.model.policies import PAUSED_NOTICE, pause_alert, pause_note
 from kjob.model.notify import decide
 from kjob.model.run import DeliveryStatus, Run, RunStatus, dispatch_payload, run_page_url
-from kjob.store.runs import RunLedger
+from kjob.store.deliveries import DeliveryLedger
 from kjob.store.usage import UsageStore
 from kjob.telemetry import metrics, tracing
 
@@ -41,7 +41,7 @@ class Dispatcher:
         *,
         nc: NATS,
         js: JetStreamContext,
-        ledger: RunLedger,
+        ledger: DeliveryLedger,
         relay: RelayClient,
         settings: DispatcherSettings,
         bus: BusSettings,

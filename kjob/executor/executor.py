@@ -51,7 +51,7 @@ from kjob.store.quotas import Quotas, TenantBusy, busy_retry_delay
 from kjob.executor.policies import RunPolicies
 from kjob.model.policies import defer_delay
 from kjob.store.database import DATABASE_ERRORS, DatabaseClock, is_transient
-from kjob.store.runs import TAKEOVER_GRACE, Claimed, Deferred, GaveUp, RunLedger, Skipped, TakeoverHeld
+from kjob.store.claims import TAKEOVER_GRACE, ClaimLedger, Claimed, Deferred, GaveUp, Skipped, TakeoverHeld
 from kjob.store.secrets import SecretStore
 from kjob.store.usage import UsageStore, usage_row
 from kjob.telemetry import metrics, tracing
@@ -69,7 +69,7 @@ class Executor:
         *,
         nc: NATS,
         js: JetStreamContext,
-        ledger: RunLedger,
+        ledger: ClaimLedger,
         agents: AgentRegistry,
         sandboxes: dict[str, Sandbox],
         settings: ExecutorSettings,
@@ -204,11 +204,10 @@ class Executor:
     async def _not_ours(self, due: DueRun, msg) -> None:
         """The run is finished, owned by another executor, or not due yet. Answer the message
         now: one held un-acked would come back at every ack deadline for the whole run."""
-        delivery = await self.ledger.delivery(due.run_id)
-        if delivery is None:  # the job was deleted, and its runs with it
+        run = await self.ledger.run(due.run_id)
+        if run is None:  # the job was deleted, and its runs with it
             await ack.done(msg)
             return
-        run = delivery.run
         if run.status is RunStatus.retrying:
             # Not due yet by the database's clock (the claim said so): come back about then.
             wait = (run.next_attempt_at - utcnow()).total_seconds() if run.next_attempt_at else 0.0

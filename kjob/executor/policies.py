@@ -24,7 +24,7 @@ from kjob.model.policies import PAUSED_NOTICE, pause_note
 from kjob.model.run import Run, RunStatus
 from kjob.store.audit import Actor
 from kjob.store.jobs import JobStore
-from kjob.store.runs import RunLedger
+from kjob.store.claims import ClaimLedger
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ FAILURES = frozenset({RunStatus.failed, RunStatus.timed_out, RunStatus.error})
 
 
 class RunPolicies:
-    def __init__(self, *, js: JetStreamContext, ledger: RunLedger) -> None:
+    def __init__(self, *, js: JetStreamContext, ledger: ClaimLedger) -> None:
         self.js, self.ledger = js, ledger
         self.jobs = JobStore(ledger.engine)
 

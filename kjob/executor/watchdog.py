@@ -17,7 +17,7 @@ only once it has written the end itself. So an armed attempt whose agent ended, 
 deadline passes or its executor dies, is one whose end only the watchdog knows: it writes the
 exit code on the attempt's row (`run_attempts.agent_exit_code`), while the claim is still
 that executor's, and the executor that takes the claim over concludes the attempt from it
-instead of running the agent again (kjob.store.runs.RunLedger.claim).
+instead of running the agent again (kjob.store.claims.ClaimLedger.claim).
 
 A docker-backend agent is armed by its container (`c:ID`): the engine keeps an exited
 container's exit code until the executor removes it, so the watchdog asks the engine
@@ -267,7 +267,7 @@ class _EndWriter:
         """Writes the ends queued, oldest first, on one connection kept open: after an outage a
         write is one statement already in line, not a new session racing the takeover's claim.
         While the database is away, tried again every quarter of a second at most: a takeover
-        waits longer than that after an outage (kjob.store.runs.TakeoverHeld)."""
+        waits longer than that after an outage (kjob.store.claims.TakeoverHeld)."""
         import asyncpg
 
         try:

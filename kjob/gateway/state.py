@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from kjob.gateway.oidc import OidcVerifier
     from kjob.model.run import Run
     from kjob.store.quotas import Quotas
-    from kjob.store.runs import RunLedger
+    from kjob.store.runs import RunReads
     from kjob.store.secrets import SecretStore
+    from kjob.store.slots import SlotLedger
 
 #: What happened to a job. `unchanged` applies are not announced.
 ChangeKind = Literal["created", "updated", "enabled", "disabled", "deleted"]
@@ -56,8 +57,10 @@ class GatewayState:
     on_job_changed: JobChangedHook = field(default=_ignore_change)
     #: Announces an apply's changes together; None: one `on_job_changed` per job.
     on_jobs_changed_hook: JobsChangedHook | None = None
-    #: The run ledger, for run history and logs.
-    ledger: "RunLedger | None" = None
+    #: The run ledger's read side, for run history and logs. None: this gateway serves no runs.
+    runs: "RunReads | None" = None
+    #: The ledger's slots, for runs outside the schedule (run-now, backfill). None: as `runs`.
+    slots: "SlotLedger | None" = None
     #: Puts a run the ledger holds onto the bus (run-now). None: runs cannot be started here.
     publish_due: "Callable[[Run], Awaitable[None]] | None" = None
     #: JetStream, for following live logs. None: logs are served from the ledger only.

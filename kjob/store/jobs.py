@@ -114,7 +114,7 @@ def _scheduled_query(*extra: ColumnElement[Any]) -> Select[Any]:
 
 
 def _last_slot() -> ColumnElement[Any]:
-    """The job's latest scheduled slot in the ledger (as `RunLedger.last_slots`), per row: one
+    """The job's latest scheduled slot in the ledger (as `SlotLedger.last_slots`), per row: one
     probe of the run key's index, so a ticker loading 1,000,000 jobs streams them with their
     cursors instead of holding a dict of every job's."""
     return (

@@ -1,6 +1,6 @@
 """The overlap policy, enforced where a run starts: inside the executor's claim transaction.
 
-`RunLedger.claim` takes the job lock first (`job_lock_sql`), so the claims of one job's runs
+`ClaimLedger.claim` takes the job lock first (`job_lock_sql`), so the claims of one job's runs
 happen one after the other (two executors claiming two slots of a `skip` job at once cannot both start), then
 `settle` once it holds the run's row. What each policy does is stated in
 `kjob.model.policies.OverlapPolicy`. A run is *busy* when it is `running` or `retrying`, or
@@ -139,7 +139,7 @@ def effective_policy(policy: str, trigger: str) -> str:
 
 async def _replace(conn: AsyncConnection, others: list[Any], new_run_id: str, now: datetime) -> Deferred | None:
     """Cancel every busy run of the job. A run whose sandbox is alive (its executor's claim
-    holds) keeps its claim until that executor confirms the stop (`RunLedger.stopped`): the new
+    holds) keeps its claim until that executor confirms the stop (`ClaimLedger.stopped`): the new
     run waits for that, so the two never run at once."""
     reason = replaced_reason(new_run_id)
     stopping = [o for o in others if o.status == RunStatus.cancelled.value]

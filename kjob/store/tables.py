@@ -259,7 +259,7 @@ Index("ix_run_usage_tenant_recorded_at", run_usage.c.tenant, run_usage.c.recorde
 Index("ix_run_usage_job_recorded_at", run_usage.c.job_id, run_usage.c.recorded_at)
 
 
-#: The common claim in one round trip (migration 0009; kjob.store.runs.RunLedger.claim): a run's
+#: The common claim in one round trip (migration 0009; kjob.store.claims.ClaimLedger.claim): a run's
 #: first attempt, of an enabled job whose overlap policy is `skip` (but for a backfill or catch-up
 #: slot, which `skip` queues) or `allow`, with no other run of the job busy. It takes the job lock
 #: first; each statement after it takes a fresh snapshot (READ COMMITTED, a VOLATILE function), so

@@ -39,7 +39,7 @@ class Answer:
 
 def usage_row(*, tenant: str, job_id: UUID, agent: str, report: AgentReport) -> dict[str, Any]:
     """The `run_usage` columns of one attempt but its key (run_id, attempt), in `USAGE_COLUMNS`
-    order: `UsageStore.record` writes them, or `RunLedger.finish` with the attempt's end."""
+    order: `UsageStore.record` writes them, or `ClaimLedger.finish` with the attempt's end."""
     answer = report.answer[:MAX_ANSWER_CHARS] if report.answer is not None else None
     u = report.usage
     return dict(tenant=tenant, job_id=job_id, agent=agent, model=u.model, tokens_in=u.tokens_in,
@@ -48,7 +48,7 @@ def usage_row(*, tenant: str, job_id: UUID, agent: str, report: AgentReport) -> 
                 notify=report.notify)
 
 
-#: `usage_row`'s columns with their SQL types, for statements written out (RunLedger.finish).
+#: `usage_row`'s columns with their SQL types, for statements written out (ClaimLedger.finish).
 USAGE_COLUMNS = (("tenant", "text"), ("job_id", "uuid"), ("agent", "text"), ("model", "text"),
                  ("tokens_in", "bigint"), ("tokens_out", "bigint"), ("cost_usd", "float8"), ("turns", "int"),
                  ("answer", "text"), ("answer_hash", "text"), ("summary", "text"), ("notify", "bool"))

@@ -10,7 +10,7 @@ The lease is a key in a JetStream KV bucket whose TTL is the lease time:
   started + TTL - margin), before the key can expire and a successor be elected, whether or
   not it can still reach NATS. A paused process (SIGSTOP) wakes up past its deadline and stops.
 - fence in the ledger: on election the revision is written to `ticker_lease`; the ticker's
-  ledger writes carry it and succeed only while it is still there (kjob/store/runs.py).
+  ledger writes carry it and succeed only while it is still there (kjob/store/slots.py).
 
 The bucket TTL is used, not per-key TTLs: nats-py mis-handles the server's per-key TTL markers
 (DESIGN.md).

@@ -9,7 +9,7 @@ from typing import Callable
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
-from kjob.store.runs import RunLedger
+from kjob.store.slots import SlotLedger
 from kjob.telemetry import metrics
 from kjob.ticker.leader import Leadership
 from kjob.ticker.ticker import TermOver, Ticker
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 async def lead_and_tick(
-    *, leadership: Leadership, ledger: RunLedger, make_ticker: Callable[[], Ticker], stop: asyncio.Event
+    *, leadership: Leadership, ledger: SlotLedger, make_ticker: Callable[[], Ticker], stop: asyncio.Event
 ) -> None:
     """One term after another until `stop`: each term loads its jobs afresh from the store and
     the ledger, so a new leader continues exactly where the ledger says the last one stopped."""
@@ -74,7 +74,7 @@ class _Backoff:
         self._next = self.first_s
 
 
-async def _fence(leadership: Leadership, ledger: RunLedger, holder: asyncio.Task) -> bool:
+async def _fence(leadership: Leadership, ledger: SlotLedger, holder: asyncio.Task) -> bool:
     """Write the new revision into the ledger's fence, retrying (0.2 s, doubling to 2 s) while
     the lease holds."""
 

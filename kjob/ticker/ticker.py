@@ -48,7 +48,7 @@ from kjob.model.run import Run, RunStatus, Trigger, run_id_for
 from kjob.model.schedule import Schedule
 from kjob.store.database import DatabaseClock, is_row_error
 from kjob.store.jobs import JobStore, ScheduledJob, gc_paused
-from kjob.store.runs import Deposed, MissedRangeRow, Recorded, RunLedger, SlotRow
+from kjob.store.slots import Deposed, MissedRangeRow, Recorded, SlotLedger, SlotRow
 from kjob.telemetry import metrics, tracing
 from kjob.bus import hold
 from kjob.ticker.leader import Leadership
@@ -81,15 +81,14 @@ class Ticker:
         nc: NATS,
         js: JetStreamContext,
         jobs: JobStore,
-        ledger: RunLedger,
+        ledger: SlotLedger,
         settings: TickerSettings,
-        leadership: Leadership | None = None,
+        leadership: Leadership,
     ) -> None:
         self.nc, self.js, self.jobs, self.ledger, self.settings = nc, js, jobs, ledger, settings
-        #: None: this ticker fires unconditionally (a single node that runs no election).
         self.leadership = leadership
         #: The term this ticker fires for, read once: a ticker never writes under a later term.
-        self.term = leadership.term if leadership is not None else None
+        self.term = leadership.term
         self._table = JobTable()
         #: job id -> fire time (epoch s) of its latest slot queued before it fired: a change
         #: to such a job voids what it queued. Pruned as the instants pass.
@@ -365,13 +364,13 @@ class Ticker:
                                      count=r.count, exact=r.exact, reason=r.reason, leader_rev=self.fence())
                       for r in settled.ranges)
 
-    def fence(self) -> int | None:
+    def fence(self) -> int:
         """The term's revision, stamped on every slot and checked by the ledger."""
         return self.term
 
     def _check_term(self) -> None:
         """A leader past its local deadline, or whose term is over, writes nothing."""
-        if self.leadership is not None and (not self.leadership.valid() or self.leadership.term != self.term):
+        if not self.leadership.valid() or self.leadership.term != self.term:
             raise TermOver("the lease was not renewed in time")
 
     async def _record(self, rows: list[SlotRow]) -> Recorded:
@@ -509,7 +508,7 @@ class Ticker:
 
     async def recover(self) -> int:
         """Re-publish open runs nobody is moving. Returns how many."""
-        if self.leadership is not None and not self.leadership.valid():
+        if not self.leadership.valid():
             return 0
         await self._clock.measure()
         runs = await self.ledger.stranded(older_than=timedelta(seconds=self.settings.recover_s))

@@ -12,7 +12,8 @@ from sqlalchemy import select
 
 from kjob.config import QuotaSettings
 from kjob.model.run import DeliveryStatus, RunStatus
-from kjob.store.runs import RunLedger
+from kjob.store.runs import RunReads
+from kjob.store.slots import SlotLedger
 from kjob.store.tables import run_usage
 from kjob.store.tokens import TokenStore
 from kjob.store.secrets import SecretBox, SecretStore, generate_key
@@ -38,7 +39,7 @@ def agent_settings(tmp_path, relay_url, agents_file, **more):
 
 
 async def _run_once(node, engine, job, timeout=60):
-    run = await RunLedger(engine).create_manual(job)
+    run = await SlotLedger(engine).create_manual(job)
     await node.publish_due(run)
 
     async def done():
@@ -109,7 +110,7 @@ async def test_budgets_stop_both_agents_with_the_figure(tmp_path, fresh_nats, da
     assert (await _usage(engine, s_run.id)).cost_usd >= 0.03  # what it spent is in the ledger
     assert x_run.status is RunStatus.budget_exceeded and "over max_turns 2" in x_run.reason, x_run
     assert 3 <= codex_calls <= 5  # kjob stopped codex at its third tool call, not the model's 600th
-    log, _, _ = await RunLedger(engine).log("default", x_run.id)
+    log, _, _ = await RunReads(engine).log("default", x_run.id)
     assert log.count("command_execution") >= 3  # the stopped agent's output is kept for its log
     assert c_run.attempt == 1 and x_run.attempt == 1  # no retry spends the budget again
     assert titles[x_run.id]["status"] == "failed"

@@ -404,7 +404,7 @@ async def fault_cluster(base: Path, nats, **start) -> AsyncIterator[FaultCluster
 
 #: How long a stall or partition lasts: past every claim's lease (so the agents must be stopped
 #: by their executors' own deadlines), and within the takeover grace of half a lease after it,
-#: in which an owner writes the ends it kept (kjob.store.runs.RunLedger.claim).
+#: in which an owner writes the ends it kept (kjob.store.claims.ClaimLedger.claim).
 #: FAULTS_STALL_S overrides it, to show what a longer stall does (README: "Left").
 STALL_S = float(os.environ.get("FAULTS_STALL_S") or LEASE_S * 1.2)
 

@@ -14,7 +14,7 @@ import time
 import pytest
 from sqlalchemy import text
 
-from kjob.store.runs import RunLedger
+from kjob.store.slots import SlotLedger
 from tests.faults.harness import FAST_ENV, LEASE_S, _ready, fault_cluster
 from tests.support.images import ensure_test_images
 from tests.support.pipeline import create_job, until
@@ -50,7 +50,7 @@ async def test_a_paused_executors_container(tmp_path, fresh_nats, agent_s):
         job = await create_job(c.engine, slug=slug, prompt=f"sleep {agent_s}", schedule="@every 1h",
                                sandbox={"backend": "docker", "image": image, "pull": "never"})
         # A run now (the ticker's recovery publishes it within seconds); no slot is due meanwhile.
-        await RunLedger(c.engine).create_manual(job)
+        await SlotLedger(c.engine).create_manual(job)
         labels = (await until(lambda: _ready(_running(slug)), 60, "the job's container to run"))[0]
         node, run_id = labels["kjob.node"], labels["kjob.run"]
         if agent_s == 2:

@@ -10,7 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 from kjob.model.run import DeliveryStatus, RunStatus
-from kjob.store.runs import RunLedger
+from kjob.store.runs import RunReads
+from kjob.store.slots import SlotLedger
 from tests.support.pipeline import create_job, fast_settings, running_node, runs_of, until
 from tests.support.relay import RecordingRelay
 
@@ -39,12 +40,12 @@ async def test_sigkilled_executor_mid_run_is_finished_once_by_another(tmp_path, 
         settings = fast_settings(tmp_path, relay_url=relay.url)
         job = await create_job(engine, slug="long", prompt="sleep 2; echo finished", schedule="@every 1h",
                                output={"channel": "ops"})
-        ledger = RunLedger(engine)
+        ledger = RunReads(engine)
         async with running_node(settings, fresh_nats.url, database_url,
                                 roles=frozenset({"ticker", "dispatcher", "api"})) as node:
             victim = executor_process(tmp_path, fresh_nats.url, database_url, "exec-a")
             try:
-                run = await ledger.create_manual(job)
+                run = await SlotLedger(engine).create_manual(job)
                 await node.publish_due(run)
 
                 async def running_on_a():

@@ -55,11 +55,10 @@ async def test_failing_and_sleeping_prompts_report_failed_and_timeout(tmp_path, 
         sleeping = await create_job(engine, slug="sleeps", prompt="sleep 30", timeout="1s",
                                     schedule="@every 1h", output={"channel": "ops"})
         async with running_node(settings, fresh_nats.url, database_url) as node:
-            from kjob.store.runs import RunLedger
+            from kjob.store.slots import SlotLedger
 
-            ledger = RunLedger(engine)
             for job in (failing, sleeping):
-                run = await ledger.create_manual(job)
+                run = await SlotLedger(engine).create_manual(job)
                 await node.publish_due(run)
 
             async def both_final():
@@ -80,10 +79,11 @@ async def test_always_failing_job_with_two_retries_makes_exactly_three_attempts(
     job = await create_job(engine, slug="flaky", prompt="exit 1", schedule="@every 1h",
                            retries={"max": 2, "backoff": "exponential", "initial_delay": "200ms", "max_delay": "1s"})
     async with running_node(settings, fresh_nats.url, database_url) as node:
-        from kjob.store.runs import RunLedger
+        from kjob.store.runs import RunReads
+        from kjob.store.slots import SlotLedger
 
-        ledger = RunLedger(engine)
-        run = await ledger.create_manual(job)
+        ledger = RunReads(engine)
+        run = await SlotLedger(engine).create_manual(job)
         await node.publish_due(run)
 
         async def final():

@@ -64,14 +64,15 @@ async def test_cli_run_now_wait_runs_and_logs(tmp_path, fresh_nats, database_url
 
 
 async def test_logs_follow_streams_output_while_the_run_is_running(tmp_path, fresh_nats, database_url, engine):
-    from kjob.store.runs import RunLedger
+    from kjob.store.runs import RunReads
+    from kjob.store.slots import SlotLedger
     from tests.support.pipeline import create_job
 
     _, secret = await TokenStore(engine).create("default", "viewer")
     job = await create_job(engine, slug="slow", prompt="echo first; sleep 2; echo second", schedule="@every 1h")
-    ledger = RunLedger(engine)
+    ledger = RunReads(engine)
     async with running_node(fast_settings(tmp_path), fresh_nats.url, database_url) as node:
-        run = await ledger.create_manual(job)
+        run = await SlotLedger(engine).create_manual(job)
         await node.publish_due(run)
         seen: list[tuple[str, bool]] = []
         async with httpx.AsyncClient(base_url=node.api_url, headers={"Authorization": f"Bearer {secret}"},

@@ -11,10 +11,12 @@ import pytest
 from kjob.model.run import RunStatus, Trigger, run_id_for, utc_text
 from kjob.model.schedule import next_slots
 from kjob.store.audit import list_audit
-from kjob.store.runs import RunLedger, SlotRow
+from kjob.store.runs import RunReads
+from kjob.store.slots import SlotRow
 from kjob.store.tokens import TokenStore
 from tests.policies.conftest import never_overlap, one_line_error, runner_for
 from tests.support.gateway import assert_error
+from tests.support.ledger import record_slots
 from tests.support.pipeline import create_job, fast_settings, running_node, runs_of, until
 
 
@@ -32,7 +34,7 @@ async def test_backfill_runs_the_past_slots_once_each_in_order_under_queue(tmp_p
     # one slot of the range is already in the ledger, missed: it never ran, so the backfill runs it
     missed = SlotRow(run_id=run_id_for(job.id, slots[2]), job_id=job.id, tenant=job.tenant, slug=job.slug,
                      slot=slots[2], status=RunStatus.missed, reason="scheduler was down")
-    await RunLedger(engine).record_slots([missed])
+    await record_slots(engine, [missed])
     async with running_node(fast_settings(tmp_path), fresh_nats.url, database_url) as node:
         api = await node_client(node)
         body = {"from": utc_text(start), "to": utc_text(end)}
@@ -52,7 +54,7 @@ async def test_backfill_runs_the_past_slots_once_each_in_order_under_queue(tmp_p
     never_overlap(done)
     assert [r.started_at for r in done] == sorted(r.started_at for r in done)  # in slot order
     assert [r.slot for r in await runs_of(engine, job)] == slots  # one row per slot
-    rerun = await RunLedger(engine).get(job.tenant, missed.run_id)
+    rerun = await RunReads(engine).get(job.tenant, missed.run_id)
     assert (rerun.status, rerun.trigger, rerun.reason) == (RunStatus.succeeded, Trigger.backfill, None)
     audit = [e for e in await list_audit(engine, job.tenant, target="job/hourly") if e.action == "job.backfill"]
     assert [e.change["queued"] for e in audit] == [0, 5]

@@ -14,8 +14,9 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import update
 
 from kjob.model.run import RunStatus, Trigger, run_id_for
-from kjob.store.runs import RunLedger, SlotRow
+from kjob.store.slots import SlotRow
 from kjob.store.tables import jobs
+from tests.support.ledger import record_slots
 from tests.support.pipeline import create_job, fast_settings, running_node, runs_of, until
 
 UTC = timezone.utc
@@ -108,9 +109,9 @@ async def test_downtime_over_dst_days_is_settled_by_each_jobs_catchup_rule(tmp_p
     # `resumed` has its first slot in the ledger: the ticker resumes after it, not before.
     await down_since(engine, resumed, SPRING_SLOTS[0] - timedelta(days=30))
     seeded = SPRING_SLOTS[0]
-    await RunLedger(engine).record_slots([SlotRow(run_id=run_id_for(resumed.id, seeded), job_id=resumed.id,
-                                                  tenant=resumed.tenant, slug=resumed.slug, slot=seeded,
-                                                  status=RunStatus.succeeded)])
+    await record_slots(engine, [SlotRow(run_id=run_id_for(resumed.id, seeded), job_id=resumed.id,
+                                        tenant=resumed.tenant, slug=resumed.slug, slot=seeded,
+                                        status=RunStatus.succeeded)])
     expected_runs = [(spring_all, 3), (spring_latest, 1), (fall_all, 2), (wildcard, 4), (resumed, 2)]
 
     async with running_node(fast_settings(tmp_path), fresh_nats.url, database_url):

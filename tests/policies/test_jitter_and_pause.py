@@ -11,7 +11,8 @@ from kjob.model.policies import jitter_for
 from kjob.model.run import RunStatus, run_id_for
 from kjob.store.audit import list_audit
 from kjob.store.jobs import JobStore
-from kjob.store.runs import RunLedger
+from kjob.store.runs import RunReads
+from kjob.store.slots import SlotLedger
 from tests.support.pipeline import ACTOR, create_job, fast_settings, running_node, runs_of, until
 from tests.security.test_nats_permissions import secured_nats, violations  # noqa: F401
 from tests.support.relay import RecordingRelay
@@ -79,16 +80,16 @@ async def test_a_job_failing_n_times_in_a_row_is_paused_and_its_channel_alerted_
 
 async def test_only_failures_in_a_row_count_a_success_breaks_the_streak(tmp_path, fresh_nats, database_url, engine):
     job = await create_job(engine, slug="flaky", prompt="exit 1", schedule="0 0 1 1 *", pause_after_failures=2)
-    store, ledger = JobStore(engine), RunLedger(engine)
+    store, slots, reads = JobStore(engine), SlotLedger(engine), RunReads(engine)
 
     async def run_with(node, prompt: str) -> RunStatus:
         current = await store.get(job.tenant, job.slug)
         await store.update(ACTOR, job.slug, current.spec().model_copy(update={"prompt": prompt}))
-        run = await ledger.create_manual(job)
+        run = await slots.create_manual(job)
         await node.publish_due(run)
 
         async def ended():
-            now = await ledger.get(job.tenant, run.id)
+            now = await reads.get(job.tenant, run.id)
             return now.status.final and now
         return (await until(ended, 15, f"the run of {prompt!r} to end")).status
 

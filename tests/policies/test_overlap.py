@@ -7,8 +7,10 @@ from datetime import timedelta
 
 from kjob.model.policies import DEFER_MAX_S
 from kjob.model.run import DeliveryStatus, RunStatus, Trigger, run_id_for
-from kjob.store.runs import RunLedger, SlotRow
+from kjob.store.runs import RunReads
+from kjob.store.slots import SlotLedger, SlotRow
 from tests.policies.conftest import never_overlap
+from tests.support.ledger import record_slots
 from tests.support.pipeline import attempts_of, create_job, fast_settings, running_node, runs_of, until
 
 
@@ -38,12 +40,12 @@ async def test_skip_lets_one_of_several_slots_claimed_at_once_run(tmp_path, fres
     # race, and the job lock lets exactly one of them start.
     # (Scheduled slots: a backfill's runs under `skip` wait their turn instead, test_backfill.py.)
     job = await create_job(engine, slug="herd", prompt="sleep 3", schedule="0 0 1 1 *")
-    ledger = RunLedger(engine)
+    ledger = RunReads(engine)
     async with running_node(fast_settings(tmp_path), fresh_nats.url, database_url) as node:
         slots = [job.created_at.replace(microsecond=0) - timedelta(minutes=m) for m in range(5, 0, -1)]
         rows = [SlotRow(run_id=run_id_for(job.id, s), job_id=job.id, tenant=job.tenant, slug=job.slug, slot=s)
                 for s in slots]
-        await ledger.record_slots(rows)
+        await record_slots(engine, rows)
         for row in rows:
             await node.publish_due(await ledger.get(job.tenant, row.run_id))
 
@@ -74,7 +76,7 @@ async def test_queue_runs_every_slot_one_at_a_time_in_slot_order(tmp_path, fresh
 
 async def test_a_backfill_can_allow_overlap_for_its_runs(tmp_path, fresh_nats, database_url, engine):
     job = await create_job(engine, slug="parallel", prompt="sleep 1.5", schedule="0 0 1 1 *")  # overlap: skip
-    ledger = RunLedger(engine)
+    ledger = SlotLedger(engine)
     async with running_node(fast_settings(tmp_path), fresh_nats.url, database_url) as node:
         slots = [job.created_at.replace(microsecond=0) - timedelta(hours=h) for h in (3, 2, 1)]
         runs, _ = await ledger.record_backfill(job, slots, overlap="allow")
@@ -92,7 +94,7 @@ async def test_a_backfill_can_allow_overlap_for_its_runs(tmp_path, fresh_nats, d
 async def test_replace_cancels_the_running_run_then_starts_the_new_one(tmp_path, fresh_nats, database_url, engine):
     job = await create_job(engine, slug="latest-wins", prompt="sleep 30", schedule="@every 2s", overlap="replace",
                            timeout="1m")
-    ledger = RunLedger(engine)
+    ledger = RunReads(engine)
     async with running_node(fast_settings(tmp_path), fresh_nats.url, database_url):
         async def one_replaced_and_the_next_running():
             runs = await runs_of(engine, job)

@@ -8,8 +8,9 @@ from sqlalchemy import select, text, update
 
 from kjob.model.run import DeliveryStatus, RunStatus, Trigger, run_id_for
 from kjob.store.retention import prune
-from kjob.store.runs import RunLedger, SlotRow
+from kjob.store.slots import SlotLedger, SlotRow
 from kjob.store.tables import job_runs, run_attempts
+from tests.support.ledger import record_slots
 from tests.support.pipeline import create_job, fast_settings, running_node, runs_of, until
 
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
@@ -20,7 +21,7 @@ async def seed(engine, job, hours_ago: list[int], *, status=RunStatus.succeeded,
     """Runs of `job` at the given slots (hours before NOW), with their end and delivery."""
     rows = [SlotRow(run_id=run_id_for(job.id, NOW - timedelta(hours=h)), job_id=job.id, tenant=job.tenant,
                     slug=job.slug, slot=NOW - timedelta(hours=h), trigger=trigger, status=status) for h in hours_ago]
-    await RunLedger(engine).record_slots(rows)
+    await record_slots(engine, rows)
     ids = [r.run_id for r in rows]
     async with engine.begin() as conn:
         await conn.execute(update(job_runs).where(job_runs.c.id.in_(ids)).values(
@@ -64,7 +65,7 @@ async def test_the_latest_scheduled_slot_stays_so_a_restart_resumes_after_it(eng
     await seed(engine, job, [5, 4, 3], trigger=Trigger.backfill)
     assert await prune(engine, now=NOW) == 2
     assert await slots_left(engine, job) == [3, 4, 20]
-    assert (await RunLedger(engine).last_slots())[job.id] == NOW - timedelta(hours=20)
+    assert (await SlotLedger(engine).last_slots())[job.id] == NOW - timedelta(hours=20)
 
 
 async def test_a_node_already_pruning_makes_the_others_skip_their_turn(engine):

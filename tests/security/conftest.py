@@ -28,7 +28,8 @@ from kjob.gateway.app import create_app
 from kjob.gateway.state import GatewayState
 from kjob.model.run import Run
 from kjob.store.jobs import JobStore
-from kjob.store.runs import RunLedger
+from kjob.store.runs import RunReads
+from kjob.store.slots import SlotLedger
 from kjob.store.secrets import generate_key
 from kjob.store.tokens import TokenStore
 
@@ -141,7 +142,8 @@ def make_state(engine: AsyncEngine, settings_for: Callable[..., Settings], publi
     def make(**overrides: Any) -> GatewayState:
         return GatewayState(
             settings=settings_for(**overrides), engine=engine, jobs=JobStore(engine), tokens=TokenStore(engine),
-            agents=AgentRegistry.load(None), relay_configured=False, ledger=RunLedger(engine), publish_due=publish,
+            agents=AgentRegistry.load(None), relay_configured=False, runs=RunReads(engine),
+            slots=SlotLedger(engine), publish_due=publish,
         )
 
     return make

@@ -13,7 +13,8 @@ from kjob.bus import names
 from kjob.config import QuotaSettings
 from kjob.executor.secrets import LiveMask, Masker
 from kjob.model.run import DeliveryStatus, RunStatus
-from kjob.store.runs import RunLedger
+from kjob.store.runs import RunReads
+from kjob.store.slots import SlotLedger
 from kjob.store.secrets import SecretBox, SecretStore, generate_key
 from tests.support.pipeline import ACTOR, create_job, fast_settings, running_node, runs_of, until
 from tests.support.relay import RecordingRelay
@@ -49,14 +50,14 @@ async def test_a_secret_reaches_the_agent_and_is_masked_everywhere_else(tmp_path
             sandbox={"env": {"API_KEY": "secret:api-key", "REGION": "eu"}},
         )
         async with running_node(settings, fresh_nats.url, database_url) as node:
-            run = await RunLedger(engine).create_manual(job)
+            run = await SlotLedger(engine).create_manual(job)
             await node.publish_due(run)
 
             async def delivered():
                 [r] = await runs_of(engine, job)
                 return r.delivery_status is DeliveryStatus.delivered and r
             done = await until(delivered, 20, "the run to be delivered")
-        output, _, _ = await RunLedger(engine).log("default", run.id)
+        output, _, _ = await RunReads(engine).log("default", run.id)
         live = await _live_log(fresh_nats.url, "default", run.id)
 
     assert done.status is RunStatus.succeeded
@@ -74,7 +75,7 @@ async def test_a_secret_deleted_behind_the_jobs_back_ends_the_run_as_error(tmp_p
     job = await create_job(engine, slug="lost-secret", schedule="@every 1h", prompt="echo hi",
                            sandbox={"env": {"API_KEY": "secret:gone"}})
     async with running_node(settings, fresh_nats.url, database_url) as node:
-        run = await RunLedger(engine).create_manual(job)
+        run = await SlotLedger(engine).create_manual(job)
         await node.publish_due(run)
 
         async def final():
@@ -108,8 +109,8 @@ async def test_a_tenants_concurrency_quota_holds_across_the_executor(tmp_path, f
     prompt = "echo start $(date +%s%N); sleep 1; echo end $(date +%s%N)"
     jobs = [await create_job(engine, slug=f"slow-{i}", schedule="@every 1h", prompt=prompt) for i in range(3)]
     async with running_node(settings, fresh_nats.url, database_url) as node:
-        ledger = RunLedger(engine)
-        runs = [await ledger.create_manual(job) for job in jobs]
+        ledger = RunReads(engine)
+        runs = [await SlotLedger(engine).create_manual(job) for job in jobs]
         await asyncio.gather(*(node.publish_due(run) for run in runs))
 
         async def all_final():

@@ -41,7 +41,8 @@ from kjob.model.run import Run
 from kjob.store.audit import Actor
 from kjob.store.database import normalize_url
 from kjob.store.jobs import JobStore
-from kjob.store.runs import RunLedger
+from kjob.store.runs import RunReads
+from kjob.store.slots import SlotLedger
 from kjob.store.secrets import SecretBox, SecretStore, generate_key
 from kjob.store.tokens import TokenStore
 from tests.security.conftest import job_body
@@ -69,7 +70,7 @@ async def fuzz_seed(engine) -> tuple[str, str]:
     _, token = await TokenStore(engine).create("fuzz", "admin", "schemathesis")
     actor = Actor(subject="seed", token_id=None, tenant="fuzz")
     job = await JobStore(engine).create(actor, parse_job(job_body("nightly")))
-    await RunLedger(engine).create_manual(job)
+    await SlotLedger(engine).create_manual(job)
     await SecretStore(engine, SecretBox(key)).set(actor, "api-key", "v")
     return token, key
 
@@ -87,7 +88,8 @@ def fuzz_schema(database_url: str, fuzz_seed: tuple[str, str], tmp_path):
     state = GatewayState(
         settings=Settings(home=tmp_path, secret_key=key, quotas={"run_now_per_minute": 1000}),
         engine=engine, jobs=JobStore(engine), tokens=TokenStore(engine), agents=AgentRegistry.load(None),
-        relay_configured=False, ledger=RunLedger(engine), publish_due=publish,
+        relay_configured=False, runs=RunReads(engine), slots=SlotLedger(engine),
+        publish_due=publish,
     )
     app = create_app(state)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)

@@ -17,6 +17,7 @@ import pytest
 
 from kjob.gateway.state import GatewayState
 from kjob.model.run import RunStatus
+from kjob.store.claims import ClaimLedger
 from tests.security.conftest import job_body
 
 A, B = "tenant-a", "tenant-b"
@@ -47,8 +48,7 @@ async def world(client_for, make_state) -> dict[str, Any]:
     job = (await a.post("/v1/jobs", json=job_body(
         "a-job", prompt="echo A-PROMPT-MARKER", sandbox={"env": {"TOKEN": "secret:a-secret"}}))).json()
     run = (await a.post("/v1/jobs/a-job/run")).json()
-    ledger = state.ledger
-    assert ledger is not None
+    ledger = ClaimLedger(state.engine)
     claimed = await ledger.claim(run["id"], "test-node", timedelta(seconds=30))
     assert claimed is not None
     await ledger.finish(run["id"], "test-node", 1, status=RunStatus.succeeded, exit_code=0, reason=None,

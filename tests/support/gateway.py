@@ -24,7 +24,8 @@ from kjob.gateway.app import create_app
 from kjob.gateway.state import GatewayState
 from kjob.store.database import create_engine
 from kjob.store.jobs import JobStore
-from kjob.store.runs import RunLedger
+from kjob.store.runs import RunReads
+from kjob.store.slots import SlotLedger
 from kjob.store.tokens import TokenStore
 
 START_DEADLINE_S = 10.0
@@ -113,7 +114,8 @@ class GatewayServer:
             engine=engine,
             jobs=JobStore(engine),
             tokens=TokenStore(engine),
-            ledger=RunLedger(engine),
+            runs=RunReads(engine),
+            slots=SlotLedger(engine),
             agents=AgentRegistry.load(None),
             relay_configured=self._relay_configured,
         )

@@ -17,7 +17,7 @@ from kjob.model.run import Run
 from kjob.node import Node
 from kjob.store.audit import Actor
 from kjob.store.jobs import JobStore
-from kjob.store.runs import RunLedger
+from kjob.store.runs import RunReads
 from kjob.store.tables import job_runs, run_attempts
 from kjob.store.tokens import TokenStore
 
@@ -90,11 +90,11 @@ async def create_job(engine, **fields: Any) -> Job:
 
 
 async def runs_of(engine, job: Job) -> list[Run]:
-    return sorted(await RunLedger(engine).list_for_job(job.id, limit=10_000), key=lambda r: r.slot)
+    return sorted(await RunReads(engine).list_for_job(job.id, limit=10_000), key=lambda r: r.slot)
 
 
 async def attempts_of(engine, run_id: str) -> list:
-    return await RunLedger(engine).attempts(run_id)
+    return await RunReads(engine).attempts(run_id)
 
 
 async def attempt_rows(engine, job: Job) -> list:

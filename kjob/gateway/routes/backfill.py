@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from kjob._time import utcnow
 from kjob.errors import ServerError
 from kjob.gateway.auth import Operator, actor_of, gateway_state
-from kjob.gateway.routes.runs import _ledger as ledger_of
+from kjob.gateway.routes.runs import slot_ledger
 from kjob.gateway.state import GatewayState
 from kjob.model.policies import OverlapPolicy, backfill_slots
 from kjob.model.run import Run
@@ -52,7 +52,7 @@ class BackfillRequest(BaseModel):
 async def backfill(slug: str, body: BackfillRequest, principal: Operator, state: State) -> BackfillResult:
     """Run the job's slots from `from` to `to` (both included; at most 1000 per request), also
     when the job is disabled. 422 naming `from` or `to` for a bad range."""
-    ledger = ledger_of(state)
+    ledger = slot_ledger(state)
     job = await state.jobs.get(principal.tenant, slug)
     if state.publish_due is None:
         raise ServerError("this gateway cannot start runs: it runs without a bus")

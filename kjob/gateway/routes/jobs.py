@@ -242,9 +242,9 @@ async def apply_jobs(
 async def get_job(slug: str, principal: Viewer, state: State) -> JobView:
     job = await state.jobs.get(principal.tenant, slug)
     view = job_view(job, utcnow())
-    if state.ledger is None:
+    if state.runs is None:
         return view
-    return view.model_copy(update={"usage_7d": await UsageStore(state.ledger.engine).job_week(job.id)})
+    return view.model_copy(update={"usage_7d": await UsageStore(state.runs.engine).job_week(job.id)})
 
 
 @router.put("/jobs/{slug}", response_model=ApplyResult,

@@ -22,7 +22,8 @@ from kjob.gateway.state import GatewayState
 from kjob.gateway.tenant_checks import run_now_guard
 from kjob.model.run import Run
 from kjob.model.views import MissedRangeView, RunDetail, RunView, run_view
-from kjob.store.runs import RunLedger
+from kjob.store.runs import RunReads
+from kjob.store.slots import SlotLedger
 from kjob.store.usage import UsageStore
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,20 @@ State = Annotated[GatewayState, Depends(gateway_state)]
 
 
 
-def _ledger(state: GatewayState) -> RunLedger:
-    if state.ledger is None:
-        raise ServerError("this gateway has no run ledger configured")
-    return state.ledger
+_NO_LEDGER = "this gateway has no run ledger configured"
+
+
+def _reads(state: GatewayState) -> RunReads:
+    if state.runs is None:
+        raise ServerError(_NO_LEDGER)
+    return state.runs
+
+
+def slot_ledger(state: GatewayState) -> SlotLedger:
+    """The ledger's slots, for runs outside the schedule (run-now, backfill)."""
+    if state.slots is None:
+        raise ServerError(_NO_LEDGER)
+    return state.slots
 
 
 @router.post("/jobs/{slug}/run", status_code=status.HTTP_202_ACCEPTED, response_model=RunView)
@@ -47,7 +58,7 @@ async def run_now(slug: str, principal: Operator, state: State) -> RunView:
     job = await state.jobs.get(principal.tenant, slug)
     if state.publish_due is None:
         raise ServerError("this gateway cannot start runs: it runs without a bus")
-    run = await _ledger(state).create_manual(
+    run = await slot_ledger(state).create_manual(
         job, actor=actor_of(principal), guard=run_now_guard(state, principal.tenant)
     )
     try:
@@ -71,8 +82,8 @@ async def list_runs(
     """The job's runs, newest slot first. Paged with `limit` and `before`: a page shorter than
     `limit` is the last."""
     job = await state.jobs.get(principal.tenant, slug)
-    runs = await _ledger(state).list_for_job(job.id, limit, before)
-    usage = await UsageStore(_ledger(state).engine).of_runs([r.id for r in runs])
+    runs = await _reads(state).list_for_job(job.id, limit, before)
+    usage = await UsageStore(_reads(state).engine).of_runs([r.id for r in runs])
     return [run_view(r, usage.get(r.id)) for r in runs]
 
 
@@ -83,7 +94,7 @@ async def list_missed_ranges(
     """The job's compact records of missed slots, newest first (see `/runs` for the rest)."""
     job = await state.jobs.get(principal.tenant, slug)
     return [MissedRangeView(first_slot=r.first, last_slot=r.last, count=r.count, count_exact=r.exact, reason=r.reason)
-            for r in await _ledger(state).missed_ranges(job.id, limit)]
+            for r in await _reads(state).missed_ranges(job.id, limit)]
 
 
 @router.get("/runs/{run_id}", response_model=RunDetail)
@@ -91,10 +102,10 @@ async def get_run(run_id: str, principal: Viewer, state: State) -> RunDetail:
     """A run and its attempts. `run_id` may be a short id, as tables show it: any prefix of
     at least 4 characters that starts only one of the tenant's runs (422 naming `run_id` when
     it starts several)."""
-    ledger = _ledger(state)
-    run = await ledger.get(principal.tenant, run_id)  # run_id may be a short id: use run.id below
-    usage = (await UsageStore(ledger.engine).of_runs([run.id])).get(run.id)
-    return RunDetail.model_validate({**dict(run_view(run, usage)), "attempts": await ledger.attempts(run.id)})
+    reads = _reads(state)
+    run = await reads.get(principal.tenant, run_id)  # run_id may be a short id: use run.id below
+    usage = (await UsageStore(reads.engine).of_runs([run.id])).get(run.id)
+    return RunDetail.model_validate({**dict(run_view(run, usage)), "attempts": await reads.attempts(run.id)})
 
 
 # `Response`, not PlainTextResponse: the route's class would also make its JSON errors text/plain
@@ -109,17 +120,17 @@ async def run_logs(
 ):
     """The run's output. Finished: the stored output (up to the executor's cap). Running,
     with `follow=true`: the output so far, then live, until the run ends."""
-    ledger = _ledger(state)
-    run = await ledger.get(principal.tenant, run_id)
+    reads = _reads(state)
+    run = await reads.get(principal.tenant, run_id)
     if run.status.final or not follow or state.js is None:
-        output, _, dropped = await ledger.log(principal.tenant, run.id)
+        output, _, dropped = await reads.log(principal.tenant, run.id)
         if dropped:
             output += f"\n[kjob: {dropped} more bytes were produced beyond the output cap]\n"
         return PlainTextResponse(output)
-    return StreamingResponse(_follow(state, ledger, run), media_type="text/plain")
+    return StreamingResponse(_follow(state, reads, run), media_type="text/plain")
 
 
-async def _follow(state: GatewayState, ledger: RunLedger, run: Run) -> AsyncIterator[bytes]:
+async def _follow(state: GatewayState, reads: RunReads, run: Run) -> AsyncIterator[bytes]:
     """Live output from the run's log subject, from the start, until the run is final."""
     assert state.js is not None
     sub = await state.js.subscribe(
@@ -138,7 +149,7 @@ async def _follow(state: GatewayState, ledger: RunLedger, run: Run) -> AsyncIter
                 if kind != "end":
                     yield msg.data
                     continue
-            current = await ledger.get(run.tenant, run.id)
+            current = await reads.get(run.tenant, run.id)
             if current.status.final:
                 return
     finally:

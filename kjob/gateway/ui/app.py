@@ -433,8 +433,8 @@ def create_ui(state: GatewayState) -> FastAPI:
         if job and run["status"].final:
             base = state.settings.public_url or str(request.base_url).rstrip("/").removesuffix("/ui")
             # what Relay got: the agent's answer when one was recorded (docs/agents.md)
-            answer = (await UsageStore(state.ledger.engine).for_delivery(run_id, run["attempt"], run["job_id"])
-                      if state.ledger is not None else None)
+            answer = (await UsageStore(state.runs.engine).for_delivery(run_id, run["attempt"], run["job_id"])
+                      if state.runs is not None else None)
             body = answer.answer if answer and answer.answer is not None else run["output_excerpt"] or ""
             payload = dispatch_payload(run["slug"], job["output"]["channel"], run["status"],
                                        body, run_page_url(base, run_id))

@@ -11,9 +11,10 @@ from kjob.bus.publish import announce_job_changed
 from kjob.bus.setup import connect, ensure_streams
 from kjob.config import TickerSettings
 from kjob.store.jobs import JobStore
-from kjob.store.runs import RunLedger
+from kjob.store.slots import SlotLedger
 from kjob.ticker.ticker import Ticker
 from tests.faults.ticker.conftest import ledger_rows
+from tests.support.ledger import fenced_in
 from tests.support.pipeline import create_job, until
 
 
@@ -36,8 +37,8 @@ async def test_a_change_arriving_during_a_reload_is_applied_at_once(fresh_nats, 
     js = nc.jetstream()
     await ensure_streams(js, 1)
     store = GatedJobStore(engine)
-    ticker = Ticker(nc=nc, js=js, jobs=store, ledger=RunLedger(engine),
-                    settings=TickerSettings(resync_s=600, recover_s=600))
+    ticker = Ticker(nc=nc, js=js, jobs=store, ledger=SlotLedger(engine),
+                    settings=TickerSettings(resync_s=600, recover_s=600), leadership=await fenced_in(engine))
     stop = asyncio.Event()
     task = asyncio.create_task(ticker.run(stop))
     try:

@@ -47,13 +47,15 @@ async def test_a_finished_run_whose_result_message_was_lost_is_delivered(tmp_pat
     from sqlalchemy import text
 
     from kjob.model.run import DeliveryStatus
-    from kjob.store.runs import Claimed, RunLedger
+    from kjob.store.claims import ClaimLedger, Claimed
+    from kjob.store.deliveries import DeliveryLedger
+    from kjob.store.slots import SlotLedger
     from tests.support.relay import RecordingRelay
 
     job = await create_job(engine, slug="lost-result", prompt="true", schedule="@every 1h",
                            output={"channel": "kode-chat:ops"})
-    ledger = RunLedger(engine)
-    run = await ledger.create_manual(job)
+    ledger = ClaimLedger(engine)
+    run = await SlotLedger(engine).create_manual(job)
     assert isinstance(await ledger.claim(run.id, "gone-node", __import__("datetime").timedelta(seconds=30)), Claimed)
     ended = await ledger.finish(run.id, "gone-node", 1, status=RunStatus.succeeded, exit_code=0, reason=None,
                                 output="done", output_bytes=4, dropped_bytes=0, retry_in_s=None)
@@ -68,6 +70,6 @@ async def test_a_finished_run_whose_result_message_was_lost_is_delivered(tmp_pat
         async with running_node(settings, fresh_nats.url, database_url,
                                 roles=frozenset({"ticker", "dispatcher"})):
             async def delivered():
-                return (await ledger.delivery(run.id)).run.delivery_status is DeliveryStatus.delivered
+                return (await DeliveryLedger(engine).delivery(run.id)).run.delivery_status is DeliveryStatus.delivered
             await until(delivered, 30, "the lost result delivered by recovery")
         assert [r for r in relay.accepted if r.idempotency_key == run.id], relay.requests

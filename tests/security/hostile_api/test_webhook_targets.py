@@ -10,7 +10,8 @@ import pytest
 
 from kjob.model.run import DeliveryStatus
 from kjob.store.jobs import JobStore
-from kjob.store.runs import RunLedger
+from kjob.store.runs import RunReads
+from kjob.store.slots import SlotLedger
 from tests.security.conftest import job_body
 from tests.support.pipeline import fast_settings, running_node, until
 from tests.support.relay import RecordingRelay
@@ -100,7 +101,7 @@ async def test_the_dispatcher_checks_again_at_connect(tmp_path, client_for, make
         "channel": f"webhook:http://localhost:{port}/internal"}))
     assert created.status_code == 201, created.text
     job = await JobStore(engine).get("beta", "hook")
-    ledger = RunLedger(engine)
+    ledger = RunReads(engine)
 
     async def delivery(run_id: str, status: DeliveryStatus):
         run = await ledger.get("beta", run_id)
@@ -109,7 +110,7 @@ async def test_the_dispatcher_checks_again_at_connect(tmp_path, client_for, make
     # While allowed, it is delivered, to the address checked, with the name as Host.
     allowed = fast_settings(tmp_path / "allowed", dispatcher={"allow_private_targets": ["localhost"], "timeout_s": 2})
     async with running_node(allowed, fresh_nats.url, database_url) as node:
-        run = await ledger.create_manual(job)
+        run = await SlotLedger(engine).create_manual(job)
         await node.publish_due(run)
         await until(lambda: delivery(run.id, DeliveryStatus.delivered), 30, "the allowed webhook delivered")
     [request] = hook.requests
@@ -117,7 +118,7 @@ async def test_the_dispatcher_checks_again_at_connect(tmp_path, client_for, make
 
     strict = fast_settings(tmp_path / "strict")
     async with running_node(strict, fresh_nats.url, database_url) as node:
-        run = await ledger.create_manual(job)
+        run = await SlotLedger(engine).create_manual(job)
         await node.publish_due(run)
         failed = await until(lambda: delivery(run.id, DeliveryStatus.failed), 30, "the refused delivery")
     assert "loopback" in (failed.delivery_error or ""), failed.delivery_error

@@ -3,7 +3,7 @@
 A run's first attempt, of an enabled job whose overlap policy is `skip` (but for a backfill or
 catch-up slot, which `skip` queues: kjob.store.overlap.effective_policy) or `allow`, with no
 other run of the job busy, is claimed by this function in one statement, without a transaction
-of its own around it (kjob.store.runs.RunLedger.claim). It takes the job lock first; each
+of its own around it (kjob.store.claims.ClaimLedger.claim). It takes the job lock first; each
 statement after it takes a fresh snapshot (READ COMMITTED, a VOLATILE function), so it sees
 every claim of the job that held the lock before: as the claim transaction does. Whatever else
 (a retry, a lapsed claim, a disabled job, `queue` or `replace`, a busy job) it leaves alone and

@@ -16,8 +16,19 @@ every job each `resync_s`. Now (kjob/ticker/table.py): columns and a heap of dis
 instants, pages of 2,000 jobs with their cursors, a settlement shared by jobs that stopped
 at the same instant, resync by version. At 1,000,000 the load stalled the event loop (the
 cycle collector over a growing heap, 5,000-row pages) past the lease: now paused, and the
-load yields every 20 ms. What remains of the load time: Python per job (row, next slot,
-table), some 50-90 us each on a loaded machine.
+load yields every 20 ms. The next slot and its fire time are computed once per shared
+settlement and kept as epoch seconds (`JobTable.put_ts`).
+
+Measured 2026-12-02 (`nice -n 19 .venv/bin/python bench/ticker_scale.py --jobs 1000000
+--profile x.txt`, other sessions on the 2 cores): loaded in 44-48 s wall, 27 s of the
+ticker's CPU (imports included), 663-666 MB RSS, then firing 100 slots/s. So about half the
+wall time the ticker waits (PostgreSQL: two queries a page of 2,000 and a `max(slot)` probe
+per row; or the shared cores). py-spy of the CPU part, per job: some 14 us in `_load_one`
+(of which ~6 us `JobTable.put_ts`: a UUID's hash is a Python call, nine column appends,
+the shared-string lookups), ~8-10 us in `stream_scheduled` (SQLAlchemy's rows, ~4 us
+`ScheduledJob` and its policy and jitter look-ups), ~7 us asyncpg decoding on the socket.
+Levers left: read the page with asyncpg directly and only the columns the table needs;
+bigger pages; key the table by the UUID's int.
 """
 
 from __future__ import annotations

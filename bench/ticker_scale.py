@@ -16,8 +16,19 @@ every job each `resync_s`. Now (kjob/ticker/table.py): columns and a heap of dis
 instants, pages of 2,000 jobs with their cursors, a settlement shared by jobs that stopped
 at the same instant, resync by version. At 1,000,000 the load stalled the event loop (the
 cycle collector over a growing heap, 5,000-row pages) past the lease: now paused, and the
-load yields every 20 ms. What remains of the load time: Python per job (row, next slot,
-table), some 50-90 us each on a loaded machine.
+load yields every 20 ms. The next slot and its fire time are computed once per shared
+settlement and kept as epoch seconds (`JobTable.put_ts`).
+
+Measured 2026-12-02 (`nice -n 19 .venv/bin/python bench/ticker_scale.py --jobs 1000000
+--profile x.txt`, other sessions on the 2 cores): loaded in 44-48 s wall, 27 s of the
+ticker's CPU (imports included), 663-666 MB RSS, then firing 100 slots/s. So about half the
+wall time the ticker waits (PostgreSQL: two queries a page of 2,000 and a `max(slot)` probe
+per row; or the shared cores). py-spy of the CPU part, per job: some 14 us in `_load_one`
+(of which ~6 us `JobTable.put_ts`: a UUID's hash is a Python call, nine column appends,
+the shared-string lookups), ~8-10 us in `stream_scheduled` (SQLAlchemy's rows, ~4 us
+`ScheduledJob` and its policy and jitter look-ups), ~7 us asyncpg decoding on the socket.
+Levers left: read the page with asyncpg directly and only the columns the table needs;
+bigger pages; key the table by the UUID's int.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _servers import Servers, rss_mb, wait_for  # noqa: E402
+from _servers import Servers, cpu_s, rss_mb, wait_for  # noqa: E402
 
 from sqlalchemy import text  # noqa: E402
 
@@ -123,7 +134,7 @@ async def main() -> None:
             except TimeoutError:
                 print(node.logs(5000))
                 raise
-            start_s, load_s = time.monotonic() - t, float(loaded[1])
+            start_s, load_s, load_cpu = time.monotonic() - t, float(loaded[1]), cpu_s(node.proc.pid)
             rss_loaded = rss_mb(node.proc.pid)
             since = datetime.now(timezone.utc) + timedelta(seconds=1)
             await asyncio.sleep(args.watch)
@@ -139,6 +150,8 @@ async def main() -> None:
             print(f"  run {r + 1}:")
             print(f"    elected -> all jobs loaded          {load_s:7.1f} s     target <= 30 s (1,000,000)")
             print(f"    process start -> all jobs loaded    {start_s:7.1f} s     (imports and connections included)")
+            print(f"    ticker CPU, start -> all jobs loaded {load_cpu:6.1f} s     (wall {start_s:.1f} s; the rest is "
+                  "waiting on PostgreSQL, or on the other sessions' use of the cores)")
             print(f"    RSS after load / after {args.watch:.0f}s firing   {rss_loaded:5.0f} / {rss:5.0f} MB  "
                   f"(peak {peak:.0f} MB)   target <= 1,500 MB (1,000,000), <= 300 MB (100,000)")
             print(f"    slots recorded in {args.watch:.0f}s after load      {fired:7d}     (frequent jobs alone: "

@@ -81,6 +81,15 @@ class JobTable:
     def put(self, job_id: UUID, tenant: str, slug: str, schedule: Schedule, tz: str, version: int,
             jitter: timedelta, next_slot: datetime | None, fire_at: datetime | None) -> None:
         """Add or replace the job; it fires `next_slot` at `fire_at` (None: never again)."""
+        if next_slot is None or fire_at is None:
+            self.put_ts(job_id, tenant, slug, schedule, tz, version, jitter, NONE, NONE)
+        else:
+            self.put_ts(job_id, tenant, slug, schedule, tz, version, jitter, to_ts(next_slot), to_ts(fire_at))
+
+    def put_ts(self, job_id: UUID, tenant: str, slug: str, schedule: Schedule, tz: str, version: int,
+               jitter: timedelta, next_ts: float, fire_ts: float) -> None:
+        """`put` with the slot and its fire time as epoch seconds (NONE: never again): the
+        load computes them once for every job that shares a schedule and a resume point."""
         row = self._row.get(job_id)
         if row is None:
             row = self._free.pop() if self._free else self._grow()
@@ -89,7 +98,7 @@ class JobTable:
         self._tenant[row], self._slug[row] = self._share(tenant), slug
         self._schedule[row], self._tz[row] = schedule, self._share(tz)
         self._version[row], self._jitter[row] = version, jitter.total_seconds()
-        self._set_next(row, next_slot, fire_at)
+        self._set_next_ts(row, next_ts, fire_ts)
 
     def _grow(self) -> int:
         for column in (self._ids, self._tenant, self._slug, self._schedule, self._tz):
@@ -100,10 +109,14 @@ class JobTable:
 
     def _set_next(self, row: int, next_slot: datetime | None, fire_at: datetime | None) -> None:
         if next_slot is None or fire_at is None:
-            self._next[row] = self._fire[row] = NONE
+            self._set_next_ts(row, NONE, NONE)
+        else:
+            self._set_next_ts(row, to_ts(next_slot), to_ts(fire_at))
+
+    def _set_next_ts(self, row: int, next_ts: float, ts: float) -> None:
+        self._next[row], self._fire[row] = next_ts, ts
+        if math.isnan(ts):
             return
-        ts = to_ts(fire_at)
-        self._next[row], self._fire[row] = to_ts(next_slot), ts
         bucket = self._buckets.get(ts)
         if bucket is None:
             bucket = self._buckets[ts] = array("q")

@@ -52,7 +52,7 @@ from kjob.store.slots import Deposed, MissedRangeRow, Recorded, SlotLedger, Slot
 from kjob.telemetry import metrics, tracing
 from kjob.bus import hold
 from kjob.ticker.leader import Leadership
-from kjob.ticker.table import Due, JobTable
+from kjob.ticker.table import NONE, Due, JobTable
 from kjob._tasks import stopped_within
 
 log = logging.getLogger(__name__)
@@ -286,7 +286,7 @@ class Ticker:
         now = self._utcnow()
         rows: list[SlotRow] = []
         ranges: list[MissedRangeRow] = []
-        settlements: dict[tuple, tuple[catchup.Settlement, datetime | None, object]] = {}
+        settlements: dict[tuple, tuple[catchup.Settlement, datetime | None, object, float, float]] = {}
         late_from = catchup.minus(now, timedelta(seconds=self.settings.late_grace_s))
         started = time.monotonic()
 
@@ -337,24 +337,26 @@ class Ticker:
                 if first is None or fire_time(job.id, schedule, job.timezone, first, job.jitter) >= late_from:
                     # No slot was missed (the common case): nothing to settle, and the first
                     # slot after the resume point is the next one (one search, not three).
-                    shared = (catchup.Settlement([], [], start), first, job.catchup)
+                    settled, next_slot = catchup.Settlement([], [], start), first
                 else:
                     settled = self._settle_downtime(job, schedule, start, now)
-                    shared = (settled, schedule.next_slot(settled.cursor, job.timezone), job.catchup)
+                    next_slot = schedule.next_slot(settled.cursor, job.timezone)
+                # The next slot and its fire time as the table holds them, computed once per
+                # key (a jitter-free fire time is the slot's): some 2 us a job otherwise.
+                fire_at = self._fire_at(job.id, schedule, job.timezone, next_slot, job.jitter)
+                shared = (settled, next_slot, job.catchup, *_epoch_pair(next_slot, fire_at))
                 if key is not None:
                     settlements[key] = shared
             else:
                 self._count_settled(job, shared[0])
-            settled, next_slot, _ = shared
+            settled, next_slot, _, next_ts, fire_ts = shared
         except Exception as err:
             self._skip(job.id, f"{job.tenant}/{job.slug}", err)
             return
         if settled.slots or settled.ranges:
             self._settled_rows(job, settled, rows, ranges)
-        try:
-            self._queue_next_slot(job, schedule, next_slot)
-        except Exception as err:
-            self._skip(job.id, f"{job.tenant}/{job.slug}", err)
+        self._table.put_ts(job.id, job.tenant, job.slug, schedule, job.timezone, job.version, job.jitter,
+                           next_ts, fire_ts)
 
     def _settled_rows(self, job: ScheduledJob, settled: catchup.Settlement, rows: list[SlotRow],
                       ranges: list[MissedRangeRow]) -> None:
@@ -587,6 +589,13 @@ async def _every(interval_s: float, stop: asyncio.Event, fn, what: str) -> None:
             await fn()
         except Exception as err:
             log.warning("ticker: %s failed (%s)", what, err)
+
+
+def _epoch_pair(slot: datetime | None, fire_at: datetime | None) -> tuple[float, float]:
+    """A slot and its fire time as the table's epoch seconds (NONE both, for no slot)."""
+    if slot is None or fire_at is None:
+        return NONE, NONE
+    return slot.timestamp(), fire_at.timestamp()
 
 
 def _resume_point(job: ScheduledJob, last_slot: datetime | None) -> datetime:

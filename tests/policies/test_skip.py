@@ -15,12 +15,13 @@ together after a restart and the newer was `skipped`; the run catch-up chose kep
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import timedelta
 
 from sqlalchemy import insert, update
 
 from kjob._time import utcnow
-from kjob.model.run import RunStatus, Trigger, run_id_for, utc_text
+from kjob.model.run import MissReason, RunStatus, Trigger, run_id_for, utc_text
 from kjob.model.schedule import next_slots
 from kjob.store.tables import job_runs, jobs
 from kjob.store.tokens import TokenStore
@@ -67,6 +68,12 @@ async def test_run_now_of_a_busy_skip_job_says_it_was_skipped(tmp_path, fresh_na
         assert second.exit_code == 1, second.output
         assert "started" not in second.stdout
         assert second.stderr.strip().endswith(f"skipped: previous run {holder} still running; nothing was started")
+        # the sentence is for people; `-o json` carries it and the code a program tests
+        third = await asyncio.to_thread(cli, "run-now", "busy", "-o", "json")
+    assert third.exit_code == 0, third.output
+    shown = json.loads(third.stdout)
+    assert (shown["status"], shown["reason"], shown["reason_code"]) == (
+        "skipped", f"previous run {holder} still running", "overlap")
 
 
 async def test_late_slots_after_downtime_follow_the_catchup_rule_as_catchup_runs(
@@ -101,10 +108,11 @@ async def test_late_slots_after_downtime_follow_the_catchup_rule_as_catchup_runs
     never_overlap(ran)
     others = [r for r in late_all if r not in ran]
     assert others and all(r.status is RunStatus.missed and "outside the catch-up window (25s)" in r.reason
-                          for r in others)
+                          and r.reason_code is MissReason.outside_catchup_window for r in others)
     assert not [r for r in late_all + late_latest if r.status is RunStatus.skipped]
     assert len(caught) == 1, caught
     (caught,) = caught
     assert [r for r in late_latest if r.status is not RunStatus.missed] == [caught]
     assert (caught.status, caught.slot) == (RunStatus.succeeded, max(r.slot for r in late_latest))
-    assert all("catch-up policy 'latest' did not run it" in r.reason for r in late_latest if r.slot != caught.slot)
+    assert all("catch-up policy 'latest' did not run it" in r.reason and r.reason_code is MissReason.catchup_policy
+               for r in late_latest if r.slot != caught.slot)

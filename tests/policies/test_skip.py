@@ -38,8 +38,8 @@ async def test_a_backfill_under_skip_runs_each_slot_in_turn_and_reruns_a_skipped
     async with engine.begin() as conn:
         await conn.execute(insert(job_runs).values(
             id=run_id_for(job.id, slots[1]), job_id=job.id, tenant=job.tenant, slug=job.slug, slot=slots[1],
-            trigger="schedule", status="skipped", reason="previous run x still running", finished_at=slots[1],
-            delivery_status="none"))
+            trigger="schedule", status="skipped", reason="previous run x still running", reason_code="overlap",
+            finished_at=slots[1], delivery_status="none"))
     async with running_node(fast_settings(tmp_path), fresh_nats.url, database_url) as node:
         api = await node_client(node)
         response = await api.post("/v1/jobs/hourly/backfill", json={"from": utc_text(slots[0]), "to": utc_text(slots[2])})
@@ -52,6 +52,7 @@ async def test_a_backfill_under_skip_runs_each_slot_in_turn_and_reruns_a_skipped
             return all(r.status.final for r in runs) and runs
         runs = await until(all_ran, 30, "the three backfilled slots to end")
     assert [(r.slot, r.trigger, r.status) for r in runs] == [(s, Trigger.backfill, RunStatus.succeeded) for s in slots]
+    assert [r.reason_code for r in runs] == [None] * 3  # the rerun slot's skip code went with its skip
     never_overlap(runs)
     assert [r.started_at for r in runs] == sorted(r.started_at for r in runs)  # in slot order
 

@@ -133,8 +133,8 @@ LOST_REASON = "executor stopped renewing its claim (it died or lost the database
 _FINISH_SQL = """
 WITH fin AS (
     UPDATE job_runs r SET
-        status = $4, exit_code = $5, error = $6, reason = $7, output_excerpt = $8, output_bytes = $9, reason_code = $14,
-        claimed_by = NULL, claim_until = NULL,
+        status = $4, exit_code = $5, error = $6, reason = $7, output_excerpt = $8, output_bytes = $9,
+        reason_code = $14, claimed_by = NULL, claim_until = NULL,
         -- the database's clock, as for claims: a node whose clock is off must not move retries
         next_attempt_at = CASE WHEN $10::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => $10::float8) END,
         finished_at = CASE WHEN $10::float8 IS NULL THEN now() ELSE r.finished_at END,

@@ -95,4 +95,5 @@ class RunReads:
             )
             return [MissedRangeRow(job_id=r.job_id, tenant=r.tenant, slug=r.slug, first=r.first_slot,
                                    last=r.last_slot, count=r.count, exact=r.count_exact, reason=r.reason,
-                                   reason_code=r.reason_code and MissReason(r.reason_code), leader_rev=r.leader_rev) for r in rows]
+                                   reason_code=r.reason_code and MissReason(r.reason_code), leader_rev=r.leader_rev)
+                    for r in rows]

@@ -45,7 +45,7 @@ from kjob.executor.agents import AgentRegistry
 from kjob.executor.agent_run import AgentRun
 from kjob.model.agent_report import AgentReport, verdict_status
 from kjob.executor.sandbox.base import Launch, Outcome, Sandbox
-from kjob.model.run import DeliveryStatus, Run, RunStatus, attempt_status, should_retry
+from kjob.model.run import DeliveryStatus, MissReason, Run, RunStatus, attempt_status, should_retry
 from kjob.executor.secrets import LiveMask, SecretResolver, SecretsUnavailable
 from kjob.store.quotas import Quotas, TenantBusy, busy_retry_delay
 from kjob.executor.policies import RunPolicies
@@ -161,8 +161,8 @@ class Executor:
         if claimed is None:
             await self._not_ours(due, msg)
             return
-        if isinstance(claimed, Skipped):  # overlap `skip`: final now, with its reason
-            metrics.slots_missed("overlap")
+        if isinstance(claimed, Skipped):  # overlap `skip` or a disabled job: final now, with its reason
+            metrics.slots_missed(claimed.run.reason_code or MissReason.overlap)
             await self._event(claimed.run, EventKind.run_finished, claimed.run.status.value)
             await ack.done(msg)
             return
@@ -368,10 +368,10 @@ class Executor:
         """Record the run `skipped` for the cost cap (the alert rides on its delivery), then ack."""
         await self._record_usage(run, job, AgentReport(answer=why))
         finished = await self._record_end(run, dict(
-            status=RunStatus.skipped, exit_code=None, reason=why, output="", output_bytes=0, dropped_bytes=0,
-            retry_in_s=None))
+            status=RunStatus.skipped, exit_code=None, reason=why, reason_code=MissReason.cost_cap, output="",
+            output_bytes=0, dropped_bytes=0, retry_in_s=None))
         if finished is not None:
-            metrics.slots_missed("cost_cap")
+            metrics.slots_missed(MissReason.cost_cap)
             if finished.delivery_status is DeliveryStatus.pending:
                 await self._publish_result(finished)
             await self._event(finished, EventKind.run_finished, finished.status.value)

@@ -43,17 +43,19 @@ class RunStatus(str, enum.Enum):
 
 
 class MissReason(enum.StrEnum):
-    """Why a slot will not run (`missed`, `skipped`, or never written): the label its count
-    carries (kjob.telemetry.metrics.slots_missed). The ledger's `reason` column keeps the
+    """Why a slot will not run (`missed`, `skipped`, or never written): the code the ledger keeps
+    in `reason_code` (and the API shows), and the label its count carries
+    (kjob.telemetry.metrics.slots_missed). Codes are for programs; the `reason` column keeps the
     sentence a person reads (kjob.model.catchup, kjob.model.policies), which names the window,
     the policy or the run in the way."""
 
     outside_catchup_window = "outside_catchup_window"  #: late, and older than the job's catch-up window
     catchup_policy = "catchup_policy"  #: late, inside the window, and not the slot the catch-up policy runs
-    #: skipped as it came to start: the job's previous run still ran (overlap `skip`), or the
-    #: job was disabled meanwhile (the executor counts both under this label)
+    #: skipped as it came to start: the job's previous run still ran (overlap `skip`)
     overlap = "overlap"
-    job_gone = "job_gone"  #: the job was deleted or disabled as its slot was written
+    #: the job was deleted or disabled before its slot ran: as the slot was written (the slot is
+    #: not written, only counted) or as it came to start (`skipped`)
+    job_gone = "job_gone"
     unwritable = "unwritable"  #: the ledger refused the slot's row for good (a data or constraint error)
     cost_cap = "cost_cap"  #: skipped: the tenant's agents spent its daily cost cap
 
@@ -172,6 +174,8 @@ class Run(BaseModel):
     trigger: Trigger
     status: RunStatus
     reason: str | None = None
+    #: Why a `missed` or `skipped` run did not run, as a code; `reason` says it in prose.
+    reason_code: MissReason | None = None
     attempt: int = 0
     #: Attempts whose executor died; they are retried beyond the job's own budget.
     lost_attempts: int = 0

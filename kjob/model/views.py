@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kjob.model.job import Job
 from kjob.model.policies import OverlapPolicy
-from kjob.model.run import Attempt, Run
+from kjob.model.run import Attempt, MissReason, Run
 
 ApplyAction = Literal["created", "updated", "unchanged"]
 Role = Literal["viewer", "operator", "editor", "admin"]
@@ -58,7 +58,8 @@ class RunDetail(RunView):
 class MissedRangeView(BaseModel):
     """Slots a long downtime left unrun, beyond those listed one by one in the job's runs:
     `count` slots from `first_slot` to `last_slot` (at least `count` when `count_exact` is
-    false), none of which ran, for `reason` (GET /v1/jobs/{slug}/missed)."""
+    false), none of which ran, for `reason`: a sentence for people, and `reason_code`, a
+    MissReason value for programs (GET /v1/jobs/{slug}/missed)."""
 
     first_slot: datetime
     last_slot: datetime
@@ -66,6 +67,8 @@ class MissedRangeView(BaseModel):
     count_exact: bool
     status: Literal["missed"] = "missed"
     reason: str
+    #: None only for a record written before the ledger kept codes (migration 0011).
+    reason_code: MissReason | None = None
 
 
 def run_view(run: Run, usage: dict[str, Any] | None = None) -> RunView:

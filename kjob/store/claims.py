@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kjob._time import utcnow
 from kjob.model.job import Job, RetryPolicy
-from kjob.model.run import AgentEnd, Run, RunStatus, should_retry
+from kjob.model.run import AgentEnd, MissReason, Run, RunStatus, should_retry
 from kjob.store import overlap
 from kjob.store._run_rows import run_of
 from kjob.store.database import raw_connection
@@ -134,7 +134,7 @@ _FINISH_SQL = """
 WITH fin AS (
     UPDATE job_runs r SET
         status = $4, exit_code = $5, error = $6, reason = $7, output_excerpt = $8, output_bytes = $9,
-        claimed_by = NULL, claim_until = NULL,
+        reason_code = $14, claimed_by = NULL, claim_until = NULL,
         -- the database's clock, as for claims: a node whose clock is off must not move retries
         next_attempt_at = CASE WHEN $10::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => $10::float8) END,
         finished_at = CASE WHEN $10::float8 IS NULL THEN now() ELSE r.finished_at END,
@@ -160,7 +160,7 @@ SELECT * FROM fin
 #: whether or not the claim still held: the tokens were spent all the same.
 _FINISH_WITH_USAGE_SQL = _FINISH_SQL.replace("SELECT * FROM fin", """, usage AS (
     INSERT INTO run_usage (run_id, attempt, """ + ", ".join(c for c, _ in USAGE_COLUMNS) + """)
-    SELECT $1, $3, """ + ", ".join(f"${14 + i}::{t}" for i, (_, t) in enumerate(USAGE_COLUMNS)) + """
+    SELECT $1, $3, """ + ", ".join(f"${15 + i}::{t}" for i, (_, t) in enumerate(USAGE_COLUMNS)) + """
     WHERE EXISTS (SELECT 1 FROM job_runs WHERE id = $1)
     ON CONFLICT (run_id, attempt) DO UPDATE SET """ + ", ".join(f"{c} = EXCLUDED.{c}" for c, _ in USAGE_COLUMNS) + """
 )
@@ -346,11 +346,13 @@ class ClaimLedger:
         retry_in_s: float | None,
         usage: dict | None = None,
         excerpt_chars: int = 4000,
+        reason_code: MissReason | None = None,
     ) -> Run | None:
         """Record the attempt's end, if our claim still holds. None: it did not (someone else
         owns the run now, so this attempt's result is void and must not be reported).
         `retry_in_s`: the run is tried again this long after the database's now. `usage`: what
-        the agent reported (kjob.store.usage.usage_row), written in the same statement."""
+        the agent reported (kjob.store.usage.usage_row), written in the same statement.
+        `reason_code`: for a run that ends `skipped` without running (the cost cap)."""
         run_status = RunStatus.retrying if retry_in_s is not None else status
         error = reason if status is not RunStatus.succeeded else None
         # One statement, outside an explicit transaction: the run, its attempt and its log change
@@ -358,11 +360,11 @@ class ClaimLedger:
         async with raw_connection(self.engine) as raw:
             record = await raw.fetchrow(
                 _FINISH_SQL if usage is None else _FINISH_WITH_USAGE_SQL,
-                *dict(  # $1 to $13, in this order; then the usage columns from $14
+                *dict(  # $1 to $14, in this order; then the usage columns from $15
                     run_id=run_id, executor=executor, attempt=attempt, run_status=run_status.value,
                     exit_code=exit_code, error=error, reason=reason, output_excerpt=output[:excerpt_chars],
                     output_bytes=output_bytes, retry_in_s=retry_in_s, attempt_status=status.value,
-                    output=output, dropped_bytes=dropped_bytes,
+                    output=output, dropped_bytes=dropped_bytes, reason_code=reason_code and reason_code.value,
                 ).values(),
                 *([] if usage is None else [usage[c] for c, _ in USAGE_COLUMNS]),
             )

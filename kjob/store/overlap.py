@@ -20,7 +20,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from kjob.model.policies import replaced_reason, skipped_reason
-from kjob.model.run import DeliveryStatus, Run, RunStatus, Trigger
+from kjob.model.run import DeliveryStatus, MissReason, Run, RunStatus, Trigger
 from kjob.store.tables import job_runs, run_attempts
 
 
@@ -70,8 +70,8 @@ async def skip_disabled(conn: AsyncConnection, run_id: str, now: datetime) -> Sk
     """Make the scheduled run `run_id` of a disabled job final as `skipped`, saying why."""
     skipped = (await conn.execute(
         update(job_runs).where(job_runs.c.id == run_id)
-        .values(status=RunStatus.skipped.value, reason=DISABLED_REASON, finished_at=now,
-                delivery_status=DeliveryStatus.none.value)
+        .values(status=RunStatus.skipped.value, reason=DISABLED_REASON, reason_code=MissReason.job_gone.value,
+                finished_at=now, delivery_status=DeliveryStatus.none.value)
         .returning(job_runs)
     )).one()
     return Skipped(Run.model_validate(dict(skipped._mapping)))
@@ -104,8 +104,8 @@ async def settle(conn: AsyncConnection, before: Any, policy: str, new_run_id: st
     if policy == "skip":
         row = (await conn.execute(
             update(job_runs).where(job_runs.c.id == new_run_id)
-            .values(status=RunStatus.skipped.value, reason=skipped_reason(first.id), finished_at=now,
-                    delivery_status=DeliveryStatus.none.value)
+            .values(status=RunStatus.skipped.value, reason=skipped_reason(first.id),
+                    reason_code=MissReason.overlap.value, finished_at=now, delivery_status=DeliveryStatus.none.value)
             .returning(job_runs)
         )).one()
         return Skipped(Run.model_validate(dict(row._mapping)))
@@ -121,8 +121,8 @@ RERUNNABLE = (RunStatus.skipped.value, RunStatus.missed.value)
 def rerun_values(new: Any) -> dict[str, Any]:
     """The columns a backfill sets on a `RERUNNABLE` row (`new`: the inserted row, e.g.
     `excluded`): a fresh run of the same slot and key, as if the slot had never been settled."""
-    return dict(trigger=new.trigger, status=new.status, overlap=new.overlap, reason=None, error=None, exit_code=None,
-                finished_at=None, started_at=None, published_at=None, claimed_by=None, claim_until=None,
+    return dict(trigger=new.trigger, status=new.status, overlap=new.overlap, reason=None, reason_code=None, error=None,
+                exit_code=None, finished_at=None, started_at=None, published_at=None, claimed_by=None, claim_until=None,
                 next_attempt_at=None, lost_attempts=0, delivery_status=DeliveryStatus.pending.value,
                 delivery_attempts=0, delivery_error=None, delivered_at=None, output_excerpt=None, output_bytes=None)
 

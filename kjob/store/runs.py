@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kjob.errors import InvalidInput, NotFound
-from kjob.model.run import Attempt, Run, run_id_prefix
+from kjob.model.run import Attempt, MissReason, Run, run_id_prefix
 from kjob.store._run_rows import run_of
 from kjob.store.slots import MissedRangeRow
 from kjob.store.tables import job_runs, missed_ranges, run_attempts, run_logs
@@ -95,4 +95,5 @@ class RunReads:
             )
             return [MissedRangeRow(job_id=r.job_id, tenant=r.tenant, slug=r.slug, first=r.first_slot,
                                    last=r.last_slot, count=r.count, exact=r.count_exact, reason=r.reason,
-                                   leader_rev=r.leader_rev) for r in rows]
+                                   reason_code=r.reason_code and MissReason(r.reason_code), leader_rev=r.leader_rev)
+                    for r in rows]

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from kjob._time import utcnow
 from kjob.model.job import Job
-from kjob.model.run import DeliveryStatus, Run, RunStatus, Trigger, run_id_for, utc_text
+from kjob.model.run import DeliveryStatus, MissReason, Run, RunStatus, Trigger, run_id_for, utc_text
 from kjob.store._run_rows import FINAL_VALUES, run_of
 from kjob.store.audit import Actor, record_by
 from kjob.store.database import raw_connection
@@ -40,17 +40,19 @@ OPEN = (RunStatus.scheduled.value, RunStatus.running.value, RunStatus.retrying.v
 #: insert neither fails on the foreign key nor adds a slot to a job just disabled.
 _RECORD_SLOTS_SQL = """
 WITH fence AS (
-    SELECT 1 FROM ticker_lease WHERE id = 1 AND revision = $12::bigint FOR SHARE
+    SELECT 1 FROM ticker_lease WHERE id = 1 AND revision = $13::bigint FOR SHARE
 ), given AS (
     SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::text[], $7::text[],
-                         $8::text[], $9::bigint[], $10::timestamptz[], $11::text[])
-        AS u(id, job_id, tenant, slug, slot, trigger, status, reason, leader_rev, finished_at, delivery_status)
+                         $8::text[], $9::text[], $10::bigint[], $11::timestamptz[], $12::text[])
+        AS u(id, job_id, tenant, slug, slot, trigger, status, reason, reason_code, leader_rev, finished_at,
+             delivery_status)
 ), live AS (
     SELECT g.* FROM given g JOIN jobs j ON j.id = g.job_id
     WHERE g.status <> 'scheduled' OR j.enabled
     FOR KEY SHARE OF j
 ), inserted AS (
-    INSERT INTO job_runs (id, job_id, tenant, slug, slot, trigger, status, reason, leader_rev, finished_at, delivery_status)
+    INSERT INTO job_runs (id, job_id, tenant, slug, slot, trigger, status, reason, reason_code, leader_rev, finished_at,
+                          delivery_status)
     SELECT * FROM live
     WHERE EXISTS (SELECT 1 FROM fence)
     ON CONFLICT DO NOTHING
@@ -64,14 +66,16 @@ _RECORD_RANGES_SQL = """
 WITH fence AS (
     SELECT 1 FROM ticker_lease WHERE id = 1 AND revision = $9::bigint FOR SHARE
 ), written AS (
-    INSERT INTO missed_ranges (job_id, tenant, slug, first_slot, last_slot, count, count_exact, reason, leader_rev)
+    INSERT INTO missed_ranges (job_id, tenant, slug, first_slot, last_slot, count, count_exact, reason, leader_rev,
+                               reason_code)
     SELECT u.* FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bigint[],
-                           $7::bool[], $8::text[], $10::bigint[]) AS u(job_id, tenant, slug, first_slot, last_slot,
-                                                                     count, count_exact, reason, leader_rev)
+                           $7::bool[], $8::text[], $10::bigint[], $11::text[])
+        AS u(job_id, tenant, slug, first_slot, last_slot, count, count_exact, reason, leader_rev, reason_code)
     JOIN jobs j ON j.id = u.job_id
     WHERE EXISTS (SELECT 1 FROM fence)
     ON CONFLICT (job_id, first_slot) DO UPDATE SET last_slot = EXCLUDED.last_slot, count = EXCLUDED.count,
-        count_exact = EXCLUDED.count_exact, reason = EXCLUDED.reason, leader_rev = EXCLUDED.leader_rev,
+        count_exact = EXCLUDED.count_exact, reason = EXCLUDED.reason, reason_code = EXCLUDED.reason_code,
+        leader_rev = EXCLUDED.leader_rev,
         recorded_at = now()
     RETURNING 1
 )
@@ -102,6 +106,7 @@ class SlotRow:
     trigger: Trigger = Trigger.schedule
     status: RunStatus = RunStatus.scheduled
     reason: str | None = None
+    reason_code: MissReason | None = None  #: with `reason`, for a slot written `missed`
     leader_rev: int | None = None
 
 
@@ -129,6 +134,7 @@ class MissedRangeRow:
     count: int
     exact: bool
     reason: str
+    reason_code: MissReason | None = None  #: None only for a record written before migration 0011
     leader_rev: int | None = None
 
 
@@ -156,11 +162,12 @@ class SlotLedger:
             return Recorded(set(), set())
         now = utcnow()
         final = [r.status.final for r in rows]
-        # $1 to $11: one array per column of `given`, in its order; $12: the fence.
+        # $1 to $12: one array per column of `given`, in its order; $13: the fence.
         columns = dict(
             id=[r.run_id for r in rows], job_id=[r.job_id for r in rows], tenant=[r.tenant for r in rows],
             slug=[r.slug for r in rows], slot=[r.slot for r in rows], trigger=[r.trigger.value for r in rows],
             status=[r.status.value for r in rows], reason=[r.reason for r in rows],
+            reason_code=[r.reason_code and r.reason_code.value for r in rows],
             leader_rev=[r.leader_rev for r in rows], finished_at=[now if f else None for f in final],
             delivery_status=[DeliveryStatus.none.value if f else DeliveryStatus.pending.value for f in final],
         )
@@ -175,7 +182,7 @@ class SlotLedger:
         same downtime twice (a crash in between) leaves one record. Returns how many."""
         if not ranges:
             return 0
-        # $1 to $8 and $10: one array per column of the record; $9: the fence.
+        # $1 to $8, $10 and $11: one array per column of the record; $9: the fence.
         async with raw_connection(self.engine) as raw:
             record = await raw.fetchrow(
                 _RECORD_RANGES_SQL,
@@ -183,7 +190,7 @@ class SlotLedger:
                 [r.first for r in ranges], [r.last for r in ranges], [r.count for r in ranges],
                 [r.exact for r in ranges], [r.reason for r in ranges],
                 fence,
-                [r.leader_rev for r in ranges],
+                [r.leader_rev for r in ranges], [r.reason_code and r.reason_code.value for r in ranges],
             )
         _check_fenced_in(record, fence)
         return record["n"]

@@ -73,6 +73,8 @@ job_runs = Table(
     Column("status", String(16), nullable=False),
     #: Why a slot did not run (missed/skipped), or why the last attempt ended as it did.
     Column("reason", Text),
+    #: For a missed or skipped slot, `reason` as a kjob.model.run.MissReason value (migration 0011).
+    Column("reason_code", Text),
     Column("attempt", Integer, nullable=False, server_default=text("0")),
     Column("lost_attempts", Integer, nullable=False, server_default=text("0")),
     Column("claimed_by", String(128)),
@@ -214,6 +216,8 @@ missed_ranges = Table(
     #: False: counting stopped at a cap, there were at least `count` slots.
     Column("count_exact", Boolean, nullable=False, server_default=text("true")),
     Column("reason", Text, nullable=False),
+    #: `reason` as a kjob.model.run.MissReason value (migration 0011).
+    Column("reason_code", Text),
     Column("leader_rev", BigInteger),
     Column("recorded_at", TS, nullable=False, server_default=text("now()")),
     PrimaryKeyConstraint("job_id", "first_slot", name="pk_missed_ranges"),

@@ -44,7 +44,7 @@ from kjob.bus.publish import Outgoing, publish_acked, publish_result
 from kjob.config import TickerSettings
 from kjob.model import catchup
 from kjob.model.policies import fire_time
-from kjob.model.run import Run, RunStatus, Trigger, run_id_for
+from kjob.model.run import MissReason, Run, RunStatus, Trigger, run_id_for
 from kjob.model.schedule import Schedule
 from kjob.store.database import DatabaseClock, is_row_error
 from kjob.store.jobs import JobStore, ScheduledJob, gc_paused
@@ -211,14 +211,14 @@ class Ticker:
                 row = rows[0]
                 log.error("ticker: slot %s of job %s/%s cannot be written (%s); it is left out",
                           row.slot.isoformat(), row.tenant, row.slug, err)
-                metrics.slots_missed("unwritable")
+                metrics.slots_missed(MissReason.unwritable)
                 return Recorded(set(), set())
             half = len(rows) // 2
             first, second = await self._record_rows(rows[:half]), await self._record_rows(rows[half:])
             return Recorded(first.new | second.new, first.gone | second.gone)
         if recorded.gone:
             gone = [r for r in rows if r.run_id in recorded.gone]
-            metrics.slots_missed("job_gone", sum(1 for r in gone if r.status is RunStatus.scheduled))
+            metrics.slots_missed(MissReason.job_gone, sum(1 for r in gone if r.status is RunStatus.scheduled))
             self._changed.update(r.job_id for r in gone)
             self._wake.set()
         return recorded
@@ -361,9 +361,10 @@ class Ticker:
     def _settled_rows(self, job: ScheduledJob, settled: catchup.Settlement, rows: list[SlotRow],
                       ranges: list[MissedRangeRow]) -> None:
         rows.extend(self._slot_row(job, s.slot, s.trigger, RunStatus.scheduled if s.runs else RunStatus.missed,
-                                   s.reason) for s in settled.slots)
+                                   s.reason, s.cause) for s in settled.slots)
         ranges.extend(MissedRangeRow(job_id=job.id, tenant=job.tenant, slug=job.slug, first=r.first, last=r.last,
-                                     count=r.count, exact=r.exact, reason=r.reason, leader_rev=self.fence())
+                                     count=r.count, exact=r.exact, reason=r.reason, reason_code=r.cause,
+                                     leader_rev=self.fence())
                       for r in settled.ranges)
 
     def fence(self) -> int:
@@ -404,9 +405,10 @@ class Ticker:
                         len(settled.ranges))
 
     def _slot_row(self, job: ScheduledJob, slot: datetime, trigger: Trigger, status: RunStatus,
-                  reason: str | None) -> SlotRow:
+                  reason: str | None, reason_code: MissReason | None) -> SlotRow:
         return SlotRow(run_id=run_id_for(job.id, slot), job_id=job.id, tenant=job.tenant, slug=job.slug,
-                       slot=slot, trigger=trigger, status=status, reason=reason, leader_rev=self.fence())
+                       slot=slot, trigger=trigger, status=status, reason=reason, reason_code=reason_code,
+                       leader_rev=self.fence())
 
     # -- changes ----------------------------------------------------------------------------
 

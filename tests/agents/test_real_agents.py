@@ -11,7 +11,7 @@ import httpx
 from sqlalchemy import select
 
 from kjob.config import QuotaSettings
-from kjob.model.run import DeliveryStatus, RunStatus
+from kjob.model.run import DeliveryStatus, MissReason, RunStatus
 from kjob.store.runs import RunReads
 from kjob.store.slots import SlotLedger
 from kjob.store.tables import run_usage
@@ -239,11 +239,14 @@ async def test_the_tenant_daily_cost_cap_skips_runs_with_one_alert(tmp_path, fre
             runs = [await _run_once(node, engine, job) for _ in range(3)]
             async with httpx.AsyncClient(base_url=node.api_url, headers={"Authorization": f"Bearer {secret}"}) as http:
                 quota = (await http.get("/v1/quotas")).json()
+                shown = (await http.get(f"/v1/runs/{runs[1].id}")).json()
         sent = [q.json["message"] for q in relay.accepted]
     assert (quota["limits"]["max_cost_usd_per_day"], quota["usage"]["cost_usd_today"]) == (0.4, 0.5)
     ran, capped, capped_again = runs
     assert ran.status is RunStatus.succeeded
     assert capped.status is RunStatus.skipped and "daily cost cap of $0.4 is reached ($0.50 spent" in capped.reason
+    assert capped.reason_code is MissReason.cost_cap and ran.reason_code is None
+    assert (shown["status"], shown["reason"], shown["reason_code"]) == ("skipped", capped.reason, "cost_cap")
     assert capped_again.status is RunStatus.skipped and capped_again.delivery_status is DeliveryStatus.suppressed
     assert [m["body"].split("\n\nFull log:")[0] for m in sent] == ["spent", capped.reason]
     assert sent[1]["title"] == "[spender] skipped"

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import update
 
-from kjob.model.run import RunStatus, Trigger, run_id_for
+from kjob.model.run import MissReason, RunStatus, Trigger, run_id_for
 from kjob.store.slots import SlotRow
 from kjob.store.tables import jobs
 from tests.support.ledger import record_slots
@@ -124,26 +124,28 @@ async def test_downtime_over_dst_days_is_settled_by_each_jobs_catchup_rule(tmp_p
         await until(caught_up, 30, "every catch-up run to succeed")
 
     async def ledger(job):
-        return [(r.slot, r.trigger, r.status, r.reason) for r in await runs_of(engine, job)]
+        return [(r.slot, r.trigger, r.status, r.reason, r.reason_code) for r in await runs_of(engine, job)]
 
-    caught = (Trigger.catchup, RunStatus.succeeded, None)
+    caught = (Trigger.catchup, RunStatus.succeeded, None, None)
     not_run = "scheduler was down at this slot; catch-up policy '{}' did not run it"
+    by_policy = MissReason.catchup_policy
     assert await ledger(spring_all) == [(s, *caught) for s in SPRING_SLOTS]
     assert await ledger(spring_latest) == [
-        (SPRING_SLOTS[0], Trigger.schedule, RunStatus.missed, not_run.format("latest")),
-        (SPRING_SLOTS[1], Trigger.schedule, RunStatus.missed, not_run.format("latest")),
+        (SPRING_SLOTS[0], Trigger.schedule, RunStatus.missed, not_run.format("latest"), by_policy),
+        (SPRING_SLOTS[1], Trigger.schedule, RunStatus.missed, not_run.format("latest"), by_policy),
         (SPRING_SLOTS[2], *caught),
     ]
     assert await ledger(spring_none) == [
-        (s, Trigger.schedule, RunStatus.missed, not_run.format("none")) for s in SPRING_SLOTS
+        (s, Trigger.schedule, RunStatus.missed, not_run.format("none"), by_policy) for s in SPRING_SLOTS
     ]
     outside = "scheduler was down at this slot, which is outside the catch-up window (1h)"
-    assert await ledger(spring_1h) == [(s, Trigger.schedule, RunStatus.missed, outside) for s in SPRING_SLOTS]
+    assert await ledger(spring_1h) == [(s, Trigger.schedule, RunStatus.missed, outside, MissReason.outside_catchup_window)
+                                       for s in SPRING_SLOTS]
     # the repeated h:30 of the fall day runs once
     assert await ledger(fall_all) == [(s, *caught) for s in FALL_SLOTS]
     assert await ledger(wildcard) == [(s, *caught) for s in SPRING_WILDCARD_SLOTS]
     assert await ledger(resumed) == [
-        (seeded, Trigger.schedule, RunStatus.succeeded, None), *[(s, *caught) for s in SPRING_SLOTS[1:]]
+        (seeded, Trigger.schedule, RunStatus.succeeded, None, None), *[(s, *caught) for s in SPRING_SLOTS[1:]]
     ]
     # a catch-up run has the slot's own run key, like the scheduled run it stands for
     assert {r.id for r in await runs_of(engine, spring_all)} == {run_id_for(spring_all.id, s) for s in SPRING_SLOTS}

@@ -6,9 +6,14 @@ from __future__ import annotations
 from datetime import timedelta
 
 from kjob.model.policies import DEFER_MAX_S
-from kjob.model.run import DeliveryStatus, RunStatus, Trigger, run_id_for
+from sqlalchemy import update
+
+from kjob.model.run import DeliveryStatus, MissReason, RunStatus, Trigger, run_id_for
+from kjob.store.claims import ClaimLedger
+from kjob.store.overlap import DISABLED_REASON, Skipped
 from kjob.store.runs import RunReads
 from kjob.store.slots import SlotLedger, SlotRow
+from kjob.store.tables import jobs
 from tests.policies.conftest import never_overlap
 from tests.support.ledger import record_slots
 from tests.support.pipeline import attempts_of, create_job, fast_settings, running_node, runs_of, until
@@ -28,11 +33,24 @@ async def test_skip_records_each_slot_that_comes_while_the_previous_run_runs(tmp
     skipped = [r for r in runs if r.status is RunStatus.skipped]
     for r in skipped:
         holder = ran[r.reason.removeprefix("previous run ").removesuffix(" still running")]
-        assert r.reason == f"previous run {holder.id} still running"
+        assert r.reason == f"previous run {holder.id} still running" and r.reason_code is MissReason.overlap
         # the run it names really was running when this slot was skipped
         assert holder.started_at <= r.finished_at and (holder.finished_at is None or r.finished_at <= holder.finished_at)
         assert r.attempt == 0 and r.delivery_status is DeliveryStatus.none
         assert await attempts_of(engine, r.id) == []
+
+
+async def test_a_slot_of_a_job_disabled_before_it_starts_is_skipped_as_job_gone(engine):
+    job = await create_job(engine, slug="turned-off", prompt="true", schedule="0 0 1 1 *")
+    slot = job.created_at.replace(microsecond=0)
+    await record_slots(engine, [SlotRow(run_id=run_id_for(job.id, slot), job_id=job.id, tenant=job.tenant,
+                                        slug=job.slug, slot=slot)])
+    async with engine.begin() as conn:
+        await conn.execute(update(jobs).where(jobs.c.id == job.id).values(enabled=False))
+    claimed = await ClaimLedger(engine).claim(run_id_for(job.id, slot), "node-1", timedelta(seconds=10))
+    assert isinstance(claimed, Skipped)
+    stored = await RunReads(engine).get(job.tenant, claimed.run.id)
+    assert (stored.status, stored.reason, stored.reason_code) == (RunStatus.skipped, DISABLED_REASON, MissReason.job_gone)
 
 
 async def test_skip_lets_one_of_several_slots_claimed_at_once_run(tmp_path, fresh_nats, database_url, engine):
@@ -105,7 +123,8 @@ async def test_replace_cancels_the_running_run_then_starts_the_new_one(tmp_path,
         old, new = await until(one_replaced_and_the_next_running, 20, "a run replaced by the next, which runs")
         [attempt] = await attempts_of(engine, old.id)
         new_now = await ledger.get(job.tenant, new.id)
-    assert old.reason == f"replaced by run {new.id}"
+    # a replaced run did start: it is no skipped slot, and has no skip code
+    assert old.reason == f"replaced by run {new.id}" and old.reason_code is None
     assert old.delivery_status is DeliveryStatus.none
     # its one attempt ended as cancelled (no retry), and stopped before the new run started
     assert attempt.status is RunStatus.cancelled and attempt.reason == f"replaced by run {new.id}"

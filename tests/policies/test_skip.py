@@ -15,12 +15,13 @@ together after a restart and the newer was `skipped`; the run catch-up chose kep
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import timedelta
 
 from sqlalchemy import insert, update
 
 from kjob._time import utcnow
-from kjob.model.run import RunStatus, Trigger, run_id_for, utc_text
+from kjob.model.run import MissReason, RunStatus, Trigger, run_id_for, utc_text
 from kjob.model.schedule import next_slots
 from kjob.store.tables import job_runs, jobs
 from kjob.store.tokens import TokenStore
@@ -37,8 +38,8 @@ async def test_a_backfill_under_skip_runs_each_slot_in_turn_and_reruns_a_skipped
     async with engine.begin() as conn:
         await conn.execute(insert(job_runs).values(
             id=run_id_for(job.id, slots[1]), job_id=job.id, tenant=job.tenant, slug=job.slug, slot=slots[1],
-            trigger="schedule", status="skipped", reason="previous run x still running", finished_at=slots[1],
-            delivery_status="none"))
+            trigger="schedule", status="skipped", reason="previous run x still running", reason_code="overlap",
+            finished_at=slots[1], delivery_status="none"))
     async with running_node(fast_settings(tmp_path), fresh_nats.url, database_url) as node:
         api = await node_client(node)
         response = await api.post("/v1/jobs/hourly/backfill", json={"from": utc_text(slots[0]), "to": utc_text(slots[2])})
@@ -51,6 +52,7 @@ async def test_a_backfill_under_skip_runs_each_slot_in_turn_and_reruns_a_skipped
             return all(r.status.final for r in runs) and runs
         runs = await until(all_ran, 30, "the three backfilled slots to end")
     assert [(r.slot, r.trigger, r.status) for r in runs] == [(s, Trigger.backfill, RunStatus.succeeded) for s in slots]
+    assert [r.reason_code for r in runs] == [None] * 3  # the rerun slot's skip code went with its skip
     never_overlap(runs)
     assert [r.started_at for r in runs] == sorted(r.started_at for r in runs)  # in slot order
 
@@ -67,6 +69,12 @@ async def test_run_now_of_a_busy_skip_job_says_it_was_skipped(tmp_path, fresh_na
         assert second.exit_code == 1, second.output
         assert "started" not in second.stdout
         assert second.stderr.strip().endswith(f"skipped: previous run {holder} still running; nothing was started")
+        # the sentence is for people; `-o json` carries it and the code a program tests
+        third = await asyncio.to_thread(cli, "run-now", "busy", "-o", "json")
+    assert third.exit_code == 0, third.output
+    shown = json.loads(third.stdout)
+    assert (shown["status"], shown["reason"], shown["reason_code"]) == (
+        "skipped", f"previous run {holder} still running", "overlap")
 
 
 async def test_late_slots_after_downtime_follow_the_catchup_rule_as_catchup_runs(
@@ -101,10 +109,11 @@ async def test_late_slots_after_downtime_follow_the_catchup_rule_as_catchup_runs
     never_overlap(ran)
     others = [r for r in late_all if r not in ran]
     assert others and all(r.status is RunStatus.missed and "outside the catch-up window (25s)" in r.reason
-                          for r in others)
+                          and r.reason_code is MissReason.outside_catchup_window for r in others)
     assert not [r for r in late_all + late_latest if r.status is RunStatus.skipped]
     assert len(caught) == 1, caught
     (caught,) = caught
     assert [r for r in late_latest if r.status is not RunStatus.missed] == [caught]
     assert (caught.status, caught.slot) == (RunStatus.succeeded, max(r.slot for r in late_latest))
-    assert all("catch-up policy 'latest' did not run it" in r.reason for r in late_latest if r.slot != caught.slot)
+    assert all("catch-up policy 'latest' did not run it" in r.reason and r.reason_code is MissReason.catchup_policy
+               for r in late_latest if r.slot != caught.slot)

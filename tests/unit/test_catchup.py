@@ -64,7 +64,7 @@ def test_every_second_down_20_minutes_lists_the_newest_and_counts_the_rest():
     assert [r.count for r in result.ranges] == [1200 - 1000]
     assert result.ranges[0].first == datetime(2026, 6, 1, 11, 40, 31, tzinfo=UTC)
     assert result.ranges[0].last + timedelta(seconds=1) == result.slots[0].slot
-    assert "catch-up policy 'latest'" in result.ranges[0].reason
+    assert "catch-up policy 'latest'" in result.ranges[0].reason and result.ranges[0].cause is MissReason.catchup_policy
     assert result.missed == 1200 - 1
 
 
@@ -189,7 +189,7 @@ def test_a_window_beyond_the_calendar_is_clamped_not_an_overflow(window):
     result = settle(Schedule.parse("* * * * *"), "UTC", after, NOW, huge, GRACE)
     accounted("* * * * *", after, result)
     assert [s.slot for s in result.slots if s.runs] == [datetime(2026, 6, 1, 12, 0, tzinfo=UTC)]
-    assert "catch-up policy 'latest'" in result.slots[0].reason
+    assert "catch-up policy 'latest'" in result.slots[0].reason and result.slots[0].cause is MissReason.catchup_policy
 
 
 def test_a_job_created_at_the_dawn_of_time_settles_in_bounded_work():

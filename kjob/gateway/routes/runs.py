@@ -93,7 +93,8 @@ async def list_missed_ranges(
 ) -> list[MissedRangeView]:
     """The job's compact records of missed slots, newest first (see `/runs` for the rest)."""
     job = await state.jobs.get(principal.tenant, slug)
-    return [MissedRangeView(first_slot=r.first, last_slot=r.last, count=r.count, count_exact=r.exact, reason=r.reason)
+    return [MissedRangeView(first_slot=r.first, last_slot=r.last, count=r.count, count_exact=r.exact, reason=r.reason,
+                            reason_code=r.reason_code)
             for r in await _reads(state).missed_ranges(job.id, limit)]
 
 

@@ -84,7 +84,11 @@ async def test_every_second_job_down_20_minutes_has_every_slot_accounted_for(
     # the newest late slot ran as a catch-up, every other slot is missed, each with its reason
     assert all(r.status in ("missed", "succeeded", "skipped") and (r.status == "succeeded" or r.reason) for r in rows)
     assert any(r.status == "missed" and r.reason.startswith("scheduler was down at this slot") for r in rows)
-    assert [(r["count"], r["reason"]) for r in shown] == [(r.count, r.reason) for r in reversed(ranges)]
+    assert all(r.reason_code in ("outside_catchup_window", "catchup_policy") for r in rows if r.status == "missed")
+    # the API shows each range's sentence and its code
+    assert [(r["count"], r["reason"], r["reason_code"]) for r in shown] == [
+        (r.count, r.reason, r.reason_code) for r in reversed(ranges)]
+    assert {r["reason_code"] for r in shown} <= {"outside_catchup_window", "catchup_policy"}
     assert printed.exit_code == 0, printed.output
     assert f"missed: {ranges[0].count} slots from " in printed.output, printed.output
     assert all(len(e) == 1 for e in recorder.by_run().values())
@@ -105,7 +109,8 @@ async def test_every_minute_job_down_20_hours_runs_its_newest_missed_minute(
     ranges = await range_rows(engine, job.id)
     expected = slots_between("* * * * *", now - timedelta(hours=20), ran[0].slot)
     assert len(rows) + sum(r.count for r in ranges) == len(expected)
-    assert [r.reason for r in ranges] == ["scheduler was down at these slots, outside the catch-up window (1h)"]
+    assert [(r.reason, r.reason_code) for r in ranges] == [
+        ("scheduler was down at these slots, outside the catch-up window (1h)", "outside_catchup_window")]
     assert all(len(e) == 1 for e in recorder.by_run().values())
 
 

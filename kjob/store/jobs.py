@@ -32,7 +32,7 @@ from kjob.model.job import CatchupPolicy, Job, JobSpec, Timing
 from kjob.store.audit import Actor, record_by, record_many_raw
 from kjob.store.database import raw_connection
 from kjob.model.run import Trigger
-from kjob.store.tables import job_dispatch_targets, job_runs, jobs
+from kjob.store.tables import job_runs, jobs
 from kjob.telemetry import metrics
 
 log = logging.getLogger(__name__)
@@ -456,9 +456,7 @@ class JobStore:
             await _void_ahead_raw(db, voids)
             if updates:
                 await db.execute(_UPDATE_MANY_SQL, now, *map(builtins.list, zip(*updates, strict=True)))
-            if targets:
-                await db.execute(_UPSERT_TARGETS_SQL, now, [t[0] for t in targets], [t[1] for t in targets],
-                                 [dispatch_kind(t[1]) for t in targets])
+            await _upsert_targets_raw(db, now, targets)
             entries = [(action, _target(s.slug), change) for s in specs if s.slug in audits
                        for action, change in (audits[s.slug],)]
             await record_many_raw(db, actor, entries)  # in file order, as the writes were asked
@@ -581,8 +579,8 @@ class JobStore:
         return job_from_row(updated), True
 
     async def _set_target(self, conn: AsyncConnection, job_id: uuid.UUID, channel: str, now: datetime) -> None:
-        await conn.execute(_upsert_target(), {"job_id": job_id, "channel": channel, "kind": dispatch_kind(channel),
-                                              "updated_at": now})
+        raw = await conn.get_raw_connection()  # the same transaction: the batch's statement serves one job too
+        await _upsert_targets_raw(raw.driver_connection, now, [(job_id, channel)])
 
 
 def _new_row(tenant: str, spec: JobSpec, now: datetime) -> dict[str, Any]:
@@ -617,14 +615,6 @@ def _job_of(spec: JobSpec, columns: Any) -> Job:
 def _stops_or_retimes(row: Row[Any] | _Locked, change: dict[str, Any]) -> bool:
     """Whether a change to the job means its queued slots are no longer its slots."""
     return bool(row.enabled and ("enabled" in change or "schedule" in change or "timezone" in change))
-
-
-def _upsert_target() -> Any:
-    stmt = insert(job_dispatch_targets)
-    return stmt.on_conflict_do_update(
-        index_elements=[job_dispatch_targets.c.job_id],
-        set_={"channel": stmt.excluded.channel, "kind": stmt.excluded.kind, "updated_at": stmt.excluded.updated_at},
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -713,6 +703,13 @@ INSERT INTO job_dispatch_targets (job_id, channel, kind, updated_at)
 SELECT t.job_id, t.channel, t.kind, $1 FROM unnest($2::uuid[], $3::text[], $4::text[]) AS t(job_id, channel, kind)
 ON CONFLICT (job_id) DO UPDATE SET channel = excluded.channel, kind = excluded.kind, updated_at = excluded.updated_at
 """
+
+
+async def _upsert_targets_raw(db: asyncpg.Connection, now: datetime, targets: Sequence[tuple[uuid.UUID, str]]) -> None:
+    """Where each job's results go, (job id, channel) each, resolved to a dispatch kind."""
+    if targets:
+        await db.execute(_UPSERT_TARGETS_SQL, now, [t[0] for t in targets], [t[1] for t in targets],
+                         [dispatch_kind(t[1]) for t in targets])
 
 
 async def _lock_many_raw(db: asyncpg.Connection, tenant: str, texts: dict[str, str]) -> dict[str, _Locked]:

@@ -16,7 +16,8 @@ import pytest
 
 from kjob.errors import ServerError
 from kjob.executor.sandbox import ProcessSandbox
-from kjob.executor.sandbox.process import DEFAULT_PIDS, STAGING_ROOT
+from kjob.executor.sandbox.process import DEFAULT_PIDS
+from kjob.executor.sandbox.staging import REUSE_MAX_ENTRIES, STAGING_ROOT
 from kjob.model.job import SandboxSpec
 from tests.sandbox.conftest import Backend, Sink, dead_executor, eventually, make_launch, processes_with
 
@@ -210,33 +211,59 @@ async def test_a_root_executor_runs_each_attempt_as_a_uid_of_its_own(bwrap_sandb
     assert all(uid >= 200_000 for uid in host_uids)
 
 
-async def test_a_prepared_work_dir_leaves_nothing_behind(bwrap_sandbox: ProcessSandbox, tmp_path: Path) -> None:
+async def test_a_prepared_work_dir_leaves_nothing_behind(tmp_path: Path) -> None:
     """A work dir the executor prepares (a workspace, $KJOB_RESULT) is staged on the host, on a
-    tmpfs of its own: after the attempt, neither the files the agent wrote nor the mount stay."""
+    tmpfs of its own. An attempt that wrote a big tree leaves neither its files nor the mount;
+    one that left a few entries has its dir emptied, links removed and never followed, and the
+    next attempt gets it empty; once the sandbox closes, no staged dir or mount is left."""
+    sandbox = ProcessSandbox()
+    await sandbox.start()
+    assert sandbox.isolated, sandbox.status()
     staging = Path(STAGING_ROOT)
     before = {p.name for p in staging.glob("kjob-work-*")}
-    seen: dict[str, Path] = {}
+    bait = tmp_path / "host-file"
+    bait.write_text("the host's")
+    bait.chmod(0o666)
+    seen: list[tuple[Path, list[str]]] = []
 
     async def prepare(workdir: Path) -> dict[str, str]:
-        seen["staged"] = workdir
+        seen.append((workdir, sorted(os.listdir(workdir))))
         (workdir / "given").write_text("from the executor")
         return {"GIVEN": str(workdir / "given")}
 
     async def collect(workdir: Path) -> None:
-        seen["collected"] = workdir
-        seen["wrote"] = workdir / "many"
+        seen[-1] = (workdir, seen[-1][1])
 
-    script = 'cat "$GIVEN"; mkdir many; for i in 1 2 3 4 5; do echo $i > many/$i; done'
-    launch = make_launch(["sh", "-c", script], tmp_path, prepare=prepare, collect=collect)
-    outcome = await bwrap_sandbox.run(launch, Sink())
+    async def attempt(script: str) -> Path:
+        launch = make_launch(["sh", "-c", script], tmp_path / "work", prepare=prepare, collect=collect)
+        outcome = await sandbox.run(launch, Sink())
+        assert outcome.exit_code == 0, outcome.output
+        assert "from the executor" in outcome.output
+        return seen[-1][0]
 
-    assert outcome.exit_code == 0, outcome.output
-    assert "from the executor" in outcome.output
-    assert seen["collected"] == seen["staged"]
-    assert not seen["staged"].exists()
-    assert str(seen["staged"]) not in Path("/proc/self/mountinfo").read_text()
+    try:
+        many = " ".join(str(i) for i in range(REUSE_MAX_ENTRIES + 1))
+        big = await attempt(f'cat "$GIVEN"; mkdir many; for i in {many}; do echo $i > many/$i; done')
+        assert not big.exists()
+        assert str(big) not in Path("/proc/self/mountinfo").read_text()
+
+        # The staged dir is bound inside, where the agent cannot reach the host file: the link
+        # it leaves points at the host path, which the executor's clean-up must not follow.
+        small = await attempt(f'cat "$GIVEN"; ln -s {bait} link; mkdir -p d/e; ln -s {bait.parent} d/e/dir; '
+                              'chmod 0777 .; echo secret > d/left')
+        assert small.exists() and os.listdir(small) == [], "a small tree is emptied for the next attempt"
+        assert bait.read_text() == "the host's" and tmp_path.exists()
+        assert (small.stat().st_mode & 0o777, small.stat().st_uid) == (0o700, os.geteuid())
+
+        reused = await attempt('cat "$GIVEN"; ls -A; test ! -e d/left')
+        assert reused == small and seen[-1][1] == [], "the next attempt starts in an empty dir"
+        assert str(small) in Path("/proc/self/mountinfo").read_text(), "still its own bounded tmpfs"
+    finally:
+        await sandbox.close()
     assert {p.name for p in staging.glob("kjob-work-*")} == before
-    assert list(tmp_path.iterdir()) == []
+    mounted = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    assert {m for m in mounted if "/kjob-work-" in m} <= {str(staging / name) for name in before}
+    assert not (tmp_path / "work").exists() or list((tmp_path / "work").iterdir()) == []
 
 
 async def test_concurrent_attempts_start_no_thread_per_child(bwrap_sandbox: ProcessSandbox, tmp_path: Path) -> None:

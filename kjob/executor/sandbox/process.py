@@ -19,7 +19,6 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
-import tempfile
 import logging
 import os
 import re
@@ -37,6 +36,7 @@ from kjob.executor.sandbox.base import BLOCKED_RANGES, Launch, Outcome, OutputSi
 from kjob.executor.sandbox.cgroups import MemoryCgroups, joining_argv
 from kjob.executor.sandbox.exits import exit_reason, oom_reason
 from kjob.executor.sandbox.output import OutputCollector
+from kjob.executor.sandbox import staging
 from kjob.model.durations import format_duration
 from kjob.model.sizes import parse_size
 
@@ -52,8 +52,6 @@ LAUNCHER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
 #: Processes one attempt may have when the job sets no `pids` (as the docker backend).
 DEFAULT_PIDS = 256
-#: Where prepared work dirs (workspace clones, $KJOB_RESULT) are staged: world-traversable.
-STAGING_ROOT = "/var/tmp"
 #: Between SIGTERM and SIGKILL to the attempt's process group.
 KILL_GRACE_S = 2.0
 #: After the agent exits, how long its pipes may stay open (a straggler holding them).
@@ -120,6 +118,7 @@ class ProcessSandbox(Sandbox):
         self._started = False
         #: run id -> its prepared work dir on the host, while the attempt runs
         self._staged: dict[str, Path] = {}
+        self._staging = staging.StagingPool(disk_bytes)
 
     async def start(self) -> None:
         """Find and self-test bubblewrap.
@@ -156,6 +155,9 @@ class ProcessSandbox(Sandbox):
                 problem,
             )
         self._started = True
+
+    async def close(self) -> None:
+        self._staging.close()
 
     async def _probe_bwrap(self) -> str | None:
         """None if bwrap runs a command with our options here, else what is wrong."""
@@ -206,19 +208,17 @@ class ProcessSandbox(Sandbox):
             return Outcome(start_error=refused, permanent=True)
         if launch.spec.network == "egress" and self._bwrap is not None and self._egress is None:
             return Outcome(start_error="sandbox.network = \"egress\" needs pasta on this node (apt-get install passt)")
-        workdir = _make_workdir(launch)
+        workdir = self._workdir(launch)
         uid = self._uids.take() if self._uids is not None and self._bwrap is not None else None
         try:
             staged = workdir
             if launch.prepare is not None:  # the executor's hook: kjob.executor.agent_run
                 if self._bwrap is not None:
                     # Prepared outside the work root, which the attempt's uid may not traverse;
-                    # bound at the work dir's path inside.
-                    staged = Path(tempfile.mkdtemp(prefix="kjob-work-", dir=STAGING_ROOT))
+                    # bound at the work dir's path inside. Its bound holds here too: a tmpfs of
+                    # sandbox_disk where the executor may mount (staging.py).
+                    staged = self._staging.take()
                     self._staged[launch.run_id] = staged
-                    # The work dir's bound holds here too: a tmpfs of sandbox_disk, where the
-                    # executor may mount (root, as when agents get uids of their own).
-                    _mount_tmpfs(staged, self.disk_bytes)
                 try:
                     extra = await launch.prepare(staged)
                 except Exception as e:
@@ -226,7 +226,10 @@ class ProcessSandbox(Sandbox):
                 extra = {k: v.replace(str(staged), str(workdir), 1) for k, v in extra.items()}
                 launch = dataclasses.replace(launch, env={**launch.env, **extra})
                 if uid is not None:  # the prepared work dir is the attempt's own, like the tmpfs would be
-                    await asyncio.to_thread(_chown_tree, staged, uid)
+                    if staging.small_tree(staged):  # $KJOB_RESULT's dir: a few syscalls, no thread
+                        staging.chown_tree(staged, uid)
+                    else:  # a workspace clone
+                        await asyncio.to_thread(staging.chown_tree, staged, uid)
             outcome = await self._run_in(workdir, launch, on_output, uid)
             if launch.collect is not None:
                 await launch.collect(staged)
@@ -234,8 +237,31 @@ class ProcessSandbox(Sandbox):
         finally:
             if uid is not None and self._uids is not None:
                 self._uids.give(uid)  # the attempt's process group is gone: nothing runs as it
-            # One trip to a worker thread for both: each trip costs about what the removals do.
-            await asyncio.shield(asyncio.to_thread(_remove_dirs, workdir, self._staged.pop(launch.run_id, None)))
+            await self._remove(launch, workdir)
+
+    def _workdir(self, launch: Launch) -> Path:
+        """The attempt's work dir: made on the host without bwrap; under bwrap only a path,
+        which bwrap makes inside (the host dir would be an empty mount point), unless the work
+        root is in a dir the sandbox sees read-only, where bwrap could not make it."""
+        path = _workdir_path(launch)
+        if self._bwrap is None or self._visible(str(path.parent)):
+            try:
+                _fresh_dir(path)
+            except FileNotFoundError:  # the work root went away since it was made: make it again
+                _work_root.cache_clear()
+                path = _fresh_dir(_workdir_path(launch))
+        return path
+
+    async def _remove(self, launch: Launch, workdir: Path) -> None:
+        """What the attempt leaves on the host goes: on the spot where it is a few entries (a
+        worker thread costs the executor more than the removals do), else in one trip to a
+        thread. A staged dir of a few entries is emptied and pooled for the next attempt."""
+        staged = self._staged.pop(launch.run_id, None)
+        if staged is not None and self._staging.give(staged):
+            staged = None
+        if staged is None and _removed_if_empty(workdir):
+            return
+        await asyncio.shield(asyncio.to_thread(_remove_dirs, workdir, staged))
 
     async def _run_in(self, workdir: Path, launch: Launch, on_output: OutputSink, uid: int | None) -> Outcome:
         if not launch.argv:
@@ -472,44 +498,10 @@ class UidPool:
     def give(self, uid: int) -> None:
         self._used.discard(uid)
 
-def _chown_tree(root: Path, uid: int) -> None:
-    for dirpath, dirs, files in os.walk(root):
-        for name in (dirpath, *(os.path.join(dirpath, n) for n in dirs + files)):
-            os.chown(name, uid, uid, follow_symlinks=False)
-
-
-#: umount2(2) flag: detach now, free once no process uses it.
-MNT_DETACH = 2
-
-
-def _mount_tmpfs(path: Path, size_bytes: int) -> bool:
-    """Mount a tmpfs of `size_bytes` on `path` (mount(2)); False where we may not mount."""
-    options = f"size={size_bytes},mode=0700".encode()
-    if _LIBC.mount(b"tmpfs", os.fsencode(path), b"tmpfs", 0, options) == 0:
-        return True
-    log.debug("process sandbox: no tmpfs for %s (%s); the staged work dir is not size-bounded",
-              path, os.strerror(ctypes.get_errno()))
-    return False
-
-
 def _remove_dirs(workdir: Path, staged: Path | None) -> None:
-    """Remove an attempt's staged dir (unmounting its tmpfs) and its work dir. Under bwrap the
-    work dir was only a mount point, left empty: one rmdir, and a tree walk only if not."""
     if staged is not None:
-        # Its tmpfs held all it had: once unmounted, the dir is empty (an rmdir, not a walk).
-        if os.path.ismount(staged):
-            _LIBC.umount2(os.fsencode(staged), MNT_DETACH)
-        _remove_dir(staged)
-    _remove_dir(workdir)
-
-
-def _remove_dir(path: Path) -> None:
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        pass
-    except OSError:  # not empty: no tmpfs could be mounted, or bwrap could not be used
-        shutil.rmtree(path, True)
+        staging.remove(staged)
+    staging.remove_dir(workdir)
 
 
 @functools.lru_cache(maxsize=16)
@@ -525,15 +517,21 @@ def _work_root(path: Path) -> Path:
     return path.resolve()
 
 
-def _make_workdir(launch: Launch) -> Path:
-    """`<work_root>/<run id>-<attempt>`, fresh and private (a leftover of a crash is replaced).
-    Under bwrap it stays empty: the mount point of the sandbox's tmpfs work dir."""
+def _workdir_path(launch: Launch) -> Path:
+    """`<work_root>/<run id>-<attempt>`."""
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{launch.run_id}-{launch.attempt}")
+    return _work_root(launch.work_root) / name
+
+
+def _removed_if_empty(path: Path) -> bool:
+    """Remove `path` if it is an empty dir; True if it is gone (or never was)."""
     try:
-        return _fresh_dir(_work_root(launch.work_root) / name)
-    except FileNotFoundError:  # the work root went away since it was made: make it again
-        _work_root.cache_clear()
-        return _fresh_dir(_work_root(launch.work_root) / name)
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def _fresh_dir(path: Path) -> Path:

@@ -30,7 +30,9 @@ def config_file() -> Path:
 
 
 class ExecutorSettings(BaseModel):
-    concurrency: int = Field(default=8, ge=1, description="runs in flight per node")
+    # 16, not 8: an agent mostly waits on its model, and at 8 a 2-core node ran 88 of 100
+    # sandbox starts a second where 16 ran all of them (bench/fastpath.py, 2026-12-02).
+    concurrency: int = Field(default=16, ge=1, description="runs in flight per node")
     processes: int = Field(
         default=1, ge=1, le=64,
         description="executor processes per node, sharing `concurrency`: more than one uses more cores; "

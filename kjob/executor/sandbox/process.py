@@ -226,9 +226,8 @@ class ProcessSandbox(Sandbox):
                 extra = {k: v.replace(str(staged), str(workdir), 1) for k, v in extra.items()}
                 launch = dataclasses.replace(launch, env={**launch.env, **extra})
                 if uid is not None:  # the prepared work dir is the attempt's own, like the tmpfs would be
-                    if staging.small_tree(staged):  # $KJOB_RESULT's dir: a few syscalls, no thread
-                        staging.chown_tree(staged, uid)
-                    else:  # a workspace clone
+                    # $KJOB_RESULT's dir: a few syscalls, no thread; a workspace clone: a thread.
+                    if not staging.chown_small_tree(staged, uid):
                         await asyncio.to_thread(staging.chown_tree, staged, uid)
             outcome = await self._run_in(workdir, launch, on_output, uid)
             if launch.collect is not None:
@@ -259,7 +258,7 @@ class ProcessSandbox(Sandbox):
         staged = self._staged.pop(launch.run_id, None)
         if staged is not None and self._staging.give(staged):
             staged = None
-        if staged is None and _removed_if_empty(workdir):
+        if staged is None and staging.removed_if_empty(workdir):
             return
         await asyncio.shield(asyncio.to_thread(_remove_dirs, workdir, staged))
 
@@ -521,17 +520,6 @@ def _workdir_path(launch: Launch) -> Path:
     """`<work_root>/<run id>-<attempt>`."""
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{launch.run_id}-{launch.attempt}")
     return _work_root(launch.work_root) / name
-
-
-def _removed_if_empty(path: Path) -> bool:
-    """Remove `path` if it is an empty dir; True if it is gone (or never was)."""
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    return True
 
 
 def _fresh_dir(path: Path) -> Path:

@@ -79,12 +79,19 @@ def remove(path: Path) -> None:
 
 
 def remove_dir(path: Path) -> None:
+    if not removed_if_empty(path):  # not empty: no tmpfs could be mounted, or bwrap could not be used
+        shutil.rmtree(path, True)
+
+
+def removed_if_empty(path: Path) -> bool:
+    """Remove `path` if it is an empty dir; True if it is gone (or never was)."""
     try:
         os.rmdir(path)
     except FileNotFoundError:
-        pass
-    except OSError:  # not empty: no tmpfs could be mounted, or bwrap could not be used
-        shutil.rmtree(path, True)
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def chown_tree(root: Path, uid: int) -> None:
@@ -93,9 +100,15 @@ def chown_tree(root: Path, uid: int) -> None:
             os.chown(name, uid, uid, follow_symlinks=False)
 
 
-def small_tree(root: Path, limit: int = REUSE_MAX_ENTRIES) -> bool:
-    """Whether `root` holds at most `limit` entries, counted without following links."""
-    return _entries(root, limit) is not None
+def chown_small_tree(root: Path, uid: int, limit: int = REUSE_MAX_ENTRIES) -> bool:
+    """`chown_tree` for a tree of at most `limit` entries, from one scan; False (nothing
+    changed) for a bigger one, which the caller hands to a thread."""
+    entries = _entries(root, limit)
+    if entries is None:
+        return False
+    for name in (str(root), *(path for path, _ in entries)):
+        os.chown(name, uid, uid, follow_symlinks=False)
+    return True
 
 
 def _mount_tmpfs(path: Path, size_bytes: int) -> bool:

@@ -125,9 +125,9 @@ def busybox_connect(host: str, port: int) -> list[str]:
     return ["sh", "-c", f"echo hello | nc -w 3 {host} {port}"]
 
 
-async def dead_executor(backend: str, node: str, marker: str, work_root: Path) -> None:
+async def dead_executor(backend: str, node: str, marker: str, work_root: Path) -> int:
     """Run an attempt in a separate executor process, and SIGKILL that process once the
-    agent has started: what an executor that died mid-attempt leaves behind."""
+    agent has started: what an executor that died mid-attempt leaves behind. Its pid."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.sandbox.executor_child", backend, node, marker, str(work_root),
         cwd=Path(__file__).parents[2], stdout=asyncio.subprocess.PIPE,
@@ -139,6 +139,7 @@ async def dead_executor(backend: str, node: str, marker: str, work_root: Path) -
     finally:
         proc.kill()
         await proc.wait()
+    return proc.pid
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], deadline_s: float = DEADLINE_S) -> None:
@@ -184,18 +185,20 @@ async def containers_of_run(api: aiodocker.Docker, run_id: str) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-async def bwrap_sandbox() -> ProcessSandbox:
+async def bwrap_sandbox() -> AsyncIterator[ProcessSandbox]:
     sandbox = ProcessSandbox(host_network_tenants=HOST_NETWORK_TENANTS)
     await sandbox.start()
     assert sandbox.isolated, f"bubblewrap does not work here: {sandbox.status()}; run .ci/docker.sh"
-    return sandbox
+    yield sandbox
+    await sandbox.close()
 
 
 @pytest.fixture(scope="session")
-async def bare_sandbox() -> ProcessSandbox:
+async def bare_sandbox() -> AsyncIterator[ProcessSandbox]:
     sandbox = ProcessSandbox(use_bwrap=False, host_network_tenants=HOST_NETWORK_TENANTS)
     await sandbox.start()
-    return sandbox
+    yield sandbox
+    await sandbox.close()
 
 
 @pytest.fixture(params=["process-bwrap", "process-bare", pytest.param("docker", marks=pytest.mark.docker)])

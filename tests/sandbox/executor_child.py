@@ -1,9 +1,10 @@
 """A stand-in executor for "the executor died mid-attempt" tests.
 
-    python -m tests.sandbox.executor_child {process|docker} NODE MARKER WORK_ROOT
+    python -m tests.sandbox.executor_child {process|process-staged|docker} NODE MARKER WORK_ROOT
 
 starts the backend, runs `sleep MARKER` (after printing "started") and waits forever; the
-test SIGKILLs it and checks what the attempt left behind.
+test SIGKILLs it and checks what the attempt left behind. With `process-staged` the executor
+prepares the attempt's work dir (a staged dir on the host).
 """
 
 from __future__ import annotations
@@ -25,12 +26,19 @@ async def main(backend: str, node: str, marker: str, work_root: Path) -> None:
     else:
         sandbox, spec = ProcessSandbox(), SandboxSpec()
     await sandbox.start()
+    changes: dict[str, object] = {}
+    if backend == "process-staged":
+        async def prepare(workdir: Path) -> dict[str, str]:
+            (workdir / "given").write_text("from the executor")
+            return {}
+
+        changes = {"prepare": prepare}
 
     async def relay(stream: str, text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    launch = make_launch(["sh", "-c", f"echo started; sleep {marker} & sleep {marker}"], work_root, spec)
+    launch = make_launch(["sh", "-c", f"echo started; sleep {marker} & sleep {marker}"], work_root, spec, **changes)
     await sandbox.run(launch, relay)
 
 

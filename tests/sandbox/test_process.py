@@ -278,3 +278,33 @@ async def test_concurrent_attempts_start_no_thread_per_child(bwrap_sandbox: Proc
     waiting = [t.name for t in threading.enumerate() if "waitpid" in t.name]
     assert await runs == list(range(12))  # each exit code reaches its own attempt
     assert waiting == []
+
+
+async def test_staged_dirs_of_a_killed_executor_are_reclaimed_by_the_next_start(tmp_path: Path) -> None:
+    """An executor SIGKILLed mid-attempt cannot unmount its staged dir: the next process
+    sandbox to start on the host does, and leaves the dirs of a live executor alone."""
+    live = ProcessSandbox()
+    await live.start()
+    seen: list[Path] = []
+
+    async def prepare(workdir: Path) -> dict[str, str]:
+        seen.append(workdir)
+        return {}
+
+    try:
+        outcome = await live.run(make_launch(["true"], tmp_path / "live", prepare=prepare), Sink())
+        assert outcome.exit_code == 0 and seen[0].exists(), "the live sandbox holds a pooled staged dir"
+
+        pid = await dead_executor("process-staged", "unused", str(70_000 + secrets.randbelow(9_000)), tmp_path / "dead")
+        left = list(Path(STAGING_ROOT).glob(f"kjob-work-{pid}-*"))
+        assert len(left) == 1 and str(left[0]) in Path("/proc/self/mountinfo").read_text(), left
+
+        later = ProcessSandbox()
+        await later.start()
+        await later.close()
+        assert not left[0].exists()
+        assert str(left[0]) not in Path("/proc/self/mountinfo").read_text()
+        assert seen[0].exists() and str(seen[0]) in Path("/proc/self/mountinfo").read_text(), "a live owner's dir stays"
+    finally:
+        await live.close()
+    assert not seen[0].exists()

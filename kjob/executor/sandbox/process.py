@@ -128,6 +128,7 @@ class ProcessSandbox(Sandbox):
         _watch_children_by_pidfd()
         if not _become_subreaper():
             log.warning("process sandbox: cannot become a child subreaper; killed agents may linger as zombies")
+        await asyncio.to_thread(staging.sweep, self._staging.root)
         self._prlimit = shutil.which("prlimit")
         self._setpriv = shutil.which("setpriv")
         problem = await self._probe_bwrap() if self.use_bwrap else "disabled by configuration"

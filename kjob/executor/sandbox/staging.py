@@ -12,6 +12,10 @@ tree is emptied on the spot, without following any link the agent made, and serv
 attempt; one that holds more than that is unmounted and removed in a worker thread, as before,
 and never reused. Every process of the attempt is gone by then (its process group and its pid
 namespace ended), so nothing of it can write there any more.
+
+A dir's name holds the pid of the executor that made it, so one that outlived its executor
+(SIGKILLed, or a sandbox never closed) is reclaimed by the next sandbox that starts here
+(`sweep`), and a live executor's dirs are left alone.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ STAGING_ROOT = "/var/tmp"
 #: An attempt's dir is emptied on the spot and reused only if it holds at most this many
 #: entries (the result file and a private HOME are four); a bigger tree goes to a thread.
 REUSE_MAX_ENTRIES = 16
+#: A staged dir's name: this, the pid of the executor that made it, "-", a random part.
+PREFIX = "kjob-work-"
 #: Owner-only, as a fresh tmpfs is.
 _MODE = 0o700
 #: umount2(2) flag: detach now, free once no process uses it.
@@ -49,7 +55,7 @@ class StagingPool:
         """An empty dir of ours (mode 0700) for one attempt."""
         if self._free:
             return self._free.pop()
-        path = Path(tempfile.mkdtemp(prefix="kjob-work-", dir=self.root))
+        path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=self.root))
         _mount_tmpfs(path, self.size_bytes)
         return path
 
@@ -69,6 +75,42 @@ class StagingPool:
         free, self._free = self._free, []
         for path in free:
             remove(path)
+
+
+def sweep(root: str = STAGING_ROOT) -> int:
+    """Unmount and remove the staged dirs under `root` whose executor is gone; how many."""
+    swept = 0
+    with os.scandir(root) as it:
+        owned = [(e.path, _owner(e.name)) for e in it if e.name.startswith(PREFIX)]
+    for path, pid in owned:
+        if pid is None or _alive(pid):
+            continue
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                continue
+            remove(Path(path))
+        except OSError as e:  # another sandbox's sweep got there first, or we may not
+            log.debug("process sandbox: left staged dir %s (%s)", path, e)
+            continue
+        swept += not os.path.lexists(path)
+    if swept:
+        log.info("process sandbox: removed %d staged work dirs of executors that are gone", swept)
+    return swept
+
+
+def _owner(name: str) -> int | None:
+    pid, _, rest = name[len(PREFIX):].partition("-")
+    return int(pid) if pid.isdigit() and rest else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def remove(path: Path) -> None:

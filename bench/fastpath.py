@@ -139,7 +139,8 @@ async def ledger_figures(engine, n: int, w0: datetime, w1: datetime, checked: da
     judged_end = w1 - timedelta(seconds=2)
     async with engine.connect() as conn:
         rows = (await conn.execute(text(
-            "SELECT slot, started_at FROM job_runs WHERE slot >= :a AND slot < :b AND trigger = 'schedule'"),
+            "SELECT slot, published_at, started_at, finished_at FROM job_runs "
+            "WHERE slot >= :a AND slot < :b AND trigger = 'schedule'"),
             dict(a=w0, b=judged_end))).all()
         finished = (await conn.execute(text(
             "SELECT count(*) FROM job_runs WHERE finished_at >= :a AND finished_at < :b"), dict(a=w0, b=w1))).scalar()
@@ -150,7 +151,11 @@ async def ledger_figures(engine, n: int, w0: datetime, w1: datetime, checked: da
             dict(a=w0, b=judged_end))).all())
     expected = int(n / 10 * (judged_end - w0).total_seconds())
     lags = [(r.started_at - r.slot).total_seconds() * 1000 for r in rows if r.started_at and r.started_at <= checked]
+    # Where the lag goes: the ticker's (slot -> published) and the run's own (claim -> end).
+    published = [(r.published_at - r.slot).total_seconds() * 1000 for r in rows if r.published_at]
+    walls = [(r.finished_at - r.started_at).total_seconds() * 1000 for r in rows if r.started_at and r.finished_at]
     return dict(expected=expected, in_ledger=len(rows), started=len(lags), lags=lags, finished=finished,
+                published=published, walls=walls,
                 backlog=backlog, statuses=statuses)
 
 
@@ -254,6 +259,9 @@ async def main() -> None:
     line("kjob apply of the jobs (s)", f"{applied_s:.1f}", f"files of {args.per_file}")
     line("judged slots in ledger / due", f"{figures['in_ledger']} / {figures['expected']}")
     line("slot -> sandbox start p50 / p99 (ms)", f"{pct(lags, 50):.1f} / {pct(lags, 99):.1f}", f"p99 <= {p99_target} ms")
+    line("  of it, slot -> published p50 / p99 (ms)",
+         f"{pct(figures['published'], 50):.1f} / {pct(figures['published'], 99):.1f}")
+    line("a run, claim -> end p50 / p99 (ms)", f"{pct(figures['walls'], 50):.1f} / {pct(figures['walls'], 99):.1f}")
     line("slots not run by the end", f"{figures['expected'] - figures['started']} of {figures['expected']}", "0")
     line("backlog at the end (scheduled, due)", f"{figures['backlog']}")
     line("runs/s (finished in the window)", f"{runs_s:.1f} of {args.jobs / 10:.0f} due")

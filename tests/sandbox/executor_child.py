@@ -1,10 +1,12 @@
 """A stand-in executor for "the executor died mid-attempt" tests.
 
-    python -m tests.sandbox.executor_child {process|process-staged|docker} NODE MARKER WORK_ROOT
+    python -m tests.sandbox.executor_child {process|process-staged|process-gated|docker} NODE MARKER WORK_ROOT
 
 starts the backend, runs `sleep MARKER` (after printing "started") and waits forever; the
 test SIGKILLs it and checks what the attempt left behind. With `process-staged` the executor
-prepares the attempt's work dir (a staged dir on the host).
+prepares the attempt's work dir (a staged dir on the host); with `process-gated` the sandbox
+is also built ahead, its agent (which leaves `ran` in the staged dir) held at a gate that never
+opens, and "started" is printed once the gate waits.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from kjob.executor.sandbox import DockerSandbox, ProcessSandbox, Sandbox
 from kjob.model.job import SandboxSpec
-from tests.sandbox.conftest import make_launch
+from tests.sandbox.conftest import make_launch, processes_with
 from tests.support.images import IMAGE
 
 
@@ -27,7 +29,7 @@ async def main(backend: str, node: str, marker: str, work_root: Path) -> None:
         sandbox, spec = ProcessSandbox(), SandboxSpec()
     await sandbox.start()
     changes: dict[str, object] = {}
-    if backend == "process-staged":
+    if backend.startswith("process-"):
         async def prepare(workdir: Path) -> dict[str, str]:
             (workdir / "given").write_text("from the executor")
             return {}
@@ -37,6 +39,18 @@ async def main(backend: str, node: str, marker: str, work_root: Path) -> None:
     async def relay(stream: str, text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
+
+    if backend == "process-gated":
+        launch = make_launch(["sh", "-c", f"echo ran > ran; sleep {marker}"], work_root, spec,
+                             gate=asyncio.get_running_loop().create_future(),
+                             # as the executor's: a watchdog to arm, so bwrap does not die with us
+                             on_spawn=lambda pgid, status_fd: None, **changes)
+        attempt = asyncio.create_task(sandbox.run(launch, relay))
+        while not any("kjob-gate" in p for p in processes_with(f"sleep {marker}")):
+            await asyncio.sleep(0.02)
+        print("started", flush=True)
+        await attempt
+        return
 
     launch = make_launch(["sh", "-c", f"echo started; sleep {marker} & sleep {marker}"], work_root, spec, **changes)
     await sandbox.run(launch, relay)

@@ -16,7 +16,7 @@ import pytest
 
 from kjob.errors import ServerError
 from kjob.executor.sandbox import ProcessSandbox
-from kjob.executor.sandbox.process import DEFAULT_PIDS
+from kjob.executor.sandbox.process import DEFAULT_PIDS, NOT_STARTED
 from kjob.executor.sandbox.staging import REUSE_MAX_ENTRIES, STAGING_ROOT
 from kjob.model.job import SandboxSpec
 from tests.sandbox.conftest import Backend, Sink, dead_executor, eventually, make_launch, processes_with
@@ -308,3 +308,67 @@ async def test_staged_dirs_of_a_killed_executor_are_reclaimed_by_the_next_start(
     finally:
         await live.close()
     assert not seen[0].exists()
+
+
+async def gated_attempt(sandbox: ProcessSandbox, tmp_path: Path, marker: str, gate: asyncio.Future,
+                        staged: list[Path], **changes) -> asyncio.Task:
+    """An attempt built ahead (a warm start) whose agent leaves `ran` in its work dir, staged
+    on the host where the test can look, then sleeps `marker`; it waits on `gate`."""
+    async def prepare(workdir: Path) -> dict[str, str]:
+        staged.append(workdir)
+        return {}
+
+    launch = make_launch(["sh", "-c", f"echo ran > ran; sleep {marker}"], tmp_path, prepare=prepare, gate=gate,
+                         **changes)
+    assert sandbox.gates(launch)
+    return asyncio.create_task(sandbox.run(launch, Sink()))
+
+
+async def test_a_warm_start_runs_its_agent_only_when_its_gate_opens(bwrap_sandbox: ProcessSandbox, tmp_path: Path) -> None:
+    """A sandbox built ahead of its claim holds its agent back: nothing of the agent runs while
+    the gate is shut, a "no" ends it unstarted, a "yes" starts it with its full timeout."""
+    marker = str(60_000 + secrets.randbelow(9_000))
+    staged: list[Path] = []
+    refused: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    task = await gated_attempt(bwrap_sandbox, tmp_path, marker, refused, staged)
+
+    async def built() -> bool:
+        return any("kjob-gate" in p for p in processes_with(f"sleep {marker}"))
+
+    await eventually(built)
+    assert not (staged[0] / "ran").exists(), "the agent ran before its gate opened"
+    refused.set_result(False)
+    outcome = await task
+    assert outcome.start_error == NOT_STARTED and outcome.exit_code is None
+    assert not processes_with(f"sleep {marker}")
+
+    opened: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    staged.clear()
+    task = await gated_attempt(bwrap_sandbox, tmp_path, "0.5", opened, staged, timeout=timedelta(seconds=1))
+    async def prepared() -> bool:
+        return bool(staged)
+
+    await eventually(prepared)
+    await asyncio.sleep(1.2)  # longer than the timeout: the timeout runs from the gate, not the build
+    opened.set_result(True)
+    outcome = await task
+    assert outcome.exit_code == 0 and not outcome.timed_out, outcome
+
+
+async def test_a_warm_start_whose_executor_dies_never_runs_its_agent(tmp_path: Path) -> None:
+    """The gate reads "go" from a pipe only the executor writes: an executor killed while a
+    sandbox waits at the gate closes the pipe, and the agent never starts (bwrap's own
+    --block-fd would run it at end of file)."""
+    marker = str(50_000 + secrets.randbelow(9_000))
+    pid = await dead_executor("process-gated", "unused", marker, tmp_path)
+    left = list(Path(STAGING_ROOT).glob(f"kjob-work-{pid}-*"))
+    assert len(left) == 1, left
+
+    async def gone() -> bool:
+        return not processes_with(f"sleep {marker}")
+
+    await eventually(gone)
+    assert not (left[0] / "ran").exists(), "the agent of a sandbox built ahead ran after its executor died"
+    later = ProcessSandbox()
+    await later.start()  # reclaims the dead executor's staged dir
+    await later.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -46,6 +47,10 @@ class Launch:
     #: bwrap's status pipe), on which the group's first pid and the agent's exit code arrive, so
     #: that the watchdog can also record an end the executor could not.
     on_spawn: Optional[Callable[[int, Optional[int]], None]] = None
+    #: A warm start: the sandbox is built now, before the run is claimed, and its agent held
+    #: back until this resolves True (then `on_spawn` is called and the timeout starts); False
+    #: ends it unstarted, `Outcome(start_error=NOT_STARTED)`. Only where `Sandbox.gates(launch)`.
+    gate: Optional["asyncio.Future[bool]"] = None
     #: The same for backends whose agents run in containers: called with the container's id
     #: once it started (the engine keeps its exit code until the container is removed).
     on_container: Optional[Callable[[str], None]] = None
@@ -86,6 +91,10 @@ class Sandbox(abc.ABC):
         a failure to start is `Outcome(start_error=...)`; a timeout kills everything the attempt
         started (process group, container) before returning `Outcome(timed_out=True)`.
         Cancelling the task must also kill everything the attempt started."""
+
+    def gates(self, launch: Launch) -> bool:
+        """Whether `launch` can be built ahead of its claim with a `gate` (a warm start)."""
+        return False
 
     async def close(self) -> None:
         """Release connections. Default: nothing to release."""

@@ -27,7 +27,7 @@ import shutil
 import signal
 import sys
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -76,6 +76,13 @@ _PRLIMIT_OPTIONS = {
 }
 #: How long the bwrap self-test at start() may take.
 PROBE_TIMEOUT_S = 10.0
+#: A warm start's gate (`Launch.gate`), the sandbox's first program: it waits for "go" on its
+#: stdin, a pipe only the executor writes, then execs the agent with /dev/null for stdin. At
+#: end of file (the executor died, or the run is not to start) it exits unstarted: unlike
+#: bwrap's --block-fd, which runs the command at end of file too.
+GATE_ARGV = ["/bin/sh", "-c", 'IFS= read -r go; [ "$go" = go ] || exit 125; exec </dev/null; exec "$@"', "kjob-gate"]
+#: A gated attempt that did not start (the gate closed or the sandbox ended first).
+NOT_STARTED = "the sandbox was built ahead and its agent not started"
 
 
 class ProcessSandbox(Sandbox):
@@ -305,6 +312,12 @@ class ProcessSandbox(Sandbox):
         argv = [program, *launch.argv[1:]]
         stdin = asyncio.subprocess.PIPE if launch.stdin is not None else asyncio.subprocess.DEVNULL
         out = asyncio.subprocess.PIPE
+        gate = None
+        if launch.gate is not None:
+            if not self.gates(launch):
+                return Outcome(start_error=f"{NOT_STARTED}: this sandbox cannot hold an agent back")
+            gate = os.pipe()
+            stdin, argv = gate[0], [*GATE_ARGV, *argv]
         # bwrap writes the agent's exit code here as the agent ends: the watchdog reads it, and
         # so knows of an end this executor, paused or dead, could not record (watchdog.py).
         # Our copy of the read end stays open until the agent is gone: bwrap never writes to
@@ -319,7 +332,7 @@ class ProcessSandbox(Sandbox):
                         start_new_session=True, preexec_fn=partial(_apply_limits, limits),
                     )
                 else:
-                    if status is not None:  # only made for an on_spawn hook
+                    if status is not None and gate is None:  # only made for an on_spawn hook
                         launch.on_spawn(None, status[0])  # watched from before it exists
                     with self._launcher(workdir, network=launch.spec.network, uid=uid, env=env, program=argv,
                                         staged=self._staged.get(launch.run_id), limits=limits, cgroup=cgroup,
@@ -337,6 +350,19 @@ class ProcessSandbox(Sandbox):
             finally:
                 if status is not None:
                     os.close(status[1])
+                if gate is not None:
+                    os.close(gate[0])
+            if gate is not None:
+                write_end, gate, opened = gate[1], None, False
+                try:
+                    # Watched from before its agent can start.
+                    arm = partial(launch.on_spawn, None, status[0]) if status is not None else None
+                    opened = await _open_gate(proc, launch.gate, write_end, arm)
+                finally:  # also on cancellation: a sandbox built ahead never outlives its attempt
+                    if not opened:
+                        await asyncio.shield(_end_group(proc))
+                if not opened:
+                    return Outcome(start_error=NOT_STARTED)
             if launch.on_spawn is not None and status is None:
                 # start_new_session: the agent leads its own group. With the status pipe the
                 # watchdog learns the group from bwrap's first report: one message fewer per run.
@@ -345,10 +371,17 @@ class ProcessSandbox(Sandbox):
         finally:
             if status is not None:
                 os.close(status[0])
+            if gate is not None:  # not spawned
+                os.close(gate[1])
         if cgroup is not None and outcome.exit_code is not None and MemoryCgroups.oom_kills(cgroup):
             outcome = dataclasses.replace(outcome, reason=oom_reason(outcome.exit_code, launch.spec.memory),
                                           oom_killed=True)
         return outcome
+
+    def gates(self, launch: Launch) -> bool:
+        """Whether this attempt can be built ahead, its agent held back by `Launch.gate`: under
+        bubblewrap, with no stdin to feed (the gate reads the sandbox's)."""
+        return self._bwrap is not None and launch.stdin is None
 
     def _visible(self, program: str) -> bool:
         real = Path(os.path.realpath(program))
@@ -584,6 +617,26 @@ async def _feed(writer: asyncio.StreamWriter, data: bytes) -> None:
     with contextlib.suppress(BrokenPipeError, ConnectionResetError, OSError):
         writer.close()
         await writer.wait_closed()
+
+
+async def _open_gate(proc: asyncio.subprocess.Process, gate: asyncio.Future, write_end: int,
+                     arm: Callable[[], None] | None) -> bool:
+    """Wait for the warm start's verdict; True once `arm()` was called and "go" written to the
+    gate. False (the gate closed unopened) if the verdict is no, or the sandbox ended first."""
+    try:
+        ended = asyncio.ensure_future(proc.wait())
+        try:
+            await asyncio.wait({gate, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+        if proc.returncode is not None or not gate.done() or gate.cancelled() or gate.exception() or not gate.result():
+            return False
+        if arm is not None:
+            arm()
+        os.write(write_end, b"go\n")
+        return True
+    finally:
+        os.close(write_end)
 
 
 async def _end_group(proc: asyncio.subprocess.Process) -> None:

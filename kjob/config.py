@@ -38,6 +38,13 @@ class ExecutorSettings(BaseModel):
         description="executor processes per node, sharing `concurrency`: more than one uses more cores; "
         "each extra one claims as `<node name>.<n>`",
     )
+    warm_starts: int = Field(
+        default=64, ge=0, le=10_000,
+        description="process sandboxes built ahead for runs the look-ahead brought early, each holding its agent "
+        "back until the run is claimed at its instant (0: none); a job changed, disabled or deleted meanwhile "
+        "has its sandbox ended unstarted",
+    )
+    warm_ahead_s: float = Field(default=1.0, gt=0, le=60, description="how long before its instant a warm start is built")
     agents_file: Path | None = Field(default=None, description="TOML agent registry; built-ins when unset")
     output_cap_bytes: int = Field(default=1_048_576, ge=1024, description="stdout+stderr kept per attempt")
     heartbeat_s: float = Field(default=5.0, gt=0, description="claim and ack-wait renewal period")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -44,6 +45,7 @@ from kjob.executor.watchdog import Watchdog
 from kjob.executor.agents import AgentRegistry
 from kjob.executor.agent_run import AgentRun
 from kjob.model.agent_report import AgentReport, verdict_status
+from kjob.model.job import Job
 from kjob.executor.sandbox.base import Launch, Outcome, Sandbox
 from kjob.model.run import DeliveryStatus, MissReason, Run, RunStatus, attempt_status, should_retry
 from kjob.executor.secrets import LiveMask, SecretResolver, SecretsUnavailable
@@ -54,13 +56,52 @@ from kjob.store.database import DATABASE_ERRORS, DatabaseClock, is_transient
 from kjob.store.claims import TAKEOVER_GRACE, ClaimLedger, Claimed, Deferred, GaveUp, Skipped, TakeoverHeld
 from kjob.store.secrets import SecretStore
 from kjob.store.usage import UsageStore, usage_row
-from kjob.telemetry import metrics, tracing
+from kjob.telemetry import metrics, runcontext, tracing
 from kjob.telemetry.logging import agent_output
 
 log = logging.getLogger(__name__)
 
 #: How often the executor reads the database's clock (for the look-ahead's holds).
 CLOCK_EVERY_S = 60.0
+#: A warm start whose run was not claimed this long after its instant is ended unstarted.
+WARM_TTL_S = 30.0
+
+
+@dataclasses.dataclass(eq=False)
+class WarmStart:
+    """A sandbox built ahead for a run the look-ahead brought early, its agent held at the
+    sandbox's gate (Launch.gate). The claim at the instant opens the gate only if it found the
+    same job and the same attempt; anything else (the job changed, disabled or deleted, the run
+    taken by another executor, a stop) closes it, and the agent never starts."""
+
+    run_id: str
+    task: asyncio.Task | None = None  #: the build, then its time to live
+    job: Job | None = None
+    attempt: int = 0
+    agent_run: AgentRun | None = None
+    sandbox: Sandbox | None = None
+    live: LiveMask | None = None
+    masker: object = None
+    gate: asyncio.Future | None = None
+    runner: asyncio.Task | None = None  #: sandbox.run, waiting at the gate
+    #: The attempt's claim, bound when it is taken: the watchdog is armed with its deadline.
+    claim: ClaimKeeper | None = None
+
+    def ready_for(self, claimed: Claimed) -> bool:
+        return (self.runner is not None and not self.runner.done() and claimed.ended is None
+                and self.attempt == claimed.run.attempt and self.job == claimed.job)
+
+    def close(self) -> None:
+        """The agent is not to start: its sandbox ends (in the background), and the build stops."""
+        if self.gate is not None and not self.gate.done():
+            self.gate.set_result(False)
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+
+
+def _retrieved(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("executor: a warm start's sandbox failed", exc_info=task.exception())
 
 
 class Executor:
@@ -106,6 +147,9 @@ class Executor:
         #: Look-ahead runs are held until their instant by the database's clock (measured at
         #: start, then every minute).
         self.clock = DatabaseClock(ledger.engine, "executor")
+        #: run id -> its sandbox built ahead (or being built); the tasks planning them.
+        self._warm: dict[str, WarmStart] = {}
+        self._warming: set[asyncio.Task] = set()
 
     def database_away(self) -> None:
         self.db_away_at = time.monotonic()
@@ -124,11 +168,84 @@ class Executor:
             # A run published ahead (the ticker's look-ahead) starts at its instant, by the
             # database's clock; it waits for it outside the run slots.
             await consume(sub, self._handle, concurrency=self.settings.concurrency, stop=stop, name="executor",
-                          hold=lambda msg: hold.wait_s(msg, self.clock.not_before_offset()),
-                          keepalive_s=self.bus.ack_wait_s / 3)
+                          hold=self._hold, keepalive_s=self.bus.ack_wait_s / 3)
         finally:
+            await cancel_and_wait(*self._warming)
+            for warm in list(self._warm.values()):
+                warm.close()
+            self._warm.clear()
             await cancel_and_wait(clock)
             await self.watchdog.close()
+
+    def _hold(self, msg) -> float:
+        """How long an early message waits for its instant; a sandbox is built for it ahead."""
+        wait = hold.wait_s(msg, self.clock.not_before_offset())
+        if wait > 0 and self.settings.warm_starts:
+            try:
+                due = DueRun.decode(msg.data)
+            except ValueError:
+                return wait  # the handler drops it
+            task = asyncio.create_task(self._warm_up(due, asyncio.get_running_loop().time() + wait))
+            self._warming.add(task)
+            task.add_done_callback(self._warming.discard)
+        return wait
+
+    async def _warm_up(self, due: DueRun, at: float) -> None:
+        """Build the run's sandbox `warm_ahead_s` before its instant `at` (loop time), if there
+        is room, and keep it until the claim takes it or `WARM_TTL_S` after the instant."""
+        loop = asyncio.get_running_loop()
+        # The sandbox's task copies this context: its output lines carry the run's ids.
+        runcontext.bind(tenant=due.tenant, job=due.slug, run_id=due.run_id)
+        await asyncio.sleep(at - self.settings.warm_ahead_s - loop.time())
+        if len(self._warm) >= self.settings.warm_starts or due.run_id in self._warm or loop.time() >= at:
+            return
+        warm = self._warm[due.run_id] = WarmStart(due.run_id, task=asyncio.current_task())
+        try:
+            built = await self._build_warm(warm)
+        except Exception as err:  # the database away, say: the run starts cold at its instant
+            log.debug("executor: no warm start for run %s (%r)", due.run_id, err)
+            built = False
+        if built:
+            await asyncio.sleep(max(at - loop.time(), 0.0) + WARM_TTL_S)
+        if self._warm.get(due.run_id) is warm:
+            del self._warm[due.run_id]
+            warm.close()
+
+    async def _build_warm(self, warm: WarmStart) -> bool:
+        peeked = await self.ledger.peek(warm.run_id)
+        if peeked is None:
+            return False
+        run, job = peeked
+        if job.workspace is not None:  # no clone for a run that may not be ours
+            return False
+        attempt = run.attempt + 1  # what the claim will make it
+        agent_run = self._agent_run(job)
+        gate = asyncio.get_running_loop().create_future()
+        built = await self._build_launch(run.id, attempt, job, agent_run, warm, gate=gate)
+        if isinstance(built, Outcome) or not built[0].gates(built[1]):
+            return False
+        sandbox, launch, live, masker = built
+        warm.job, warm.attempt, warm.agent_run, warm.sandbox = job, attempt, agent_run, sandbox
+        warm.live, warm.masker, warm.gate = live, masker, gate
+        warm.runner = asyncio.create_task(sandbox.run(launch, live.write))
+        warm.runner.add_done_callback(_retrieved)
+        return True
+
+    def _take_warm(self, claimed: Claimed) -> WarmStart | None:
+        """The claimed run's sandbox built ahead, if it was built for just this; else it ends."""
+        warm = self._warm.pop(claimed.run.id, None)
+        if warm is None:
+            return None
+        if warm.ready_for(claimed):
+            if warm.task is not None:
+                warm.task.cancel()  # its time to live
+            return warm
+        warm.close()
+        return None
+
+    def _drop_warm(self, run_id: str) -> None:
+        if (warm := self._warm.pop(run_id, None)) is not None:
+            warm.close()
 
     async def _keep_clock(self, stop: asyncio.Event) -> None:
         """The database's clock offset, every minute; the last one stands while it is away."""
@@ -144,6 +261,12 @@ class Executor:
             log.error("executor: dropping a malformed due message on %s", msg.subject)
             await ack.drop(msg)
             return
+        try:
+            await self._handle_due(due, msg)
+        finally:
+            self._drop_warm(due.run_id)  # built ahead and not taken: not ours to start
+
+    async def _handle_due(self, due: DueRun, msg) -> None:
         tracing.annotate(tenant=due.tenant, job=due.slug, run_id=due.run_id, slot=due.slot, trigger=due.trigger.value)
         claim_sent = time.monotonic()  # the claim's lease runs from no earlier than this
         try:
@@ -243,9 +366,10 @@ class Executor:
             if over_cap is not None:  # the tenant's agents spent their day's budget: record, alert once
                 await self._skip_over_cost_cap(run, job, msg, over_cap)
                 return
+        warm = self._take_warm(claimed)
         acker = asyncio.create_task(self._keep_acking(msg))
         keeper = asyncio.create_task(claim.keep())
-        agent_run = self._agent_run(job) if claimed.ended is None else None
+        agent_run = None if claimed.ended is not None else warm.agent_run if warm else self._agent_run(job)
         try:
             usage = None
             if claimed.ended is not None:
@@ -254,7 +378,7 @@ class Executor:
                 log.warning("executor: run %s attempt %d: %s", run.id, run.attempt, claimed.ended.reason)
                 outcome = Outcome(exit_code=claimed.ended.exit_code, reason=claimed.ended.reason)
             else:
-                outcome = await self._run_sandbox(claimed, claim, agent_run)
+                outcome = await self._run_sandbox(claimed, claim, agent_run, warm)
             if agent_run is not None:  # what the agent said: its answer, verdict and usage
                 report = agent_run.report()
                 metrics.agent_usage(job.tenant, job.slug, job.agent, report.usage)
@@ -285,6 +409,8 @@ class Executor:
                 usage=usage,  # in the same statement as the end: one round trip
             ))
         finally:
+            if warm is not None:
+                warm.close()  # opened by now, unless the attempt ended before its sandbox ran
             self.watchdog.disarm(claim.key)
             await cancel_and_wait(keeper, acker)
         await self._log_end(run)
@@ -394,51 +520,22 @@ class Executor:
                         clone_timeout_s=s.workspace_timeout_s, clone_max_bytes=s.workspace_max_bytes,
                         local_roots=s.workspace_roots)
 
-    async def _run_sandbox(self, claimed: Claimed, claim: "ClaimKeeper",
-                           agent_run: AgentRun | None = None) -> Outcome | None:
+    async def _run_sandbox(self, claimed: Claimed, claim: "ClaimKeeper", agent_run: AgentRun | None = None,
+                           warm: WarmStart | None = None) -> Outcome | None:
         """The attempt's Outcome, or None if the claim was lost while it ran."""
-        run, job = claimed.run, claimed.job
-        try:
-            agent = self.agents.get(job.agent)
-            argv, stdin, env = self.agents.render(
-                agent, prompt=job.prompt, run_id=run.id, slug=job.slug, tenant=job.tenant, attempt=run.attempt,
-                limits=job.limits.model_dump(exclude_none=True),
-            )
-        except Exception as err:
-            return Outcome(start_error=f"agent {job.agent!r} cannot start: {err}", permanent=True)
-        sandbox = self.sandboxes.get(job.sandbox.backend)
-        if sandbox is None:
-            why = self.unavailable.get(job.sandbox.backend, "it is not in executor.sandboxes")
-            return Outcome(start_error=f"sandbox backend {job.sandbox.backend!r} is unavailable on node {self.node}: {why}")
-        try:  # `secret:<name>` values become the secrets here, and only here (docs/security.md)
-            job_env, masker = await self.secrets.environment(job.tenant, job.sandbox.env)
-        except SecretsUnavailable as err:
-            return Outcome(start_error=str(err))
-        hooks = {}
-        if agent_run is not None and sandbox.name == "process":  # the work dir is the host's
-            hooks = {"prepare": agent_run.prepare, "collect": agent_run.collect}
-        elif job.workspace is not None:
-            return Outcome(start_error=f"workspace needs the process backend; the {sandbox.name} backend has none yet")
-        who = dict(run_id=run.id, attempt=run.attempt, node=self.node)  # whose end the watchdog may write
-        launch = Launch(
-            run_id=run.id, tenant=job.tenant, job_slug=job.slug, attempt=run.attempt,
-            argv=argv, stdin=stdin, env={**job_env, **env}, spec=job.sandbox,
-            timeout=job.timeout, output_cap_bytes=self.settings.output_cap_bytes, work_root=self.work_root, **hooks,
-            on_spawn=lambda pgid, status_fd: self.watchdog.arm(claim.key, pgid, claim.kill_by, status_fd=status_fd, **who),
-            on_container=lambda container: self.watchdog.arm(claim.key, None, claim.kill_by, container=container, **who),
-        )
-        log_subject = names.run_log(job.tenant, run.id)
-
-        async def on_output(stream: str, text: str) -> None:
-            agent_output(stream, text)  # the file sink, when one is configured
-            if agent_run is not None:
-                agent_run.feed(stream, text)
-            with contextlib.suppress(*BUS_ERRORS):  # live logs are best effort; the ledger keeps the output
-                await self.nc.publish(log_subject, text.encode(), headers={
-                    names.HDR_STREAM: stream, **names.run_headers(run.id, job.tenant)})
-
-        live = LiveMask(masker, on_output)  # every captured byte passes the mask of the secret values
-        runner = asyncio.create_task(sandbox.run(launch, live.write))
+        run = claimed.run
+        if warm is not None:  # built ahead: open its gate
+            assert warm.sandbox is not None and warm.live is not None and warm.runner and warm.gate
+            sandbox, live, masker, runner = warm.sandbox, warm.live, warm.masker, warm.runner
+            warm.claim = claim
+            warm.gate.set_result(True)
+        else:
+            bound = WarmStart(run.id, claim=claim)  # holds the claim for the watchdog's hooks
+            built = await self._build_launch(run.id, run.attempt, claimed.job, agent_run, bound)
+            if isinstance(built, Outcome):
+                return built
+            sandbox, launch, live, masker = built
+            runner = asyncio.create_task(sandbox.run(launch, live.write))
         lost = asyncio.create_task(claim.stop.wait())
         over = asyncio.create_task(agent_run.exceeded.wait() if agent_run else asyncio.Event().wait())
         done, _ = await asyncio.wait({runner, lost, over}, return_when=asyncio.FIRST_COMPLETED)
@@ -473,6 +570,54 @@ class Executor:
             return masker.outcome(outcome)
         await cancel_and_wait(runner)  # cancelling kills what the attempt started
         return None
+
+    async def _build_launch(self, run_id: str, attempt: int, job: Job, agent_run: AgentRun | None,
+                            bound: WarmStart, gate: asyncio.Future | None = None):
+        """(sandbox, launch, its masked output sink, the masker) for an attempt, or the Outcome
+        that it cannot start. The watchdog's hooks find the claim on `bound` when they fire."""
+        try:
+            agent = self.agents.get(job.agent)
+            argv, stdin, env = self.agents.render(
+                agent, prompt=job.prompt, run_id=run_id, slug=job.slug, tenant=job.tenant, attempt=attempt,
+                limits=job.limits.model_dump(exclude_none=True),
+            )
+        except Exception as err:
+            return Outcome(start_error=f"agent {job.agent!r} cannot start: {err}", permanent=True)
+        sandbox = self.sandboxes.get(job.sandbox.backend)
+        if sandbox is None:
+            why = self.unavailable.get(job.sandbox.backend, "it is not in executor.sandboxes")
+            return Outcome(start_error=f"sandbox backend {job.sandbox.backend!r} is unavailable on node {self.node}: {why}")
+        try:  # `secret:<name>` values become the secrets here, and only here (docs/security.md)
+            job_env, masker = await self.secrets.environment(job.tenant, job.sandbox.env)
+        except SecretsUnavailable as err:
+            return Outcome(start_error=str(err))
+        hooks = {}
+        if agent_run is not None and sandbox.name == "process":  # the work dir is the host's
+            hooks = {"prepare": agent_run.prepare, "collect": agent_run.collect}
+        elif job.workspace is not None:
+            return Outcome(start_error=f"workspace needs the process backend; the {sandbox.name} backend has none yet")
+        who = dict(run_id=run_id, attempt=attempt, node=self.node)  # whose end the watchdog may write
+        launch = Launch(
+            run_id=run_id, tenant=job.tenant, job_slug=job.slug, attempt=attempt, gate=gate,
+            argv=argv, stdin=stdin, env={**job_env, **env}, spec=job.sandbox,
+            timeout=job.timeout, output_cap_bytes=self.settings.output_cap_bytes, work_root=self.work_root, **hooks,
+            on_spawn=lambda pgid, status_fd: self.watchdog.arm(bound.claim.key, pgid, bound.claim.kill_by,
+                                                                  status_fd=status_fd, **who),
+            on_container=lambda container: self.watchdog.arm(bound.claim.key, None, bound.claim.kill_by,
+                                                                  container=container, **who),
+        )
+        log_subject = names.run_log(job.tenant, run_id)
+
+        async def on_output(stream: str, text: str) -> None:
+            agent_output(stream, text)  # the file sink, when one is configured
+            if agent_run is not None:
+                agent_run.feed(stream, text)
+            with contextlib.suppress(*BUS_ERRORS):  # live logs are best effort; the ledger keeps the output
+                await self.nc.publish(log_subject, text.encode(), headers={
+                    names.HDR_STREAM: stream, **names.run_headers(run_id, job.tenant)})
+
+        live = LiveMask(masker, on_output)  # every captured byte passes the mask of the secret values
+        return sandbox, launch, live, masker
 
     async def _publish_result(self, run: Run) -> None:
         # A stream that is electing a leader (a NATS node lost) answers nothing for a few

@@ -110,6 +110,9 @@ SELECT adopted.*, row_to_json(j)::text AS job FROM adopted JOIN jobs j ON j.id =
 
 
 _CLAIM_FIRST_SQL = "SELECT outcome, run_row, job_row FROM kjob_claim_first($1, $2, $3)"
+#: A scheduled run and its job, read (never locked) for a warm start ahead of the claim.
+_PEEK_SQL = ("SELECT row_to_json(r)::text AS run_row, row_to_json(j)::text AS job_row FROM job_runs r "
+             "JOIN jobs j ON j.id = r.job_id WHERE r.id = $1 AND r.status = 'scheduled' AND j.enabled")
 
 #: The end of a run whose attempts were lost once too often (kjob.model.run.should_retry): an
 #: agent that kills its node must not crash-loop the fleet.
@@ -287,6 +290,15 @@ class ClaimLedger:
                     return held
                 row = (await conn.execute(_CLAIM_SQL, dict(params, guard=False))).one()
         return _claimed(row, previous_lost=lost)
+
+    async def peek(self, run_id: str) -> tuple[Run, Job] | None:
+        """A scheduled run of an enabled job, and the job, as they are now: what a warm start
+        builds its sandbox from. Nothing is claimed; the claim decides, and may see another job."""
+        async with raw_connection(self.engine) as raw:
+            row = await raw.fetchrow(_PEEK_SQL, run_id)
+        if row is None:
+            return None
+        return Run.model_validate_json(row["run_row"]), job_from_dict(json.loads(row["job_row"]))
 
     async def heartbeat(self, run_id: str, executor: str, attempt: int, lease: timedelta) -> bool:
         """Extend our claim. False: the claim is no longer ours; stop the attempt."""

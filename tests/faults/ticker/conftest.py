@@ -22,12 +22,12 @@ def recorder() -> Iterator[Recorder]:
         yield rec
 
 
-def node_settings(tmp_path, rec: Recorder, **ticker):
+def node_settings(tmp_path, rec: Recorder, executor: dict | None = None, **ticker):
     """A node on the process sandbox whose agents report their executions to `rec`. The lease
     is longer than production's: the whole node shares the test's event loop on a loaded
     machine, and these tests are about job changes and downtime, not failover."""
-    executor = ExecutorSettings(heartbeat_s=0.5, claim_lease_s=6.0, claim_margin_s=2.0, concurrency=16,
-                                sandboxes=["process"], extra_binds=[rec.dir])
+    executor = ExecutorSettings(**{"heartbeat_s": 0.5, "claim_lease_s": 6.0, "claim_margin_s": 2.0, "concurrency": 16,
+                                   "sandboxes": ["process"], "extra_binds": [rec.dir], **(executor or {})})
     ticker_settings = TickerSettings(**{"resync_s": 30.0, "recover_s": 1.0, "lease_ttl_s": 6.0, "lease_renew_s": 1.0,
                                         **ticker})
     return fast_settings(tmp_path, executor=executor, ticker=ticker_settings)

@@ -5,15 +5,20 @@ instant, not when it was published. Executions are counted by the agents themsel
 (tests/support/recorder.py), outside the product, on a real node with real servers.
 
 Without the voiding of queued slots the three changed jobs would each run the slot: their
-messages are already in the stream when the change is made."""
+messages are already in the stream when the change is made. With warm starts built before the
+change (`executor.warm_ahead_s` longer than the time left), each changed job's sandbox is
+already built around its agent, held at its gate: the claim must close it unstarted."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
+import pytest
+
 from kjob._time import utcnow
 from kjob.model.run import run_id_for
 from tests.faults.ticker.conftest import ledger_rows, node_settings, seconds
+from tests.sandbox.conftest import processes_with
 from tests.support.pipeline import create_job, running_node, until
 
 #: Long enough that the changes fit between a slot's publication and its instant on a
@@ -21,13 +26,15 @@ from tests.support.pipeline import create_job, running_node, until
 LOOKAHEAD_MS = 6000
 
 
+@pytest.mark.parametrize("warm", ["built-after-the-change", "built-before-the-change"])
 async def test_a_job_changed_inside_the_lookahead_does_not_run_the_queued_slot(
-        tmp_path, fresh_nats, database_url, engine, recorder, api):
+        tmp_path, fresh_nats, database_url, engine, recorder, api, warm):
     script = recorder.script(seconds=0.05)
-    names = ("keep", "disable", "retime", "delete")
+    names = ("keep", "disable", "retime", "delete", "reprompt")
     jobs = {name: await create_job(engine, slug=name, prompt=script, schedule="@every 10s", overlap="allow")
             for name in names}
-    async with running_node(node_settings(tmp_path, recorder, lookahead_ms=LOOKAHEAD_MS), fresh_nats.url,
+    executor = {"warm_ahead_s": 1.0 if warm == "built-after-the-change" else LOOKAHEAD_MS / 1000}
+    async with running_node(node_settings(tmp_path, recorder, executor, lookahead_ms=LOOKAHEAD_MS), fresh_nats.url,
                             database_url) as node:
         client = await api(node)
 
@@ -42,6 +49,12 @@ async def test_a_job_changed_inside_the_lookahead_does_not_run_the_queued_slot(
             return slots.pop() if len(slots) == 1 else None
 
         slot = await until(queued, 40, "a slot of every job queued ahead of its instant")
+        if warm == "built-before-the-change":
+            async def gated() -> bool:  # the gates' shells, one per job, each waiting for "go"
+                gates = [p for p in processes_with("kjob-gate") if str(recorder.client_path) in p]
+                return len([p for p in gates if p.split(": ", 1)[1].startswith("/bin/sh -c IFS=")]) == len(jobs)
+
+            await until(gated, 10, "a sandbox built ahead for each job's slot, its agent held at the gate")
         r = await client.post("/v1/jobs/disable/disable", json={})
         assert r.status_code == 200, r.text
         # A schedule that cannot have the queued slot (`@every 7s` has it every 70 s, and then
@@ -50,15 +63,27 @@ async def test_a_job_changed_inside_the_lookahead_does_not_run_the_queued_slot(
         assert r.status_code == 200, r.text
         r = await client.delete("/v1/jobs/delete")
         assert r.status_code == 204, r.text
+        # A new prompt keeps the slot, which must run the job as it is now, not as it was
+        # when its sandbox was built: this one reports its start and end, then exits 3.
+        r = await client.patch("/v1/jobs/reprompt", json={"prompt": recorder.script(seconds=0.05) + "exit 3\n"})
+        assert r.status_code == 200, r.text
         assert utcnow() < slot, "the changes took longer than the slot's look-ahead: nothing was tested"
 
         run_ids = {name: run_id_for(job.id, slot) for name, job in jobs.items()}
         kept = await until(lambda: _completed(recorder, run_ids["keep"]), 30, "the untouched job's slot to run")
+
+        async def reprompted():
+            rows = [r for r in await ledger_rows(engine, jobs["reprompt"].id) if r.slot == slot]
+            return rows[0] if rows and rows[0].exit_code is not None else None
+
+        assert (await until(reprompted, 30, "the re-prompted job's slot to end")).exit_code == 3, \
+            "the slot ran the job's old prompt"
         # the changed jobs' executions would have started with it
         await until(lambda: _after(slot + seconds(2)), 10, "two seconds past the slot")
 
     executed = recorder.by_run()
     assert [name for name in ("disable", "retime", "delete") if run_ids[name] in executed] == []
+    assert len(executed[run_ids["reprompt"]]) == 1
     # the untouched slot started at its instant, though it was published seconds before
     assert kept.start_wall >= slot.timestamp() - 0.01
     keep_row = next(r for r in await ledger_rows(engine, jobs["keep"].id) if r.slot == slot)

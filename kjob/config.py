@@ -39,7 +39,7 @@ class ExecutorSettings(BaseModel):
         "each extra one claims as `<node name>.<n>`",
     )
     warm_starts: int = Field(
-        default=64, ge=0, le=10_000,
+        default=128, ge=0, le=10_000,
         description="process sandboxes built ahead for runs the look-ahead brought early, each holding its agent "
         "back until the run is claimed at its instant (0: none); a job changed, disabled or deleted meanwhile "
         "has its sandbox ended unstarted",

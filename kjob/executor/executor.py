@@ -95,6 +95,7 @@ class WarmStart:
         """The agent is not to start: its sandbox ends (in the background), and the build stops."""
         if self.gate is not None and not self.gate.done():
             self.gate.set_result(False)
+            metrics.warm_start("closed")
         if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
 
@@ -239,6 +240,7 @@ class Executor:
         if warm.ready_for(claimed):
             if warm.task is not None:
                 warm.task.cancel()  # its time to live
+            metrics.warm_start("used")
             return warm
         warm.close()
         return None

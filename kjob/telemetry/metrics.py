@@ -67,6 +67,8 @@ EXPORTED: dict[str, str] = {
     "kjob_ticker_leader_changes_total": "times this node became the ticker leader",
     "kjob_executor_slots_in_use": "runs in flight on this node's executor",
     "kjob_executor_slots": "this node's executor capacity",
+    "kjob_executor_warm_starts_total": "sandboxes built ahead for look-ahead runs, by result: used (the claim "
+                                       "opened the gate) | closed (ended with the agent unstarted)",
     "kjob_consumer_pending": "messages not yet delivered to the consumer",
     "kjob_consumer_ack_pending": "messages delivered and not yet acked",
     "kjob_consumer_redelivered": "messages delivered more than once and not yet acked",
@@ -82,6 +84,7 @@ CONSUMERS = {
 MISSED_REASONS = tuple(reason.value for reason in MissReason)
 #: Results of `delivery_attempt` and reasons of `delivery_failed`.
 DELIVERY_RESULTS = ("delivered", "rejected", "unavailable")
+WARM_RESULTS = ("used", "closed")
 DELIVERY_FAILURES = ("rejected", "gave_up")
 #: Reasons of `job_skipped`: the job's stored row does not read, or its slots cannot be computed.
 JOB_SKIP_REASONS = ("unreadable", "schedule")
@@ -131,6 +134,7 @@ class Metrics:
         self.pending = gauge("kjob.consumer.pending", "{message}")
         self.ack_pending = gauge("kjob.consumer.ack_pending", "{message}")
         self.redelivered = gauge("kjob.consumer.redelivered", "{message}")
+        self.warm_starts = counter("kjob.executor.warm_starts", "{sandbox}")
         # Read when collected, so a scrape sees the executor as it is, not as last sampled.
         self._executors: dict[int, tuple[str, Callable[[], int], int]] = {}
         self._lock = threading.Lock()
@@ -156,6 +160,8 @@ class Metrics:
             self.delivery_failed.add(0, {"reason": reason})
         for reason in JOB_SKIP_REASONS:
             self.jobs_skipped.add(0, {"reason": reason})
+        for result in WARM_RESULTS:
+            self.warm_starts.add(0, {"result": result})
         self.retried.add(0)
         self.lost.add(0)
 
@@ -302,6 +308,11 @@ def job_skipped(reason: str) -> None:
     """Ticker: a job left out (not scheduled, or its downtime not settled); `reason` is
     `unreadable` (its stored row) or `schedule` (computing its slots failed)."""
     get().jobs_skipped.add(1, {"reason": reason})
+
+
+def warm_start(result: str) -> None:
+    """Executor: a sandbox built ahead was `used` (its gate opened) or `closed` unstarted."""
+    get().warm_starts.add(1, {"result": result})
 
 
 def delivery_attempt(result: str) -> None:

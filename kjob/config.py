@@ -44,7 +44,9 @@ class ExecutorSettings(BaseModel):
         "back until the run is claimed at its instant (0: none); a job changed, disabled or deleted meanwhile "
         "has its sandbox ended unstarted",
     )
-    warm_ahead_s: float = Field(default=1.0, gt=0, le=60, description="how long before its instant a warm start is built")
+    # Half a second, not one: slots fall on whole seconds, and builds one second ahead would
+    # land on the instant of the slots before them (bench/fastpath.py, 2026-12-03).
+    warm_ahead_s: float = Field(default=0.5, gt=0, le=60, description="how long before its instant a warm start is built")
     agents_file: Path | None = Field(default=None, description="TOML agent registry; built-ins when unset")
     output_cap_bytes: int = Field(default=1_048_576, ge=1024, description="stdout+stderr kept per attempt")
     heartbeat_s: float = Field(default=5.0, gt=0, description="claim and ack-wait renewal period")

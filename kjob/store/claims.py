@@ -215,7 +215,7 @@ class ClaimLedger:
 
     async def claim(
         self, run_id: str, executor: str, lease: timedelta, *, max_running: int | None = None,
-        takeover: bool = True,
+        takeover: bool = True, known_job: tuple[str, Job] | None = None,
     ) -> Claimed | Skipped | Deferred | GaveUp | TakeoverHeld | None:
         """Take the run for one attempt, or None if it is not ours to run (done, owned, early).
 
@@ -225,6 +225,9 @@ class ClaimLedger:
         The job's overlap policy is applied here (kjob.store.overlap): Skipped, the run is now
         final as `skipped`; Deferred, it must wait for another run of its job to end. GaveUp:
         the claim found the run's attempt lost once more than its budget allows; it ended.
+
+        `known_job`: (its row as JSON text, the Job) as `peek` read it; a claim that finds the
+        row unchanged returns that Job rather than parse it again.
 
         :raises TenantBusy: `max_running` (the tenant's concurrency quota) other runs of the
             tenant are running; nothing changed, so the run can be claimed again later.
@@ -239,8 +242,9 @@ class ClaimLedger:
             if first["outcome"] == "none":
                 return None  # no such run
             if first["outcome"] == "claimed":
-                return Claimed(run=Run.model_validate_json(first["run_row"]),
-                               job=job_from_dict(json.loads(first["job_row"])), previous_lost=False)
+                row = first["job_row"]
+                job = known_job[1] if known_job and known_job[0] == row else job_from_dict(json.loads(row))
+                return Claimed(run=Run.model_validate_json(first["run_row"]), job=job, previous_lost=False)
         async with self.engine.begin() as conn:
             # Three statements: the run, its job and the job lock; the claim (with the `skip`
             # check in it); the commit. The other policies' checks, a quota and a busy job take
@@ -291,14 +295,15 @@ class ClaimLedger:
                 row = (await conn.execute(_CLAIM_SQL, dict(params, guard=False))).one()
         return _claimed(row, previous_lost=lost)
 
-    async def peek(self, run_id: str) -> tuple[Run, Job] | None:
-        """A scheduled run of an enabled job, and the job, as they are now: what a warm start
-        builds its sandbox from. Nothing is claimed; the claim decides, and may see another job."""
+    async def peek(self, run_id: str) -> tuple[Run, str, Job] | None:
+        """A scheduled run of an enabled job, and the job (its row as JSON text, and parsed), as
+        they are now: what a warm start builds its sandbox from. Nothing is claimed; the claim
+        decides, and may see another job."""
         async with raw_connection(self.engine) as raw:
             row = await raw.fetchrow(_PEEK_SQL, run_id)
         if row is None:
             return None
-        return Run.model_validate_json(row["run_row"]), job_from_dict(json.loads(row["job_row"]))
+        return Run.model_validate_json(row["run_row"]), row["job_row"], job_from_dict(json.loads(row["job_row"]))
 
     async def heartbeat(self, run_id: str, executor: str, attempt: int, lease: timedelta) -> bool:
         """Extend our claim. False: the claim is no longer ours; stop the attempt."""

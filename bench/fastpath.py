@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import resource
 import sys
 import time
@@ -249,7 +248,6 @@ async def main() -> None:
         load_during = load()
         for node in nodes:
             node.stop()
-        warm = [m for node in nodes for m in re.findall(r"warm starts: (\d+) used, (\d+) closed", node.logs(10**7))]
         spawn_after = await spawn_rate(base / "spawn", args.spawn_s)
 
     runs = figures["finished"]
@@ -266,8 +264,6 @@ async def main() -> None:
     line("a run, claim -> end p50 / p99 (ms)", f"{pct(figures['walls'], 50):.1f} / {pct(figures['walls'], 99):.1f}")
     line("slots not run by the end", f"{figures['expected'] - figures['started']} of {figures['expected']}", "0")
     line("backlog at the end (scheduled, due)", f"{figures['backlog']}")
-    if warm:
-        line("warm starts used / closed (whole run)", f"{sum(int(u) for u, _ in warm)} / {sum(int(c) for _, c in warm)}")
     line("runs/s (finished in the window)", f"{runs_s:.1f} of {args.jobs / 10:.0f} due")
     line("raw spawn rate before / after (/s)", f"{spawn_before[0]:.0f} / {spawn_after[0]:.0f}",
          f"child CPU {spawn_before[1]:.1f} / {spawn_after[1]:.1f} ms each")

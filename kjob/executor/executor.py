@@ -28,7 +28,6 @@ import socket
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import ClassVar
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -88,9 +87,6 @@ class WarmStart:
     runner: asyncio.Task | None = None  #: sandbox.run, waiting at the gate
     #: The attempt's claim, bound when it is taken: the watchdog is armed with its deadline.
     claim: ClaimKeeper | None = None
-    #: This process's tallies, for the line an executor logs when it stops.
-    used: ClassVar[int] = 0
-    closed: ClassVar[int] = 0
 
     def ready_for(self, claimed: Claimed) -> bool:
         return (self.runner is not None and not self.runner.done() and claimed.ended is None
@@ -101,7 +97,6 @@ class WarmStart:
         if self.gate is not None and not self.gate.done():
             self.gate.set_result(False)
             metrics.warm_start("closed")
-            WarmStart.closed += 1
         if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
 
@@ -181,8 +176,6 @@ class Executor:
             for warm in list(self._warm.values()):
                 warm.close()
             self._warm.clear()
-            if WarmStart.used or WarmStart.closed:
-                log.info("executor: warm starts: %d used, %d closed unstarted", WarmStart.used, WarmStart.closed)
             await cancel_and_wait(clock)
             await self.watchdog.close()
 
@@ -254,7 +247,6 @@ class Executor:
             if warm.task is not None:
                 warm.task.cancel()  # its time to live
             metrics.warm_start("used")
-            WarmStart.used += 1
             return warm
         warm.close()
         return None

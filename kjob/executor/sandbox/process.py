@@ -123,8 +123,6 @@ class ProcessSandbox(Sandbox):
         self._prlimit: str | None = None
         self._isolation_note = "not started"
         self._started = False
-        #: run id -> its prepared work dir on the host, while the attempt runs
-        self._staged: dict[str, Path] = {}
         self._staging = staging.StagingPool(disk_bytes)
 
     async def start(self) -> None:
@@ -218,6 +216,9 @@ class ProcessSandbox(Sandbox):
             return Outcome(start_error="sandbox.network = \"egress\" needs pasta on this node (apt-get install passt)")
         workdir = self._workdir(launch)
         uid = self._uids.take() if self._uids is not None and self._bwrap is not None else None
+        #: the prepared work dir on the host (bwrap), this call's own: a warm start and the cold
+        #: start replacing it may run for the same attempt at once
+        host_staged: Path | None = None
         try:
             staged = workdir
             if launch.prepare is not None:  # the executor's hook: kjob.executor.agent_run
@@ -225,8 +226,7 @@ class ProcessSandbox(Sandbox):
                     # Prepared outside the work root, which the attempt's uid may not traverse;
                     # bound at the work dir's path inside. Its bound holds here too: a tmpfs of
                     # sandbox_disk where the executor may mount (staging.py).
-                    staged = self._staging.take()
-                    self._staged[launch.run_id] = staged
+                    staged = host_staged = self._staging.take()
                 try:
                     extra = await launch.prepare(staged)
                 except Exception as e:
@@ -237,14 +237,14 @@ class ProcessSandbox(Sandbox):
                     # $KJOB_RESULT's dir: a few syscalls, no thread; a workspace clone: a thread.
                     if not staging.chown_small_tree(staged, uid):
                         await asyncio.to_thread(staging.chown_tree, staged, uid)
-            outcome = await self._run_in(workdir, launch, on_output, uid)
+            outcome = await self._run_in(workdir, launch, on_output, uid, host_staged)
             if launch.collect is not None:
                 await launch.collect(staged)
             return outcome
         finally:
             if uid is not None and self._uids is not None:
                 self._uids.give(uid)  # the attempt's process group is gone: nothing runs as it
-            await self._remove(launch, workdir)
+            await self._remove(workdir, host_staged)
 
     def _workdir(self, launch: Launch) -> Path:
         """The attempt's work dir: made on the host without bwrap; under bwrap only a path,
@@ -259,18 +259,18 @@ class ProcessSandbox(Sandbox):
                 path = _fresh_dir(_workdir_path(launch))
         return path
 
-    async def _remove(self, launch: Launch, workdir: Path) -> None:
+    async def _remove(self, workdir: Path, staged: Path | None) -> None:
         """What the attempt leaves on the host goes: on the spot where it is a few entries (a
         worker thread costs the executor more than the removals do), else in one trip to a
         thread. A staged dir of a few entries is emptied and pooled for the next attempt."""
-        staged = self._staged.pop(launch.run_id, None)
         if staged is not None and self._staging.give(staged):
             staged = None
         if staged is None and staging.removed_if_empty(workdir):
             return
         await asyncio.shield(asyncio.to_thread(_remove_dirs, workdir, staged))
 
-    async def _run_in(self, workdir: Path, launch: Launch, on_output: OutputSink, uid: int | None) -> Outcome:
+    async def _run_in(self, workdir: Path, launch: Launch, on_output: OutputSink, uid: int | None,
+                      staged: Path | None) -> Outcome:
         if not launch.argv:
             return Outcome(start_error="the agent command is empty; check the agent's `command`", permanent=True)
         env = _environment(launch, workdir)
@@ -292,14 +292,16 @@ class ProcessSandbox(Sandbox):
             if self._memory is not None and self._bwrap is not None and launch.spec.memory:
                 size = parse_size(launch.spec.memory, "sandbox.memory")
                 try:
-                    cgroup = self._memory.create(f"{launch.run_id}-{launch.attempt}", size)
+                    # A warm start's own name: the cold start replacing it may exist at once.
+                    name = f"{launch.run_id}-{launch.attempt}" + ("-warm" if launch.gate is not None else "")
+                    cgroup = self._memory.create(name, size)
                 except OSError as e:
                     log.warning("process sandbox: no memory cgroup for run %s (%s); using RLIMIT_AS", launch.run_id, e)
             limits = self._limits(launch, address_space=cgroup is None)
         except InvalidInput as e:
             return Outcome(start_error=str(e))
         try:
-            outcome = await self._spawn(workdir, launch, on_output, uid, env, program, limits, cgroup)
+            outcome = await self._spawn(workdir, launch, on_output, uid, env, program, limits, cgroup, staged)
         finally:
             if cgroup is not None and self._memory is not None:
                 self._memory.remove(cgroup)  # the attempt's processes are gone
@@ -307,7 +309,7 @@ class ProcessSandbox(Sandbox):
 
     async def _spawn(
         self, workdir: Path, launch: Launch, on_output: OutputSink, uid: int | None, env: dict[str, str],
-        program: str, limits: list[tuple[int, int, int]], cgroup: Path | None,
+        program: str, limits: list[tuple[int, int, int]], cgroup: Path | None, staged: Path | None,
     ) -> Outcome:
         argv = [program, *launch.argv[1:]]
         stdin = asyncio.subprocess.PIPE if launch.stdin is not None else asyncio.subprocess.DEVNULL
@@ -335,7 +337,7 @@ class ProcessSandbox(Sandbox):
                     if status is not None and gate is None:  # only made for an on_spawn hook
                         launch.on_spawn(None, status[0])  # watched from before it exists
                     with self._launcher(workdir, network=launch.spec.network, uid=uid, env=env, program=argv,
-                                        staged=self._staged.get(launch.run_id), limits=limits, cgroup=cgroup,
+                                        staged=staged, limits=limits, cgroup=cgroup,
                                         status_fd=status[1] if status else None) as (cmd, fds):
                         # prlimit sets the limits and execs the rest (bwrap dies with us): no preexec_fn,
                         # so Python spawns with vfork instead of copying the executor's page tables.
@@ -380,8 +382,10 @@ class ProcessSandbox(Sandbox):
 
     def gates(self, launch: Launch) -> bool:
         """Whether this attempt can be built ahead, its agent held back by `Launch.gate`: under
-        bubblewrap, with no stdin to feed (the gate reads the sandbox's)."""
-        return self._bwrap is not None and launch.stdin is None
+        bubblewrap, with no stdin to feed (the gate reads the sandbox's), and no host work dir
+        (one the cold start replacing it would share)."""
+        return (self._bwrap is not None and launch.stdin is None
+                and not self._visible(str(_workdir_path(launch).parent)))
 
     def _visible(self, program: str) -> bool:
         real = Path(os.path.realpath(program))

@@ -81,6 +81,8 @@ async def test_a_job_changed_inside_the_lookahead_does_not_run_the_queued_slot(
         # the changed jobs' executions would have started with it
         await until(lambda: _after(slot + seconds(2)), 10, "two seconds past the slot")
 
+    # A stopped executor leaves no sandbox built ahead (the next slots' were, in the second case)
+    assert [p for p in processes_with("kjob-gate") if str(recorder.client_path) in p] == []
     executed = recorder.by_run()
     assert [name for name in ("disable", "retime", "delete") if run_ids[name] in executed] == []
     assert len(executed[run_ids["reprompt"]]) == 1

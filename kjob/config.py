@@ -38,11 +38,14 @@ class ExecutorSettings(BaseModel):
         description="executor processes per node, sharing `concurrency`: more than one uses more cores; "
         "each extra one claims as `<node name>.<n>`",
     )
+    # Off by default: on 2 cores at 100 slots/s they cut a run's claim -> end from ~90 to ~55 ms
+    # and p50 by 10-25 %, but p99 over 90 s went from 0.76 s to 1.2-1.5 s (bench/fastpath.py,
+    # 2026-12-03); 128 where herds matter and cores are spare.
     warm_starts: int = Field(
-        default=128, ge=0, le=10_000,
+        default=0, ge=0, le=10_000,
         description="process sandboxes built ahead for runs the look-ahead brought early, each holding its agent "
         "back until the run is claimed at its instant (0: none); a job changed, disabled or deleted meanwhile "
-        "has its sandbox ended unstarted",
+        "has its sandbox ended unstarted; try 128",
     )
     # Half a second, not one: slots fall on whole seconds, and builds one second ahead would
     # land on the instant of the slots before them (bench/fastpath.py, 2026-12-03).

@@ -33,7 +33,7 @@ async def test_a_job_changed_inside_the_lookahead_does_not_run_the_queued_slot(
     names = ("keep", "disable", "retime", "delete", "reprompt")
     jobs = {name: await create_job(engine, slug=name, prompt=script, schedule="@every 10s", overlap="allow")
             for name in names}
-    executor = {"warm_ahead_s": 1.0 if warm == "built-after-the-change" else LOOKAHEAD_MS / 1000}
+    executor = {"warm_starts": 128, "warm_ahead_s": 1.0 if warm == "built-after-the-change" else LOOKAHEAD_MS / 1000}
     async with running_node(node_settings(tmp_path, recorder, executor, lookahead_ms=LOOKAHEAD_MS), fresh_nats.url,
                             database_url) as node:
         client = await api(node)

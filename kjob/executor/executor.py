@@ -28,6 +28,7 @@ import socket
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -200,7 +201,8 @@ class Executor:
         # The sandbox's task copies this context: its output lines carry the run's ids.
         runcontext.bind(tenant=due.tenant, job=due.slug, run_id=due.run_id)
         await asyncio.sleep(at - self.settings.warm_ahead_s - loop.time())
-        if len(self._warm) >= self.settings.warm_starts or due.run_id in self._warm or loop.time() >= at:
+        # Room is bounded in _hold: every warm start here has its planning task in _warming.
+        if due.run_id in self._warm or loop.time() >= at:
             return
         warm = self._warm[due.run_id] = WarmStart(due.run_id, task=asyncio.current_task())
         try:
@@ -224,7 +226,7 @@ class Executor:
         attempt = run.attempt + 1  # what the claim will make it
         agent_run = self._agent_run(job)
         gate = asyncio.get_running_loop().create_future()
-        built = await self._build_launch(run.id, attempt, job, agent_run, warm, gate=gate)
+        built = await self._build_launch(run.id, attempt, job, agent_run, lambda: warm.claim, gate=gate)
         if isinstance(built, Outcome) or not built[0].gates(built[1]):
             return False
         sandbox, launch, live, masker = built
@@ -538,8 +540,7 @@ class Executor:
             warm.claim = claim
             warm.gate.set_result(True)
         else:
-            bound = WarmStart(run.id, claim=claim)  # holds the claim for the watchdog's hooks
-            built = await self._build_launch(run.id, run.attempt, claimed.job, agent_run, bound)
+            built = await self._build_launch(run.id, run.attempt, claimed.job, agent_run, lambda: claim)
             if isinstance(built, Outcome):
                 return built
             sandbox, launch, live, masker = built
@@ -580,9 +581,10 @@ class Executor:
         return None
 
     async def _build_launch(self, run_id: str, attempt: int, job: Job, agent_run: AgentRun | None,
-                            bound: WarmStart, gate: asyncio.Future | None = None):
+                            claim_of: Callable[[], ClaimKeeper], gate: asyncio.Future | None = None):
         """(sandbox, launch, its masked output sink, the masker) for an attempt, or the Outcome
-        that it cannot start. The watchdog's hooks find the claim on `bound` when they fire."""
+        that it cannot start. The watchdog's hooks ask `claim_of()` for the claim when they
+        fire: a warm start is built before its claim exists."""
         try:
             agent = self.agents.get(job.agent)
             argv, stdin, env = self.agents.render(
@@ -609,9 +611,9 @@ class Executor:
             run_id=run_id, tenant=job.tenant, job_slug=job.slug, attempt=attempt, gate=gate,
             argv=argv, stdin=stdin, env={**job_env, **env}, spec=job.sandbox,
             timeout=job.timeout, output_cap_bytes=self.settings.output_cap_bytes, work_root=self.work_root, **hooks,
-            on_spawn=lambda pgid, status_fd: self.watchdog.arm(bound.claim.key, pgid, bound.claim.kill_by,
+            on_spawn=lambda pgid, status_fd: self.watchdog.arm(claim_of().key, pgid, claim_of().kill_by,
                                                                   status_fd=status_fd, **who),
-            on_container=lambda container: self.watchdog.arm(bound.claim.key, None, bound.claim.kill_by,
+            on_container=lambda container: self.watchdog.arm(claim_of().key, None, claim_of().kill_by,
                                                                   container=container, **who),
         )
         log_subject = names.run_log(job.tenant, run_id)

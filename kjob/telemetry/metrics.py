@@ -84,8 +84,9 @@ CONSUMERS = {
 MISSED_REASONS = tuple(reason.value for reason in MissReason)
 #: Results of `delivery_attempt` and reasons of `delivery_failed`.
 DELIVERY_RESULTS = ("delivered", "rejected", "unavailable")
-WARM_RESULTS = ("used", "closed")
 DELIVERY_FAILURES = ("rejected", "gave_up")
+#: Results of `warm_start`.
+WARM_RESULTS = ("used", "closed")
 #: Reasons of `job_skipped`: the job's stored row does not read, or its slots cannot be computed.
 JOB_SKIP_REASONS = ("unreadable", "schedule")
 

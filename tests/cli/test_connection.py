@@ -90,6 +90,14 @@ def test_a_broken_config_file_is_one_line(base_env: dict[str, str | None], home:
     assert "port" in one_line_error(runner_for(base_env)("list", KJOB_PORT="eighty"), "configuration")
 
 
+def test_bad_warm_start_settings_are_one_line(base_env: dict[str, str | None]) -> None:
+    run = runner_for(base_env)
+    for name, value in (("WARM_STARTS", "-1"), ("WARM_STARTS", "10001"), ("WARM_STARTS", "many"),
+                        ("WARM_AHEAD_S", "0"), ("WARM_AHEAD_S", "61")):
+        message = one_line_error(run("list", **{f"KJOB_EXECUTOR__{name}": value}), "configuration")
+        assert name.lower() in message, (name, value, message)
+
+
 def test_help_lists_the_job_and_serving_commands(offline: Run) -> None:
     result = offline("--help")
     assert result.exit_code == 0

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from kjob.config import ROLES, Settings
-from kjob.errors import KjobError
+from kjob.errors import KjobError, ServerError
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ async def _nats(settings: Settings):
         return
     server = EmbeddedNats(settings.home / "nats", port=_saved_port(settings.home / "nats.port", 4222),
                           users=_credentials(settings).nats)
-    await asyncio.to_thread(server.start)
+    await asyncio.to_thread(_start_on_a_free_port, server)
     (settings.home / "nats.port").write_text(str(server.port))
     try:
         yield {user: server.url_for(user) for user in NATS_USERS}
@@ -190,6 +190,22 @@ async def _database(settings: Settings):
         yield await asyncio.to_thread(server.ensure_database, "kjob")
     finally:
         await asyncio.to_thread(server.stop)
+
+
+def _start_on_a_free_port(server, tries: int = 3) -> None:
+    """`server.start()`; should another program take its port between the check that it was
+    free and the bind (two `kjob up` starting at once), again on a port the OS picks."""
+    from kjob.embedded._process import free_port
+
+    for attempt in range(tries):
+        try:
+            server.start()
+            return
+        except ServerError as err:
+            if "address already in use" not in str(err) or attempt == tries - 1:
+                raise
+            taken, server.port = server.port, free_port()
+            log.warning("the embedded NATS port %d was taken as it started; using %d", taken, server.port)
 
 
 def _saved_port(path: Path, preferred: int) -> int:

@@ -4,7 +4,14 @@ SIGTERM and started again on the same home."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from datetime import datetime, timedelta
+
+import nats
+
+from kjob.cli import serve
+from kjob.config import Settings
+from kjob.embedded import _process
 
 from tests.support.pipeline import until
 from tests.support.up import Up, processes_using
@@ -54,3 +61,25 @@ async def test_up_restart_keeps_jobs_and_settles_downtime_without_duplicates(tmp
     assert len(missed) >= 2 and all("scheduler was down" in r["reason"] for r in missed)
     catchup = next(r for r in downtime if r["trigger"] == "catchup")
     assert catchup["slot"] > max(r["slot"] for r in missed)
+
+
+async def test_the_embedded_nats_moves_when_its_port_is_taken_as_it_starts(tmp_path, monkeypatch):
+    """Two `kjob up` starting at once may both find a port free and both bind it: the one
+    that loses starts on another port instead of failing (seen: a clean-clone CI run)."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    settings = Settings(home=tmp_path / "home")
+    settings.home.mkdir()
+    (settings.home / "nats.port").write_text(str(taken))
+    monkeypatch.setattr(_process, "port_is_free", lambda port, host="127.0.0.1": True)  # the check passed before the bind
+    try:
+        async with serve._nats(settings) as urls:
+            url = next(iter(urls.values()))
+            assert f":{taken}" not in url
+            nc = await nats.connect(url)
+            await nc.close()
+            assert (settings.home / "nats.port").read_text() != str(taken)
+    finally:
+        holder.close()

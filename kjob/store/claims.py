@@ -26,6 +26,7 @@ from kjob._time import utcnow
 from kjob.model.job import Job, RetryPolicy
 from kjob.model.run import AgentEnd, MissReason, Run, RunStatus, should_retry
 from kjob.store import overlap
+from kjob.store._batch import Batched
 from kjob.store._run_rows import run_of
 from kjob.store.database import raw_connection
 from kjob.store.jobs import job_from_dict
@@ -109,7 +110,9 @@ SELECT adopted.*, row_to_json(j)::text AS job FROM adopted JOIN jobs j ON j.id =
 """)
 
 
-_CLAIM_FIRST_SQL = "SELECT outcome, run_row, job_row FROM kjob_claim_first($1, $2, $3)"
+_CLAIM_MANY_SQL = "SELECT run_id, outcome, run_row, job_row FROM kjob_claim_many($1::text[], $2, $3)"
+#: The answer for a run `kjob_claim_many` did not find.
+_NO_RUN = ("none", None, None)
 #: A scheduled run and its job, read (never locked) for a warm start ahead of the claim.
 _PEEK_SQL = ("SELECT row_to_json(r)::text AS run_row, row_to_json(j)::text AS job_row FROM job_runs r "
              "JOIN jobs j ON j.id = r.job_id WHERE r.id = $1 AND r.status = 'scheduled' AND j.enabled")
@@ -212,6 +215,18 @@ class ClaimLedger:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
+        #: (executor, lease) -> the first claims asked for at once, gathered into one statement.
+        self._first: dict[tuple[str, float], Batched[str, tuple]] = {}
+
+    def _claim_first(self, executor: str, lease_s: float) -> Batched[str, tuple]:
+        batched = self._first.get((executor, lease_s))
+        if batched is None:
+            async def claim_many(run_ids: list[str]) -> dict[str, tuple]:
+                async with raw_connection(self.engine) as raw:
+                    rows = await raw.fetch(_CLAIM_MANY_SQL, run_ids, executor, lease_s)
+                return {row["run_id"]: (row["outcome"], row["run_row"], row["job_row"]) for row in rows}
+            batched = self._first[(executor, lease_s)] = Batched(claim_many, missing=_NO_RUN)
+        return batched
 
     async def claim(
         self, run_id: str, executor: str, lease: timedelta, *, max_running: int | None = None,
@@ -234,17 +249,16 @@ class ClaimLedger:
         """
         asked = time.monotonic()
         if max_running is None:
-            # The common case in one round trip (migration 0009): a first attempt of an enabled
-            # `skip` or `allow` job that nothing else of runs. The function answers `slow` for
-            # the rest, left to the transaction below.
-            async with raw_connection(self.engine) as raw:
-                first = await raw.fetchrow(_CLAIM_FIRST_SQL, run_id, executor, lease.total_seconds())
-            if first["outcome"] == "none":
+            # The common case in one round trip (migrations 0009, 0012), with the other claims
+            # asked for meanwhile: a first attempt of an enabled `skip` or `allow` job that
+            # nothing else of runs. The function answers `slow` for the rest, left to the
+            # transaction below.
+            outcome, run_row, job_row = await self._claim_first(executor, lease.total_seconds())(run_id)
+            if outcome == "none":
                 return None  # no such run
-            if first["outcome"] == "claimed":
-                row = first["job_row"]
-                job = known_job[1] if known_job and known_job[0] == row else job_from_dict(json.loads(row))
-                return Claimed(run=Run.model_validate_json(first["run_row"]), job=job, previous_lost=False)
+            if outcome == "claimed":
+                job = known_job[1] if known_job and known_job[0] == job_row else job_from_dict(json.loads(job_row))
+                return Claimed(run=Run.model_validate_json(run_row), job=job, previous_lost=False)
         async with self.engine.begin() as conn:
             # Three statements: the run, its job and the job lock; the claim (with the `skip`
             # check in it); the commit. The other policies' checks, a quota and a busy job take

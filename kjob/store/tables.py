@@ -310,3 +310,22 @@ END
 $fn$
 """
 event.listen(metadata, "after_create", DDL(CLAIM_FIRST_FUNCTION))
+
+#: `kjob_claim_first` for a batch of runs in one statement and one transaction (migration 0012;
+#: kjob.store._batch): the claims a node asks for at once go together. Job by job, in one order
+#: for every caller: two batches that share jobs take the job locks in the same order, so
+#: neither waits for the other while holding a lock it wants. A run not found is left out.
+CLAIM_MANY_FUNCTION = """
+CREATE OR REPLACE FUNCTION kjob_claim_many(p_run_ids text[], p_executor text, p_lease float8)
+RETURNS TABLE (run_id text, outcome text, run_row text, job_row text)
+LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    v_id text;
+BEGIN
+    FOR v_id IN SELECT r.id FROM job_runs r WHERE r.id = ANY(p_run_ids) ORDER BY r.job_id, r.id LOOP
+        RETURN QUERY SELECT v_id, c.outcome, c.run_row, c.job_row FROM kjob_claim_first(v_id, p_executor, p_lease) c;
+    END LOOP;
+END
+$fn$
+"""
+event.listen(metadata, "after_create", DDL(CLAIM_MANY_FUNCTION))

@@ -144,3 +144,61 @@ async def test_an_executor_that_just_lost_the_database_takes_no_claim_over(engin
     assert isinstance(await ledger.claim(fresh.id, "other", LEASE, takeover=False), Claimed)
     taken = await ledger.claim(lapsed.id, "other", LEASE)
     assert isinstance(taken, Claimed) and taken.previous_lost and taken.run.attempt == 2
+
+
+async def test_claims_asked_at_once_go_together_and_each_run_is_claimed_once(engine, database_url):
+    """Two executors asking for the same 120 runs at once, in opposite orders, each 120 claims
+    at a time (a herd delivered twice): every run is claimed by exactly one of them, nobody's
+    claim fails (two batches sharing jobs must not deadlock), and each executor's claims went
+    in a few transactions, not one each (rows written together share their transaction id)."""
+    jobs = [await create_job(engine, slug=f"herd-{i}", prompt="true", schedule="@every 1h", overlap="allow")
+            for i in range(40)]
+    slots = SlotLedger(engine)
+    runs = [await slots.create_manual(job) for job in jobs for _ in range(3)]  # three of each job
+    other = create_engine(database_url, pool_size=5)
+    try:
+        a, b = ClaimLedger(engine), ClaimLedger(other)
+        answers = await asyncio.gather(
+            *(a.claim(run.id, "node-a", LEASE) for run in runs),
+            *(b.claim(run.id, "node-b", LEASE) for run in reversed(runs)))
+    finally:
+        await other.dispose()
+    claimed = [x for x in answers if isinstance(x, Claimed)]
+    assert sorted(c.run.id for c in claimed) == sorted(r.id for r in runs)
+    assert all(x is None for x in answers if not isinstance(x, Claimed))
+    async with engine.connect() as conn:
+        rows = (await conn.execute(text(
+            "SELECT claimed_by, count(DISTINCT xmin::text) AS transactions, count(*) AS runs "
+            "FROM job_runs WHERE status = 'running' GROUP BY claimed_by"))).all()
+    assert sum(row.runs for row in rows) == len(runs)
+    for row in rows:
+        assert row.transactions <= 10, f"{row.claimed_by}: {row.runs} claims in {row.transactions} transactions"
+    attempts = [a for run in runs for a in await RunReads(engine).attempts(run.id)]
+    assert len(attempts) == len(runs) and {a.attempt for a in attempts} == {1}
+
+
+async def test_a_run_asked_for_twice_at_once_is_claimed_once(engine):
+    """One executor handed the same run twice at once (a message redelivered while the first
+    copy waited for its claim): one claim takes it, the other finds it taken."""
+    job = await create_job(engine, slug="twice", prompt="true", schedule="@every 1h")
+    run = await SlotLedger(engine).create_manual(job)
+    ledger = ClaimLedger(engine)
+    answers = await asyncio.gather(*(ledger.claim(run.id, "node-1", LEASE) for _ in range(3)))
+    assert sum(isinstance(x, Claimed) for x in answers) == 1
+    assert [x for x in answers if not isinstance(x, Claimed)] == [None, None]
+    assert [a.attempt for a in await RunReads(engine).attempts(run.id)] == [1]
+
+
+async def test_runs_of_one_skip_job_asked_for_in_one_batch_run_one_at_a_time(engine):
+    """Two slots of a `skip` job claimed in one batch, one of them twice: the batch's first
+    claim is seen by the second (it is in the same transaction), which is skipped, not run
+    beside it; the copy finds its run taken."""
+    job = await create_job(engine, slug="skipper", prompt="true", schedule="@every 1h")
+    slots = SlotLedger(engine)
+    first, second = await slots.create_manual(job), await slots.create_manual(job)
+    ledger = ClaimLedger(engine)
+    answers = await asyncio.gather(ledger.claim(first.id, "node-1", LEASE), ledger.claim(second.id, "node-1", LEASE),
+                                   ledger.claim(first.id, "node-1", LEASE))
+    assert sorted(type(x).__name__ for x in answers) == ["Claimed", "NoneType", "Skipped"]
+    statuses = sorted(r.status.value for r in [await ledger.run(first.id), await ledger.run(second.id)])
+    assert statuses == ["running", "skipped"], statuses

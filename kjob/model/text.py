@@ -1,10 +1,12 @@
 """Text that can be stored: PostgreSQL's text and JSONB hold neither NUL characters nor lone
 UTF-16 surrogates (which JSON's `\\ud800` escapes can produce), and refuse them with a server
-error. These find such text, anywhere in a value, and name where it is."""
+error. These find such text, anywhere in a value, and name where it is; `storable` mends the
+text nobody can be asked to fix (what an agent printed or wrote)."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 NUL_MESSAGE = "holds a NUL character (\\0), which cannot be stored; remove it"
@@ -22,6 +24,16 @@ def text_problem(text: str) -> str | None:
     except UnicodeEncodeError:
         return SURROGATE_MESSAGE
     return None
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """`text` with each NUL and lone surrogate made U+FFFD, as undecodable bytes already are:
+    an agent's output must be recorded whatever it holds (an end the ledger refused would leave
+    the claim to lapse, and the agent to run again)."""
+    return text if text_problem(text) is None else _UNSTORABLE.sub("\ufffd", text)
 
 
 def find_bad_text(value: Any, path: str = "") -> tuple[str | None, str] | None:

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from kjob._time import utcnow
 from kjob.model.job import Job, RetryPolicy
+from kjob.model.text import storable
 from kjob.model.run import AgentEnd, MissReason, Run, RunStatus, should_retry
 from kjob.store import overlap
 from kjob.store._batch import Batched
@@ -385,6 +386,9 @@ class ClaimLedger:
         the agent reported (kjob.store.usage.usage_row), written in the same statement.
         `reason_code`: for a run that ends `skipped` without running (the cost cap)."""
         run_status = RunStatus.retrying if retry_in_s is not None else status
+        # What the agent printed, as the store can hold it: an end refused for a NUL byte
+        # would leave the claim to lapse and the agent to run again.
+        output, reason = storable(output), reason and storable(reason)
         error = reason if status is not RunStatus.succeeded else None
         # One statement, outside an explicit transaction: the run, its attempt and its log change
         # together or not at all, in one round trip (this is on every run's path).

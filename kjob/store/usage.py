@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from kjob._time import utcnow
 from kjob.model.agent_report import MAX_ANSWER_CHARS, AgentReport
 from kjob.model.notify import answer_hash
+from kjob.model.text import storable
 from kjob.store.tables import job_runs, jobs, run_usage
 
 USAGE_FIELDS = ("agent", "model", "tokens_in", "tokens_out", "cost_usd", "turns")
@@ -39,13 +40,14 @@ class Answer:
 
 def usage_row(*, tenant: str, job_id: UUID, agent: str, report: AgentReport) -> dict[str, Any]:
     """The `run_usage` columns of one attempt but its key (run_id, attempt), in `USAGE_COLUMNS`
-    order: `UsageStore.record` writes them, or `ClaimLedger.finish` with the attempt's end."""
-    answer = report.answer[:MAX_ANSWER_CHARS] if report.answer is not None else None
+    order: `UsageStore.record` writes them, or `ClaimLedger.finish` with the attempt's end.
+    The agent's texts as the store can hold them (kjob.model.text.storable)."""
+    answer = storable(report.answer[:MAX_ANSWER_CHARS]) if report.answer is not None else None
     u = report.usage
-    return dict(tenant=tenant, job_id=job_id, agent=agent, model=u.model, tokens_in=u.tokens_in,
+    return dict(tenant=tenant, job_id=job_id, agent=agent, model=u.model and storable(u.model), tokens_in=u.tokens_in,
                 tokens_out=u.tokens_out, cost_usd=u.cost_usd, turns=u.turns, answer=answer,
-                answer_hash=answer_hash(answer) if answer is not None else None, summary=report.summary,
-                notify=report.notify)
+                answer_hash=answer_hash(answer) if answer is not None else None,
+                summary=report.summary and storable(report.summary), notify=report.notify)
 
 
 #: `usage_row`'s columns with their SQL types, for statements written out (ClaimLedger.finish).

@@ -127,3 +127,40 @@ async def test_a_tenants_concurrency_quota_holds_across_the_executor(tmp_path, f
     spans.sort()
     for (_, end), (start, _) in zip(spans, spans[1:]):
         assert start >= end, spans
+
+
+async def test_an_agent_printing_nul_bytes_runs_once_and_its_output_is_kept(tmp_path, fresh_nats, database_url, engine):
+    """PostgreSQL's text holds no NUL: an agent that prints one (and bytes that are not UTF-8),
+    and writes one into its result file (and a lone surrogate), must still have its end recorded, once. Were the end
+    refused, the claim would lapse and the agent would run again: counted from outside."""
+    from tests.support.recorder import Recorder
+
+    with Recorder() as rec:
+        settings = fast_settings(tmp_path, executor=fast_settings(tmp_path).executor.model_copy(
+            update={"extra_binds": [rec.dir]}))
+        body = ("printf 'before\\000after \\377\\376 end\\n'; "
+                "printf '{\"body\": \"an\\\\u0000swer\\\\ud800\", \"summary\": \"sum\\\\u0000mary\", \"model\": \"m\\\\u0000\"}' > \"$KJOB_RESULT\"")
+        job = await create_job(engine, slug="nul-printer", prompt=rec.script(seconds=0.1, body=body), schedule="@every 1h")
+        async with running_node(settings, fresh_nats.url, database_url) as node:
+            run = await SlotLedger(engine).create_manual(job)
+            await node.publish_due(run)
+
+            async def final():
+                [r] = await runs_of(engine, job)
+                return r.status.final and r
+            ended = await until(final, 20, "the run final")
+            # A refused end would show within a lease and an ack deadline: the claim lapses,
+            # the message comes back, and the agent runs again.
+            window = settings.executor.claim_lease_s * 2 + settings.ack_wait_s
+            await asyncio.sleep(window)
+        assert len(rec.by_run().get(run.id, [])) == 1, rec.by_run()
+        assert not rec.errors
+        assert ended.status is RunStatus.succeeded, ended
+        assert "before\ufffdafter \ufffd\ufffd end" in (ended.output_excerpt or "")
+        [attempt] = await RunReads(engine).attempts(run.id)
+        assert attempt.status is RunStatus.succeeded
+        async with engine.connect() as conn:
+            from sqlalchemy import text
+            usage = (await conn.execute(text("SELECT answer, summary, model FROM run_usage WHERE run_id = :r"),
+                                        {"r": run.id})).one()
+        assert tuple(usage) == ("an\ufffdswer\ufffd", "sum\ufffdmary", "m\ufffd")

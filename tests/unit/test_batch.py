@@ -1,0 +1,80 @@
+"""Calls gathered into batches (kjob.store._batch): what a caller sees, without a database."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kjob.store._batch import Batched
+
+
+class Recorder:
+    """A `run` that answers each key with its double, after the test lets it."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.go = asyncio.Event()
+        self.fail = fail
+
+    async def __call__(self, keys: list[int]) -> dict[int, int]:
+        self.batches.append(keys)
+        await self.go.wait()
+        if self.fail is not None:
+            raise self.fail
+        return {k: 2 * k for k in keys if k >= 0}  # a negative key is "not found"
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_lone_call_goes_at_once_and_the_calls_made_meanwhile_go_together():
+    run = Recorder()
+    batched = Batched(run, missing=None)
+    first = asyncio.create_task(batched(1))
+    await settle()
+    assert run.batches == [[1]]  # nothing waited for company
+    rest = [asyncio.create_task(batched(k)) for k in (2, 3, -4)]
+    await settle()
+    assert run.batches == [[1]]  # they wait for the batch in the database
+    run.go.set()
+    assert await first == 2
+    assert await asyncio.gather(*rest) == [4, 6, None]  # a key left out gets `missing`
+    assert run.batches == [[1], [2, 3, -4]]
+
+
+async def test_a_key_asked_twice_at_once_goes_in_two_batches():
+    run = Recorder()
+    run.go.set()
+    batched = Batched(run, missing=None)
+    assert await asyncio.gather(batched(7), batched(7), batched(8)) == [14, 14, 16]
+    assert run.batches == [[7, 8], [7]]
+
+
+async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_batch_still_goes():
+    run = Recorder(fail=ConnectionResetError("the database went away"))
+    batched = Batched(run, missing=None)
+    calls = [asyncio.create_task(batched(k)) for k in (1, 2)]
+    await settle()
+    run.go.set()
+    for call in calls:
+        with pytest.raises(ConnectionResetError):
+            await call
+    run.fail = None
+    assert await batched(3) == 6
+
+
+async def test_a_caller_cancelled_before_its_batch_went_is_left_out_and_batches_are_bounded():
+    run = Recorder()
+    batched = Batched(run, missing=None, max_size=2)
+    first = asyncio.create_task(batched(1))
+    await settle()
+    gone = asyncio.create_task(batched(2))
+    rest = [asyncio.create_task(batched(k)) for k in (3, 4, 5)]
+    await settle()
+    gone.cancel()
+    run.go.set()
+    assert await first == 2 and await asyncio.gather(*rest) == [6, 8, 10]
+    assert run.batches == [[1], [3, 4], [5]]

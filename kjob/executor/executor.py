@@ -448,6 +448,15 @@ class Executor:
             try:
                 return await self.ledger.finish(run.id, self.node, run.attempt, **fields)
             except Exception as err:
+                if not is_transient(err) and (fields["output"] or fields.get("usage") is not None):
+                    # Refused for what the agent said (the texts are made storable, but a
+                    # refusal here would run the agent again): its end without its words.
+                    log.error("executor: the end of run %s was refused; recording it without its output", run.id,
+                              exc_info=err)
+                    dropped = f"its output and report were refused by the ledger ({type(err).__name__}) and dropped"
+                    fields = dict(fields, output="", usage=None, dropped_bytes=fields["output_bytes"],
+                                  reason=f"{fields['reason']}; {dropped}" if fields["reason"] else dropped)
+                    continue
                 if not is_transient(err):
                     log.error("executor: cannot record the end of run %s", run.id, exc_info=err)
                     return None

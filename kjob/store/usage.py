@@ -38,14 +38,24 @@ class Answer:
     last_sent_run: str | None
 
 
+_BIGINT, _INT = 2**63 - 1, 2**31 - 1
+
+
+def _within(count: int | None, top: int) -> int | None:
+    """An agent's count as its column holds it: a report of 10**30 tokens is not a reason to
+    refuse the attempt's end (which would run the agent again)."""
+    return None if count is None else min(count, top)
+
+
 def usage_row(*, tenant: str, job_id: UUID, agent: str, report: AgentReport) -> dict[str, Any]:
     """The `run_usage` columns of one attempt but its key (run_id, attempt), in `USAGE_COLUMNS`
     order: `UsageStore.record` writes them, or `ClaimLedger.finish` with the attempt's end.
-    The agent's texts as the store can hold them (kjob.model.text.storable)."""
+    The agent's texts and counts as the store can hold them (kjob.model.text.storable)."""
     answer = storable(report.answer[:MAX_ANSWER_CHARS]) if report.answer is not None else None
     u = report.usage
-    return dict(tenant=tenant, job_id=job_id, agent=agent, model=u.model and storable(u.model), tokens_in=u.tokens_in,
-                tokens_out=u.tokens_out, cost_usd=u.cost_usd, turns=u.turns, answer=answer,
+    return dict(tenant=tenant, job_id=job_id, agent=agent, model=u.model and storable(u.model),
+                tokens_in=_within(u.tokens_in, _BIGINT), tokens_out=_within(u.tokens_out, _BIGINT),
+                cost_usd=u.cost_usd, turns=_within(u.turns, _INT), answer=answer,
                 answer_hash=answer_hash(answer) if answer is not None else None,
                 summary=report.summary and storable(report.summary), notify=report.notify)
 

@@ -164,3 +164,33 @@ async def test_an_agent_printing_nul_bytes_runs_once_and_its_output_is_kept(tmp_
             usage = (await conn.execute(text("SELECT answer, summary, model FROM run_usage WHERE run_id = :r"),
                                         {"r": run.id})).one()
         assert tuple(usage) == ("an\ufffdswer\ufffd", "sum\ufffdmary", "m\ufffd")
+
+
+async def test_an_end_the_ledger_refuses_for_the_agents_words_is_recorded_without_them(tmp_path, fresh_nats,
+                                                                                      database_url, engine):
+    """Whatever the agent printed, its attempt's end is recorded once: here PostgreSQL itself
+    refuses the output (a check constraint the operator added), so the end is written
+    without it, saying so, and the agent is not run again (counted from outside)."""
+    from sqlalchemy import text
+
+    from tests.support.recorder import Recorder
+
+    async with engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE run_logs ADD CONSTRAINT no_refusals CHECK (output NOT LIKE '%refuse-me%')"))
+    with Recorder() as rec:
+        settings = fast_settings(tmp_path, executor=fast_settings(tmp_path).executor.model_copy(
+            update={"extra_binds": [rec.dir]}))
+        job = await create_job(engine, slug="refused", prompt=rec.script(seconds=0.1, body="echo refuse-me"),
+                               schedule="@every 1h")
+        async with running_node(settings, fresh_nats.url, database_url) as node:
+            run = await SlotLedger(engine).create_manual(job)
+            await node.publish_due(run)
+
+            async def final():
+                [r] = await runs_of(engine, job)
+                return r.status.final and r
+            ended = await until(final, 20, "the run final")
+            await asyncio.sleep(settings.executor.claim_lease_s * 2 + settings.ack_wait_s)  # as above
+        assert len(rec.by_run().get(run.id, [])) == 1, rec.by_run()
+        assert ended.status is RunStatus.succeeded and ended.output_excerpt == ""
+        assert "refused by the ledger (CheckViolationError) and dropped" in (ended.reason or ""), ended.reason

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from uuid import UUID
 
+import asyncpg
 from sqlalchemy import Row, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -33,8 +34,7 @@ from kjob.store.database import raw_connection
 from kjob.store.jobs import job_from_dict
 from kjob.store.overlap import Deferred, Skipped
 from kjob.store.quotas import check_running
-from kjob.store.tables import job_runs, run_attempts
-from kjob.store.usage import USAGE_COLUMNS
+from kjob.store.tables import BATCH_MAX, DELIVERY_AFTER_END, job_runs, run_attempts
 
 
 #: A lapsed claim is taken over only this fraction of the lease after it lapsed (its owner's
@@ -45,13 +45,6 @@ TAKEOVER_GRACE = 0.5
 #: write waited too. It is tried again once the watchdog had its turn.
 TAKEOVER_PROMPT = 1 / 6
 
-
-#: A run's delivery once it ended: `pending` if its job posts results somewhere; a job whose
-#: channel is `none` has nothing to deliver, which says so rather than `pending`.
-_DELIVERY_AFTER_END = """CASE
-            WHEN (SELECT kind FROM job_dispatch_targets t WHERE t.job_id = r.job_id) IN ('relay', 'webhook')
-                THEN 'pending'
-            ELSE 'none' END"""
 
 #: The claim's first statement: the run if it is claimable, its job (read FOR SHARE: a disable
 #: in flight commits first, or waits for this claim) and the job lock, taken before the row
@@ -114,6 +107,12 @@ SELECT adopted.*, row_to_json(j)::text AS job FROM adopted JOIN jobs j ON j.id =
 _CLAIM_MANY_SQL = "SELECT run_id, outcome, run_row, job_row FROM kjob_claim_many($1::text[], $2, $3)"
 #: The answer for a run `kjob_claim_many` did not find.
 _NO_RUN = ("none", None, None)
+
+
+def _refused(sqlstate: str, message: str) -> Exception:
+    """The error the database gave one item of a batch, as asyncpg raises it for a statement
+    of its own (kjob.store.database.is_transient tells a deadlock from a refusal)."""
+    return asyncpg.PostgresError.new({"C": sqlstate, "M": message})
 #: A scheduled run and its job, read (never locked) for a warm start ahead of the claim.
 _PEEK_SQL = ("SELECT row_to_json(r)::text AS run_row, row_to_json(j)::text AS job_row FROM job_runs r "
              "JOIN jobs j ON j.id = r.job_id WHERE r.id = $1 AND r.status = 'scheduled' AND j.enabled")
@@ -124,7 +123,7 @@ _GIVE_UP_SQL = text("""
 WITH ended AS (
     UPDATE job_runs r SET status = 'error', lost_attempts = lost_attempts + 1, claimed_by = NULL,
         claim_until = NULL, next_attempt_at = NULL, finished_at = :now, error = :reason, reason = :reason,
-        delivery_status = """ + _DELIVERY_AFTER_END + """
+        delivery_status = """ + DELIVERY_AFTER_END + """
     WHERE id = :run_id
     RETURNING r.*
 ), lost AS (
@@ -137,41 +136,7 @@ SELECT * FROM ended
 LOST_REASON = "executor stopped renewing its claim (it died or lost the database)"
 
 
-_FINISH_SQL = """
-WITH fin AS (
-    UPDATE job_runs r SET
-        status = $4, exit_code = $5, error = $6, reason = $7, output_excerpt = $8, output_bytes = $9,
-        reason_code = $14, claimed_by = NULL, claim_until = NULL,
-        -- the database's clock, as for claims: a node whose clock is off must not move retries
-        next_attempt_at = CASE WHEN $10::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => $10::float8) END,
-        finished_at = CASE WHEN $10::float8 IS NULL THEN now() ELSE r.finished_at END,
-        delivery_status = CASE WHEN $10::float8 IS NOT NULL THEN r.delivery_status ELSE """ + _DELIVERY_AFTER_END + """ END
-    WHERE r.id = $1 AND r.claimed_by = $2 AND r.attempt = $3 AND r.status = 'running'
-    RETURNING r.*
-), attempt AS (
-    -- By the parameters, not a join with `fin`: a join is planned from the statistics of an
-    -- empty table (a new ledger), as a scan of every attempt ever made, once per run.
-    UPDATE run_attempts a SET status = $11, finished_at = now(), exit_code = $5, reason = $7
-    WHERE a.run_id = $1 AND a.attempt = $3 AND EXISTS (SELECT 1 FROM fin)
-), log AS (
-    INSERT INTO run_logs (run_id, output, output_bytes, dropped_bytes)
-    SELECT fin.id, $12, $9, $13 FROM fin
-    ON CONFLICT (run_id) DO UPDATE
-        SET output = EXCLUDED.output, output_bytes = EXCLUDED.output_bytes, dropped_bytes = EXCLUDED.dropped_bytes
-)
-SELECT * FROM fin
-"""
-
-#: With the attempt's end, what its agent reported (kjob.store.usage), in the same statement:
-#: the dispatcher, which only sees a run after its end, finds the answer it sends. Written
-#: whether or not the claim still held: the tokens were spent all the same.
-_FINISH_WITH_USAGE_SQL = _FINISH_SQL.replace("SELECT * FROM fin", """, usage AS (
-    INSERT INTO run_usage (run_id, attempt, """ + ", ".join(c for c, _ in USAGE_COLUMNS) + """)
-    SELECT $1, $3, """ + ", ".join(f"${15 + i}::{t}" for i, (_, t) in enumerate(USAGE_COLUMNS)) + """
-    WHERE EXISTS (SELECT 1 FROM job_runs WHERE id = $1)
-    ON CONFLICT (run_id, attempt) DO UPDATE SET """ + ", ".join(f"{c} = EXCLUDED.{c}" for c, _ in USAGE_COLUMNS) + """
-)
-SELECT * FROM fin""")
+_FINISH_MANY_SQL = "SELECT run_id, error_state, error_message, run_row FROM kjob_finish_many($1::jsonb)"
 
 
 @dataclass(frozen=True)
@@ -218,16 +183,25 @@ class ClaimLedger:
         self.engine = engine
         #: (executor, lease) -> the first claims asked for at once, gathered into one statement.
         self._first: dict[tuple[str, float], Batched[str, tuple]] = {}
+        #: The ends of attempts recorded at once, likewise.
+        self._ends: Batched[str, Run | None] = Batched(self._finish_many, missing=None, max_size=BATCH_MAX)
 
     def _claim_first(self, executor: str, lease_s: float) -> Batched[str, tuple]:
         batched = self._first.get((executor, lease_s))
         if batched is None:
-            async def claim_many(run_ids: list[str]) -> dict[str, tuple]:
+            async def claim_many(batch: dict[str, None]) -> dict[str, tuple | Exception]:
                 async with raw_connection(self.engine) as raw:
-                    rows = await raw.fetch(_CLAIM_MANY_SQL, run_ids, executor, lease_s)
-                return {row["run_id"]: (row["outcome"], row["run_row"], row["job_row"]) for row in rows}
-            batched = self._first[(executor, lease_s)] = Batched(claim_many, missing=_NO_RUN)
+                    rows = await raw.fetch(_CLAIM_MANY_SQL, list(batch), executor, lease_s)
+                return {row["run_id"]: _refused(row["run_row"], row["job_row"]) if row["outcome"] == "error"
+                        else (row["outcome"], row["run_row"], row["job_row"]) for row in rows}
+            batched = self._first[(executor, lease_s)] = Batched(claim_many, missing=_NO_RUN, max_size=BATCH_MAX)
         return batched
+
+    async def _finish_many(self, batch: dict[str, dict]) -> dict[str, Run | None | Exception]:
+        async with raw_connection(self.engine) as raw:
+            rows = await raw.fetch(_FINISH_MANY_SQL, json.dumps(list(batch.values()), default=str))
+        return {row["run_id"]: _refused(row["error_state"], row["error_message"]) if row["error_state"]
+                else Run.model_validate_json(row["run_row"]) if row["run_row"] else None for row in rows}
 
     async def claim(
         self, run_id: str, executor: str, lease: timedelta, *, max_running: int | None = None,
@@ -390,20 +364,13 @@ class ClaimLedger:
         # would leave the claim to lapse and the agent to run again.
         output, reason = storable(output), reason and storable(reason)
         error = reason if status is not RunStatus.succeeded else None
-        # One statement, outside an explicit transaction: the run, its attempt and its log change
-        # together or not at all, in one round trip (this is on every run's path).
-        async with raw_connection(self.engine) as raw:
-            record = await raw.fetchrow(
-                _FINISH_SQL if usage is None else _FINISH_WITH_USAGE_SQL,
-                *dict(  # $1 to $14, in this order; then the usage columns from $15
-                    run_id=run_id, executor=executor, attempt=attempt, run_status=run_status.value,
-                    exit_code=exit_code, error=error, reason=reason, output_excerpt=output[:excerpt_chars],
-                    output_bytes=output_bytes, retry_in_s=retry_in_s, attempt_status=status.value,
-                    output=output, dropped_bytes=dropped_bytes, reason_code=reason_code and reason_code.value,
-                ).values(),
-                *([] if usage is None else [usage[c] for c, _ in USAGE_COLUMNS]),
-            )
-        return None if record is None else Run.model_validate(dict(record))
+        # One statement, outside an explicit transaction, with the other ends recorded meanwhile
+        # (kjob_finish_many): the run, its attempt and its log change together or not at all.
+        return await self._ends(run_id, dict(
+            run_id=run_id, executor=executor, attempt=attempt, run_status=run_status.value,
+            exit_code=exit_code, error=error, reason=reason, output_excerpt=output[:excerpt_chars],
+            output_bytes=output_bytes, retry_in_s=retry_in_s, attempt_status=status.value,
+            output=output, dropped_bytes=dropped_bytes, reason_code=reason_code and reason_code.value, usage=usage))
 
     async def run(self, run_id: str) -> Run | None:
         """The run as the ledger holds it now (None: no such run; its job was deleted)."""

@@ -311,10 +311,16 @@ $fn$
 """
 event.listen(metadata, "after_create", DDL(CLAIM_FIRST_FUNCTION))
 
-#: `kjob_claim_first` for a batch of runs in one statement and one transaction (migration 0012;
-#: kjob.store._batch): the claims a node asks for at once go together. Job by job, in one order
-#: for every caller: two batches that share jobs take the job locks in the same order, so
-#: neither waits for the other while holding a lock it wants. A run not found is left out.
+#: The statements a node sends at once go together (kjob.store._batch), in one statement and one
+#: transaction; each item in a subtransaction of its own, so one the database refuses fails
+#: alone (its SQLSTATE and message come back in its row), and never the batch. A batch is at
+#: most `BATCH_MAX` items: beyond 64 subtransactions PostgreSQL's snapshots overflow their
+#: cache and every backend's visibility checks slow down while it runs.
+BATCH_MAX = 64
+
+#: `kjob_claim_first` for a batch of runs (migration 0012). Job by job, in one order for every
+#: caller: two batches that share jobs take the job locks in the same order, so neither waits
+#: for the other while holding a lock it wants. A run not found is left out.
 CLAIM_MANY_FUNCTION = """
 CREATE OR REPLACE FUNCTION kjob_claim_many(p_run_ids text[], p_executor text, p_lease float8)
 RETURNS TABLE (run_id text, outcome text, run_row text, job_row text)
@@ -323,9 +329,82 @@ DECLARE
     v_id text;
 BEGIN
     FOR v_id IN SELECT r.id FROM job_runs r WHERE r.id = ANY(p_run_ids) ORDER BY r.job_id, r.id LOOP
-        RETURN QUERY SELECT v_id, c.outcome, c.run_row, c.job_row FROM kjob_claim_first(v_id, p_executor, p_lease) c;
+        run_id := v_id;
+        BEGIN
+            SELECT c.outcome, c.run_row, c.job_row INTO outcome, run_row, job_row
+                FROM kjob_claim_first(v_id, p_executor, p_lease) c;
+        EXCEPTION WHEN OTHERS THEN
+            outcome := 'error'; run_row := SQLSTATE; job_row := SQLERRM;
+        END;
+        RETURN NEXT;
     END LOOP;
 END
 $fn$
 """
 event.listen(metadata, "after_create", DDL(CLAIM_MANY_FUNCTION))
+
+#: A run's delivery once it ended: `pending` if its job posts results somewhere; a job whose
+#: channel is `none` has nothing to deliver, which says so rather than `pending`.
+DELIVERY_AFTER_END = """CASE
+            WHEN (SELECT kind FROM job_dispatch_targets t WHERE t.job_id = r.job_id) IN ('relay', 'webhook')
+                THEN 'pending'
+            ELSE 'none' END"""
+
+_USAGE = [c.name for c in run_usage.c if c.name not in ("run_id", "attempt", "recorded_at")]
+
+#: The ends of a batch of attempts (migration 0012; kjob.store.claims.ClaimLedger.finish), each
+#: a JSON object of the fields below and `usage` (a run_usage row but its key, or null): the
+#: run, its attempt and its log change together or not at all, and only while the claim is
+#: ours. The usage row is written whether or not the claim still held: the tokens were spent
+#: all the same. Each end's row comes back as JSON (`run_row`; none: the claim was not ours).
+FINISH_MANY_FUNCTION = """
+CREATE OR REPLACE FUNCTION kjob_finish_many(p_ends jsonb)
+RETURNS TABLE (run_id text, error_state text, error_message text, run_row text)
+LANGUAGE plpgsql VOLATILE AS $fn$
+#variable_conflict use_column
+DECLARE
+    e record;
+BEGIN
+    FOR e IN SELECT * FROM jsonb_to_recordset(p_ends) AS x(
+            run_id text, executor text, attempt int, run_status text, exit_code int, error text, reason text,
+            output_excerpt text, output_bytes bigint, retry_in_s float8, attempt_status text, output text,
+            dropped_bytes bigint, reason_code text, usage jsonb) ORDER BY x.run_id LOOP
+        run_id := e.run_id; error_state := NULL; error_message := NULL; run_row := NULL;
+        BEGIN
+            WITH fin AS (
+                UPDATE job_runs r SET
+                    status = e.run_status, exit_code = e.exit_code, error = e.error, reason = e.reason,
+                    output_excerpt = e.output_excerpt, output_bytes = e.output_bytes, reason_code = e.reason_code,
+                    claimed_by = NULL, claim_until = NULL,
+                    -- the database's clock, as for claims: a node whose clock is off must not move retries
+                    next_attempt_at = CASE WHEN e.retry_in_s IS NULL THEN NULL ELSE now() + make_interval(secs => e.retry_in_s) END,
+                    finished_at = CASE WHEN e.retry_in_s IS NULL THEN now() ELSE r.finished_at END,
+                    delivery_status = CASE WHEN e.retry_in_s IS NOT NULL THEN r.delivery_status ELSE """ + DELIVERY_AFTER_END + """ END
+                WHERE r.id = e.run_id AND r.claimed_by = e.executor AND r.attempt = e.attempt AND r.status = 'running'
+                RETURNING r.*
+            ), attempt_end AS (
+                UPDATE run_attempts a SET status = e.attempt_status, finished_at = now(), exit_code = e.exit_code,
+                    reason = e.reason
+                WHERE a.run_id = e.run_id AND a.attempt = e.attempt AND EXISTS (SELECT 1 FROM fin)
+            ), log AS (
+                INSERT INTO run_logs (run_id, output, output_bytes, dropped_bytes)
+                SELECT fin.id, e.output, e.output_bytes, e.dropped_bytes FROM fin
+                ON CONFLICT (run_id) DO UPDATE
+                    SET output = EXCLUDED.output, output_bytes = EXCLUDED.output_bytes, dropped_bytes = EXCLUDED.dropped_bytes
+            ), usage_row AS (
+                INSERT INTO run_usage (run_id, attempt, """ + ", ".join(_USAGE) + """)
+                SELECT e.run_id, e.attempt, """ + ", ".join(f"u.{c}" for c in _USAGE) + """
+                FROM jsonb_populate_record(NULL::run_usage, e.usage) u
+                WHERE e.usage IS NOT NULL AND EXISTS (SELECT 1 FROM job_runs j WHERE j.id = e.run_id)
+                ON CONFLICT (run_id, attempt) DO UPDATE SET """ + ", ".join(f"{c} = EXCLUDED.{c}" for c in _USAGE) + """
+            )
+            SELECT row_to_json(fin)::text INTO run_row FROM fin;
+        EXCEPTION WHEN OTHERS THEN
+            error_state := SQLSTATE; error_message := SQLERRM; run_row := NULL;
+        END;
+        RETURN NEXT;
+    END LOOP;
+END
+$fn$
+"""
+event.listen(metadata, "after_create", DDL(FINISH_MANY_FUNCTION))

@@ -150,7 +150,8 @@ async def test_claims_asked_at_once_go_together_and_each_run_is_claimed_once(eng
     """Two executors asking for the same 120 runs at once, in opposite orders, each 120 claims
     at a time (a herd delivered twice): every run is claimed by exactly one of them, nobody's
     claim fails (two batches sharing jobs must not deadlock), and each executor's claims went
-    in a few transactions, not one each (rows written together share their transaction id)."""
+    in a few transactions, not one each (rows claimed together share their claim's expiry:
+    now() + lease, now() being the transaction's start)."""
     jobs = [await create_job(engine, slug=f"herd-{i}", prompt="true", schedule="@every 1h", overlap="allow")
             for i in range(40)]
     slots = SlotLedger(engine)
@@ -168,7 +169,7 @@ async def test_claims_asked_at_once_go_together_and_each_run_is_claimed_once(eng
     assert all(x is None for x in answers if not isinstance(x, Claimed))
     async with engine.connect() as conn:
         rows = (await conn.execute(text(
-            "SELECT claimed_by, count(DISTINCT xmin::text) AS transactions, count(*) AS runs "
+            "SELECT claimed_by, count(DISTINCT claim_until) AS transactions, count(*) AS runs "
             "FROM job_runs WHERE status = 'running' GROUP BY claimed_by"))).all()
     assert sum(row.runs for row in rows) == len(runs)
     for row in rows:
@@ -202,3 +203,36 @@ async def test_runs_of_one_skip_job_asked_for_in_one_batch_run_one_at_a_time(eng
     assert sorted(type(x).__name__ for x in answers) == ["Claimed", "NoneType", "Skipped"]
     statuses = sorted(r.status.value for r in [await ledger.run(first.id), await ledger.run(second.id)])
     assert statuses == ["running", "skipped"], statuses
+
+
+async def test_ends_recorded_at_once_go_together_and_one_refused_fails_alone(engine):
+    """Forty attempts end at once: their ends go in a few transactions, each with its own
+    output; the one the database refuses (a check constraint) fails alone, and a stale end
+    (an attempt whose claim is gone) is void, not an error."""
+    async with engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE run_logs ADD CONSTRAINT no_refusals CHECK (output NOT LIKE '%refuse-me%')"))
+    job = await create_job(engine, slug="enders", prompt="true", schedule="@every 1h", overlap="allow")
+    slots, ledger = SlotLedger(engine), ClaimLedger(engine)
+    runs = [await slots.create_manual(job) for _ in range(40)]
+    for run in runs:
+        assert isinstance(await ledger.claim(run.id, "node-1", LEASE), Claimed)
+
+    def end(i: int, run):
+        output = "refuse-me" if i == 7 else f"output of {i}"
+        return ledger.finish(run.id, "node-1" if i != 9 else "node-stale", 1, status=RunStatus.succeeded, exit_code=0,
+                             reason=None, output=output, output_bytes=len(output), dropped_bytes=0, retry_in_s=None)
+    answers = await asyncio.gather(*(end(i, run) for i, run in enumerate(runs)), return_exceptions=True)
+    assert isinstance(answers[7], asyncpg.CheckViolationError), answers[7]
+    assert answers[9] is None
+    finished = [a for i, a in enumerate(answers) if i not in (7, 9)]
+    assert all(a.status is RunStatus.succeeded for a in finished)
+    reads = RunReads(engine)
+    for i, run in enumerate(runs):
+        if i not in (7, 9):
+            assert (await reads.log("default", run.id))[0] == f"output of {i}"
+    async with engine.connect() as conn:
+        batches = (await conn.execute(text(
+            "SELECT count(DISTINCT finished_at) FROM job_runs WHERE status = 'succeeded'"))).scalar_one()
+        still = (await conn.execute(text("SELECT count(*) FROM job_runs WHERE status = 'running'"))).scalar_one()
+    assert batches <= 10, f"38 ends in {batches} transactions"
+    assert still == 2  # the refused one and the stale one's run: theirs to end again

@@ -17,12 +17,13 @@ class Recorder:
         self.go = asyncio.Event()
         self.fail = fail
 
-    async def __call__(self, keys: list[int]) -> dict[int, int]:
-        self.batches.append(keys)
+    async def __call__(self, items: dict[int, str | None]) -> dict[int, int | Exception]:
+        self.batches.append(list(items))
         await self.go.wait()
         if self.fail is not None:
             raise self.fail
-        return {k: 2 * k for k in keys if k >= 0}  # a negative key is "not found"
+        # a negative key is "not found"; an item "refuse" is refused alone
+        return {k: ValueError(f"refused {k}") if item == "refuse" else 2 * k for k, item in items.items() if k >= 0}
 
 
 async def settle() -> None:
@@ -78,3 +79,13 @@ async def test_a_caller_cancelled_before_its_batch_went_is_left_out_and_batches_
     run.go.set()
     assert await first == 2 and await asyncio.gather(*rest) == [6, 8, 10]
     assert run.batches == [[1], [3, 4], [5]]
+
+
+async def test_an_item_refused_fails_its_caller_alone():
+    run = Recorder()
+    run.go.set()
+    batched = Batched(run, missing=None)
+    calls = [asyncio.create_task(batched(1)), asyncio.create_task(batched(2, "refuse")), asyncio.create_task(batched(3))]
+    assert await calls[0] == 2 and await calls[2] == 6
+    with pytest.raises(ValueError, match="refused 2"):
+        await calls[1]

@@ -33,7 +33,7 @@ async def settle() -> None:
 
 async def test_a_lone_call_goes_at_once_and_the_calls_made_meanwhile_go_together():
     run = Recorder()
-    batched = Batched(run, missing=None)
+    batched = Batched(run, missing=None, in_flight=1)
     first = asyncio.create_task(batched(1))
     await settle()
     assert run.batches == [[1]]  # nothing waited for company
@@ -48,10 +48,12 @@ async def test_a_lone_call_goes_at_once_and_the_calls_made_meanwhile_go_together
 
 async def test_a_key_asked_twice_at_once_goes_in_two_batches():
     run = Recorder()
+    batched = Batched(run, missing=None, in_flight=1)
+    calls = [asyncio.create_task(batched(k)) for k in (7, 7, 8)]
+    await settle()
     run.go.set()
-    batched = Batched(run, missing=None)
-    assert await asyncio.gather(batched(7), batched(7), batched(8)) == [14, 14, 16]
-    assert run.batches == [[7, 8], [7]]
+    assert await asyncio.gather(*calls) == [14, 14, 16]
+    assert run.batches == [[7], [7, 8]]
 
 
 async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_batch_still_goes():
@@ -69,7 +71,7 @@ async def test_a_failed_batch_fails_each_of_its_callers_and_the_next_batch_still
 
 async def test_a_caller_cancelled_before_its_batch_went_is_left_out_and_batches_are_bounded():
     run = Recorder()
-    batched = Batched(run, missing=None, max_size=2)
+    batched = Batched(run, missing=None, max_size=2, in_flight=1)
     first = asyncio.create_task(batched(1))
     await settle()
     gone = asyncio.create_task(batched(2))
@@ -89,3 +91,43 @@ async def test_an_item_refused_fails_its_caller_alone():
     assert await calls[0] == 2 and await calls[2] == 6
     with pytest.raises(ValueError, match="refused 2"):
         await calls[1]
+
+
+async def test_up_to_in_flight_batches_go_at_once_and_the_rest_wait_for_one_back():
+    run = Recorder()
+    batched = Batched(run, missing=None, in_flight=2)
+    first = asyncio.create_task(batched(1))
+    await settle()
+    second = asyncio.create_task(batched(2))  # one batch is out: this one need not wait for it
+    await settle()
+    assert run.batches == [[1], [2]]
+    rest = [asyncio.create_task(batched(k)) for k in (3, 4)]
+    await settle()
+    assert run.batches == [[1], [2]]  # two are out: these wait, together
+    run.go.set()
+    assert [await first, await second, *await asyncio.gather(*rest)] == [2, 4, 6, 8]
+    assert run.batches == [[1], [2], [3, 4]]
+
+
+async def test_the_others_of_a_batch_whose_sender_was_cancelled_hear_it_was_cut_short():
+    run = Recorder()
+    batched = Batched(run, missing=None, in_flight=1)
+    sender = asyncio.create_task(batched(1))
+    await settle()
+    assert run.batches == [[1]]  # the first caller's own task sends its batch
+    other = asyncio.create_task(batched(2))
+    await settle()
+    sender.cancel()  # a stopping node: its batch is cut short
+    with pytest.raises(asyncio.CancelledError):
+        await sender
+    run.go.set()
+    assert await other == 4  # it was still queued: it goes in the next batch
+    blocked = Recorder()
+    batched = Batched(blocked, missing=None, max_size=1, in_flight=1)
+    first = asyncio.create_task(batched(1))
+    await settle()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    blocked.go.set()
+    assert await batched(3) == 6  # the batcher goes on

@@ -5,10 +5,10 @@ caller's own task (a hop through another task costs a turn of a busy event loop 
 quiet node waits for nothing. Calls made while that many are out wait for one to come back,
 and go together in the next. So a herd of 100 claims at one instant costs a few round trips and
 transactions, not 100 statements fighting for the same two cores, and the batches grow only as
-the load does. Two out at once, not one: a batch stuck on one run's lock (its job's lock held
-by a slow transaction) holds up the claims behind it no longer than the next batch takes; more
-than two cost the batching (bench/fastpath.py, 2026-12-03: at four, every call of a 2-core node
-went alone, 9.2 ms of CPU a run against 7.6).
+the load does. One batch out at a time by default: at two or four, most calls of a 2-core node
+at 100 runs/s went alone, and the node spent 9.0 - 9.2 ms of CPU a run against 7.1 - 7.6 at one
+(bench/fastpath.py, 2026-12-03). The price: a batch that waits on one run's lock (its job's lock
+held by a slow transaction) holds up the calls behind it while it waits.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class Batched(Generic[K, R]):
     them: a run claimed twice is claimed once)."""
 
     def __init__(self, run: Callable[[dict[K, Any]], Awaitable[dict[K, R | Exception]]], *, missing: R,
-                 max_size: int = 64, in_flight: int = 2) -> None:
+                 max_size: int = 64, in_flight: int = 1) -> None:
         self._run, self._missing, self._max_size, self._in_flight = run, missing, max_size, in_flight
         self._queue: list[tuple[K, Any, asyncio.Future[R]]] = []
         self._out = 0  #: batches in the database now

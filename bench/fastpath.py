@@ -34,8 +34,9 @@ Where a run's CPU goes (py-spy of each kjob process with `--profile`, pg_stat_st
   launcher 9 % plus a waitpid thread per child 5 %, the sandbox's work-dir file work in worker
   threads 6-10 %, the finish 3 %, the rest asyncio, tracing and metrics.
   after: 13.1-15.9 ms per run: executor 9.6-10.8, api+ticker 0.7-1.6, nats-server 1.0-1.3,
-  PostgreSQL 1.7-3.0; two statements per run from the executor (kjob_claim_first, the finish
-  with the usage row) and the ticker's batched ones. What is left in the executor is mostly the
+  PostgreSQL 1.7-3.0; two statements per run from the executor (the claim, the finish with the
+  usage row; since 2026-12-03 both in batches of what is asked at once: kjob_claim_many,
+  kjob_finish_many) and the ticker's batched ones. What is left in the executor is mostly the
   sandbox's: the launcher's fork/exec and pipes from asyncio (~25 %), its work dir, staged
   $KJOB_RESULT dir (a tmpfs mount) and their removal in worker threads (~20 %); the claim and
   the finish ~4 % each; the watchdog's arm/disarm ~3 %; the four publishes of a run (started,

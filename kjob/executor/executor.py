@@ -448,7 +448,10 @@ class Executor:
             try:
                 return await self.ledger.finish(run.id, self.node, run.attempt, **fields)
             except Exception as err:
-                if not is_transient(err) and (fields["output"] or fields.get("usage") is not None):
+                if not is_transient(err):
+                    if not (fields["output"] or fields.get("usage") is not None):
+                        log.error("executor: cannot record the end of run %s", run.id, exc_info=err)
+                        return None
                     # Refused for what the agent said (the texts are made storable, but a
                     # refusal here would run the agent again): its end without its words.
                     log.error("executor: the end of run %s was refused; recording it without its output", run.id,
@@ -457,9 +460,6 @@ class Executor:
                     fields = dict(fields, output="", usage=None, dropped_bytes=fields["output_bytes"],
                                   reason=f"{fields['reason']}; {dropped}" if fields["reason"] else dropped)
                     continue
-                if not is_transient(err):
-                    log.error("executor: cannot record the end of run %s", run.id, exc_info=err)
-                    return None
                 self.database_away()
                 if time.monotonic() + delay > give_up:
                     log.error("executor: gave up recording the end of run %s after %.0fs (%r)",

@@ -43,8 +43,7 @@ class Batched(Generic[K, R]):
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((key, item, future))
         if self._out < self._in_flight:
-            await self._send()  # this call's own batch, with whatever waited
-            self._drain_later()
+            await self._send()  # this call's own batch, with whatever waited; the rest queue after it
         # Cancelling a caller does not take its key out of a batch in the database: what the
         # statement does to it stands (a run claimed for a caller gone lapses, as it would have).
         return await future

@@ -113,6 +113,8 @@ def _refused(sqlstate: str, message: str) -> Exception:
     """The error the database gave one item of a batch, as asyncpg raises it for a statement
     of its own (kjob.store.database.is_transient tells a deadlock from a refusal)."""
     return asyncpg.PostgresError.new({"C": sqlstate, "M": message})
+
+
 #: A scheduled run and its job, read (never locked) for a warm start ahead of the claim.
 _PEEK_SQL = ("SELECT row_to_json(r)::text AS run_row, row_to_json(j)::text AS job_row FROM job_runs r "
              "JOIN jobs j ON j.id = r.job_id WHERE r.id = $1 AND r.status = 'scheduled' AND j.enabled")

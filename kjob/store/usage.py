@@ -48,8 +48,8 @@ def _within(count: int | None, top: int) -> int | None:
 
 
 def usage_row(*, tenant: str, job_id: UUID, agent: str, report: AgentReport) -> dict[str, Any]:
-    """The `run_usage` columns of one attempt but its key (run_id, attempt), in `USAGE_COLUMNS`
-    order: `UsageStore.record` writes them, or `ClaimLedger.finish` with the attempt's end.
+    """The `run_usage` columns of one attempt but its key (run_id, attempt): `UsageStore.record`
+    writes them, or `ClaimLedger.finish` with the attempt's end.
     The agent's texts and counts as the store can hold them (kjob.model.text.storable)."""
     answer = storable(report.answer[:MAX_ANSWER_CHARS]) if report.answer is not None else None
     u = report.usage
@@ -59,11 +59,6 @@ def usage_row(*, tenant: str, job_id: UUID, agent: str, report: AgentReport) -> 
                 answer_hash=answer_hash(answer) if answer is not None else None,
                 summary=report.summary and storable(report.summary), notify=report.notify)
 
-
-#: `usage_row`'s columns with their SQL types, for statements written out (ClaimLedger.finish).
-USAGE_COLUMNS = (("tenant", "text"), ("job_id", "uuid"), ("agent", "text"), ("model", "text"),
-                 ("tokens_in", "bigint"), ("tokens_out", "bigint"), ("cost_usd", "float8"), ("turns", "int"),
-                 ("answer", "text"), ("answer_hash", "text"), ("summary", "text"), ("notify", "bool"))
 
 
 class UsageStore:

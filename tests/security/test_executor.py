@@ -8,6 +8,7 @@ import asyncio
 
 import nats
 from nats.js.api import DeliverPolicy
+from sqlalchemy import text as sql
 
 from kjob.bus import names
 from kjob.config import QuotaSettings
@@ -16,7 +17,8 @@ from kjob.model.run import DeliveryStatus, RunStatus
 from kjob.store.runs import RunReads
 from kjob.store.slots import SlotLedger
 from kjob.store.secrets import SecretBox, SecretStore, generate_key
-from tests.support.pipeline import ACTOR, create_job, fast_settings, running_node, runs_of, until
+from tests.support.pipeline import ACTOR, create_job, fast_settings, run_to_end, running_node, runs_of, until
+from tests.support.recorder import Recorder
 from tests.support.relay import RecordingRelay
 
 VALUE = "tok-9f8e7d6c5b4a3210"
@@ -75,13 +77,7 @@ async def test_a_secret_deleted_behind_the_jobs_back_ends_the_run_as_error(tmp_p
     job = await create_job(engine, slug="lost-secret", schedule="@every 1h", prompt="echo hi",
                            sandbox={"env": {"API_KEY": "secret:gone"}})
     async with running_node(settings, fresh_nats.url, database_url) as node:
-        run = await SlotLedger(engine).create_manual(job)
-        await node.publish_due(run)
-
-        async def final():
-            [r] = await runs_of(engine, job)
-            return r.status.final and r
-        done = await until(final, 20, "the run to end")
+        done = await run_to_end(node, engine, job)
     assert done.status is RunStatus.error
     assert "gone" in (done.reason or "") and "kjob secret set gone" in (done.reason or "")
 
@@ -129,41 +125,38 @@ async def test_a_tenants_concurrency_quota_holds_across_the_executor(tmp_path, f
         assert start >= end, spans
 
 
+async def _run_counted(tmp_path, nats_url: str, database_url: str, engine, slug: str, body: str):
+    """(the run as it ended, how often its agent ran, counted from outside) of one run of a job
+    whose agent does `body`, once the window in which a refused end would have run it again is
+    over: the claim lapses within a lease, the message comes back within an ack deadline."""
+    with Recorder() as rec:
+        settings = fast_settings(tmp_path)
+        settings = fast_settings(tmp_path, executor=settings.executor.model_copy(update={"extra_binds": [rec.dir]}))
+        job = await create_job(engine, slug=slug, prompt=rec.script(seconds=0.1, body=body), schedule="@every 1h")
+        async with running_node(settings, nats_url, database_url) as node:
+            ended = await run_to_end(node, engine, job)
+            await asyncio.sleep(settings.executor.claim_lease_s * 2 + settings.ack_wait_s)
+        assert not rec.errors
+        return ended, len(rec.by_run().get(ended.id, []))
+
+
 async def test_an_agent_printing_nul_bytes_runs_once_and_its_output_is_kept(tmp_path, fresh_nats, database_url, engine):
     """PostgreSQL's text holds no NUL: an agent that prints one (and bytes that are not UTF-8),
-    and writes one into its result file (and a lone surrogate), must still have its end recorded, once. Were the end
-    refused, the claim would lapse and the agent would run again: counted from outside."""
-    from tests.support.recorder import Recorder
-
-    with Recorder() as rec:
-        settings = fast_settings(tmp_path, executor=fast_settings(tmp_path).executor.model_copy(
-            update={"extra_binds": [rec.dir]}))
-        body = ("printf 'before\\000after \\377\\376 end\\n'; "
-                "printf '{\"body\": \"an\\\\u0000swer\\\\ud800\", \"summary\": \"sum\\\\u0000mary\", \"model\": \"m\\\\u0000\"}' > \"$KJOB_RESULT\"")
-        job = await create_job(engine, slug="nul-printer", prompt=rec.script(seconds=0.1, body=body), schedule="@every 1h")
-        async with running_node(settings, fresh_nats.url, database_url) as node:
-            run = await SlotLedger(engine).create_manual(job)
-            await node.publish_due(run)
-
-            async def final():
-                [r] = await runs_of(engine, job)
-                return r.status.final and r
-            ended = await until(final, 20, "the run final")
-            # A refused end would show within a lease and an ack deadline: the claim lapses,
-            # the message comes back, and the agent runs again.
-            window = settings.executor.claim_lease_s * 2 + settings.ack_wait_s
-            await asyncio.sleep(window)
-        assert len(rec.by_run().get(run.id, [])) == 1, rec.by_run()
-        assert not rec.errors
-        assert ended.status is RunStatus.succeeded, ended
-        assert "before\ufffdafter \ufffd\ufffd end" in (ended.output_excerpt or "")
-        [attempt] = await RunReads(engine).attempts(run.id)
-        assert attempt.status is RunStatus.succeeded
-        async with engine.connect() as conn:
-            from sqlalchemy import text
-            usage = (await conn.execute(text("SELECT answer, summary, model FROM run_usage WHERE run_id = :r"),
-                                        {"r": run.id})).one()
-        assert tuple(usage) == ("an\ufffdswer\ufffd", "sum\ufffdmary", "m\ufffd")
+    and writes one into its result file (and a lone surrogate), must still have its end
+    recorded, once. Were the end refused, the claim would lapse and the agent would run again:
+    counted from outside."""
+    body = ("printf 'before\\000after \\377\\376 end\\n'; "
+            "printf '{\"body\": \"an\\\\u0000swer\\\\ud800\", \"summary\": \"sum\\\\u0000mary\", \"model\": \"m\\\\u0000\"}' > \"$KJOB_RESULT\"")
+    ended, executions = await _run_counted(tmp_path, fresh_nats.url, database_url, engine, "nul-printer", body)
+    assert executions == 1
+    assert ended.status is RunStatus.succeeded, ended
+    assert "before\ufffdafter \ufffd\ufffd end" in (ended.output_excerpt or "")
+    [attempt] = await RunReads(engine).attempts(ended.id)
+    assert attempt.status is RunStatus.succeeded
+    async with engine.connect() as conn:
+        usage = (await conn.execute(sql("SELECT answer, summary, model FROM run_usage WHERE run_id = :r"),
+                                    {"r": ended.id})).one()
+    assert tuple(usage) == ("an\ufffdswer\ufffd", "sum\ufffdmary", "m\ufffd")
 
 
 async def test_an_end_the_ledger_refuses_for_the_agents_words_is_recorded_without_them(tmp_path, fresh_nats,
@@ -171,26 +164,9 @@ async def test_an_end_the_ledger_refuses_for_the_agents_words_is_recorded_withou
     """Whatever the agent printed, its attempt's end is recorded once: here PostgreSQL itself
     refuses the output (a check constraint the operator added), so the end is written
     without it, saying so, and the agent is not run again (counted from outside)."""
-    from sqlalchemy import text
-
-    from tests.support.recorder import Recorder
-
     async with engine.begin() as conn:
-        await conn.execute(text("ALTER TABLE run_logs ADD CONSTRAINT no_refusals CHECK (output NOT LIKE '%refuse-me%')"))
-    with Recorder() as rec:
-        settings = fast_settings(tmp_path, executor=fast_settings(tmp_path).executor.model_copy(
-            update={"extra_binds": [rec.dir]}))
-        job = await create_job(engine, slug="refused", prompt=rec.script(seconds=0.1, body="echo refuse-me"),
-                               schedule="@every 1h")
-        async with running_node(settings, fresh_nats.url, database_url) as node:
-            run = await SlotLedger(engine).create_manual(job)
-            await node.publish_due(run)
-
-            async def final():
-                [r] = await runs_of(engine, job)
-                return r.status.final and r
-            ended = await until(final, 20, "the run final")
-            await asyncio.sleep(settings.executor.claim_lease_s * 2 + settings.ack_wait_s)  # as above
-        assert len(rec.by_run().get(run.id, [])) == 1, rec.by_run()
-        assert ended.status is RunStatus.succeeded and ended.output_excerpt == ""
-        assert "refused by the ledger (CheckViolationError) and dropped" in (ended.reason or ""), ended.reason
+        await conn.execute(sql("ALTER TABLE run_logs ADD CONSTRAINT no_refusals CHECK (output NOT LIKE '%refuse-me%')"))
+    ended, executions = await _run_counted(tmp_path, fresh_nats.url, database_url, engine, "refused", "echo refuse-me")
+    assert executions == 1
+    assert ended.status is RunStatus.succeeded and ended.output_excerpt == ""
+    assert "refused by the ledger (CheckViolationError) and dropped" in (ended.reason or ""), ended.reason

@@ -93,6 +93,19 @@ async def runs_of(engine, job: Job) -> list[Run]:
     return sorted(await RunReads(engine).list_for_job(job.id, limit=10_000), key=lambda r: r.slot)
 
 
+async def run_to_end(node: Node, engine, job: Job, timeout: float = 20) -> Run:
+    """Run `job` once now (a manual run, published to the node) and wait for its end."""
+    from kjob.store.slots import SlotLedger
+
+    run = await SlotLedger(engine).create_manual(job)
+    await node.publish_due(run)
+
+    async def final():
+        ended = await RunReads(engine).get(job.tenant, run.id)
+        return ended.status.final and ended
+    return await until(final, timeout, f"run {run.id} of {job.slug} to end")
+
+
 async def attempts_of(engine, run_id: str) -> list:
     return await RunReads(engine).attempts(run_id)
 

@@ -7,6 +7,7 @@ is one transaction with its audit row. A write that changes nothing writes nothi
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import gc
 import json
@@ -17,11 +18,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import asyncpg
 from pydantic import BaseModel
-from sqlalchemy import ColumnElement, Row, Select, String, Text, any_, bindparam, cast, func, literal, select, type_coerce
+from sqlalchemy import ColumnElement, Row, Select, String, Text, any_, bindparam, cast, literal, select, type_coerce
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID as PgUUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -32,7 +33,7 @@ from kjob.model.job import CatchupPolicy, Job, JobSpec, Timing
 from kjob.store.audit import Actor, record_by, record_many_raw
 from kjob.store.database import raw_connection
 from kjob.model.run import Trigger
-from kjob.store.tables import job_runs, jobs
+from kjob.store.tables import jobs
 from kjob.telemetry import metrics
 
 log = logging.getLogger(__name__)
@@ -87,9 +88,9 @@ def _many_jobs_query() -> Select[Any]:
     return select(*(jobs.c[name] for name in _META), type_coerce(rest, JSONB), *parts)
 
 
-@dataclass(frozen=True, slots=True)
-class ScheduledJob:
-    """The fields of a job the ticker schedules by."""
+class ScheduledJob(NamedTuple):
+    """The fields of a job the ticker schedules by. A tuple: a frozen dataclass took three
+    times as long to build, seconds of a load of 1,000,000."""
 
     id: uuid.UUID
     tenant: str
@@ -113,16 +114,23 @@ def _scheduled_query(*extra: ColumnElement[Any]) -> Select[Any]:
     )
 
 
-def _last_slot() -> ColumnElement[Any]:
-    """The job's latest scheduled slot in the ledger (as `SlotLedger.last_slots`), per row: one
-    probe of the run key's index, so a ticker loading 1,000,000 jobs streams them with their
-    cursors instead of holding a dict of every job's."""
-    return (
-        select(func.max(job_runs.c.slot))
-        .where(job_runs.c.job_id == jobs.c.id,
-               job_runs.c.trigger.in_([Trigger.schedule.value, Trigger.catchup.value]))
-        .scalar_subquery()
-    )
+def _scheduled_page_sql(where: str, limit: str) -> str:
+    """A page of enabled jobs by id as `_scheduled` reads them, each with its latest slot in
+    the ledger (as `SlotLedger.last_slots`): the page is cut first, so the probe of the run
+    key's index runs once per job of the page, whatever the planner knows. The ticker
+    streams jobs with their cursors instead of holding a dict of every job's."""
+    return f"""
+SELECT j.id, j.tenant, j.slug, j.schedule, j.timezone, j.enabled, j.enabled_at, j.created_at,
+       (j.spec -> 'catchup')::text, j.spec ->> 'jitter', j.version,
+       (SELECT max(r.slot) FROM job_runs r
+        WHERE r.job_id = j.id AND r.trigger IN ('{Trigger.schedule.value}', '{Trigger.catchup.value}'))
+FROM (SELECT * FROM jobs WHERE {where} ORDER BY id LIMIT {limit}) j
+ORDER BY j.id
+"""
+
+
+_SCHEDULED_FIRST_PAGE_SQL = _scheduled_page_sql("enabled", "$1")
+_SCHEDULED_PAGE_SQL = _scheduled_page_sql("enabled AND id > $1", "$2")
 
 
 #: Slots the ledger holds before their instant (the ticker's look-ahead) whose job a write
@@ -292,11 +300,34 @@ class JobStore:
         """Every enabled job as the ticker sees it, with its latest slot in the ledger, `chunk`
         at a time (by id, one short query each: a cursor over 1,000,000 rows would outlast
         the statement timeout): the ticker holds one chunk's rows at a time, and the event
-        loop (its lease renewals) runs between chunks."""
-        async for rows in self._pages(_scheduled_query(_last_slot()).where(jobs.c.enabled), chunk):
-            with gc_paused():
-                chunk_jobs = [(job, row[11]) for row in rows if (job := _scheduled_or_none(row)) is not None]
-            yield chunk_jobs
+        loop (its lease renewals) runs between chunks. The next page is read while the
+        caller works through this one: read in turn, the load spent a third of its time
+        waiting on PostgreSQL. Close the iterator (`contextlib.aclosing`) if you leave early."""
+        fetch = asyncio.ensure_future(self._scheduled_page(None, chunk))
+        try:
+            while True:
+                rows = await fetch
+                more = len(rows) == chunk
+                if more:
+                    fetch = asyncio.ensure_future(self._scheduled_page(rows[-1][0], chunk))
+                with gc_paused():
+                    chunk_jobs = [(job, row[11]) for row in rows if (job := _scheduled_or_none(row)) is not None]
+                if chunk_jobs:
+                    yield chunk_jobs
+                if not more:
+                    return
+        finally:
+            if not fetch.done():
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
+
+    async def _scheduled_page(self, after: uuid.UUID | None, size: int) -> builtins.list[asyncpg.Record]:
+        # asyncpg's rows, not SQLAlchemy's: at 1,000,000 jobs its row processing alone was
+        # seconds of the ticker's load.
+        async with raw_connection(self.engine) as conn:
+            if after is None:
+                return await conn.fetch(_SCHEDULED_FIRST_PAGE_SQL, size)
+            return await conn.fetch(_SCHEDULED_PAGE_SQL, after, size)
 
     async def stream_versions(self, chunk: int = 5000) -> AsyncIterator[builtins.list[tuple[uuid.UUID, int]]]:
         """(id, version) of every enabled job, `chunk` at a time: the ticker's resync compares

@@ -60,6 +60,7 @@ class JobTable:
         self._next: array = array("d")  # the next slot to fire (epoch seconds), NONE if none
         self._fire: array = array("d")  # when it fires: the slot plus its jitter
         self._free: list[int] = []
+        self._rows = 0  # rows ever used (the columns may be longer)
         self._shared: dict[str, str] = {}
         self._heap: list[float] = []
         self._buckets: dict[float, array] = {}
@@ -101,11 +102,16 @@ class JobTable:
         self._set_next_ts(row, next_ts, fire_ts)
 
     def _grow(self) -> int:
-        for column in (self._ids, self._tenant, self._slug, self._schedule, self._tz):
-            column.append(None)  # type: ignore[arg-type]
-        for numbers in (self._version, self._jitter, self._next, self._fire):
-            numbers.append(0)
-        return len(self._ids) - 1
+        """A new row. The columns grow by a quarter at a time: nine appends per job were a
+        tenth of loading 1,000,000."""
+        if self._rows == len(self._ids):
+            more = max(1024, self._rows // 4)
+            for column in (self._ids, self._tenant, self._slug, self._schedule, self._tz):
+                column.extend([None] * more)  # type: ignore[list-item]
+            for numbers in (self._version, self._jitter, self._next, self._fire):
+                numbers.frombytes(bytes(numbers.itemsize * more))
+        self._rows += 1
+        return self._rows - 1
 
     def _set_next(self, row: int, next_slot: datetime | None, fire_at: datetime | None) -> None:
         if next_slot is None or fire_at is None:

@@ -295,14 +295,15 @@ class Ticker:
             rows.clear()
             ranges.clear()
             yielded = time.monotonic()
-            async for chunk in self.jobs.stream_scheduled():
-                self._check_term()
-                for job, last_slot in chunk:
-                    if time.monotonic() - yielded > LOAD_SLICE_S:
-                        await asyncio.sleep(0)  # the lease's renewals run in between
-                        self._check_term()
-                        yielded = time.monotonic()
-                    self._load_one(job, last_slot, now, late_from, settlements, rows, ranges)
+            async with contextlib.aclosing(self.jobs.stream_scheduled()) as pages:  # a term over stops its read-ahead
+                async for chunk in pages:
+                    self._check_term()
+                    for job, last_slot in chunk:
+                        if time.monotonic() - yielded > LOAD_SLICE_S:
+                            await asyncio.sleep(0)  # the lease's renewals run in between
+                            self._check_term()
+                            yielded = time.monotonic()
+                        self._load_one(job, last_slot, now, late_from, settlements, rows, ranges)
 
         # The load builds no cycles; the collector's passes over a growing heap would hold the
         # event loop (and the lease's renewals) for hundreds of ms at 1,000,000 jobs.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -387,3 +388,40 @@ async def test_apply_many_drops_the_slots_queued_ahead_of_the_jobs_it_stops_or_r
     async with engine.connect() as conn:
         left = (await conn.execute(select(job_runs.c.slug))).scalars().all()
     assert left == ["reword"]  # the same slots: its queued one is still its own
+
+
+async def test_the_ticker_streams_every_enabled_job_once_with_its_latest_scheduled_slot(
+        store: JobStore, engine: AsyncEngine) -> None:
+    """Pages of 100 over 250 enabled jobs (the next page read while one is used), disabled jobs
+    between them: every enabled job once, in id order, its cursor the newest slot the
+    schedule or a catch-up put in the ledger (a manual run is no slot of the schedule)."""
+    made = await store.apply_many(ALICE, [spec(f"job-{i:03}", enabled=i % 6 != 0) for i in range(300)])
+    enabled = sorted(j.id for j in made if j.spec.enabled)
+    assert len(enabled) == 250
+    slot = utcnow().replace(microsecond=0) - timedelta(hours=1)
+    first, second = enabled[0], enabled[137]
+    async with engine.begin() as conn:
+        await conn.execute(job_runs.insert(), [
+            {"id": f"run-{n}", "job_id": job_id, "tenant": "acme", "slug": "x", "slot": slot + timedelta(minutes=m),
+             "trigger": trigger, "status": "succeeded"}
+            for n, (job_id, m, trigger) in enumerate([(first, 0, "schedule"), (first, 5, "catchup"),
+                                                       (first, 9, "manual"), (second, 2, "schedule")])])
+
+    pages = [page async for page in store.stream_scheduled(chunk=100)]
+
+    assert [len(p) for p in pages] == [100, 100, 50]
+    streamed = [(job.id, last) for page in pages for job, last in page]
+    assert [job_id for job_id, _ in streamed] == enabled
+    cursors = dict(streamed)
+    assert cursors[first] == slot + timedelta(minutes=5) and cursors[second] == slot + timedelta(minutes=2)
+    assert all(cursors[job_id] is None for job_id in enabled if job_id not in (first, second))
+
+
+async def test_leaving_the_stream_early_leaves_no_read_ahead_behind(store: JobStore) -> None:
+    await store.apply_many(ALICE, [spec(f"job-{i:03}") for i in range(30)])
+    before = asyncio.all_tasks()
+    async with contextlib.aclosing(store.stream_scheduled(chunk=10)) as pages:
+        async for page in pages:
+            assert len(page) == 10
+            break
+    assert asyncio.all_tasks() == before  # the second page's read was cancelled, not left running

@@ -40,6 +40,20 @@ async def _campaigning(leadership: Leadership, stop: asyncio.Event) -> asyncio.T
     return task
 
 
+async def _led_and_watched(a, b, server_ttl_s: float | None = None):
+    """node-a leads and renews; node-b campaigns and has seen its renewals. With
+    `server_ttl_s`, the server expires the key that long after its last write."""
+    if server_ttl_s is not None:
+        await _bucket_expiring_after(a.jetstream(), server_ttl_s)
+    stop = asyncio.Event()
+    leader = Leadership(a.jetstream(), "node-a", ttl_s=TTL_S, renew_s=RENEW_S)
+    standby = Leadership(b.jetstream(), "node-b", ttl_s=TTL_S, renew_s=RENEW_S)
+    assert await leader.campaign(stop)
+    holding = asyncio.create_task(leader.hold(stop))
+    campaign = await _campaigning(standby, stop)
+    return stop, leader, standby, holding, campaign
+
+
 @pytest.fixture
 async def two_nodes(fresh_nats):
     a, b = await connect(fresh_nats.url, "node-a"), await connect(fresh_nats.url, "node-b")
@@ -51,14 +65,7 @@ async def two_nodes(fresh_nats):
 
 
 async def test_a_standby_takes_over_a_dead_leaders_lease_long_before_the_server_expires_it(two_nodes):
-    a, b = two_nodes
-    await _bucket_expiring_after(a.jetstream(), 60)
-    stop = asyncio.Event()
-    leader = Leadership(a.jetstream(), "node-a", ttl_s=TTL_S, renew_s=RENEW_S)
-    standby = Leadership(b.jetstream(), "node-b", ttl_s=TTL_S, renew_s=RENEW_S)
-    assert await leader.campaign(stop)
-    holding = asyncio.create_task(leader.hold(stop))
-    campaign = await _campaigning(standby, stop)
+    stop, leader, standby, holding, campaign = await _led_and_watched(*two_nodes, server_ttl_s=60)
 
     # While the leader renews, the standby never leads.
     await asyncio.sleep(3 * TTL_S)
@@ -74,14 +81,7 @@ async def test_a_standby_takes_over_a_dead_leaders_lease_long_before_the_server_
 
 
 async def test_a_leader_that_stalled_past_its_deadline_cannot_renew_over_its_successor(two_nodes):
-    a, b = two_nodes
-    await _bucket_expiring_after(a.jetstream(), 60)
-    stop = asyncio.Event()
-    stalled = Leadership(a.jetstream(), "node-a", ttl_s=TTL_S, renew_s=RENEW_S)
-    successor = Leadership(b.jetstream(), "node-b", ttl_s=TTL_S, renew_s=RENEW_S)
-    assert await stalled.campaign(stop)
-    holding = asyncio.create_task(stalled.hold(stop))
-    campaign = await _campaigning(successor, stop)
+    stop, stalled, successor, holding, campaign = await _led_and_watched(*two_nodes, server_ttl_s=60)
     holding.cancel()  # stalled: it renews no more for a while
     assert await asyncio.wait_for(campaign, 10)
     successor_holds = asyncio.create_task(successor.hold(stop))
@@ -99,14 +99,7 @@ async def test_a_leader_that_stalled_past_its_deadline_cannot_renew_over_its_suc
 async def test_a_standby_whose_view_is_stale_waits_for_the_expiry(two_nodes):
     """A renewal it missed makes its conditional take-over fail: it must not lead until the
     key really is free."""
-    a, b = two_nodes
-    await _bucket_expiring_after(a.jetstream(), 2 * TTL_S)
-    stop = asyncio.Event()
-    leader = Leadership(a.jetstream(), "node-a", ttl_s=TTL_S, renew_s=RENEW_S)
-    standby = Leadership(b.jetstream(), "node-b", ttl_s=TTL_S, renew_s=RENEW_S)
-    assert await leader.campaign(stop)
-    holding = asyncio.create_task(leader.hold(stop))
-    campaign = await _campaigning(standby, stop)
+    stop, leader, standby, holding, campaign = await _led_and_watched(*two_nodes, server_ttl_s=2 * TTL_S)
     await asyncio.sleep(3 * RENEW_S)  # renewals
     holding.cancel()
     await asyncio.sleep(RENEW_S + 0.1)  # any renewal still in flight has arrived

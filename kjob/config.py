@@ -139,8 +139,8 @@ class TickerSettings(BaseModel):
     resync_s: float = Field(default=60.0, gt=0, description="full reload of enabled jobs, a safety net for lost events")
     recover_s: float = Field(default=10.0, gt=0, description="how often unpublished or stranded runs are re-published")
     late_grace_s: float = Field(default=15.0, ge=0, description="slots this late after a failover or restart count as inside any catch-up window, and run under policy none too")
-    lease_ttl_s: float = Field(default=1.2, gt=0, description="leader lease: a standby takes over this long after the last renewal")
-    lease_renew_s: float = Field(default=0.3, gt=0, description="how often the leader renews its lease")
+    lease_ttl_s: float = Field(default=1.0, gt=0, description="leader lease: a standby takes over this long after the last renewal")
+    lease_renew_s: float = Field(default=0.25, gt=0, description="how often the leader renews its lease")
     ledger_give_up_s: float = Field(default=30.0, gt=0, description="the leader steps down when it cannot write to the ledger this long, so a standby that can may lead")
     vanished_after_s: float = Field(default=60.0, gt=0, description="a published run still waiting this long is re-published if the stream no longer holds as many due messages as the ledger")
     lookahead_ms: float = Field(

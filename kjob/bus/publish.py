@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import logging
 from collections.abc import Sequence
@@ -90,9 +91,19 @@ class Outgoing:
     headers: dict[str, str]
 
 
-async def publish_acked(nc: NATS, messages: Sequence[Outgoing], timeout_s: float = 5.0) -> list[bool]:
-    """Publish many messages to JetStream and wait for every stream ack; `True` per message the
-    stream stored (a duplicate Msg-Id counts: it is stored already).
+class Acked(enum.IntEnum):
+    """What the stream said of one message; false only for `NOT_STORED`."""
+
+    NOT_STORED = 0
+    STORED = 1
+    #: Its Msg-Id was seen within the duplicate window: the stream kept the earlier message
+    #: (which may have been consumed since).
+    DUPLICATE = 2
+
+
+async def publish_acked(nc: NATS, messages: Sequence[Outgoing], timeout_s: float = 5.0) -> list[Acked]:
+    """Publish many messages to JetStream and wait for every stream ack; per message, whether
+    the stream stored it (`Acked`, true if so: a duplicate Msg-Id counts, it is stored already).
 
     Pipelined: one reply subject per message under a single inbox subscription, instead of one
     request (future, timer) per message as `js.publish` does: about five times the throughput,
@@ -100,7 +111,7 @@ async def publish_acked(nc: NATS, messages: Sequence[Outgoing], timeout_s: float
     """
     if not messages:
         return []
-    stored = [False] * len(messages)
+    stored = [Acked.NOT_STORED] * len(messages)
     remaining = len(messages)
     all_acked = asyncio.Event()
     inbox = nc.new_inbox()
@@ -109,9 +120,11 @@ async def publish_acked(nc: NATS, messages: Sequence[Outgoing], timeout_s: float
         nonlocal remaining
         index = int(msg.subject.rsplit(".", 1)[1])
         try:
-            stored[index] = "error" not in json.loads(msg.data)
+            ack = json.loads(msg.data)
+            if "error" not in ack:
+                stored[index] = Acked.DUPLICATE if ack.get("duplicate") else Acked.STORED
         except ValueError:
-            stored[index] = False
+            pass
         remaining -= 1
         if remaining == 0:
             all_acked.set()

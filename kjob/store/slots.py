@@ -82,6 +82,22 @@ WITH fence AS (
 SELECT EXISTS (SELECT 1 FROM fence) AS fenced_in, (SELECT count(*) FROM written) AS n
 """
 
+#: A leader that stops withdraws the slots it queued ahead of their instant (the look-ahead):
+#: they have not fired, and whoever leads next fires them, or settles them by the catch-up
+#: rule if nobody leads by then, as every other slot of a downtime. Only while its fence holds
+#: (FOR SHARE: a successor's take_lease, and so its load, come after).
+_WITHDRAW_AHEAD_SQL = """
+WITH fence AS (
+    SELECT 1 FROM ticker_lease WHERE id = 1 AND revision = $1::bigint FOR SHARE
+), withdrawn AS (
+    DELETE FROM job_runs
+    WHERE status = 'scheduled' AND trigger = 'schedule' AND leader_rev = $1::bigint AND slot > now()
+      AND EXISTS (SELECT 1 FROM fence)
+    RETURNING 1
+)
+SELECT count(*) FROM withdrawn
+"""
+
 _TAKE_LEASE_SQL = """
 INSERT INTO ticker_lease (id, revision, node, acquired_at) VALUES (1, $1, $2, now())
 ON CONFLICT (id) DO UPDATE SET revision = EXCLUDED.revision, node = EXCLUDED.node, acquired_at = now()
@@ -201,6 +217,12 @@ class SlotLedger:
         bucket and revisions restarted)."""
         async with raw_connection(self.engine) as raw:
             return await raw.fetchval(_TAKE_LEASE_SQL, revision, node, stale_after_s) is not None
+
+    async def withdraw_ahead(self, fence: int) -> int:
+        """Withdraw the slots term `fence` queued ahead of their instant; how many. Nothing if
+        the fence has moved on."""
+        async with raw_connection(self.engine) as raw:
+            return int(await raw.fetchval(_WITHDRAW_AHEAD_SQL, fence))
 
     async def mark_published(self, run_ids: Iterable[str], at: datetime | None = None) -> None:
         """Record when the stream acknowledged the due messages (`at`; default now)."""

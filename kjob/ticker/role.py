@@ -27,6 +27,7 @@ async def lead_and_tick(
     while not stop.is_set():
         if not await leadership.campaign(stop):
             return
+        revision = leadership.term
         term = asyncio.Event()
         holder = asyncio.create_task(leadership.hold(stop))
         holder.add_done_callback(lambda _: term.set())
@@ -44,6 +45,7 @@ async def lead_and_tick(
             with contextlib.suppress(asyncio.CancelledError):
                 await holder
         if stop.is_set():
+            await _withdraw_ahead(ledger, revision)
             await leadership.resign()
             return
         metrics.leader_changed(leadership.node, False)
@@ -58,6 +60,24 @@ async def lead_and_tick(
         else:
             backoff.reset()
         log.info("ticker: %s is a standby now", leadership.node)
+
+
+async def _withdraw_ahead(ledger: SlotLedger, revision: int | None, timeout_s: float = 2.0) -> None:
+    """On a stop, before the lease is given up: the slots this term queued ahead of their
+    instant go back, so the next leader fires them, or settles them as downtime, instead of
+    their running late when this node comes back. A stop never waits long on it: left in
+    place, they still run (late)."""
+    if revision is None:
+        return
+    try:
+        async with asyncio.timeout(timeout_s):
+            withdrawn = await ledger.withdraw_ahead(revision)
+    except Exception as err:
+        log.warning("ticker: the slots queued ahead were not withdrawn (%s); they will run when an executor "
+                    "gets them", err)
+        return
+    if withdrawn:
+        log.info("ticker: withdrew %d slots queued ahead of their instant", withdrawn)
 
 
 class _Backoff:

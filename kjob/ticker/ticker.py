@@ -40,7 +40,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exp
 
 from kjob.bus import names
 from kjob.bus.messages import DueRun, Event
-from kjob.bus.publish import Outgoing, publish_acked, publish_result
+from kjob.bus.publish import Acked, Outgoing, publish_acked, publish_result
 from kjob.config import TickerSettings
 from kjob.model import catchup
 from kjob.model.policies import fire_time
@@ -257,6 +257,13 @@ class Ticker:
             await self.ledger.mark_published(published, at=acked_at)
         except Exception as err:
             log.warning("ticker: could not mark %d runs published (%s); recovery will re-check", len(published), err)
+        # A run id the stream saw before: its slot was queued, withdrawn (a stop, a change to
+        # its job inside the look-ahead) and queued again, and the first message may have been
+        # acked unrun meanwhile. Sent again under a fresh id: a copy too many is harmless (the
+        # claim lets one delivery run), a run without a message would wait for recovery.
+        seen = [r for r, ok in zip(rows, stored) if ok is Acked.DUPLICATE]
+        if seen and not republish:
+            await self._publish(seen, republish=True, fire_ts=fire_ts)
 
     # -- jobs in memory ---------------------------------------------------------------------
 

@@ -62,6 +62,11 @@ async def test_up_restart_keeps_jobs_and_settles_downtime_without_duplicates(tmp
     downtime = [r for r in history if (r["status"] == "missed" or r["trigger"] == "catchup")
                 and datetime.fromisoformat(r["slot"]) < resumed]
     assert len([r for r in downtime if r["trigger"] == "catchup"]) == 1, downtime
+    # The slots the stopped ticker had queued ahead (its look-ahead) are the downtime's like
+    # any other: settled by the catch-up rule, not run late nor left waiting beside it.
+    ahead = [r for r in history if stopped_at < datetime.fromisoformat(r["slot"]) < resumed
+             and r["status"] != "missed" and r["trigger"] != "catchup"]
+    assert ahead == [], [(r["slot"], r["trigger"], r["status"], r.get("started_at")) for r in ahead]
     missed = [r for r in downtime if r["status"] == "missed"]
     assert len(missed) >= 2 and all("scheduler was down" in r["reason"] for r in missed)
     catchup = next(r for r in downtime if r["trigger"] == "catchup")

@@ -166,6 +166,10 @@ class Executor:
         self.work_root.mkdir(parents=True, exist_ok=True)
         sub = await ensure_consumer(self.js, names.RUNS_STREAM, names.EXECUTOR_CONSUMER, names.RUN_DUE_ALL, self.bus)
         await self.watchdog.start()
+        try:
+            await self.ledger.warm_up()
+        except Exception as err:  # only the first runs' speed is at stake
+            log.warning("executor: could not warm up the ledger's connections (%s)", err)
         clock = asyncio.create_task(self._keep_clock(stop))
         try:
             # A run published ahead (the ticker's look-ahead) starts at its instant, by the

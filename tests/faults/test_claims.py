@@ -236,3 +236,23 @@ async def test_ends_recorded_at_once_go_together_and_one_refused_fails_alone(eng
         still = (await conn.execute(text("SELECT count(*) FROM job_runs WHERE status = 'running'"))).scalar_one()
     assert batches <= 10, f"38 ends in {batches} transactions"
     assert still == 2  # the refused one and the stale one's run: theirs to end again
+
+
+async def test_warming_up_the_ledgers_connections_changes_nothing_and_claims_still_work(engine):
+    """The executor warms its connections at start by claiming and ending a run that does not
+    exist: no row may come of it, and a run waiting meanwhile is claimed as before."""
+    job = await create_job(engine, slug="warm", prompt="true", schedule="@every 1h")
+    run = await SlotLedger(engine).create_manual(job)
+    ledger = ClaimLedger(engine)
+
+    async def ledger_state():
+        async with engine.connect() as conn:
+            return (await conn.execute(text(
+                "SELECT (SELECT array_agg(id || ':' || status ORDER BY id) FROM job_runs), "
+                "(SELECT count(*) FROM run_attempts), (SELECT count(*) FROM run_logs)"))).one()
+
+    before = await ledger_state()
+    await ledger.warm_up(connections=3)
+    assert await ledger_state() == before
+    claimed = await ledger.claim(run.id, "node-1", LEASE)
+    assert isinstance(claimed, Claimed) and claimed.run.status is RunStatus.running

@@ -78,7 +78,6 @@ class WarmStart:
     run_id: str
     task: asyncio.Task | None = None  #: the build, then its time to live
     job: Job | None = None
-    job_row: str = ""  #: the job's row as the warm start read it (JSON text)
     attempt: int = 0
     agent_run: AgentRun | None = None
     sandbox: Sandbox | None = None
@@ -224,7 +223,7 @@ class Executor:
         peeked = await self.ledger.peek(warm.run_id)
         if peeked is None:
             return False
-        run, warm.job_row, job = peeked
+        run, job = peeked
         if job.workspace is not None:  # no clone for a run that may not be ours
             return False
         attempt = run.attempt + 1  # what the claim will make it
@@ -239,10 +238,6 @@ class Executor:
         warm.runner = asyncio.create_task(sandbox.run(launch, live.write))
         warm.runner.add_done_callback(_retrieved)
         return True
-
-    def _known_job(self, run_id: str) -> tuple[str, Job] | None:
-        warm = self._warm.get(run_id)
-        return (warm.job_row, warm.job) if warm is not None and warm.job is not None else None
 
     def _take_warm(self, claimed: Claimed) -> WarmStart | None:
         """The claimed run's sandbox built ahead, if it was built for just this; else it ends."""
@@ -286,7 +281,7 @@ class Executor:
         try:
             claimed = await self.ledger.claim(
                 due.run_id, self.node, self.lease, max_running=self.quotas.limits(due.tenant).max_concurrent_runs,
-                takeover=self._may_take_over(), known_job=self._known_job(due.run_id),
+                takeover=self._may_take_over(),
             )
         except TenantBusy:
             # The tenant is at its concurrency quota: the run stays scheduled; ask again later.

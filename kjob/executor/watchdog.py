@@ -23,9 +23,10 @@ A docker-backend agent is armed by its container (`c:ID`): the engine keeps an e
 container's exit code until the executor removes it, so the watchdog asks the engine
 (`docker URL`) instead of a pipe, and kills the container the same way.
 
-Protocol: SOCK_SEQPACKET messages on fd 0, one each: `db DSN`; `docker URL`; `arm KEY TARGET
-DEADLINE [RUN ATTEMPT NODE]` (TARGET: a process group, `c:` and a container id, or `-` not yet
-known), with the status pipe as an SCM_RIGHTS fd the first time; `disarm KEY`. End of input
+Protocol: SOCK_SEQPACKET messages on fd 0, of one or more lines: `db DSN`; `docker URL`; `arm
+KEY TARGET DEADLINE [RUN ATTEMPT NODE]` (TARGET: a process group, `c:` and a container id, or
+`-` not yet known), with the status pipe as an SCM_RIGHTS fd the first time (one `arm` a
+message); `disarm KEY [KEY ...]`. End of input
 (the executor died): its agents run on to their deadlines, as if it were paused (their claims
 hold till then), and an end reached meanwhile is written at once; then the watchdog exits.
 
@@ -55,6 +56,9 @@ log = logging.getLogger(__name__)
 _UNKNOWN = "-"
 #: How long an end is tried to be written while the database is away.
 WRITE_FOR_S = 120.0
+#: Disarms wait this long for a message to ride with (an arm, usually): one wakeup of the
+#: watchdog fewer per attempt at load. Late is harmless: the attempt's deadline is its lease.
+DISARM_WAIT_S = 0.05
 
 #: The attempt is still its executor's (its claim has not been taken over): the agent's end is
 #: that attempt's. The run row is locked, so a takeover waits for this and then sees the end.
@@ -78,6 +82,12 @@ class Watchdog:
         self._sock: socket.socket | None = None
         self._groups: dict[str, str] = {}
         self._dsn, self._docker_url = dsn, docker_url
+        self._disarmed: list[str] = []  #: not sent yet
+        self._flush: asyncio.TimerHandle | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -116,11 +126,25 @@ class Watchdog:
             self._send(f"arm {key} {target} {deadline:.3f}")
 
     def disarm(self, key: str) -> None:
-        if self._groups.pop(key, None) is not None:
-            self._send(f"disarm {key}")
+        if self._groups.pop(key, None) is None:
+            return
+        self._disarmed.append(key)
+        if len(self._disarmed) >= 256:
+            self._send_disarms()
+        elif self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(DISARM_WAIT_S, self._send_disarms)
+
+    def _send_disarms(self) -> None:
+        self._send("")
 
     def _send(self, line: str, fd: int | None = None) -> None:
-        if self._sock is None or self._proc is None or self._proc.returncode is not None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if self._disarmed:
+            line = "\n".join(filter(None, ("disarm " + " ".join(self._disarmed), line)))
+            self._disarmed = []
+        if not line or self._sock is None or self._proc is None or self._proc.returncode is not None:
             return
         try:
             if fd is None:
@@ -135,6 +159,7 @@ class Watchdog:
     async def close(self) -> None:
         if self._proc is None:
             return
+        self._send_disarms()
         proc, self._proc = self._proc, None
         if self._sock is not None:
             self._sock.close()
@@ -321,33 +346,40 @@ class _EndWriter:
 
 
 def _read_status(attempt: _Armed) -> None:
-    """bwrap's JSON lines; `exit-code` is the agent's end. EOF closes the pipe."""
-    assert attempt.status is not None
-    try:
-        chunk = os.read(attempt.status, 4096)
-    except OSError:
-        chunk = b""
-    if not chunk:
-        os.close(attempt.status)
-        attempt.status = None
-        return
-    attempt.pending += chunk
-    *lines, attempt.pending = attempt.pending.split(b"\n")
-    for line in lines:
-        with contextlib.suppress(ValueError):
-            report = json.loads(line)
-            if not isinstance(report, dict):
-                continue
-            if attempt.target == _UNKNOWN and isinstance(report.get("child-pid"), int):
-                # Armed before the spawn (its executor may die right after it): the sandbox's
-                # processes share the group of the launcher that started them.
-                with contextlib.suppress(ProcessLookupError):
-                    attempt.target = str(os.getpgid(report["child-pid"]))
-            code = report.get("exit-code")
-            # 128 + n: killed by signal n (a timeout, the executor's own stop, the OOM killer):
-            # not an end the agent reached, so not one that must stand for the attempt.
-            if isinstance(code, int) and code < 128:
-                attempt.exit_code, attempt.ended = code, time.monotonic()
+    """bwrap's JSON lines so far, without waiting for more (the pipe is non-blocking);
+    `exit-code` is the agent's end. EOF closes the pipe."""
+    while attempt.status is not None:
+        try:
+            chunk = os.read(attempt.status, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            os.close(attempt.status)
+            attempt.status = None
+            return
+        attempt.pending += chunk
+        *lines, attempt.pending = attempt.pending.split(b"\n")
+        for line in lines:
+            _report(attempt, line)
+
+
+def _report(attempt: _Armed, line: bytes) -> None:
+    with contextlib.suppress(ValueError):
+        report = json.loads(line)
+        if not isinstance(report, dict):
+            return
+        if attempt.target == _UNKNOWN and isinstance(report.get("child-pid"), int):
+            # Armed before the spawn (its executor may die right after it): the sandbox's
+            # processes share the group of the launcher that started them.
+            with contextlib.suppress(ProcessLookupError):
+                attempt.target = str(os.getpgid(report["child-pid"]))
+        code = report.get("exit-code")
+        # 128 + n: killed by signal n (a timeout, the executor's own stop, the OOM killer):
+        # not an end the agent reached, so not one that must stand for the attempt.
+        if isinstance(code, int) and code < 128:
+            attempt.exit_code, attempt.ended = code, time.monotonic()
 
 
 def _ended(attempt: _Armed, docker: _Docker | None) -> bool:
@@ -362,12 +394,36 @@ def _ended(attempt: _Armed, docker: _Docker | None) -> bool:
 def _conclude(key: str, attempt: _Armed, writer: _EndWriter, docker: _Docker | None, why: str) -> None:
     """The executor can no longer see to this attempt: write its agent's end, or kill it."""
     if attempt.status is not None:
+        _read_status(attempt)  # what bwrap said while nobody listened
+    if attempt.status is not None:
         os.close(attempt.status)
     if _ended(attempt, docker):
         writer.write(attempt)
         _kill(attempt.target, f"the rest of attempt {key}: {why}", docker)
     else:
         _kill(attempt.target, f"attempt {key}: {why}", docker)
+
+
+def _command(words: list[str], armed: dict[str, _Armed], writer: _EndWriter, fds: list[int]) -> list[int]:
+    """One line of a control message; the fds it did not take."""
+    if len(words) == 2 and words[0] == "db":
+        writer.open(words[1])
+    elif len(words) in (4, 7) and words[0] == "arm":
+        attempt = armed.setdefault(words[1], _Armed(target=_UNKNOWN, deadline=0.0))
+        attempt.deadline = float(words[3])
+        if words[2] != _UNKNOWN:
+            attempt.target = words[2]
+        if len(words) == 7:
+            attempt.run_id, attempt.attempt, attempt.node = words[4], int(words[5]), words[6]
+        if fds and attempt.status is None:
+            attempt.status, fds = fds[0], fds[1:]
+            # Shared with the executor's copy, which never reads it.
+            os.set_blocking(attempt.status, False)
+    elif len(words) >= 2 and words[0] == "disarm":
+        for key in words[1:]:
+            if (gone := armed.pop(key, None)) is not None and gone.status is not None:
+                os.close(gone.status)
+    return fds
 
 
 def main() -> None:
@@ -385,7 +441,10 @@ def main() -> None:
                 why = "its executor died" if control is None else "its executor did not extend its deadline"
                 _conclude(key, attempt, writer, docker, why)
         timeout = max(0.0, min((a.deadline for a in armed.values()), default=now + 60) - now)
-        statuses = {a.status: a for a in armed.values() if a.status is not None}
+        # bwrap's reports wait in their pipes while the executor lives: read when the attempt
+        # is concluded (its deadline passed), or as they come once the executor died. Three
+        # wakeups fewer per attempt.
+        statuses = {} if control is not None else {a.status: a for a in armed.values() if a.status is not None}
         readable, _, _ = select.select([*statuses, *([control] if control else [])], [], [], timeout)
         for fd in readable:
             if fd in statuses:
@@ -397,23 +456,11 @@ def main() -> None:
             control.close()
             control = None
             continue
-        words = message.decode(errors="replace").split()
-        if len(words) == 2 and words[0] == "db":
-            writer.open(words[1])
-        elif len(words) == 2 and words[0] == "docker":
-            docker = _Docker(words[1])
-        elif len(words) in (4, 7) and words[0] == "arm":
-            attempt = armed.setdefault(words[1], _Armed(target=_UNKNOWN, deadline=0.0))
-            attempt.deadline = float(words[3])
-            if words[2] != _UNKNOWN:
-                attempt.target = words[2]
-            if len(words) == 7:
-                attempt.run_id, attempt.attempt, attempt.node = words[4], int(words[5]), words[6]
-            if fds and attempt.status is None:
-                attempt.status, fds = fds[0], fds[1:]
-        elif len(words) == 2 and words[0] == "disarm":
-            if (gone := armed.pop(words[1], None)) is not None and gone.status is not None:
-                os.close(gone.status)
+        for words in (line.split() for line in message.decode(errors="replace").split("\n")):
+            if len(words) == 2 and words[0] == "docker":
+                docker = _Docker(words[1])
+            else:
+                fds = _command(words, armed, writer, fds)
         for fd in fds:
             os.close(fd)
     writer.finish()

@@ -14,6 +14,7 @@ and the conditional UPDATEs here make the second claim a no-op.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -175,11 +176,19 @@ class TakeoverHeld:
 
 
 
+@functools.lru_cache(maxsize=2048)
+def job_of_row(text: str) -> Job:
+    """The Job of a jobs row as JSON text (`row_to_json(jobs)`), parsed once per distinct
+    text: every slot of a job claims the same row until the job changes, and parsing it
+    (JSON, then pydantic) was a tenth of a claim's CPU. Jobs are frozen, so sharing is safe."""
+    return job_from_dict(json.loads(text))
+
+
 def _claimed(row: Row, **fields) -> Claimed:
     """A claim statement's row: the run, with its job as JSON."""
     mapping = dict(row._mapping)
-    job = json.loads(mapping.pop("job"))
-    return Claimed(run=Run.model_validate(mapping), job=job_from_dict(job), **fields)
+    job = job_of_row(mapping.pop("job"))
+    return Claimed(run=Run.model_validate(mapping), job=job, **fields)
 
 
 class ClaimLedger:
@@ -228,7 +237,7 @@ class ClaimLedger:
 
     async def claim(
         self, run_id: str, executor: str, lease: timedelta, *, max_running: int | None = None,
-        takeover: bool = True, known_job: tuple[str, Job] | None = None,
+        takeover: bool = True,
     ) -> Claimed | Skipped | Deferred | GaveUp | TakeoverHeld | None:
         """Take the run for one attempt, or None if it is not ours to run (done, owned, early).
 
@@ -238,9 +247,6 @@ class ClaimLedger:
         The job's overlap policy is applied here (kjob.store.overlap): Skipped, the run is now
         final as `skipped`; Deferred, it must wait for another run of its job to end. GaveUp:
         the claim found the run's attempt lost once more than its budget allows; it ended.
-
-        `known_job`: (its row as JSON text, the Job) as `peek` read it; a claim that finds the
-        row unchanged returns that Job rather than parse it again.
 
         :raises TenantBusy: `max_running` (the tenant's concurrency quota) other runs of the
             tenant are running; nothing changed, so the run can be claimed again later.
@@ -255,8 +261,7 @@ class ClaimLedger:
             if outcome == "none":
                 return None  # no such run
             if outcome == "claimed":
-                job = known_job[1] if known_job and known_job[0] == job_row else job_from_dict(json.loads(job_row))
-                return Claimed(run=Run.model_validate_json(run_row), job=job, previous_lost=False)
+                return Claimed(run=Run.model_validate_json(run_row), job=job_of_row(job_row), previous_lost=False)
         async with self.engine.begin() as conn:
             # Three statements: the run, its job and the job lock; the claim (with the `skip`
             # check in it); the commit. The other policies' checks, a quota and a busy job take
@@ -307,15 +312,15 @@ class ClaimLedger:
                 row = (await conn.execute(_CLAIM_SQL, dict(params, guard=False))).one()
         return _claimed(row, previous_lost=lost)
 
-    async def peek(self, run_id: str) -> tuple[Run, str, Job] | None:
-        """A scheduled run of an enabled job, and the job (its row as JSON text, and parsed), as
-        they are now: what a warm start builds its sandbox from. Nothing is claimed; the claim
-        decides, and may see another job."""
+    async def peek(self, run_id: str) -> tuple[Run, Job] | None:
+        """A scheduled run of an enabled job, and the job, as they are now: what a warm start
+        builds its sandbox from. Nothing is claimed; the claim decides, and may see another job
+        (an unchanged row gives the very same Job: `job_of_row`)."""
         async with raw_connection(self.engine) as raw:
             row = await raw.fetchrow(_PEEK_SQL, run_id)
         if row is None:
             return None
-        return Run.model_validate_json(row["run_row"]), row["job_row"], job_from_dict(json.loads(row["job_row"]))
+        return Run.model_validate_json(row["run_row"]), job_of_row(row["job_row"])
 
     async def heartbeat(self, run_id: str, executor: str, attempt: int, lease: timedelta) -> bool:
         """Extend our claim. False: the claim is no longer ours; stop the attempt."""

@@ -4,9 +4,12 @@ executor stops extending the agent's deadline, and never one whose deadline is k
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
+
+import pytest
 
 from kjob.executor.watchdog import Watchdog
 from tests.support.pipeline import until
@@ -88,16 +91,18 @@ async def _not(check) -> bool:
     return not await check
 
 
-async def test_an_agent_its_executor_never_armed_by_group_is_still_killed(tmp_path):
+@pytest.mark.parametrize("fate", ["dies", "pauses"])
+async def test_an_agent_its_executor_never_armed_by_group_is_still_killed(tmp_path, fate):
     """Under bwrap the executor arms the watchdog once, with bwrap's status pipe before the
-    spawn, and never tells it the process group. The executor dies while the agent runs: the
-    watchdog finds the group from the pipe and kills the agent at its deadline (it would
-    otherwise outlive everything: bwrap no longer dies with its parent when a watchdog
-    watches it)."""
-    marker = str(70_000 + os.getpid() % 9_000)
+    spawn, and never tells it the process group. The executor dies (or is paused) while the
+    agent runs: the watchdog finds the group from the pipe, which it reads only then (or at
+    the deadline), and kills the agent at its deadline (it would otherwise outlive everything:
+    bwrap no longer dies with its parent when a watchdog watches it)."""
+    marker = str(70_000 + os.getpid() % 9_000 + (0 if fate == "dies" else 9_000))
+    end = "os._exit, 9" if fate == "dies" else "os.kill, os.getpid(), signal.SIGSTOP"
     script = tmp_path / "executor.py"
     script.write_text(
-        "import asyncio, os, time\n"
+        "import asyncio, os, signal, time\n"
         "from datetime import timedelta\n"
         "from pathlib import Path\n"
         "from kjob.executor.watchdog import Watchdog\n"
@@ -110,7 +115,7 @@ async def test_an_agent_its_executor_never_armed_by_group_is_still_killed(tmp_pa
         "    def armed(pgid, status_fd):\n"
         "        assert pgid is None, 'armed by group under bwrap'\n"
         "        dog.arm('a', None, time.monotonic() + 2.0, status_fd=status_fd)\n"
-        "        asyncio.get_running_loop().call_later(0.5, os._exit, 9)  # the executor dies\n"
+        f"        asyncio.get_running_loop().call_later(0.5, {end})  # the executor dies, or is paused\n"
         f"    launch = Launch(run_id='r', tenant='t', job_slug='j', attempt=1, argv=['sleep', '{marker}'],\n"
         "                    stdin=None, env={}, spec=SandboxSpec(), timeout=timedelta(seconds=60),\n"
         f"                    output_cap_bytes=1000, work_root=Path({str(tmp_path / 'work')!r}), on_spawn=armed)\n"
@@ -118,10 +123,46 @@ async def test_an_agent_its_executor_never_armed_by_group_is_still_killed(tmp_pa
         "    await box.run(launch, out)\n"
         "asyncio.run(main())\n")
     executor = await asyncio.create_subprocess_exec(os.environ.get("PYTHON", __import__("sys").executable), str(script))
-    assert await asyncio.wait_for(executor.wait(), 30) == 9
 
     async def agents() -> list[str]:
         out = await asyncio.create_subprocess_exec("pgrep", "-f", f"sleep {marker}$", stdout=asyncio.subprocess.PIPE)
         return (await out.communicate())[0].decode().split()
-    assert await agents(), "the agent did not outlive its executor: nothing to watch"
-    await until(lambda: _not(agents()), 10, "the orphaned agent killed by the watchdog at its deadline")
+    try:
+        if fate == "dies":
+            assert await asyncio.wait_for(executor.wait(), 30) == 9
+        else:
+            await until(lambda: _stopped(executor.pid), 30, "the executor paused")
+        assert await agents(), "the agent did not outlive its executor's end: nothing to watch"
+        await until(lambda: _not(agents()), 10, "the orphaned agent killed by the watchdog at its deadline")
+    finally:
+        if executor.returncode is None:
+            executor.kill()
+            await executor.wait()
+
+
+async def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(")")[-1].split()[0] == "T"
+
+
+async def test_disarmed_attempts_are_never_killed_however_many_end_at_once():
+    """Disarms ride with the next message (or go within 50 ms): not one of 300 attempts
+    disarmed together is killed when their deadlines pass a moment later."""
+    dog = Watchdog()
+    await dog.start()
+    agents = [await _agent() for _ in range(300)]
+    try:
+        deadline = time.monotonic() + 1.0
+        for k, proc in enumerate(agents):
+            dog.arm(f"a{k}", proc.pid, deadline)
+        for k in range(len(agents)):
+            dog.disarm(f"a{k}")
+        await asyncio.sleep(max(deadline - time.monotonic(), 0) + 1.0)
+        killed = [p.pid for p in agents if p.returncode is not None]
+        assert not killed, f"{len(killed)} disarmed agents were killed"
+    finally:
+        await dog.close()
+        for proc in agents:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        await asyncio.gather(*(p.wait() for p in agents))

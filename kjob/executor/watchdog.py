@@ -36,6 +36,7 @@ Only the standard library is imported, and asyncpg for the one session that writ
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import http.client
 import json
@@ -84,6 +85,8 @@ class Watchdog:
         self._dsn, self._docker_url = dsn, docker_url
         self._disarmed: list[str] = []  #: not sent yet
         self._flush: asyncio.TimerHandle | None = None
+        #: Messages waiting for room in the socket (the watchdog fell behind), with their fds.
+        self._backlog: collections.deque[tuple[bytes, int | None]] = collections.deque()
 
     @property
     def pid(self) -> int | None:
@@ -146,20 +149,66 @@ class Watchdog:
             self._disarmed = []
         if not line or self._sock is None or self._proc is None or self._proc.returncode is not None:
             return
-        try:
-            if fd is None:
-                self._sock.send(line.encode())
-            else:
-                socket.send_fds(self._sock, [line.encode()], [fd])
-        except BlockingIOError:  # the watchdog is far behind: the executor's own deadline still holds
-            log.warning("executor: the watchdog does not keep up; %s not sent", line.split()[0])
-        except OSError as err:
-            log.warning("executor: the watchdog is gone (%r)", err)
+        data = line.encode()
+        if not self._backlog:
+            try:
+                self._send_now(data, fd)
+                return
+            except BlockingIOError:  # the watchdog is behind: its socket is full
+                asyncio.get_running_loop().add_writer(self._sock, self._drain)
+            except OSError as err:
+                log.warning("executor: the watchdog is gone (%r)", err)
+                return
+        # In order, never dropped: a lost extend would have a live agent killed at its old
+        # deadline. The status pipe is duplicated: the executor may close its own meanwhile.
+        self._backlog.append((data, os.dup(fd) if fd is not None else None))
+
+    def _send_now(self, data: bytes, fd: int | None) -> None:
+        assert self._sock is not None
+        if fd is None:
+            self._sock.send(data)
+        else:
+            socket.send_fds(self._sock, [data], [fd])
+
+    def _drain(self) -> None:
+        """What waited for room in the watchdog's socket, oldest first."""
+        while self._backlog:
+            data, fd = self._backlog[0]
+            try:
+                self._send_now(data, fd)
+            except BlockingIOError:
+                return
+            except OSError as err:
+                log.warning("executor: the watchdog is gone (%r)", err)
+                self._drop_backlog()
+                break
+            self._backlog.popleft()
+            if fd is not None:
+                os.close(fd)
+        if self._sock is not None:
+            asyncio.get_running_loop().remove_writer(self._sock)
+
+    def _drop_backlog(self) -> None:
+        for _, fd in self._backlog:
+            if fd is not None:
+                os.close(fd)
+        self._backlog.clear()
 
     async def close(self) -> None:
         if self._proc is None:
             return
         self._send_disarms()
+        if self._sock is not None and self._backlog:
+            asyncio.get_running_loop().remove_writer(self._sock)
+            self._sock.settimeout(2.0)  # the last messages, waited for: the watchdog is reading
+            with contextlib.suppress(OSError):
+                while self._backlog:
+                    data, fd = self._backlog[0]
+                    self._send_now(data, fd)
+                    self._backlog.popleft()
+                    if fd is not None:
+                        os.close(fd)
+            self._drop_backlog()
         proc, self._proc = self._proc, None
         if self._sock is not None:
             self._sock.close()
@@ -433,6 +482,7 @@ def main() -> None:
     #: None once the executor died: its agents then run on to their deadlines, as if it were
     #: paused (their claims hold till then), and an end reached meanwhile is written at once.
     control: socket.socket | None = socket.socket(fileno=sys.stdin.fileno())
+    control.setblocking(False)
     while control is not None or armed:
         now = time.monotonic()
         for key, attempt in list(armed.items()):
@@ -451,18 +501,22 @@ def main() -> None:
                 _read_status(statuses[fd])
         if control is None or control not in readable:
             continue
-        message, fds, _, _ = socket.recv_fds(control, 65536, 1)
-        if not message:
-            control.close()
-            control = None
-            continue
-        for words in (line.split() for line in message.decode(errors="replace").split("\n")):
-            if len(words) == 2 and words[0] == "docker":
-                docker = _Docker(words[1])
-            else:
-                fds = _command(words, armed, writer, fds)
-        for fd in fds:
-            os.close(fd)
+        for _ in range(1000):  # the messages waiting: a burst of arms costs one wakeup
+            try:
+                message, fds, _, _ = socket.recv_fds(control, 65536, 1)
+            except BlockingIOError:
+                break
+            if not message:
+                control.close()
+                control = None
+                break
+            for words in (line.split() for line in message.decode(errors="replace").split("\n")):
+                if len(words) == 2 and words[0] == "docker":
+                    docker = _Docker(words[1])
+                else:
+                    fds = _command(words, armed, writer, fds)
+            for fd in fds:
+                os.close(fd)
     writer.finish()
 
 

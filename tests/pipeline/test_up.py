@@ -64,9 +64,13 @@ async def test_up_restart_keeps_jobs_and_settles_downtime_without_duplicates(tmp
     assert len([r for r in downtime if r["trigger"] == "catchup"]) == 1, downtime
     # The slots the stopped ticker had queued ahead (its look-ahead) are the downtime's like
     # any other: settled by the catch-up rule, not run late nor left waiting beside it.
+    # A slot of the restarted node's own may be skipped while the catch-up run still runs
+    # (overlap `skip`): neither late nor waiting (seen on a loaded machine).
     ahead = [r for r in history if stopped_at < datetime.fromisoformat(r["slot"]) < resumed
-             and r["status"] != "missed" and r["trigger"] != "catchup"]
-    assert ahead == [], [(r["slot"], r["trigger"], r["status"], r.get("started_at")) for r in ahead]
+             and r["status"] != "missed" and r["trigger"] != "catchup"
+             and not (r["status"] == "skipped" and r.get("reason_code") == "overlap")]
+    assert ahead == [], [(r["slot"], r["trigger"], r["status"], r.get("reason_code"), r.get("started_at"))
+                         for r in ahead]
     missed = [r for r in downtime if r["status"] == "missed"]
     assert len(missed) >= 2 and all("scheduler was down" in r["reason"] for r in missed)
     catchup = next(r for r in downtime if r["trigger"] == "catchup")

@@ -144,6 +144,21 @@ def kjob_cpu_s(pid: int) -> float:
     return total
 
 
+def watchdog_pids(pid: int) -> list[int]:
+    """The executor watchdogs (kjob/executor/watchdog.py) below a `kjob server` process."""
+    found = []
+    for child in _children(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"kjob/executor/watchdog.py" in cmdline:
+            found.append(child)
+        elif b"kjob" in cmdline or b"python" in cmdline:
+            found += watchdog_pids(child)
+    return found
+
+
 class CpuMeter:
     """CPU seconds of each named probe between `start()` and `stop()`."""
 

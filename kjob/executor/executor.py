@@ -169,6 +169,13 @@ class Executor:
             await self.ledger.warm_up()
         except Exception as err:  # only the first runs' speed is at stake
             log.warning("executor: could not warm up the ledger's connections (%s)", err)
+        # Early messages wait for their instant by the database's clock: read it before the
+        # first can arrive. On a host whose clock runs ahead, the waiting messages of the first
+        # fetch were otherwise started by the host's clock, up to the look-ahead early (seen).
+        while not self.clock.measured and not stop.is_set():
+            await self.clock.measure()
+            if not self.clock.measured:  # the database away: no run could be claimed anyway
+                await stopped_within(stop, 0.5)
         clock = asyncio.create_task(self._keep_clock(stop))
         try:
             # A run published ahead (the ticker's look-ahead) starts at its instant, by the
@@ -258,9 +265,8 @@ class Executor:
 
     async def _keep_clock(self, stop: asyncio.Event) -> None:
         """The database's clock offset, every minute; the last one stands while it is away."""
-        while not stop.is_set():
+        while not await stopped_within(stop, CLOCK_EVERY_S):
             await self.clock.measure()
-            await stopped_within(stop, CLOCK_EVERY_S)
 
     @tracing.handles_run("kjob claim", names.EXECUTOR_CONSUMER)
     async def _handle(self, msg) -> None:

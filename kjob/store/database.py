@@ -285,6 +285,8 @@ class DatabaseClock:
         self.offset = 0.0
         #: How far `offset` may be off (half the round trip it was read across).
         self.uncertainty = 0.0
+        #: Whether `offset` was ever read (until then it is 0: this host's own clock).
+        self.measured = False
 
     def now_ts(self) -> float:
         """Now by the database's clock, epoch seconds."""
@@ -304,7 +306,7 @@ class DatabaseClock:
         if abs(offset - self.offset) > 1.0:
             log.warning("%s: this host's clock is %.1fs %s the database's; going by the database's",
                         self.who, abs(offset), "behind" if offset > 0 else "ahead of")
-        self.offset, self.uncertainty = offset, uncertainty
+        self.offset, self.uncertainty, self.measured = offset, uncertainty, True
 
     def not_before_offset(self) -> float:
         """The offset to wait for an instant by: the database's clock may be up to the

@@ -199,16 +199,8 @@ class Watchdog:
             return
         self._send_disarms()
         if self._sock is not None and self._backlog:
-            asyncio.get_running_loop().remove_writer(self._sock)
             self._sock.settimeout(2.0)  # the last messages, waited for: the watchdog is reading
-            with contextlib.suppress(OSError):
-                while self._backlog:
-                    data, fd = self._backlog[0]
-                    self._send_now(data, fd)
-                    self._backlog.popleft()
-                    if fd is not None:
-                        os.close(fd)
-            self._drop_backlog()
+            self._drain()  # what does not go within that is dropped, with a warning
         proc, self._proc = self._proc, None
         if self._sock is not None:
             self._sock.close()
@@ -442,8 +434,7 @@ def _ended(attempt: _Armed, docker: _Docker | None) -> bool:
 
 def _conclude(key: str, attempt: _Armed, writer: _EndWriter, docker: _Docker | None, why: str) -> None:
     """The executor can no longer see to this attempt: write its agent's end, or kill it."""
-    if attempt.status is not None:
-        _read_status(attempt)  # what bwrap said while nobody listened
+    _read_status(attempt)  # what bwrap said while nobody listened
     if attempt.status is not None:
         os.close(attempt.status)
     if _ended(attempt, docker):
